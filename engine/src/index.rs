@@ -1,0 +1,947 @@
+//! The sharded spatial index and the [`Engine`] that owns it.
+//!
+//! # Layout
+//! - Every H3 cell at the partition resolution that has ever held a driver
+//!   is a [`Shard`]: a slab of driver records plus an R-tree of the
+//!   **available** ones, behind its own `RwLock`.
+//! - A small top-level R-tree holds each shard's cell as a 3D bounding box;
+//!   the search walks it best-first (see `search`). It changes only when a
+//!   cell gets its first driver.
+//! - A striped map `DriverId → (shard, slot)` finds a driver for moves.
+//!
+//! # Locks and their order
+//! `matching book → driver stripe → cells → shard`. A thread may skip
+//! levels but never takes an earlier lock while holding a later one, and
+//! never holds two shard locks at once. Searches take `cells` (read) and one
+//! shard (read) at a time, so writers in one cell never stall readers in
+//! another.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use foldhash::fast::FixedState;
+use h3o::{CellIndex, LatLng, Resolution};
+use parking_lot::{Mutex, RwLock};
+use rstar::{AABB, PointDistance, RTree, RTreeObject};
+
+use crate::driver::{Capabilities, Driver, DriverUpdate, Status, Vehicle};
+use crate::error::{Error, Result};
+use crate::ids::DriverId;
+use crate::matching::{MatchBook, MatchEvent};
+use crate::position::{Position, chord2};
+use crate::time::{Clock, SystemClock, Timestamp};
+
+/// Number of stripes of the driver → location map (a power of two).
+const STRIPES: usize = 64;
+
+/// Engine settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// H3 resolution of the partition cells (0–15; default 6, ≈ 36 km²).
+    pub resolution: u8,
+    /// How far a nearest query or claim without `radius_m` searches, in metres
+    /// (default 500 km).
+    pub max_radius_m: f64,
+    /// Drivers with no update for this long are removed by
+    /// [`Engine::expire_drivers`] (default 120 s).
+    pub driver_ttl_ms: u64,
+    /// How long released, expired and completed matches stay readable
+    /// (default 1 h).
+    pub match_retention_ms: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            resolution: 6,
+            max_radius_m: 500_000.0,
+            driver_ttl_ms: 120_000,
+            match_retention_ms: 3_600_000,
+        }
+    }
+}
+
+impl EngineConfig {
+    fn validate(&self) -> Result<Resolution> {
+        let res = Resolution::try_from(self.resolution).map_err(|_| {
+            Error::InvalidParameter(format!(
+                "H3 resolution {} is not in 0..=15",
+                self.resolution
+            ))
+        })?;
+        if !(self.max_radius_m.is_finite() && self.max_radius_m > 0.0) {
+            return Err(Error::InvalidParameter(format!(
+                "max_radius_m {} must be a positive number",
+                self.max_radius_m
+            )));
+        }
+        if self.driver_ttl_ms == 0 {
+            return Err(Error::InvalidParameter(
+                "driver_ttl_ms must be positive".into(),
+            ));
+        }
+        Ok(res)
+    }
+}
+
+/// What an update did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// The update was applied; the driver as it now is.
+    Applied(Driver),
+    /// The update was older than the driver's last applied `ts` and was ignored.
+    Stale {
+        /// The `ts` of the update that is kept.
+        current_ts: Timestamp,
+    },
+}
+
+/// Counts of drivers by status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatusCounts {
+    /// Available drivers.
+    pub available: usize,
+    /// Reserved drivers.
+    pub reserved: usize,
+    /// Busy drivers.
+    pub busy: usize,
+    /// Offline drivers.
+    pub offline: usize,
+}
+
+impl StatusCounts {
+    /// All drivers.
+    pub fn total(&self) -> usize {
+        self.available + self.reserved + self.busy + self.offline
+    }
+
+    fn slot(&mut self, s: Status) -> &mut usize {
+        match s {
+            Status::Available => &mut self.available,
+            Status::Reserved => &mut self.reserved,
+            Status::Busy => &mut self.busy,
+            Status::Offline => &mut self.offline,
+        }
+    }
+}
+
+/// A point in a shard's R-tree: an available driver.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Item {
+    pub(crate) v: [f64; 3],
+    pub(crate) slot: u32,
+    pub(crate) vehicle: Vehicle,
+    pub(crate) caps: Capabilities,
+}
+
+impl RTreeObject for Item {
+    type Envelope = AABB<[f64; 3]>;
+    fn envelope(&self) -> Self::Envelope {
+        AABB::from_point(self.v)
+    }
+}
+
+impl PointDistance for Item {
+    fn distance_2(&self, p: &[f64; 3]) -> f64 {
+        chord2(&self.v, p)
+    }
+}
+
+/// One driver as stored in its shard.
+#[derive(Debug, Clone)]
+pub(crate) struct Record {
+    pub(crate) id: DriverId,
+    pub(crate) pos: Position,
+    pub(crate) ts: Timestamp,
+    /// Engine-clock time of the last applied update (for the TTL).
+    pub(crate) seen: Timestamp,
+    pub(crate) status: Status,
+    pub(crate) vehicle: Vehicle,
+    pub(crate) caps: Capabilities,
+}
+
+impl Record {
+    fn item(&self, slot: u32) -> Item {
+        Item {
+            v: self.pos.to_unit_vector(),
+            slot,
+            vehicle: self.vehicle,
+            caps: self.caps,
+        }
+    }
+
+    pub(crate) fn to_driver(&self) -> Driver {
+        Driver {
+            id: self.id.clone(),
+            pos: self.pos,
+            ts: self.ts,
+            status: self.status,
+            vehicle: self.vehicle,
+            capabilities: self.caps,
+            order_id: None,
+            reserved_until: None,
+        }
+    }
+}
+
+/// The drivers of one partition cell.
+#[derive(Debug, Default)]
+pub(crate) struct ShardData {
+    slots: Vec<Option<Record>>,
+    free: Vec<u32>,
+    pub(crate) tree: RTree<Item>,
+    counts: StatusCounts,
+}
+
+impl ShardData {
+    pub(crate) fn record(&self, slot: u32) -> Option<&Record> {
+        self.slots.get(slot as usize).and_then(Option::as_ref)
+    }
+
+    fn insert(&mut self, rec: Record) -> u32 {
+        *self.counts.slot(rec.status) += 1;
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        if rec.status == Status::Available {
+            self.tree.insert(rec.item(slot));
+        }
+        self.slots[slot as usize] = Some(rec);
+        slot
+    }
+
+    fn take(&mut self, slot: u32) -> Option<Record> {
+        let rec = self.slots.get_mut(slot as usize)?.take()?;
+        if rec.status == Status::Available {
+            self.tree.remove(&rec.item(slot));
+        }
+        *self.counts.slot(rec.status) -= 1;
+        self.free.push(slot);
+        Some(rec)
+    }
+
+    /// Applies `f` to a record, keeping the tree and counts in step.
+    fn modify<R>(&mut self, slot: u32, f: impl FnOnce(&mut Record) -> R) -> Option<R> {
+        let rec = self.slots.get_mut(slot as usize)?.as_mut()?;
+        let before = rec.item(slot);
+        let was = rec.status;
+        let out = f(rec);
+        let after = rec.item(slot);
+        let now = rec.status;
+        if was != now {
+            *self.counts.slot(was) -= 1;
+            *self.counts.slot(now) += 1;
+        }
+        match (was == Status::Available, now == Status::Available) {
+            (true, true) if before != after => {
+                self.tree.remove(&before);
+                self.tree.insert(after);
+            }
+            (true, false) => {
+                self.tree.remove(&before);
+            }
+            (false, true) => self.tree.insert(after),
+            _ => {}
+        }
+        Some(out)
+    }
+
+    pub(crate) fn records(&self) -> impl Iterator<Item = &Record> {
+        self.slots.iter().flatten()
+    }
+}
+
+/// One partition cell's shard.
+#[derive(Debug)]
+pub(crate) struct Shard {
+    pub(crate) cell: CellIndex,
+    pub(crate) data: RwLock<ShardData>,
+}
+
+/// A shard in the top-level tree, keyed by a box that contains every point
+/// of its cell.
+#[derive(Debug)]
+pub(crate) struct CellEntry {
+    pub(crate) bbox: AABB<[f64; 3]>,
+    pub(crate) shard: Arc<Shard>,
+}
+
+impl RTreeObject for CellEntry {
+    type Envelope = AABB<[f64; 3]>;
+    fn envelope(&self) -> Self::Envelope {
+        self.bbox
+    }
+}
+
+impl PointDistance for CellEntry {
+    fn distance_2(&self, p: &[f64; 3]) -> f64 {
+        self.bbox.distance_2(p)
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Cells {
+    by_cell: HashMap<CellIndex, Arc<Shard>, FixedState>,
+    pub(crate) tree: RTree<CellEntry>,
+}
+
+/// A box around the cell's vertices and centre as unit vectors, grown by
+/// twice the sagitta of the cell's circumradius (how far the sphere bulges
+/// beyond the flat polygon of its vertices) plus a rounding margin, so it
+/// contains every point of the cell's spherical polygon.
+fn cell_bbox(cell: CellIndex) -> AABB<[f64; 3]> {
+    let to_pos = |ll: LatLng| Position::new(ll.lat(), ll.lng()).map(Position::to_unit_vector);
+    let center = to_pos(LatLng::from(cell)).unwrap_or([1.0, 0.0, 0.0]);
+    let mut lo = center;
+    let mut hi = center;
+    let mut max_c2: f64 = 0.0;
+    for v in cell.boundary().iter().filter_map(|ll| to_pos(*ll).ok()) {
+        max_c2 = max_c2.max(chord2(&center, &v));
+        for i in 0..3 {
+            lo[i] = lo[i].min(v[i]);
+            hi[i] = hi[i].max(v[i]);
+        }
+    }
+    // For chord c, the angle θ has 1 - cos θ = c²/2.
+    let margin = max_c2 + 1e-9;
+    AABB::from_corners(lo.map(|x| x - margin), hi.map(|x| x + margin))
+}
+
+/// Where a driver's record lives.
+#[derive(Debug, Clone)]
+pub(crate) struct Loc {
+    pub(crate) shard: Arc<Shard>,
+    pub(crate) slot: u32,
+}
+
+type Stripe = Mutex<HashMap<DriverId, Loc, FixedState>>;
+
+/// The engine: the sharded index plus the matching book.
+///
+/// `Send + Sync` with a `&self` API: share one `Arc<Engine>` between
+/// threads, or own one in a simulation.
+///
+/// ```
+/// use hexmatch::{DriverId, DriverUpdate, Engine, NearestQuery, Position};
+///
+/// let engine = Engine::new(Default::default())?;
+/// for (id, lat, lon) in [("a", 41.88, -87.63), ("b", 41.91, -87.66), ("c", 41.70, -87.60)] {
+///     let pos = Position::new(lat, lon)?;
+///     engine.upsert(&DriverUpdate::location(DriverId::new(id)?, pos, None))?;
+/// }
+/// let near = engine.nearest(&NearestQuery::new(Position::new(41.89, -87.64)?, 2)?)?;
+/// let ids: Vec<_> = near.iter().map(|n| n.id.as_str()).collect();
+/// assert_eq!(ids, ["a", "b"]);
+/// # Ok::<(), hexmatch::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Engine {
+    pub(crate) config: EngineConfig,
+    resolution: Resolution,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) cells: RwLock<Cells>,
+    stripes: Box<[Stripe]>,
+    stripe_hash: FixedState,
+    pub(crate) book: Mutex<MatchBook>,
+}
+
+impl Engine {
+    /// An empty engine on the system clock.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for an invalid config.
+    pub fn new(config: EngineConfig) -> Result<Self> {
+        Self::with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// An empty engine reading time from `clock` (a [`ManualClock`](crate::ManualClock)
+    /// for simulations and replays).
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for an invalid config.
+    pub fn with_clock(config: EngineConfig, clock: Arc<dyn Clock>) -> Result<Self> {
+        let resolution = config.validate()?;
+        Ok(Self {
+            config,
+            resolution,
+            clock,
+            cells: RwLock::new(Cells::default()),
+            stripes: (0..STRIPES)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
+            stripe_hash: FixedState::with_seed(0x9e37_79b9_7f4a_7c15),
+            book: Mutex::new(MatchBook::default()),
+        })
+    }
+
+    /// The engine's settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The engine's clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The H3 partition cell of a position.
+    pub fn cell_of(&self, pos: Position) -> CellIndex {
+        pos.cell(self.resolution)
+    }
+
+    pub(crate) fn stripe(&self, id: &DriverId) -> &Stripe {
+        let h = self.stripe_hash.hash_one(id) as usize;
+        &self.stripes[(h >> 7) & (STRIPES - 1)]
+    }
+
+    /// The shard of `cell`, created (and entered in the top-level tree) on
+    /// first use. Must not be called while holding a shard lock.
+    fn shard_for(&self, cell: CellIndex) -> Arc<Shard> {
+        if let Some(s) = self.cells.read().by_cell.get(&cell) {
+            return Arc::clone(s);
+        }
+        let mut cells = self.cells.write();
+        if let Some(s) = cells.by_cell.get(&cell) {
+            return Arc::clone(s);
+        }
+        let shard = Arc::new(Shard {
+            cell,
+            data: RwLock::new(ShardData::default()),
+        });
+        cells.by_cell.insert(cell, Arc::clone(&shard));
+        cells.tree.insert(CellEntry {
+            bbox: cell_bbox(cell),
+            shard: Arc::clone(&shard),
+        });
+        shard
+    }
+
+    /// Inserts or updates a driver (`PUT /v1/drivers/{id}`, location updates,
+    /// stream ingestion).
+    ///
+    /// A driver crossing a cell border moves between shards. An update whose
+    /// `ts` is older than the driver's last applied one is ignored and
+    /// reported as [`Applied::Stale`]. Setting `offline` or `busy` on a
+    /// reserved driver releases its reservation; setting `available` on a
+    /// driver busy with a confirmed match completes the match; `available`
+    /// on a reserved driver keeps the reservation.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] when the update asks for status `reserved`.
+    pub fn upsert(&self, update: &DriverUpdate) -> Result<Applied> {
+        if update.status == Some(Status::Reserved) {
+            return Err(Error::InvalidParameter(
+                "status reserved is set by matching, not by clients".into(),
+            ));
+        }
+        let Some(wanted) = update.status else {
+            // Plain location update: no matching state can change.
+            return Ok(self.apply(update, None));
+        };
+        let mut book = self.book.lock();
+        let now = self.clock.now();
+        let (effective, transition) = book.status_request(&update.id, wanted);
+        let applied = self.apply(update, effective);
+        if let (Applied::Applied(_), Some(t)) = (&applied, transition) {
+            let ev = book.finish_for_driver(&update.id, t, now, self.config.match_retention_ms);
+            debug_assert!(ev.is_some());
+        }
+        drop(book);
+        Ok(self.decorate(applied))
+    }
+
+    fn decorate(&self, applied: Applied) -> Applied {
+        match applied {
+            Applied::Applied(d) => Applied::Applied(self.with_match(d)),
+            stale @ Applied::Stale { .. } => stale,
+        }
+    }
+
+    /// Fills in the driver's current order, if any.
+    fn with_match(&self, mut d: Driver) -> Driver {
+        if matches!(d.status, Status::Reserved | Status::Busy) {
+            let book = self.book.lock();
+            if let Some(m) = book.live_match_of(&d.id) {
+                d.order_id = Some(m.order_id.clone());
+                if m.state == crate::MatchState::Reserved {
+                    d.reserved_until = Some(m.reserved_until);
+                }
+            }
+        }
+        d
+    }
+
+    /// Applies an update with an already-decided status (None = keep, or the
+    /// default for a new driver). Caller holds the book if statuses change.
+    fn apply(&self, u: &DriverUpdate, status: Option<Status>) -> Applied {
+        let now = self.clock.now();
+        let ts = u.ts.unwrap_or(now);
+        let cell = u.pos.cell(self.resolution);
+        let mut stripe = self.stripe(&u.id).lock();
+        let Some(loc) = stripe.get(&u.id).cloned() else {
+            let rec = Record {
+                id: u.id.clone(),
+                pos: u.pos,
+                ts,
+                seen: now,
+                status: status.unwrap_or(Status::Available),
+                vehicle: u.vehicle.unwrap_or_default(),
+                caps: u.capabilities.unwrap_or_default(),
+            };
+            let driver = rec.to_driver();
+            let shard = self.shard_for(cell);
+            let slot = shard.data.write().insert(rec);
+            stripe.insert(u.id.clone(), Loc { shard, slot });
+            return Applied::Applied(driver);
+        };
+        let update_rec = |rec: &mut Record| {
+            rec.pos = u.pos;
+            rec.ts = ts;
+            rec.seen = now;
+            if let Some(s) = status {
+                rec.status = s;
+            }
+            if let Some(v) = u.vehicle {
+                rec.vehicle = v;
+            }
+            if let Some(c) = u.capabilities {
+                rec.caps = c;
+            }
+        };
+        let mut old = loc.shard.data.write();
+        let Some(current) = old.record(loc.slot) else {
+            unreachable!("driver map points at an empty slot");
+        };
+        if ts < current.ts {
+            return Applied::Stale {
+                current_ts: current.ts,
+            };
+        }
+        if loc.shard.cell == cell {
+            let driver = old.modify(loc.slot, |rec| {
+                update_rec(rec);
+                rec.to_driver()
+            });
+            return Applied::Applied(driver.unwrap_or_else(|| unreachable!()));
+        }
+        // Crossing into another cell: take it out, then put it in the new
+        // shard (never holding two shard locks).
+        let Some(mut rec) = old.take(loc.slot) else {
+            unreachable!()
+        };
+        drop(old);
+        update_rec(&mut rec);
+        let driver = rec.to_driver();
+        let shard = self.shard_for(cell);
+        let slot = shard.data.write().insert(rec);
+        stripe.insert(u.id.clone(), Loc { shard, slot });
+        Applied::Applied(driver)
+    }
+
+    /// Changes a driver's status if it is currently `from`, keeping the
+    /// R-tree in step. Returns the driver's position when it changed.
+    /// The caller holds the matching book.
+    pub(crate) fn transition(&self, id: &DriverId, from: Status, to: Status) -> Option<Position> {
+        self.modify_if(id, |rec| rec.status == from, to)
+    }
+
+    /// Reserves `id` if it is available and still passes the filters.
+    pub(crate) fn reserve_if_eligible(
+        &self,
+        id: &DriverId,
+        vehicle: Option<Vehicle>,
+        caps: Capabilities,
+    ) -> Option<Position> {
+        self.modify_if(
+            id,
+            |rec| {
+                rec.status == Status::Available
+                    && vehicle.is_none_or(|v| v == rec.vehicle)
+                    && rec.caps.contains(caps)
+            },
+            Status::Reserved,
+        )
+    }
+
+    fn modify_if(
+        &self,
+        id: &DriverId,
+        cond: impl Fn(&Record) -> bool,
+        to: Status,
+    ) -> Option<Position> {
+        let stripe = self.stripe(id).lock();
+        let loc = stripe.get(id)?;
+        let mut data = loc.shard.data.write();
+        let rec = data.record(loc.slot)?;
+        if !cond(rec) {
+            return None;
+        }
+        data.modify(loc.slot, |rec| {
+            rec.status = to;
+            rec.pos
+        })
+    }
+
+    /// The driver as the engine knows it, or `None` if unknown.
+    pub fn driver(&self, id: &DriverId) -> Option<Driver> {
+        let d = {
+            let stripe = self.stripe(id).lock();
+            let loc = stripe.get(id)?;
+            let data = loc.shard.data.read();
+            data.record(loc.slot)?.to_driver()
+        };
+        Some(self.with_match(d))
+    }
+
+    /// Removes a driver, releasing its match if it has one. Returns the
+    /// driver as it was, or `None` if unknown.
+    pub fn remove(&self, id: &DriverId) -> Option<(Driver, Option<MatchEvent>)> {
+        self.remove_where(id, |_| true)
+    }
+
+    fn remove_where(
+        &self,
+        id: &DriverId,
+        cond: impl Fn(&Record) -> bool,
+    ) -> Option<(Driver, Option<MatchEvent>)> {
+        let mut book = self.book.lock();
+        let mut stripe = self.stripe(id).lock();
+        let loc = stripe.get(id)?.clone();
+        let rec = {
+            let mut data = loc.shard.data.write();
+            if !cond(data.record(loc.slot)?) {
+                return None;
+            }
+            data.take(loc.slot)?
+        };
+        stripe.remove(id);
+        drop(stripe);
+        let now = self.clock.now();
+        let event = book.finish_for_driver(
+            id,
+            crate::matching::DriverEnd::Removed,
+            now,
+            self.config.match_retention_ms,
+        );
+        Some((rec.to_driver(), event))
+    }
+
+    /// Removes every driver whose last update was applied more than
+    /// `driver_ttl_ms` before the clock's now, releasing their matches.
+    /// Returns what it removed.
+    pub fn expire_drivers(&self) -> Vec<(Driver, Option<MatchEvent>)> {
+        let cutoff = self.clock.now().minus_millis(self.config.driver_ttl_ms);
+        let mut stale_ids = Vec::new();
+        for shard in self.shards() {
+            let data = shard.data.read();
+            stale_ids.extend(
+                data.records()
+                    .filter(|r| r.seen < cutoff)
+                    .map(|r| r.id.clone()),
+            );
+        }
+        // Re-check under the lock: a fresh update may have arrived meanwhile.
+        stale_ids
+            .iter()
+            .filter_map(|id| self.remove_where(id, |r| r.seen < cutoff))
+            .collect()
+    }
+
+    pub(crate) fn shards(&self) -> Vec<Arc<Shard>> {
+        self.cells.read().by_cell.values().cloned().collect()
+    }
+
+    /// Counts of drivers by status.
+    pub fn counts(&self) -> StatusCounts {
+        let mut total = StatusCounts::default();
+        for shard in self.shards() {
+            let c = shard.data.read().counts;
+            total.available += c.available;
+            total.reserved += c.reserved;
+            total.busy += c.busy;
+            total.offline += c.offline;
+        }
+        total
+    }
+
+    /// Number of drivers known.
+    pub fn len(&self) -> usize {
+        self.stripes.iter().map(|s| s.lock().len()).sum()
+    }
+
+    /// Whether no driver is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of partition cells that have held drivers.
+    pub fn cell_count(&self) -> usize {
+        self.cells.read().by_cell.len()
+    }
+
+    /// Per-cell driver counts (for region statistics).
+    pub fn cell_counts(&self) -> Vec<(CellIndex, StatusCounts)> {
+        self.shards()
+            .into_iter()
+            .map(|s| (s.cell, s.data.read().counts))
+            .collect()
+    }
+
+    /// Every driver (in no particular order), read shard by shard.
+    pub fn drivers(&self) -> Vec<Driver> {
+        let mut out: Vec<Driver> = Vec::new();
+        for shard in self.shards() {
+            out.extend(shard.data.read().records().map(Record::to_driver));
+        }
+        out.into_iter().map(|d| self.with_match(d)).collect()
+    }
+
+    /// Loads many drivers into an empty engine at once, building each
+    /// shard's R-tree with rstar's bulk loading (much faster than inserting
+    /// one by one). Later duplicates of an id replace earlier ones.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] if the engine already holds drivers or a
+    /// driver has status `reserved` (reservations are restored with their
+    /// matches, not here).
+    pub fn bulk_load(&self, drivers: impl IntoIterator<Item = Driver>) -> Result<usize> {
+        if !self.is_empty() {
+            return Err(Error::InvalidParameter(
+                "bulk_load needs an empty engine".into(),
+            ));
+        }
+        let now = self.clock.now();
+        let mut latest: HashMap<DriverId, Driver, FixedState> = HashMap::default();
+        for d in drivers {
+            if d.status == Status::Reserved {
+                return Err(Error::InvalidParameter(format!(
+                    "driver {} has status reserved; bulk_load takes no reservations",
+                    d.id
+                )));
+            }
+            latest.insert(d.id.clone(), d);
+        }
+        let mut by_cell: HashMap<CellIndex, Vec<Record>, FixedState> = HashMap::default();
+        for d in latest.into_values() {
+            by_cell
+                .entry(d.pos.cell(self.resolution))
+                .or_default()
+                .push(Record {
+                    id: d.id,
+                    pos: d.pos,
+                    ts: d.ts,
+                    seen: now,
+                    status: d.status,
+                    vehicle: d.vehicle,
+                    caps: d.capabilities,
+                });
+        }
+        let mut loaded = 0;
+        for (cell, recs) in by_cell {
+            let shard = self.shard_for(cell);
+            let mut data = ShardData::default();
+            let mut items = Vec::new();
+            for (slot, rec) in recs.into_iter().enumerate() {
+                let slot = u32::try_from(slot)
+                    .map_err(|_| Error::InvalidParameter("too many drivers in one cell".into()))?;
+                *data.counts.slot(rec.status) += 1;
+                if rec.status == Status::Available {
+                    items.push(rec.item(slot));
+                }
+                self.stripe(&rec.id).lock().insert(
+                    rec.id.clone(),
+                    Loc {
+                        shard: Arc::clone(&shard),
+                        slot,
+                    },
+                );
+                data.slots.push(Some(rec));
+                loaded += 1;
+            }
+            data.tree = RTree::bulk_load(items);
+            *shard.data.write() = data;
+        }
+        Ok(loaded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstar::Envelope;
+
+    fn id(s: &str) -> DriverId {
+        DriverId::new(s).unwrap()
+    }
+
+    fn pos(lat: f64, lon: f64) -> Position {
+        Position::new(lat, lon).unwrap()
+    }
+
+    #[test]
+    fn cell_boxes_contain_their_cells_points() {
+        // Sample points all over the globe, including poles and antimeridian.
+        for res in [0u8, 2, 6, 9] {
+            let r = Resolution::try_from(res).unwrap();
+            for i in 0..2000 {
+                let lat = -90.0 + 180.0 * f64::from(i * 7919 % 2000) / 1999.0;
+                let lon = -180.0 + 360.0 * f64::from(i * 104_729 % 2000) / 1999.0;
+                let p = pos(lat, lon);
+                let cell = p.cell(r);
+                let b = cell_bbox(cell);
+                assert!(
+                    b.contains_point(&p.to_unit_vector()),
+                    "res {res} {p:?} outside {cell}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn config_is_validated() {
+        for bad in [
+            EngineConfig {
+                resolution: 16,
+                ..Default::default()
+            },
+            EngineConfig {
+                max_radius_m: f64::NAN,
+                ..Default::default()
+            },
+            EngineConfig {
+                max_radius_m: 0.0,
+                ..Default::default()
+            },
+            EngineConfig {
+                driver_ttl_ms: 0,
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(Engine::new(bad).unwrap_err().code(), "invalid_parameter");
+        }
+    }
+
+    #[test]
+    fn moves_across_cells_and_ignores_stale_updates() {
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        let t = |ms| Some(Timestamp::from_millis(ms).unwrap());
+        let a = id("a");
+        e.upsert(&DriverUpdate::location(
+            a.clone(),
+            pos(41.88, -87.63),
+            t(1000),
+        ))
+        .unwrap();
+        // 30 km away: a different res-6 cell.
+        let far = pos(42.15, -87.63);
+        assert!(matches!(
+            e.upsert(&DriverUpdate::location(a.clone(), far, t(2000)))
+                .unwrap(),
+            Applied::Applied(_)
+        ));
+        assert_eq!(e.cell_count(), 2);
+        let stale = e
+            .upsert(&DriverUpdate::location(
+                a.clone(),
+                pos(41.0, -87.0),
+                t(1500),
+            ))
+            .unwrap();
+        assert_eq!(
+            stale,
+            Applied::Stale {
+                current_ts: Timestamp::from_millis(2000).unwrap()
+            }
+        );
+        assert_eq!(e.driver(&a).unwrap().pos, far);
+        assert_eq!(e.counts().available, 1);
+        assert_eq!(e.len(), 1);
+        // Equal timestamps apply (a re-send is not older).
+        assert!(matches!(
+            e.upsert(&DriverUpdate::location(
+                a.clone(),
+                pos(42.0, -87.6),
+                t(2000)
+            ))
+            .unwrap(),
+            Applied::Applied(_)
+        ));
+        assert!(e.remove(&a).is_some());
+        assert!(e.driver(&a).is_none() && e.is_empty());
+        assert!(e.remove(&a).is_none());
+    }
+
+    #[test]
+    fn clients_cannot_set_reserved() {
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        let mut u = DriverUpdate::location(id("a"), pos(0.0, 0.0), None);
+        u.status = Some(Status::Reserved);
+        assert_eq!(e.upsert(&u).unwrap_err().code(), "invalid_parameter");
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn ttl_sweep_removes_only_silent_drivers() {
+        let clock = Arc::new(crate::ManualClock::new(
+            Timestamp::from_millis(1_000_000).unwrap(),
+        ));
+        let e = Engine::with_clock(
+            EngineConfig {
+                driver_ttl_ms: 10_000,
+                ..Default::default()
+            },
+            clock.clone(),
+        )
+        .unwrap();
+        e.upsert(&DriverUpdate::location(id("old"), pos(1.0, 1.0), None))
+            .unwrap();
+        clock.advance(6_000);
+        e.upsert(&DriverUpdate::location(id("new"), pos(1.0, 1.001), None))
+            .unwrap();
+        clock.advance(6_000);
+        let removed: Vec<_> = e.expire_drivers().into_iter().map(|(d, _)| d.id).collect();
+        assert_eq!(removed, [id("old")]);
+        assert!(e.driver(&id("new")).is_some());
+        clock.advance(6_000);
+        assert_eq!(e.expire_drivers().len(), 1);
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn bulk_load_builds_searchable_shards() {
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        let drivers = (0..1000).map(|i| Driver {
+            id: id(&format!("d{i}")),
+            pos: pos(41.6 + f64::from(i) * 0.0004, -87.9 + f64::from(i) * 0.0003),
+            ts: Timestamp::EPOCH,
+            status: if i % 2 == 0 {
+                Status::Available
+            } else {
+                Status::Busy
+            },
+            vehicle: Vehicle::Car,
+            capabilities: Capabilities::NONE,
+            order_id: None,
+            reserved_until: None,
+        });
+        assert_eq!(e.bulk_load(drivers.clone()).unwrap(), 1000);
+        assert_eq!(
+            e.counts(),
+            StatusCounts {
+                available: 500,
+                busy: 500,
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            e.bulk_load(drivers).unwrap_err().code(),
+            "invalid_parameter"
+        );
+        assert_eq!(e.driver(&id("d7")).unwrap().status, Status::Busy);
+    }
+}

@@ -1,0 +1,595 @@
+//! Matching: atomic reservations that never double-book.
+//!
+//! All match state lives in one [`MatchBook`] behind a mutex that is the
+//! first lock in the engine's lock order (book → driver stripe → shard).
+//! A claim searches *without* the book (searches are the expensive part),
+//! then takes the book and reserves the best candidate under its shard's
+//! write lock, re-checking that it is still available and eligible; a
+//! candidate lost to a concurrent claim is skipped and, if all are lost,
+//! the claim searches again. Every change of a driver's status by matching
+//! happens under the book, so "a driver holds at most one live match" and
+//! "a reserved driver is never offered" are invariants of one critical
+//! section, not of a protocol between several.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use foldhash::fast::FixedState;
+
+use crate::assign::{Assignment, assign_min_cost};
+use crate::driver::{Capabilities, Status, Vehicle};
+use crate::error::{Error, Result};
+use crate::ids::{DriverId, OrderId};
+use crate::index::Engine;
+use crate::position::Position;
+use crate::search::{NearestQuery, validate_radius};
+use crate::time::Timestamp;
+
+/// The longest a reservation may be held: one hour.
+pub const MAX_HOLD_MS: u64 = 3_600_000;
+
+/// How many candidates a claim asks the index for at once.
+const CLAIM_CANDIDATES: usize = 4;
+
+/// How many times a claim searches again after losing every candidate to
+/// concurrent claims before it gives up.
+const CLAIM_ATTEMPTS: usize = 64;
+
+/// A match's life-cycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MatchState {
+    /// The driver is held for the order until `reserved_until`.
+    Reserved,
+    /// The order was confirmed; the driver is busy with it.
+    Confirmed,
+    /// Released by the client, or because the driver went offline or was removed.
+    Released,
+    /// Not confirmed before `reserved_until`.
+    Expired,
+    /// The job is done; the driver is available again.
+    Completed,
+}
+
+impl MatchState {
+    /// The API name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Reserved => "reserved",
+            Self::Confirmed => "confirmed",
+            Self::Released => "released",
+            Self::Expired => "expired",
+            Self::Completed => "completed",
+        }
+    }
+
+    /// Whether the match still holds its driver.
+    pub const fn is_live(self) -> bool {
+        matches!(self, Self::Reserved | Self::Confirmed)
+    }
+}
+
+/// What an order asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimRequest {
+    /// Pickup position.
+    pub pickup: Position,
+    /// Required vehicle class, if any.
+    pub vehicle: Option<Vehicle>,
+    /// Required capabilities.
+    pub capabilities: Capabilities,
+    /// Search radius in metres; `None` = the engine's `max_radius_m`.
+    pub radius_m: Option<f64>,
+    /// How long the reservation holds before it expires, in milliseconds.
+    pub hold_ms: u64,
+}
+
+impl ClaimRequest {
+    /// A request with no filters and the default hold of 30 s.
+    pub fn new(pickup: Position) -> Self {
+        Self {
+            pickup,
+            vehicle: None,
+            capabilities: Capabilities::NONE,
+            radius_m: None,
+            hold_ms: 30_000,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if let Some(r) = self.radius_m {
+            validate_radius(r)?;
+        }
+        if !(1..=MAX_HOLD_MS).contains(&self.hold_ms) {
+            return Err(Error::InvalidParameter(format!(
+                "hold_ms {} is not in 1..={MAX_HOLD_MS}",
+                self.hold_ms
+            )));
+        }
+        Ok(())
+    }
+
+    fn query(&self, k: usize) -> Result<NearestQuery> {
+        let mut q = NearestQuery::new(self.pickup, k)?;
+        q.radius_m = self.radius_m;
+        q.vehicle = self.vehicle;
+        q.capabilities = self.capabilities;
+        Ok(q)
+    }
+}
+
+/// A driver reserved (or once reserved) for an order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Match {
+    /// The order.
+    pub order_id: OrderId,
+    /// The driver.
+    pub driver_id: DriverId,
+    /// The order's pickup.
+    pub pickup: Position,
+    /// Great-circle distance from the driver to the pickup at reservation, metres.
+    pub distance_m: f64,
+    /// Current state.
+    pub state: MatchState,
+    /// When the match was made.
+    pub created_at: Timestamp,
+    /// When an unconfirmed reservation lapses.
+    pub reserved_until: Timestamp,
+    /// Why it ended, for released matches (`client`, `driver_offline`, …).
+    pub reason: Option<String>,
+}
+
+/// A match that ended without a client call (expiry, driver offline or
+/// removed): the server turns these into metrics and events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MatchEvent {
+    /// The match as it now is (state `expired`, `released` or `completed`).
+    pub m: Match,
+}
+
+/// Why a driver's match ends from the driver's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DriverEnd {
+    Removed,
+    Offline,
+    Busy,
+    Completed,
+}
+
+#[derive(Debug)]
+struct Entry {
+    m: Match,
+    request: ClaimRequest,
+}
+
+/// All match state. Guarded by the engine's book mutex.
+#[derive(Debug, Default)]
+pub(crate) struct MatchBook {
+    by_order: HashMap<OrderId, Entry, FixedState>,
+    /// Live matches only.
+    by_driver: HashMap<DriverId, OrderId, FixedState>,
+    /// Reserved matches by deadline.
+    deadlines: BTreeSet<(Timestamp, OrderId)>,
+    /// Ended matches by the time they may be forgotten.
+    retired: VecDeque<(Timestamp, OrderId)>,
+}
+
+impl MatchBook {
+    pub(crate) fn live_match_of(&self, driver: &DriverId) -> Option<&Match> {
+        let order = self.by_driver.get(driver)?;
+        self.by_order.get(order).map(|e| &e.m)
+    }
+
+    /// Decides what a client's status request means for a driver that may
+    /// hold a match: the status to apply (None = keep) and the match end
+    /// to record if the update applies.
+    pub(crate) fn status_request(
+        &self,
+        driver: &DriverId,
+        wanted: Status,
+    ) -> (Option<Status>, Option<DriverEnd>) {
+        let Some(state) = self.live_match_of(driver).map(|m| m.state) else {
+            return (Some(wanted), None);
+        };
+        match (state, wanted) {
+            (MatchState::Reserved, Status::Offline) | (MatchState::Confirmed, Status::Offline) => {
+                (Some(Status::Offline), Some(DriverEnd::Offline))
+            }
+            (MatchState::Reserved, Status::Busy) => (Some(Status::Busy), Some(DriverEnd::Busy)),
+            (MatchState::Confirmed, Status::Available) => {
+                (Some(Status::Available), Some(DriverEnd::Completed))
+            }
+            _ => (None, None),
+        }
+    }
+
+    /// Ends the driver's live match, if any, for a driver-side reason.
+    pub(crate) fn finish_for_driver(
+        &mut self,
+        driver: &DriverId,
+        why: DriverEnd,
+        now: Timestamp,
+        retention_ms: u64,
+    ) -> Option<MatchEvent> {
+        let order = self.by_driver.get(driver)?.clone();
+        let (state, reason) = match why {
+            DriverEnd::Removed => (MatchState::Released, "driver_removed"),
+            DriverEnd::Offline => (MatchState::Released, "driver_offline"),
+            DriverEnd::Busy => (MatchState::Released, "driver_busy"),
+            DriverEnd::Completed => (MatchState::Completed, "completed"),
+        };
+        let m = self.end(&order, state, Some(reason), now, retention_ms)?;
+        Some(MatchEvent { m })
+    }
+
+    /// Moves a live match to a final state and forgets its driver link.
+    fn end(
+        &mut self,
+        order: &OrderId,
+        state: MatchState,
+        reason: Option<&str>,
+        now: Timestamp,
+        retention_ms: u64,
+    ) -> Option<Match> {
+        let e = self.by_order.get_mut(order)?;
+        if e.m.state == MatchState::Reserved {
+            self.deadlines.remove(&(e.m.reserved_until, order.clone()));
+        }
+        e.m.state = state;
+        e.m.reason = reason.map(str::to_owned);
+        self.by_driver.remove(&e.m.driver_id);
+        self.retired
+            .push_back((now.plus_millis(retention_ms), order.clone()));
+        Some(e.m.clone())
+    }
+
+    fn insert(&mut self, m: Match, request: ClaimRequest) {
+        self.deadlines
+            .insert((m.reserved_until, m.order_id.clone()));
+        self.by_driver
+            .insert(m.driver_id.clone(), m.order_id.clone());
+        self.by_order
+            .insert(m.order_id.clone(), Entry { m, request });
+    }
+
+    /// Forgets ended matches whose retention has passed.
+    fn purge(&mut self, now: Timestamp) {
+        while let Some((at, order)) = self.retired.front() {
+            if *at > now {
+                break;
+            }
+            if self
+                .by_order
+                .get(order)
+                .is_some_and(|e| !e.m.state.is_live())
+            {
+                self.by_order.remove(order);
+            }
+            self.retired.pop_front();
+        }
+    }
+
+    /// The existing match for an order that a new claim must return, or a conflict.
+    fn existing(&self, order: &OrderId, req: &ClaimRequest) -> Option<Result<Match>> {
+        let e = self.by_order.get(order)?;
+        if !e.m.state.is_live() {
+            return None;
+        }
+        if e.request == *req {
+            Some(Ok(e.m.clone()))
+        } else {
+            Some(Err(Error::OrderConflict(format!(
+                "order {order} already has a live match made with different parameters"
+            ))))
+        }
+    }
+}
+
+/// One order of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchOrder {
+    /// The order id.
+    pub order_id: OrderId,
+    /// What it asks for.
+    pub request: ClaimRequest,
+}
+
+/// The outcome of [`Engine::claim_batch`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BatchOutcome {
+    /// One match per served order (new or, for orders that already had a
+    /// live match, the existing one).
+    pub matches: Vec<Match>,
+    /// Orders that could not be served.
+    pub unmatched: Vec<OrderId>,
+}
+
+impl Engine {
+    /// Reserves the nearest eligible available driver for `order`.
+    ///
+    /// Returns the match and whether it was created now (`false`: the order
+    /// already had this live match, made with the same request — claims
+    /// are idempotent by order id).
+    ///
+    /// # Errors
+    /// - [`Error::InvalidParameter`] for a bad radius or hold;
+    /// - [`Error::OrderConflict`] if the order has a live match made with a
+    ///   different request;
+    /// - [`Error::NoDriverAvailable`] if no eligible driver is in reach.
+    pub fn claim(&self, order: &OrderId, req: &ClaimRequest) -> Result<(Match, bool)> {
+        req.validate()?;
+        if let Some(existing) = self.book.lock().existing(order, req) {
+            return existing.map(|m| (m, false));
+        }
+        for _ in 0..CLAIM_ATTEMPTS {
+            let candidates = self.nearest(&req.query(CLAIM_CANDIDATES)?)?;
+            if candidates.is_empty() {
+                return Err(Error::NoDriverAvailable);
+            }
+            let mut book = self.book.lock();
+            if let Some(existing) = book.existing(order, req) {
+                return existing.map(|m| (m, false));
+            }
+            let now = self.clock.now();
+            for c in &candidates {
+                if let Some(pos) = self.reserve_if_eligible(&c.id, req.vehicle, req.capabilities) {
+                    let m = Match {
+                        order_id: order.clone(),
+                        driver_id: c.id.clone(),
+                        pickup: req.pickup,
+                        distance_m: req.pickup.distance_m(pos),
+                        state: MatchState::Reserved,
+                        created_at: now,
+                        reserved_until: now.plus_millis(req.hold_ms),
+                        reason: None,
+                    };
+                    book.insert(m.clone(), req.clone());
+                    return Ok((m, true));
+                }
+            }
+        }
+        Err(Error::NoDriverAvailable)
+    }
+
+    /// The match of an order, live or recently ended.
+    pub fn get_match(&self, order: &OrderId) -> Option<Match> {
+        self.book.lock().by_order.get(order).map(|e| e.m.clone())
+    }
+
+    /// Confirms a reservation: the driver becomes busy with the order.
+    ///
+    /// # Errors
+    /// [`Error::UnknownOrder`]; [`Error::ReservationExpired`] if the hold ran
+    /// out (the match is expired now and the driver freed); [`Error::OrderConflict`]
+    /// if the match is not reserved (already confirmed, released, …).
+    pub fn confirm(&self, order: &OrderId) -> Result<Match> {
+        let mut book = self.book.lock();
+        let now = self.clock.now();
+        let m = self.live_reserved(&mut book, order, now)?;
+        if self
+            .transition(&m.driver_id, Status::Reserved, Status::Busy)
+            .is_none()
+        {
+            unreachable!("a reserved match's driver is reserved");
+        }
+        book.deadlines.remove(&(m.reserved_until, order.clone()));
+        let e = book
+            .by_order
+            .get_mut(order)
+            .ok_or_else(|| Error::UnknownOrder(order.to_string()))?;
+        e.m.state = MatchState::Confirmed;
+        Ok(e.m.clone())
+    }
+
+    /// The reserved match of `order`, expiring it first if its hold ran out.
+    fn live_reserved(
+        &self,
+        book: &mut MatchBook,
+        order: &OrderId,
+        now: Timestamp,
+    ) -> Result<Match> {
+        let m = book
+            .by_order
+            .get(order)
+            .map(|e| e.m.clone())
+            .ok_or_else(|| Error::UnknownOrder(order.to_string()))?;
+        if m.state == MatchState::Reserved && m.reserved_until <= now {
+            self.expire_one(book, order, now);
+            return Err(Error::ReservationExpired(order.to_string()));
+        }
+        if m.state != MatchState::Reserved {
+            return Err(Error::OrderConflict(format!(
+                "match for order {order} is {}, not reserved",
+                m.state.as_str()
+            )));
+        }
+        Ok(m)
+    }
+
+    /// Releases a reserved or confirmed match; the driver is available again.
+    ///
+    /// # Errors
+    /// [`Error::UnknownOrder`]; [`Error::OrderConflict`] if the match already ended.
+    pub fn release(&self, order: &OrderId, reason: Option<&str>) -> Result<Match> {
+        self.end_live(
+            order,
+            MatchState::Released,
+            Some(reason.unwrap_or("client")),
+        )
+    }
+
+    /// Completes a confirmed match; the driver is available again where it is.
+    ///
+    /// # Errors
+    /// [`Error::UnknownOrder`]; [`Error::OrderConflict`] unless the match is confirmed.
+    pub fn complete(&self, order: &OrderId) -> Result<Match> {
+        self.end_live(order, MatchState::Completed, None)
+    }
+
+    fn end_live(&self, order: &OrderId, to: MatchState, reason: Option<&str>) -> Result<Match> {
+        let mut book = self.book.lock();
+        let now = self.clock.now();
+        let m = book
+            .by_order
+            .get(order)
+            .map(|e| e.m.clone())
+            .ok_or_else(|| Error::UnknownOrder(order.to_string()))?;
+        if m.state == MatchState::Reserved && m.reserved_until <= now {
+            self.expire_one(&mut book, order, now);
+            return Err(Error::ReservationExpired(order.to_string()));
+        }
+        let from = match (m.state, to) {
+            (MatchState::Reserved, MatchState::Released) => Status::Reserved,
+            (MatchState::Confirmed, MatchState::Released | MatchState::Completed) => Status::Busy,
+            (state, _) => {
+                return Err(Error::OrderConflict(format!(
+                    "match for order {order} is {}; cannot become {}",
+                    state.as_str(),
+                    to.as_str()
+                )));
+            }
+        };
+        self.transition(&m.driver_id, from, Status::Available);
+        book.end(order, to, reason, now, self.config.match_retention_ms)
+            .ok_or_else(|| Error::UnknownOrder(order.to_string()))
+    }
+
+    fn expire_one(&self, book: &mut MatchBook, order: &OrderId, now: Timestamp) -> Option<Match> {
+        let driver = book.by_order.get(order)?.m.driver_id.clone();
+        self.transition(&driver, Status::Reserved, Status::Available);
+        book.end(
+            order,
+            MatchState::Expired,
+            None,
+            now,
+            self.config.match_retention_ms,
+        )
+    }
+
+    /// Expires every reservation whose hold ran out, freeing its driver, and
+    /// forgets ended matches past their retention. Returns the expired matches.
+    pub fn expire_matches(&self) -> Vec<MatchEvent> {
+        let mut book = self.book.lock();
+        let now = self.clock.now();
+        let due: Vec<OrderId> = book
+            .deadlines
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .map(|(_, o)| o.clone())
+            .collect();
+        let events = due
+            .iter()
+            .filter_map(|o| self.expire_one(&mut book, o, now))
+            .map(|m| MatchEvent { m })
+            .collect();
+        book.purge(now);
+        events
+    }
+
+    /// Number of live (reserved or confirmed) matches.
+    pub fn live_matches(&self) -> usize {
+        self.book.lock().by_driver.len()
+    }
+
+    /// Serves a window of orders together, minimising the summed pickup
+    /// distance.
+    ///
+    /// Each order's `candidates` nearest eligible drivers form a sparse
+    /// bipartite graph; an exact min-cost assignment on it serves as many
+    /// orders as the graph allows, at the least total distance among those
+    /// (see [`assign_min_cost`]). The chosen drivers are then reserved under
+    /// the book; a driver taken meanwhile by another claim leaves its order
+    /// unmatched rather than silently substituted.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for a bad request or `candidates` outside
+    /// 1..=100, or an order id twice in the window; nothing is reserved then.
+    pub fn claim_batch(&self, orders: &[BatchOrder], candidates: usize) -> Result<BatchOutcome> {
+        if !(1..=100).contains(&candidates) {
+            return Err(Error::InvalidParameter(format!(
+                "candidates {candidates} is not in 1..=100"
+            )));
+        }
+        let mut seen = std::collections::HashSet::with_capacity_and_hasher(
+            orders.len(),
+            FixedState::default(),
+        );
+        for o in orders {
+            o.request.validate()?;
+            if !seen.insert(&o.order_id) {
+                return Err(Error::InvalidParameter(format!(
+                    "order {} appears twice in the batch",
+                    o.order_id
+                )));
+            }
+        }
+        let mut out = BatchOutcome::default();
+        // Orders that already have a live match keep it.
+        let mut fresh = Vec::with_capacity(orders.len());
+        {
+            let book = self.book.lock();
+            for o in orders {
+                match book.existing(&o.order_id, &o.request) {
+                    Some(Ok(m)) => out.matches.push(m),
+                    Some(Err(_)) => out.unmatched.push(o.order_id.clone()),
+                    None => fresh.push(o),
+                }
+            }
+        }
+        let mut drivers: Vec<DriverId> = Vec::new();
+        let mut driver_index: HashMap<DriverId, usize, FixedState> = HashMap::default();
+        let mut edges: Vec<Vec<(usize, i64)>> = Vec::with_capacity(fresh.len());
+        for o in &fresh {
+            let near = self.nearest(&o.request.query(candidates)?)?;
+            edges.push(
+                near.into_iter()
+                    .map(|n| {
+                        let next = drivers.len();
+                        let j = *driver_index.entry(n.id.clone()).or_insert(next);
+                        if j == next {
+                            drivers.push(n.id);
+                        }
+                        (j, cost_mm(n.distance_m))
+                    })
+                    .collect(),
+            );
+        }
+        let Assignment { pairs, .. } = assign_min_cost(drivers.len(), &edges);
+        let mut book = self.book.lock();
+        let now = self.clock.now();
+        for (o, choice) in fresh.iter().zip(pairs) {
+            if let Some(existing) = book.existing(&o.order_id, &o.request) {
+                match existing {
+                    Ok(m) => out.matches.push(m),
+                    Err(_) => out.unmatched.push(o.order_id.clone()),
+                }
+                continue;
+            }
+            let reserved = choice.and_then(|j| {
+                self.reserve_if_eligible(&drivers[j], o.request.vehicle, o.request.capabilities)
+                    .map(|p| (j, p))
+            });
+            let Some((j, pos)) = reserved else {
+                out.unmatched.push(o.order_id.clone());
+                continue;
+            };
+            let m = Match {
+                order_id: o.order_id.clone(),
+                driver_id: drivers[j].clone(),
+                pickup: o.request.pickup,
+                distance_m: o.request.pickup.distance_m(pos),
+                state: MatchState::Reserved,
+                created_at: now,
+                reserved_until: now.plus_millis(o.request.hold_ms),
+                reason: None,
+            };
+            book.insert(m.clone(), o.request.clone());
+            out.matches.push(m);
+        }
+        Ok(out)
+    }
+}
+
+/// A distance in whole millimetres: the assignment works on integers so its
+/// optimum is exact.
+pub(crate) fn cost_mm(distance_m: f64) -> i64 {
+    (distance_m * 1000.0).round() as i64
+}

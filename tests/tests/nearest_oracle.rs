@@ -1,0 +1,205 @@
+//! Property tests: `Engine::nearest` equals a brute-force haversine oracle
+//! on dense cities, sparse countries, the antimeridian and the poles, with
+//! filters and radii, at several partition resolutions.
+
+use hexmatch::{
+    Capabilities, Driver, Engine, EngineConfig, MAX_DISTANCE_M, NearestQuery, Position, Status,
+    Vehicle,
+};
+use hexmatch_tests::{driver, oracle_nearest};
+use proptest::prelude::*;
+
+/// Where points are drawn from.
+#[derive(Debug, Clone, Copy)]
+enum Area {
+    /// ±0.05° around a centre anywhere on Earth (a dense city).
+    City(f64, f64),
+    /// The whole globe (a sparse world).
+    World,
+    /// Within 1° of the antimeridian.
+    Antimeridian,
+    /// Within 2° of a pole.
+    Pole(bool),
+}
+
+fn clamp_pos(lat: f64, lon: f64) -> Position {
+    let lat = lat.clamp(-90.0, 90.0);
+    let lon = if lon > 180.0 {
+        lon - 360.0
+    } else if lon < -180.0 {
+        lon + 360.0
+    } else {
+        lon
+    };
+    Position::new(lat, lon).expect("clamped")
+}
+
+fn point_in(area: Area) -> BoxedStrategy<Position> {
+    match area {
+        Area::City(lat, lon) => (-0.05f64..0.05, -0.05f64..0.05)
+            .prop_map(move |(a, b)| clamp_pos(lat + a, lon + b))
+            .boxed(),
+        Area::World => (-90.0f64..=90.0, -180.0f64..=180.0)
+            .prop_map(|(a, b)| clamp_pos(a, b))
+            .boxed(),
+        Area::Antimeridian => (-60.0f64..60.0, -1.0f64..1.0)
+            .prop_map(|(a, b)| clamp_pos(a, if b < 0.0 { 180.0 + b } else { -180.0 + b }))
+            .boxed(),
+        Area::Pole(north) => (0.0f64..2.0, -180.0f64..=180.0)
+            .prop_map(move |(a, b)| clamp_pos(if north { 90.0 - a } else { -90.0 + a }, b))
+            .boxed(),
+    }
+}
+
+fn area() -> impl Strategy<Value = Area> {
+    prop_oneof![
+        ((-89.0f64..89.0), (-180.0f64..180.0)).prop_map(|(a, b)| Area::City(a, b)),
+        Just(Area::City(41.88, -87.63)),
+        Just(Area::World),
+        Just(Area::Antimeridian),
+        any::<bool>().prop_map(Area::Pole),
+    ]
+}
+
+fn attrs() -> impl Strategy<Value = (Status, Vehicle, Capabilities)> {
+    (
+        prop_oneof![6 => Just(Status::Available), 1 => Just(Status::Busy), 1 => Just(Status::Offline)],
+        prop_oneof![4 => Just(Vehicle::Car), 1 => Just(Vehicle::Bike), 1 => Just(Vehicle::Van)],
+        (0u16..8).prop_map(Capabilities::from_bits_truncate),
+    )
+}
+
+/// Drivers in an area; some share exact positions to exercise ties.
+fn drivers_in(area: Area) -> impl Strategy<Value = Vec<Driver>> {
+    let one = (point_in(area), attrs());
+    proptest::collection::vec(one, 0..250)
+        .prop_flat_map(|v| {
+            let n = v.len();
+            (Just(v), proptest::collection::vec(any::<bool>(), n))
+        })
+        .prop_map(|(v, dup)| {
+            let mut out: Vec<Driver> = Vec::with_capacity(v.len());
+            for (i, ((pos, (status, vehicle, caps)), dup)) in v.into_iter().zip(dup).enumerate() {
+                let pos = if dup && i > 0 { out[i / 2].pos } else { pos };
+                out.push(driver(&format!("d{i:03}"), pos, status, vehicle, caps));
+            }
+            out
+        })
+}
+
+fn query_in(area: Area) -> impl Strategy<Value = NearestQuery> {
+    (
+        point_in(area),
+        1usize..25,
+        proptest::option::weighted(0.3, 10.0f64..3_000_000.0),
+        proptest::option::weighted(0.2, prop_oneof![Just(Vehicle::Car), Just(Vehicle::Van)]),
+        proptest::option::weighted(0.2, (1u16..4).prop_map(Capabilities::from_bits_truncate)),
+    )
+        .prop_map(|(pos, k, radius_m, vehicle, caps)| NearestQuery {
+            pos,
+            k,
+            radius_m,
+            vehicle,
+            capabilities: caps.unwrap_or(Capabilities::NONE),
+        })
+}
+
+fn scenario() -> impl Strategy<Value = (u8, f64, Vec<Driver>, Vec<NearestQuery>)> {
+    (
+        area(),
+        0u8..=9,
+        prop_oneof![Just(MAX_DISTANCE_M), Just(50_000.0), Just(2_000_000.0)],
+    )
+        .prop_flat_map(|(area, res, max_r)| {
+            (
+                Just(res),
+                Just(max_r),
+                drivers_in(area),
+                proptest::collection::vec(query_in(area), 1..12),
+            )
+        })
+}
+
+fn check(
+    res: u8,
+    max_r: f64,
+    drivers: &[Driver],
+    queries: &[NearestQuery],
+    incremental: bool,
+) -> Result<(), TestCaseError> {
+    let engine = Engine::new(EngineConfig {
+        resolution: res,
+        max_radius_m: max_r,
+        ..Default::default()
+    })
+    .expect("valid config");
+    if incremental {
+        for d in drivers {
+            let mut u = hexmatch::DriverUpdate::location(d.id.clone(), d.pos, Some(d.ts));
+            u.status = Some(d.status);
+            u.vehicle = Some(d.vehicle);
+            u.capabilities = Some(d.capabilities);
+            engine.upsert(&u).expect("valid update");
+        }
+    } else {
+        engine
+            .bulk_load(drivers.iter().cloned())
+            .expect("bulk load");
+    }
+    for q in queries {
+        let got: Vec<_> = engine
+            .nearest(q)
+            .expect("valid query")
+            .into_iter()
+            .map(|n| (n.id, n.distance_m))
+            .collect();
+        let want = oracle_nearest(drivers, q, max_r);
+        prop_assert_eq!(got, want, "query {:?}", q);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn nearest_equals_oracle_bulk_loaded((res, max_r, drivers, queries) in scenario()) {
+        check(res, max_r, &drivers, &queries, false)?;
+    }
+
+    #[test]
+    fn nearest_equals_oracle_upserted((res, max_r, drivers, queries) in scenario()) {
+        check(res, max_r, &drivers, &queries, true)?;
+    }
+}
+
+/// A driver hundreds of km away is found without a radius, and not beyond
+/// `max_radius_m`.
+#[test]
+fn sparse_far_driver_is_found_up_to_max_radius() {
+    let p = |lat, lon| Position::new(lat, lon).expect("valid");
+    let drivers = vec![driver(
+        "far",
+        p(45.0, -93.0),
+        Status::Available,
+        Vehicle::Car,
+        Capabilities::NONE,
+    )];
+    let q = NearestQuery::new(p(41.88, -87.63), 1).expect("valid");
+    let dist = q.pos.distance_m(drivers[0].pos);
+    assert!(dist > 500_000.0 && dist < 700_000.0, "{dist}");
+    let wide = Engine::new(EngineConfig {
+        max_radius_m: 1_000_000.0,
+        ..Default::default()
+    })
+    .expect("valid");
+    wide.bulk_load(drivers.clone()).expect("load");
+    assert_eq!(wide.nearest(&q).expect("ok").len(), 1);
+    let narrow = Engine::new(EngineConfig {
+        max_radius_m: 400_000.0,
+        ..Default::default()
+    })
+    .expect("valid");
+    narrow.bulk_load(drivers).expect("load");
+    assert!(narrow.nearest(&q).expect("ok").is_empty());
+}
