@@ -133,6 +133,8 @@ pub struct Match {
     pub created_at: Timestamp,
     /// When an unconfirmed reservation lapses.
     pub reserved_until: Timestamp,
+    /// When it was released, expired or completed.
+    pub ended_at: Option<Timestamp>,
     /// Why it ended, for released matches (`client`, `driver_offline`, …).
     pub reason: Option<String>,
 }
@@ -234,6 +236,7 @@ impl MatchBook {
             self.deadlines.remove(&(e.m.reserved_until, order.clone()));
         }
         e.m.state = state;
+        e.m.ended_at = Some(now);
         e.m.reason = reason.map(str::to_owned);
         self.by_driver.remove(&e.m.driver_id);
         self.retired
@@ -339,6 +342,7 @@ impl Engine {
                         state: MatchState::Reserved,
                         created_at: now,
                         reserved_until: now.plus_millis(req.hold_ms),
+                        ended_at: None,
                         reason: None,
                     };
                     book.insert(m.clone(), req.clone());
@@ -579,6 +583,7 @@ impl Engine {
                 state: MatchState::Reserved,
                 created_at: now,
                 reserved_until: now.plus_millis(o.request.hold_ms),
+                ended_at: None,
                 reason: None,
             };
             book.insert(m.clone(), o.request.clone());
@@ -592,4 +597,355 @@ impl Engine {
 /// optimum is exact.
 pub(crate) fn cost_mm(distance_m: f64) -> i64 {
     (distance_m * 1000.0).round() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{DriverUpdate, EngineConfig, ManualClock};
+
+    struct Fixture {
+        engine: Engine,
+        clock: Arc<ManualClock>,
+    }
+
+    fn pos(lat: f64, lon: f64) -> Position {
+        Position::new(lat, lon).unwrap()
+    }
+
+    fn oid(s: &str) -> OrderId {
+        OrderId::new(s).unwrap()
+    }
+
+    fn did(s: &str) -> DriverId {
+        DriverId::new(s).unwrap()
+    }
+
+    /// Three drivers east of the pickup at 0.001°, 0.002°, 0.003°; d2 is a van with cash.
+    fn fixture() -> Fixture {
+        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_000_000).unwrap()));
+        let engine = Engine::with_clock(EngineConfig::default(), clock.clone()).unwrap();
+        for (i, name) in ["d1", "d2", "d3"].iter().enumerate() {
+            let mut u = DriverUpdate::location(
+                did(name),
+                pos(41.88, -87.63 + 0.001 * (i as f64 + 1.0)),
+                None,
+            );
+            if *name == "d2" {
+                u.vehicle = Some(Vehicle::Van);
+                u.capabilities = Some("cash".parse().unwrap());
+            }
+            engine.upsert(&u).unwrap();
+        }
+        Fixture { engine, clock }
+    }
+
+    fn pickup() -> ClaimRequest {
+        ClaimRequest::new(pos(41.88, -87.63))
+    }
+
+    fn status(f: &Fixture, d: &str) -> Status {
+        f.engine.driver(&did(d)).unwrap().status
+    }
+
+    #[test]
+    fn claim_reserves_the_nearest_and_is_idempotent() {
+        let f = fixture();
+        let (m, created) = f.engine.claim(&oid("o1"), &pickup()).unwrap();
+        assert!(created);
+        assert_eq!(m.driver_id, did("d1"));
+        assert_eq!(m.state, MatchState::Reserved);
+        assert_eq!(m.reserved_until.as_millis(), 1_030_000);
+        let d1_pos = f.engine.driver(&did("d1")).unwrap().pos;
+        assert!((m.distance_m - pos(41.88, -87.63).distance_m(d1_pos)).abs() < 1e-9);
+        let d1 = f.engine.driver(&did("d1")).unwrap();
+        assert_eq!(
+            (d1.status, d1.order_id.as_ref(), d1.reserved_until),
+            (Status::Reserved, Some(&oid("o1")), Some(m.reserved_until))
+        );
+        // Same order, same request: same match, not a second driver.
+        let (again, created) = f.engine.claim(&oid("o1"), &pickup()).unwrap();
+        assert!(!created);
+        assert_eq!(again, m);
+        // Same order, different request: conflict, nothing changes.
+        let other = ClaimRequest {
+            hold_ms: 5_000,
+            ..pickup()
+        };
+        assert_eq!(
+            f.engine.claim(&oid("o1"), &other).unwrap_err().code(),
+            "order_conflict"
+        );
+        // A reserved driver is not offered.
+        let near = f
+            .engine
+            .nearest(&NearestQuery::new(pos(41.88, -87.63), 3).unwrap())
+            .unwrap();
+        assert_eq!(
+            near.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),
+            ["d2", "d3"]
+        );
+        assert_eq!(
+            f.engine.claim(&oid("o2"), &pickup()).unwrap().0.driver_id,
+            did("d2")
+        );
+    }
+
+    #[test]
+    fn claim_applies_filters_and_reports_no_driver() {
+        let f = fixture();
+        let van = ClaimRequest {
+            vehicle: Some(Vehicle::Van),
+            ..pickup()
+        };
+        assert_eq!(
+            f.engine.claim(&oid("v"), &van).unwrap().0.driver_id,
+            did("d2")
+        );
+        assert_eq!(
+            f.engine.claim(&oid("v2"), &van).unwrap_err(),
+            Error::NoDriverAvailable
+        );
+        let tiny = ClaimRequest {
+            radius_m: Some(10.0),
+            ..pickup()
+        };
+        assert_eq!(
+            f.engine.claim(&oid("r"), &tiny).unwrap_err().code(),
+            "no_driver_available"
+        );
+        for bad in [
+            ClaimRequest {
+                radius_m: Some(-1.0),
+                ..pickup()
+            },
+            ClaimRequest {
+                radius_m: Some(f64::NAN),
+                ..pickup()
+            },
+            ClaimRequest {
+                hold_ms: 0,
+                ..pickup()
+            },
+            ClaimRequest {
+                hold_ms: MAX_HOLD_MS + 1,
+                ..pickup()
+            },
+        ] {
+            assert_eq!(
+                f.engine.claim(&oid("bad"), &bad).unwrap_err().code(),
+                "invalid_parameter"
+            );
+        }
+        assert!(f.engine.get_match(&oid("bad")).is_none());
+        assert_eq!(f.engine.counts().reserved, 1);
+    }
+
+    #[test]
+    fn confirm_release_complete_and_their_errors() {
+        let f = fixture();
+        let o = oid("o1");
+        assert_eq!(
+            f.engine.confirm(&oid("nope")).unwrap_err().code(),
+            "unknown_order"
+        );
+        assert_eq!(
+            f.engine.release(&oid("nope"), None).unwrap_err().code(),
+            "unknown_order"
+        );
+        assert_eq!(
+            f.engine.complete(&oid("nope")).unwrap_err().code(),
+            "unknown_order"
+        );
+        f.engine.claim(&o, &pickup()).unwrap();
+        assert_eq!(f.engine.complete(&o).unwrap_err().code(), "order_conflict");
+        let m = f.engine.confirm(&o).unwrap();
+        assert_eq!(m.state, MatchState::Confirmed);
+        assert_eq!(status(&f, "d1"), Status::Busy);
+        assert_eq!(f.engine.confirm(&o).unwrap_err().code(), "order_conflict");
+        // A confirmed match does not expire.
+        f.clock.advance(60_000);
+        assert!(f.engine.expire_matches().is_empty());
+        let m = f.engine.complete(&o).unwrap();
+        assert_eq!(m.state, MatchState::Completed);
+        assert_eq!(status(&f, "d1"), Status::Available);
+        for err in [
+            f.engine.release(&o, None),
+            f.engine.confirm(&o),
+            f.engine.complete(&o),
+        ] {
+            assert_eq!(err.unwrap_err().code(), "order_conflict");
+        }
+        // An ended order id can be claimed anew.
+        assert!(f.engine.claim(&o, &pickup()).unwrap().1);
+        let m = f.engine.release(&o, Some("customer cancelled")).unwrap();
+        assert_eq!(
+            (m.state, m.reason.as_deref()),
+            (MatchState::Released, Some("customer cancelled"))
+        );
+        assert_eq!(status(&f, "d1"), Status::Available);
+        assert_eq!(f.engine.live_matches(), 0);
+    }
+
+    #[test]
+    fn reservations_expire_and_confirm_after_the_hold_fails() {
+        let f = fixture();
+        let short = ClaimRequest {
+            hold_ms: 1_000,
+            ..pickup()
+        };
+        f.engine.claim(&oid("a"), &short).unwrap();
+        f.engine.claim(&oid("b"), &short).unwrap();
+        f.clock.advance(999);
+        assert!(f.engine.expire_matches().is_empty());
+        f.clock.advance(1);
+        // Confirming at the deadline is too late: the hold is [created, until).
+        assert_eq!(
+            f.engine.confirm(&oid("a")).unwrap_err().code(),
+            "reservation_expired"
+        );
+        assert_eq!(
+            f.engine.get_match(&oid("a")).unwrap().state,
+            MatchState::Expired
+        );
+        let events = f.engine.expire_matches();
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            (events[0].m.order_id.as_str(), events[0].m.state),
+            ("b", MatchState::Expired)
+        );
+        assert_eq!(f.engine.counts().available, 3);
+        // Ended matches are forgotten after the retention.
+        f.clock.advance(f.engine.config().match_retention_ms);
+        f.engine.expire_matches();
+        assert!(f.engine.get_match(&oid("a")).is_none());
+    }
+
+    #[test]
+    fn driver_side_changes_end_matches() {
+        let f = fixture();
+        let set = |d: &str, s: Status| {
+            let cur = f.engine.driver(&did(d)).unwrap();
+            let mut u = DriverUpdate::location(did(d), cur.pos, None);
+            u.status = Some(s);
+            f.engine.upsert(&u).unwrap()
+        };
+        // Available on a reserved driver keeps the reservation.
+        f.engine.claim(&oid("o1"), &pickup()).unwrap();
+        set("d1", Status::Available);
+        assert_eq!(status(&f, "d1"), Status::Reserved);
+        // Location updates move a reserved driver without offering it.
+        f.engine
+            .upsert(&DriverUpdate::location(
+                did("d1"),
+                pos(41.881, -87.63),
+                None,
+            ))
+            .unwrap();
+        assert_eq!(status(&f, "d1"), Status::Reserved);
+        assert_eq!(
+            f.engine.driver(&did("d1")).unwrap().pos,
+            pos(41.881, -87.63)
+        );
+        // Offline releases it.
+        set("d1", Status::Offline);
+        let m = f.engine.get_match(&oid("o1")).unwrap();
+        assert_eq!(
+            (m.state, m.reason.as_deref()),
+            (MatchState::Released, Some("driver_offline"))
+        );
+        // Busy on a reserved driver releases too.
+        set("d1", Status::Available);
+        f.engine.claim(&oid("o2"), &pickup()).unwrap();
+        set("d1", Status::Busy);
+        assert_eq!(
+            f.engine.get_match(&oid("o2")).unwrap().reason.as_deref(),
+            Some("driver_busy")
+        );
+        // Available on a driver busy with a confirmed match completes it.
+        set("d1", Status::Available);
+        f.engine.claim(&oid("o3"), &pickup()).unwrap();
+        f.engine.confirm(&oid("o3")).unwrap();
+        set("d1", Status::Available);
+        assert_eq!(
+            f.engine.get_match(&oid("o3")).unwrap().state,
+            MatchState::Completed
+        );
+        // Removing a driver releases its match.
+        f.engine.claim(&oid("o4"), &pickup()).unwrap();
+        let (_, ev) = f.engine.remove(&did("d1")).unwrap();
+        assert_eq!(ev.unwrap().m.reason.as_deref(), Some("driver_removed"));
+        assert_eq!(f.engine.live_matches(), 0);
+        // A stale status update changes nothing.
+        f.engine.claim(&oid("o5"), &pickup()).unwrap();
+        let d2 = f.engine.driver(&did("d2")).unwrap();
+        let mut old = DriverUpdate::location(did("d2"), d2.pos, Some(d2.ts.minus_millis(1)));
+        old.status = Some(Status::Offline);
+        assert!(matches!(
+            f.engine.upsert(&old).unwrap(),
+            crate::Applied::Stale { .. }
+        ));
+        assert_eq!(
+            f.engine.get_match(&oid("o5")).unwrap().state,
+            MatchState::Reserved
+        );
+    }
+
+    #[test]
+    fn batch_beats_greedy_and_reports_unserved() {
+        // Orders at 0.5 (a) and 2 (b, c); drivers at 1 and 3.2 (units of 0.001°).
+        // Serving a and b costs 0.5 + 1.2; serving b and c costs 1 + 1.2.
+        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1).unwrap()));
+        let engine = Engine::with_clock(EngineConfig::default(), clock).unwrap();
+        let at = |x: f64| pos(0.0, x * 0.001);
+        engine
+            .upsert(&DriverUpdate::location(did("x1"), at(1.0), None))
+            .unwrap();
+        engine
+            .upsert(&DriverUpdate::location(did("x3"), at(3.2), None))
+            .unwrap();
+        let order = |o: &str, x: f64| BatchOrder {
+            order_id: oid(o),
+            request: ClaimRequest::new(at(x)),
+        };
+        let orders = [order("a", 0.5), order("b", 2.0), order("c", 2.0)];
+        let out = engine.claim_batch(&orders, 10).unwrap();
+        let by: HashMap<_, _> = out
+            .matches
+            .iter()
+            .map(|m| (m.order_id.as_str(), m.driver_id.as_str()))
+            .collect();
+        // Two drivers for three orders: a↔x1 and b↔x3 (c loses the tie on
+        // nothing: b and c cost the same, so either is optimal).
+        assert_eq!(out.matches.len(), 2);
+        assert_eq!(out.unmatched.len(), 1);
+        assert_eq!(by.get("a"), Some(&"x1"));
+        assert_eq!(by.values().filter(|d| **d == "x3").count(), 1);
+        let total: f64 = out.matches.iter().map(|m| m.distance_m).sum();
+        assert!((total - at(0.5).distance_m(at(1.0)) - at(2.0).distance_m(at(3.2))).abs() < 1e-6);
+        assert_eq!(engine.counts().reserved, 2);
+        assert_eq!(
+            engine
+                .claim_batch(&[order("z", 0.0), order("z", 1.0)], 10)
+                .unwrap_err()
+                .code(),
+            "invalid_parameter"
+        );
+        assert_eq!(
+            engine.claim_batch(&orders, 0).unwrap_err().code(),
+            "invalid_parameter"
+        );
+        // Re-running the same window returns the existing matches.
+        let again = engine.claim_batch(&orders[..1], 10).unwrap();
+        assert_eq!(
+            again.matches[0],
+            out.matches
+                .iter()
+                .find(|m| m.order_id.as_str() == "a")
+                .unwrap()
+                .clone()
+        );
+    }
 }
