@@ -50,125 +50,163 @@ pub struct Assignment {
 /// assert_eq!(a.total_cost, 5);
 /// ```
 pub fn assign_min_cost(n_cols: usize, rows: &[Vec<(usize, i64)>]) -> Assignment {
-    let n_rows = rows.len();
-    let valid = |&&(c, w): &&(usize, i64)| c < n_cols && w >= 0;
-    // Dummy cost: more than every row's costliest edge together.
-    let penalty: i128 = 1 + rows
-        .iter()
-        .map(|r| {
-            r.iter()
-                .filter(valid)
-                .map(|&(_, w)| i128::from(w))
-                .max()
-                .unwrap_or(0)
-        })
-        .sum::<i128>();
-    let total_cols = n_cols + n_rows;
-    let mut u = vec![0i128; n_rows];
-    let mut v = vec![0i128; total_cols];
-    let mut col_row: Vec<Option<usize>> = vec![None; total_cols];
-    let mut row_col: Vec<usize> = vec![usize::MAX; n_rows];
-
-    let mut dist = vec![i128::MAX; total_cols];
-    let mut prev = vec![usize::MAX; total_cols];
-    let mut done = vec![false; total_cols];
-    let mut touched: Vec<usize> = Vec::new();
-    let mut visited_rows: Vec<(usize, i128)> = Vec::new();
-    let mut final_cols: Vec<(usize, i128)> = Vec::new();
-    let mut heap: BinaryHeap<Reverse<(i128, usize)>> = BinaryHeap::new();
-
-    for s in 0..n_rows {
-        for &c in &touched {
-            dist[c] = i128::MAX;
-            done[c] = false;
-        }
-        touched.clear();
-        visited_rows.clear();
-        final_cols.clear();
-        heap.clear();
-
-        let (mut row, mut row_d) = (s, 0i128);
-        visited_rows.push((s, 0));
-        let terminal = loop {
-            let dummy = n_cols + row;
-            let edges = rows[row]
-                .iter()
-                .filter(valid)
-                .map(|&(c, w)| (c, i128::from(w)));
-            for (c, w) in edges.chain(std::iter::once((dummy, penalty))) {
-                if done[c] {
-                    continue;
-                }
-                let nd = row_d + w - u[row] - v[c];
-                if nd < dist[c] {
-                    if dist[c] == i128::MAX {
-                        touched.push(c);
-                    }
-                    dist[c] = nd;
-                    prev[c] = row;
-                    heap.push(Reverse((nd, c)));
-                }
-            }
-            // The row's own dummy is always reachable, so the heap is never
-            // exhausted before a free column is found.
-            let (d, c) = loop {
-                let Some(Reverse((d, c))) = heap.pop() else {
-                    unreachable!("dummy column is always free")
-                };
-                if !done[c] && d == dist[c] {
-                    break (d, c);
-                }
-            };
-            done[c] = true;
-            match col_row[c] {
-                None => break (c, d),
-                Some(r) => {
-                    final_cols.push((c, d));
-                    visited_rows.push((r, d));
-                    (row, row_d) = (r, d);
-                }
-            }
-        };
-        let (end, delta) = terminal;
-        for &(r, d) in &visited_rows {
-            u[r] += delta - d;
-        }
-        for &(c, d) in &final_cols {
-            v[c] -= delta - d;
-        }
-        // Flip the alternating path back to s.
-        let mut c = end;
-        loop {
-            let r = prev[c];
-            let next = row_col[r];
-            row_col[r] = c;
-            col_row[c] = Some(r);
-            if r == s {
-                break;
-            }
-            c = next;
-        }
+    let mut solver = Solver::new(n_cols, rows);
+    for s in 0..rows.len() {
+        solver.augment(s);
     }
-
-    let pairs: Vec<Option<usize>> = row_col.iter().map(|&c| (c < n_cols).then_some(c)).collect();
+    let pairs: Vec<Option<usize>> = solver
+        .row_col
+        .iter()
+        .map(|&c| (c < n_cols).then_some(c))
+        .collect();
     let total_cost = pairs
         .iter()
         .enumerate()
         .filter_map(|(r, c)| {
             let c = (*c)?;
-            rows[r]
-                .iter()
-                .filter(valid)
-                .filter(|e| e.0 == c)
-                .map(|e| e.1)
-                .min()
+            solver.edges(r).filter(|e| e.0 == c).map(|e| e.1).min()
         })
-        .sum();
+        .sum::<i128>();
     let matched = pairs.iter().flatten().count();
     Assignment {
         pairs,
         matched,
-        total_cost,
+        total_cost: i64::try_from(total_cost).unwrap_or(i64::MAX),
+    }
+}
+
+/// The state of the shortest-augmenting-path solver. Columns `n_cols..`
+/// are the rows' dummies (row r's is `n_cols + r`).
+struct Solver<'a> {
+    rows: &'a [Vec<(usize, i64)>],
+    n_cols: usize,
+    penalty: i128,
+    /// Row and column duals: reduced cost `c - u[r] - v[c]` is never negative.
+    u: Vec<i128>,
+    v: Vec<i128>,
+    col_row: Vec<Option<usize>>,
+    row_col: Vec<usize>,
+    // Per-augmentation scratch, reset through `touched` only.
+    dist: Vec<i128>,
+    prev: Vec<usize>,
+    done: Vec<bool>,
+    touched: Vec<usize>,
+    visited_rows: Vec<(usize, i128)>,
+    final_cols: Vec<(usize, i128)>,
+    heap: BinaryHeap<Reverse<(i128, usize)>>,
+}
+
+impl<'a> Solver<'a> {
+    fn new(n_cols: usize, rows: &'a [Vec<(usize, i64)>]) -> Self {
+        let total_cols = n_cols + rows.len();
+        let mut solver = Self {
+            rows,
+            n_cols,
+            penalty: 0,
+            u: vec![0; rows.len()],
+            v: vec![0; total_cols],
+            col_row: vec![None; total_cols],
+            row_col: vec![usize::MAX; rows.len()],
+            dist: vec![i128::MAX; total_cols],
+            prev: vec![usize::MAX; total_cols],
+            done: vec![false; total_cols],
+            touched: Vec::new(),
+            visited_rows: Vec::new(),
+            final_cols: Vec::new(),
+            heap: BinaryHeap::new(),
+        };
+        // Dummy cost: more than every row's costliest edge together.
+        solver.penalty = 1
+            + (0..rows.len())
+                .map(|r| solver.edges(r).map(|e| e.1).max().unwrap_or(0))
+                .sum::<i128>();
+        solver
+    }
+
+    /// Row r's valid edges (in-range column, non-negative cost).
+    fn edges(&self, r: usize) -> impl Iterator<Item = (usize, i128)> + 'a {
+        let n_cols = self.n_cols;
+        self.rows[r]
+            .iter()
+            .filter(move |&&(c, w)| c < n_cols && w >= 0)
+            .map(|&(c, w)| (c, i128::from(w)))
+    }
+
+    fn reset(&mut self) {
+        for &c in &self.touched {
+            self.dist[c] = i128::MAX;
+            self.done[c] = false;
+        }
+        self.touched.clear();
+        self.visited_rows.clear();
+        self.final_cols.clear();
+        self.heap.clear();
+    }
+
+    /// Relaxes the edges of `row`, reached at reduced distance `row_d`.
+    fn relax(&mut self, row: usize, row_d: i128) {
+        let dummy = (self.n_cols + row, self.penalty);
+        for (c, w) in self.edges(row).chain(std::iter::once(dummy)) {
+            if self.done[c] {
+                continue;
+            }
+            let nd = row_d + w - self.u[row] - self.v[c];
+            if nd < self.dist[c] {
+                if self.dist[c] == i128::MAX {
+                    self.touched.push(c);
+                }
+                self.dist[c] = nd;
+                self.prev[c] = row;
+                self.heap.push(Reverse((nd, c)));
+            }
+        }
+    }
+
+    /// Dijkstra from row `s` to the nearest free column, then the dual
+    /// update that keeps reduced costs non-negative and the flip of the path.
+    fn augment(&mut self, s: usize) {
+        self.reset();
+        let (mut row, mut row_d) = (s, 0i128);
+        self.visited_rows.push((s, 0));
+        let (end, delta) = loop {
+            self.relax(row, row_d);
+            // The row's own dummy is always reachable and free until this
+            // row takes it, so the heap never runs dry before a free column.
+            let (d, c) = loop {
+                let Some(Reverse((d, c))) = self.heap.pop() else {
+                    unreachable!("dummy column is always free")
+                };
+                if !self.done[c] && d == self.dist[c] {
+                    break (d, c);
+                }
+            };
+            self.done[c] = true;
+            match self.col_row[c] {
+                None => break (c, d),
+                Some(r) => {
+                    self.final_cols.push((c, d));
+                    self.visited_rows.push((r, d));
+                    (row, row_d) = (r, d);
+                }
+            }
+        };
+        for &(r, d) in &self.visited_rows {
+            self.u[r] += delta - d;
+        }
+        for &(c, d) in &self.final_cols {
+            self.v[c] -= delta - d;
+        }
+        let mut c = end;
+        loop {
+            let r = self.prev[c];
+            let next = self.row_col[r];
+            self.row_col[r] = c;
+            self.col_row[c] = Some(r);
+            if r == s {
+                break;
+            }
+            c = next;
+        }
     }
 }
 

@@ -43,7 +43,7 @@ pub enum Error {
 }
 
 impl Error {
-    /// The stable, snake_case error code of API.md.
+    /// The stable, `snake_case` error code of API.md.
     pub fn code(&self) -> &'static str {
         match self {
             Self::InvalidPosition(_) => "invalid_position",

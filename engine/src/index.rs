@@ -201,12 +201,12 @@ impl ShardData {
 
     fn insert(&mut self, rec: Record) -> u32 {
         *self.counts.slot(rec.status) += 1;
-        let slot = match self.free.pop() {
-            Some(s) => s,
-            None => {
-                self.slots.push(None);
-                u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
-            }
+        let slot = if let Some(free) = self.free.pop() {
+            free
+        } else {
+            // A shard would need 4 billion drivers in one cell to overflow.
+            self.slots.push(None);
+            (self.slots.len() - 1) as u32
         };
         if rec.status == Status::Available {
             self.tree.insert(rec.item(slot));

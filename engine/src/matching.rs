@@ -192,7 +192,7 @@ impl MatchBook {
             return (Some(wanted), None);
         };
         match (state, wanted) {
-            (MatchState::Reserved, Status::Offline) | (MatchState::Confirmed, Status::Offline) => {
+            (MatchState::Reserved | MatchState::Confirmed, Status::Offline) => {
                 (Some(Status::Offline), Some(DriverEnd::Offline))
             }
             (MatchState::Reserved, Status::Busy) => (Some(Status::Busy), Some(DriverEnd::Busy)),

@@ -64,6 +64,67 @@ fn id(i: usize) -> DriverId {
     DriverId::new(&format!("m{i}")).expect("valid")
 }
 
+fn upsert(
+    engine: &Engine,
+    model: &mut Model,
+    op: &Op,
+    now: Timestamp,
+) -> Result<(), TestCaseError> {
+    let Op::Upsert {
+        id: i,
+        lat,
+        lon,
+        ts_back,
+        status,
+        vehicle,
+        caps,
+    } = op
+    else {
+        unreachable!("called for upserts")
+    };
+    let pos = Position::new(*lat, *lon).expect("in range");
+    let ts = ts_back.map(|b| now.minus_millis(u64::from(b)));
+    let u = DriverUpdate {
+        id: id(*i),
+        pos,
+        ts,
+        status: *status,
+        vehicle: *vehicle,
+        capabilities: caps.map(Capabilities::from_bits_truncate),
+    };
+    let got = engine.upsert(&u).expect("valid update");
+    let ts = ts.unwrap_or(now);
+    match model.get_mut(i) {
+        Some((d, _)) if ts < d.ts => {
+            prop_assert_eq!(got, Applied::Stale { current_ts: d.ts });
+        }
+        Some((d, seen)) => {
+            d.pos = pos;
+            d.ts = ts;
+            d.status = status.unwrap_or(d.status);
+            d.vehicle = vehicle.unwrap_or(d.vehicle);
+            d.capabilities = u.capabilities.unwrap_or(d.capabilities);
+            *seen = now;
+            prop_assert_eq!(got, Applied::Applied(d.clone()));
+        }
+        None => {
+            let d = Driver {
+                id: id(*i),
+                pos,
+                ts,
+                status: status.unwrap_or(Status::Available),
+                vehicle: vehicle.unwrap_or_default(),
+                capabilities: u.capabilities.unwrap_or_default(),
+                order_id: None,
+                reserved_until: None,
+            };
+            prop_assert_eq!(&got, &Applied::Applied(d.clone()));
+            model.insert(*i, (d, now));
+        }
+    }
+    Ok(())
+}
+
 fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     let clock = Arc::new(ManualClock::new(
         Timestamp::from_millis(1_000_000_000).expect("valid"),
@@ -81,56 +142,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     for op in ops {
         let now = clock.now();
         match op {
-            Op::Upsert {
-                id: i,
-                lat,
-                lon,
-                ts_back,
-                status,
-                vehicle,
-                caps,
-            } => {
-                let pos = Position::new(*lat, *lon).expect("in range");
-                let ts = ts_back.map(|b| now.minus_millis(u64::from(b)));
-                let u = DriverUpdate {
-                    id: id(*i),
-                    pos,
-                    ts,
-                    status: *status,
-                    vehicle: *vehicle,
-                    capabilities: caps.map(Capabilities::from_bits_truncate),
-                };
-                let got = engine.upsert(&u).expect("valid update");
-                let ts = ts.unwrap_or(now);
-                match model.get_mut(i) {
-                    Some((d, _)) if ts < d.ts => {
-                        prop_assert_eq!(got, Applied::Stale { current_ts: d.ts });
-                    }
-                    Some((d, seen)) => {
-                        d.pos = pos;
-                        d.ts = ts;
-                        d.status = status.unwrap_or(d.status);
-                        d.vehicle = vehicle.unwrap_or(d.vehicle);
-                        d.capabilities = u.capabilities.unwrap_or(d.capabilities);
-                        *seen = now;
-                        prop_assert_eq!(got, Applied::Applied(d.clone()));
-                    }
-                    None => {
-                        let d = Driver {
-                            id: id(*i),
-                            pos,
-                            ts,
-                            status: status.unwrap_or(Status::Available),
-                            vehicle: vehicle.unwrap_or_default(),
-                            capabilities: u.capabilities.unwrap_or_default(),
-                            order_id: None,
-                            reserved_until: None,
-                        };
-                        prop_assert_eq!(&got, &Applied::Applied(d.clone()));
-                        model.insert(*i, (d, now));
-                    }
-                }
-            }
+            Op::Upsert { .. } => upsert(&engine, &mut model, op, now)?,
             Op::Remove(i) => {
                 let got = engine.remove(&id(*i)).map(|(d, ev)| {
                     assert!(ev.is_none(), "no matches in this test");
