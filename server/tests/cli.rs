@@ -1,0 +1,87 @@
+//! The `hexmatch` binary as a user runs it: exit codes and messages.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn hexmatch(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hexmatch"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn temp_csv(name: &str, body: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hexmatch-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, body).expect("write");
+    path
+}
+
+#[test]
+fn replays_the_bundled_ais_log() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/nyharbor_ais_positions.csv");
+    let out = hexmatch(&["replay", "positions", data.to_str().expect("utf-8 path")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("applied       150269"), "{stdout}");
+    assert!(stdout.contains("drivers          112"), "{stdout}");
+    assert!(stdout.contains("nearest 5 to"), "{stdout}");
+}
+
+#[test]
+fn bad_rows_are_skipped_with_line_numbers_or_fail_in_strict_mode() {
+    let csv = temp_csv(
+        "bad.csv",
+        "driver_id,ts,lat,lon\n\
+         a,2026-11-25T10:00:00Z,41.88,-87.63\n\
+         b,2026-11-25T10:00:00Z,95.0,-87.63\n\
+         a,2026-11-25T09:00:00Z,41.89,-87.63\n\
+         c d,2026-11-25T10:00:00Z,41.88,-87.63\n",
+    );
+    let path = csv.to_str().expect("utf-8 path");
+    let out = hexmatch(&["replay", "positions", path]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("applied            1") && stdout.contains("stale              1"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("rejected           2"), "{stdout}");
+    assert!(
+        stderr.contains("bad.csv:3: invalid position: lat 95"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("bad.csv:5: invalid id"), "{stderr}");
+
+    let out = hexmatch(&["replay", "positions", "--strict", path]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.csv:3: invalid position"), "{stderr}");
+}
+
+#[test]
+fn usage_and_file_errors_exit_2() {
+    let missing = hexmatch(&["replay", "positions", "/nonexistent/file.csv"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/file.csv"));
+    let no_header = temp_csv("noheader.csv", "x,y\n1,2\n");
+    let out = hexmatch(&["replay", "positions", no_header.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("noheader.csv:1: header has no driver_id or vehicle_id column")
+    );
+    assert_eq!(hexmatch(&["replay", "positions"]).status.code(), Some(2));
+    assert_eq!(hexmatch(&["frobnicate"]).status.code(), Some(2));
+    assert!(
+        hexmatch(&["replay", "positions", "--help"])
+            .status
+            .success()
+    );
+}
