@@ -56,3 +56,8 @@ pub use matching::{
 pub use position::{EARTH_RADIUS_M, Position};
 pub use search::{MAX_DISTANCE_M, MAX_K, NearestQuery, Neighbor};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
+
+/// The README's examples, compiled and run as doctests so they stay true.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
