@@ -441,18 +441,34 @@ impl Engine {
         }
         let Some(wanted) = update.status else {
             // Plain location update: no matching state can change.
-            return Ok(self.apply(update, None));
+            return Ok(self.decorate(self.apply(update, None, true)?));
         };
         let mut book = self.book.lock();
         let now = self.clock.now();
         let (effective, transition) = book.status_request(&update.id, wanted);
-        let applied = self.apply(update, effective);
+        let applied = self.apply(update, effective, true)?;
         if let (Applied::Applied(_), Some(t)) = (&applied, transition) {
             let ev = book.finish_for_driver(&update.id, t, now, self.config.match_retention_ms);
             debug_assert!(ev.is_some());
         }
         drop(book);
         Ok(self.decorate(applied))
+    }
+
+    /// Moves a known driver (`POST /v1/drivers/{id}/location`): like
+    /// [`upsert`](Self::upsert) with only a position and `ts`, but an unknown
+    /// driver is an error rather than created.
+    ///
+    /// # Errors
+    /// [`Error::UnknownDriver`] if no driver has this id.
+    pub fn update_location(
+        &self,
+        id: &DriverId,
+        pos: Position,
+        ts: Option<Timestamp>,
+    ) -> Result<Applied> {
+        let update = DriverUpdate::location(id.clone(), pos, ts);
+        Ok(self.decorate(self.apply(&update, None, false)?))
     }
 
     fn decorate(&self, applied: Applied) -> Applied {
@@ -478,12 +494,16 @@ impl Engine {
 
     /// Applies an update with an already-decided status (None = keep, or the
     /// default for a new driver). Caller holds the book if statuses change.
-    fn apply(&self, u: &DriverUpdate, status: Option<Status>) -> Applied {
+    /// An unknown driver is created only if `create`.
+    fn apply(&self, u: &DriverUpdate, status: Option<Status>, create: bool) -> Result<Applied> {
         let now = self.clock.now();
         let ts = u.ts.unwrap_or(now);
         let cell = u.pos.cell(self.resolution);
         let mut stripe = self.stripe(&u.id).lock();
         let Some(loc) = stripe.get(&u.id).cloned() else {
+            if !create {
+                return Err(Error::UnknownDriver(u.id.to_string()));
+            }
             let rec = Record {
                 id: u.id.clone(),
                 pos: u.pos,
@@ -497,7 +517,7 @@ impl Engine {
             let shard = self.shard_for(cell);
             let slot = shard.data.write().insert(rec);
             stripe.insert(u.id.clone(), Loc { shard, slot });
-            return Applied::Applied(driver);
+            return Ok(Applied::Applied(driver));
         };
         let update_rec = |rec: &mut Record| {
             rec.pos = u.pos;
@@ -518,16 +538,16 @@ impl Engine {
             unreachable!("driver map points at an empty slot");
         };
         if ts < current.ts {
-            return Applied::Stale {
+            return Ok(Applied::Stale {
                 current_ts: current.ts,
-            };
+            });
         }
         if loc.shard.cell == cell {
             let driver = old.modify(loc.slot, |rec| {
                 update_rec(rec);
                 rec.to_driver()
             });
-            return Applied::Applied(driver.unwrap_or_else(|| unreachable!()));
+            return Ok(Applied::Applied(driver.unwrap_or_else(|| unreachable!())));
         }
         // Crossing into another cell: take it out, then put it in the new
         // shard (never holding two shard locks).
@@ -540,7 +560,7 @@ impl Engine {
         let shard = self.shard_for(cell);
         let slot = shard.data.write().insert(rec);
         stripe.insert(u.id.clone(), Loc { shard, slot });
-        Applied::Applied(driver)
+        Ok(Applied::Applied(driver))
     }
 
     /// Changes a driver's status if it is currently `from`, keeping the
@@ -874,6 +894,20 @@ mod tests {
         assert!(e.remove(&a).is_some());
         assert!(e.driver(&a).is_none() && e.is_empty());
         assert!(e.remove(&a).is_none());
+    }
+
+    #[test]
+    fn update_location_refuses_unknown_drivers() {
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        let err = e
+            .update_location(&id("ghost"), pos(1.0, 1.0), None)
+            .unwrap_err();
+        assert_eq!(err.code(), "unknown_driver");
+        assert!(e.is_empty());
+        e.upsert(&DriverUpdate::location(id("a"), pos(1.0, 1.0), None))
+            .unwrap();
+        let moved = e.update_location(&id("a"), pos(2.0, 2.0), None).unwrap();
+        assert!(matches!(moved, Applied::Applied(d) if d.pos == pos(2.0, 2.0)));
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! `hexmatch` — the command line of the hexmatch driver-matching engine.
 //!
-//! Built so far: `hexmatch replay positions FILE`, which streams a recorded
-//! position log through the engine in-process and reports what it applied.
-//! `serve` (the HTTP API) and `replay trips` are tracked in their own issues
-//! and are not here yet.
+//! - `hexmatch serve`: the HTTP API (see `hexmatch_server`).
+//! - `hexmatch replay positions FILE`: streams a recorded position log
+//!   through the engine in-process and reports what it applied.
+//!
+//! `replay trips` is tracked in its own issue and is not here yet.
 
 mod replay;
 
@@ -21,6 +22,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve the HTTP API.
+    Serve(Box<hexmatch_server::ServeArgs>),
     /// Replay recorded data through the engine.
     #[command(subcommand)]
     Replay(ReplayCommand),
@@ -37,6 +40,7 @@ enum ReplayCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => serve(*args),
         Command::Replay(ReplayCommand::Positions(args)) => replay::positions(&args),
     };
     match result {
@@ -46,6 +50,19 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+fn serve(args: hexmatch_server::ServeArgs) -> Result<(), CliError> {
+    hexmatch_server::telemetry::init_logging();
+    let config = args.resolve().map_err(CliError::Input)?;
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| CliError::Other(format!("tokio runtime: {e}")))?;
+    runtime
+        .block_on(hexmatch_server::run(config))
+        .map_err(|e| match e.exit_code() {
+            2 => CliError::Input(e.to_string()),
+            _ => CliError::Other(e.to_string()),
+        })
 }
 
 /// A failure of a command, with the exit status it maps to.

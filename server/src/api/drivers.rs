@@ -1,0 +1,230 @@
+//! Drivers and locations: `PUT/GET/DELETE /v1/drivers/{id}`,
+//! `POST /v1/drivers/{id}/location`, `POST /v1/locations`.
+
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use hexmatch::{Applied, DriverId, Engine};
+use metrics::counter;
+use serde_json::Value;
+
+use super::AppState;
+use super::error::{ApiError, ApiResult, ErrorBody, ErrorDetail};
+use super::extract::{IdPath, JsonBody, body_bytes, media_type, parse_json, unsupported};
+use super::model::{
+    BatchTally, DriverOut, DriverPut, DriverPutOut, LocationIn, LocationItem, LocationOut, Rejected,
+};
+
+pub(crate) fn count_update(applied: &Applied) {
+    let result = match applied {
+        Applied::Applied(_) => "applied",
+        Applied::Stale { .. } => "stale",
+    };
+    counter!("hexmatch_location_updates_total", "result" => result).increment(1);
+}
+
+/// Creates or replaces a driver.
+#[utoipa::path(put, path = "/v1/drivers/{driver_id}", tag = "drivers",
+    params(("driver_id" = String, Path, description = "1–64 chars of [A-Za-z0-9_.:-]")),
+    request_body = DriverPut,
+    responses(
+        (status = 200, description = "Applied, or ignored as stale", body = DriverPutOut),
+        (status = 400, description = "invalid_json, invalid_id, invalid_position, invalid_timestamp, invalid_parameter", body = ErrorBody),
+        (status = 415, description = "unsupported_media_type", body = ErrorBody),
+    ))]
+pub(crate) async fn put_driver(
+    State(state): State<AppState>,
+    IdPath(id): IdPath<DriverId>,
+    JsonBody(body): JsonBody<DriverPut>,
+) -> ApiResult<Json<DriverPutOut>> {
+    let update = body.into_update(id.clone())?;
+    let applied = state.engine.upsert(&update)?;
+    count_update(&applied);
+    Ok(Json(match applied {
+        Applied::Applied(d) => DriverPutOut {
+            driver: d.into(),
+            applied: true,
+            reason: None,
+        },
+        Applied::Stale { .. } => {
+            let current = state
+                .engine
+                .driver(&id)
+                .ok_or_else(|| ApiError::from(hexmatch::Error::UnknownDriver(id.to_string())))?;
+            DriverPutOut {
+                driver: current.into(),
+                applied: false,
+                reason: Some("stale"),
+            }
+        }
+    }))
+}
+
+/// Reads a driver.
+#[utoipa::path(get, path = "/v1/drivers/{driver_id}", tag = "drivers",
+    params(("driver_id" = String, Path, description = "Driver id")),
+    responses(
+        (status = 200, body = DriverOut),
+        (status = 400, description = "invalid_id", body = ErrorBody),
+        (status = 404, description = "unknown_driver", body = ErrorBody),
+    ))]
+pub(crate) async fn get_driver(
+    State(state): State<AppState>,
+    IdPath(id): IdPath<DriverId>,
+) -> ApiResult<Json<DriverOut>> {
+    let d = state
+        .engine
+        .driver(&id)
+        .ok_or_else(|| ApiError::from(hexmatch::Error::UnknownDriver(id.to_string())))?;
+    Ok(Json(d.into()))
+}
+
+/// Removes a driver; an active match is released.
+#[utoipa::path(delete, path = "/v1/drivers/{driver_id}", tag = "drivers",
+    params(("driver_id" = String, Path, description = "Driver id")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 400, description = "invalid_id", body = ErrorBody),
+        (status = 404, description = "unknown_driver", body = ErrorBody),
+    ))]
+pub(crate) async fn delete_driver(
+    State(state): State<AppState>,
+    IdPath(id): IdPath<DriverId>,
+) -> ApiResult<StatusCode> {
+    let (_, event) = state
+        .engine
+        .remove(&id)
+        .ok_or_else(|| ApiError::from(hexmatch::Error::UnknownDriver(id.to_string())))?;
+    if event.is_some() {
+        counter!("hexmatch_match_ends_total", "state" => "released").increment(1);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Moves a known driver.
+#[utoipa::path(post, path = "/v1/drivers/{driver_id}/location", tag = "drivers",
+    params(("driver_id" = String, Path, description = "Driver id")),
+    request_body = LocationIn,
+    responses(
+        (status = 200, description = "Applied, or ignored as stale (`reason: stale`)", body = LocationOut),
+        (status = 400, description = "invalid_json, invalid_id, invalid_position, invalid_timestamp", body = ErrorBody),
+        (status = 404, description = "unknown_driver", body = ErrorBody),
+        (status = 415, description = "unsupported_media_type", body = ErrorBody),
+    ))]
+pub(crate) async fn post_location(
+    State(state): State<AppState>,
+    IdPath(id): IdPath<DriverId>,
+    JsonBody(body): JsonBody<LocationIn>,
+) -> ApiResult<Json<LocationOut>> {
+    let u = body.into_update(id)?;
+    let applied = state.engine.update_location(&u.id, u.pos, u.ts)?;
+    count_update(&applied);
+    Ok(Json(match applied {
+        Applied::Applied(_) => LocationOut {
+            applied: true,
+            reason: None,
+        },
+        Applied::Stale { .. } => LocationOut {
+            applied: false,
+            reason: Some("stale"),
+        },
+    }))
+}
+
+/// Applies one raw item to the engine, tallying the outcome.
+pub(crate) fn apply_item(
+    engine: &Engine,
+    index: usize,
+    item: Result<Value, ApiError>,
+    tally: &mut BatchTally,
+) {
+    let outcome = item
+        .and_then(|v| {
+            serde_json::from_value::<LocationItem>(v)
+                .map_err(|e| ApiError::invalid_json(e.to_string()))
+        })
+        .and_then(LocationItem::into_update)
+        .and_then(|u| engine.upsert(&u).map_err(ApiError::from));
+    match outcome {
+        Ok(applied) => {
+            count_update(&applied);
+            match applied {
+                Applied::Applied(_) => tally.applied += 1,
+                Applied::Stale { .. } => tally.stale += 1,
+            }
+        }
+        Err(e) => {
+            counter!("hexmatch_location_updates_total", "result" => "rejected").increment(1);
+            tally.rejected.push(Rejected {
+                index,
+                error: ErrorDetail {
+                    code: e.code(),
+                    message: e.to_string(),
+                },
+            });
+        }
+    }
+}
+
+/// Applies a batch of location updates (JSON array or NDJSON).
+#[utoipa::path(post, path = "/v1/locations", tag = "drivers",
+    request_body(content(
+        (Vec<LocationItem> = "application/json"),
+        (LocationItem = "application/x-ndjson"),
+    ), description = "A JSON array of updates, or one update per line (NDJSON)"),
+    responses(
+        (status = 200, description = "Valid items applied even when others are rejected", body = BatchTally),
+        (status = 400, description = "invalid_json (not an array), invalid_parameter (too many items)", body = ErrorBody),
+        (status = 413, description = "payload_too_large", body = ErrorBody),
+        (status = 415, description = "unsupported_media_type", body = ErrorBody),
+    ))]
+pub(crate) async fn post_locations(
+    State(state): State<AppState>,
+    req: Request,
+) -> ApiResult<Json<BatchTally>> {
+    let ct = media_type(&req);
+    let ndjson = match ct.as_deref() {
+        Some("application/json") => false,
+        Some("application/x-ndjson" | "application/ndjson") => true,
+        other => {
+            return Err(unsupported(
+                other,
+                "application/json or application/x-ndjson",
+            ));
+        }
+    };
+    let bytes = body_bytes(req, &()).await?;
+    let items: Vec<Result<Value, ApiError>> = if ndjson {
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| ApiError::invalid_json("NDJSON body is not UTF-8"))?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str::<Value>(l).map_err(|e| ApiError::invalid_json(e.to_string()))
+            })
+            .collect()
+    } else {
+        parse_json::<Vec<Value>>(&bytes)?
+            .into_iter()
+            .map(Ok)
+            .collect()
+    };
+    let max = state.config.max_batch_items;
+    if items.len() > max {
+        return Err(ApiError::invalid_parameter(format!(
+            "{} items; at most {max} per request",
+            items.len()
+        )));
+    }
+    let engine = state.engine.clone();
+    let tally = tokio::task::spawn_blocking(move || {
+        let mut tally = BatchTally::default();
+        for (i, item) in items.into_iter().enumerate() {
+            apply_item(&engine, i, item, &mut tally);
+        }
+        tally
+    })
+    .await
+    .map_err(|e| ApiError::new("internal", format!("batch task failed: {e}")))?;
+    Ok(Json(tally))
+}

@@ -1,0 +1,245 @@
+//! Nearest drivers and matching: `GET /v1/drivers/nearest`,
+//! `POST /v1/matches`, `GET /v1/matches/{id}`, confirm / release / complete,
+//! `POST /v1/matches/batch`.
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use hexmatch::{Capabilities, NearestQuery, OrderId, Position};
+use metrics::counter;
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use super::AppState;
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::extract::{IdPath, JsonBody, OptionalJsonBody};
+use super::model::{BatchIn, BatchOut, MatchOut, NearestOut, OrderIn, ReleaseIn, parse_vehicle};
+
+/// Largest `k` over HTTP.
+const MAX_K_HTTP: usize = 100;
+/// Candidates per order in a batch: enough that the optimum over the
+/// window is rarely limited by them.
+const BATCH_CANDIDATES: usize = 16;
+
+/// Query of `GET /v1/drivers/nearest`. Parameters arrive as text and are
+/// parsed here, so each bad one gets its own error.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NearestParams {
+    /// Latitude of the query point.
+    lat: Option<String>,
+    /// Longitude of the query point.
+    lon: Option<String>,
+    /// How many drivers, 1..=100 (default 10).
+    k: Option<String>,
+    /// Search radius in metres (default: the server's max radius).
+    radius_m: Option<String>,
+    /// Only this vehicle class.
+    vehicle: Option<String>,
+    /// Comma-separated capabilities every driver must have.
+    capabilities: Option<String>,
+}
+
+fn number<T: std::str::FromStr>(name: &str, raw: Option<&str>) -> ApiResult<Option<T>> {
+    raw.map(|s| {
+        s.trim()
+            .parse::<T>()
+            .map_err(|_| ApiError::invalid_parameter(format!("{name}={s:?} is not a valid number")))
+    })
+    .transpose()
+}
+
+impl NearestParams {
+    fn parse(&self) -> ApiResult<NearestQuery> {
+        let lat: f64 = number("lat", self.lat.as_deref())?
+            .ok_or_else(|| ApiError::invalid_parameter("lat is required"))?;
+        let lon: f64 = number("lon", self.lon.as_deref())?
+            .ok_or_else(|| ApiError::invalid_parameter("lon is required"))?;
+        let pos = Position::new(lat, lon)?;
+        let k: usize = number("k", self.k.as_deref())?.unwrap_or(10);
+        if !(1..=MAX_K_HTTP).contains(&k) {
+            return Err(ApiError::invalid_parameter(format!(
+                "k={k} is not in 1..={MAX_K_HTTP}"
+            )));
+        }
+        let mut q = NearestQuery::new(pos, k)?;
+        if let Some(r) = number::<f64>("radius_m", self.radius_m.as_deref())? {
+            q = q.with_radius(r)?;
+        }
+        q.vehicle = parse_vehicle(self.vehicle.as_deref())?;
+        if let Some(c) = &self.capabilities {
+            q.capabilities = c.parse::<Capabilities>()?;
+        }
+        Ok(q)
+    }
+}
+
+/// The k nearest available drivers, exact by great-circle distance.
+#[utoipa::path(get, path = "/v1/drivers/nearest", tag = "matching", params(NearestParams),
+    responses(
+        (status = 200, description = "Nearest first; ties by driver_id", body = NearestOut),
+        (status = 400, description = "invalid_parameter, invalid_position", body = ErrorBody),
+    ))]
+pub(crate) async fn nearest(
+    State(state): State<AppState>,
+    params: Result<Query<NearestParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<NearestOut>> {
+    let Query(params) = params.map_err(|e| ApiError::invalid_parameter(e.body_text()))?;
+    let q = params.parse()?;
+    let found = state.engine.nearest(&q)?;
+    Ok(Json(NearestOut {
+        drivers: found.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Reserves the nearest eligible driver for an order, atomically.
+#[utoipa::path(post, path = "/v1/matches", tag = "matching", request_body = OrderIn,
+    responses(
+        (status = 201, description = "A driver was reserved", body = MatchOut),
+        (status = 200, description = "The order already had this match (idempotent repeat)", body = MatchOut),
+        (status = 400, description = "invalid_json, invalid_id, invalid_position, invalid_parameter", body = ErrorBody),
+        (status = 409, description = "no_driver_available, order_conflict", body = ErrorBody),
+    ))]
+pub(crate) async fn create_match(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<OrderIn>,
+) -> ApiResult<(StatusCode, Json<MatchOut>)> {
+    let order = body.parse()?;
+    let result = state.engine.claim(&order.order_id, &order.request);
+    let outcome = match &result {
+        Ok((_, true)) => "created",
+        Ok((_, false)) => "repeated",
+        Err(e) => e.code(),
+    };
+    counter!("hexmatch_matches_total", "result" => outcome).increment(1);
+    let (m, created) = result?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(m.into())))
+}
+
+fn unknown(order: &OrderId) -> ApiError {
+    hexmatch::Error::UnknownOrder(order.to_string()).into()
+}
+
+/// Reads a match.
+#[utoipa::path(get, path = "/v1/matches/{order_id}", tag = "matching",
+    params(("order_id" = String, Path, description = "Order id")),
+    responses(
+        (status = 200, body = MatchOut),
+        (status = 400, description = "invalid_id", body = ErrorBody),
+        (status = 404, description = "unknown_order", body = ErrorBody),
+    ))]
+pub(crate) async fn get_match(
+    State(state): State<AppState>,
+    IdPath(order): IdPath<OrderId>,
+) -> ApiResult<Json<MatchOut>> {
+    state
+        .engine
+        .get_match(&order)
+        .map(|m| Json(m.into()))
+        .ok_or_else(|| unknown(&order))
+}
+
+fn count_end(state: &str) {
+    counter!("hexmatch_match_ends_total", "state" => state.to_owned()).increment(1);
+}
+
+/// Confirms a reservation: the driver becomes busy.
+#[utoipa::path(post, path = "/v1/matches/{order_id}/confirm", tag = "matching",
+    params(("order_id" = String, Path, description = "Order id")),
+    responses(
+        (status = 200, body = MatchOut),
+        (status = 404, description = "unknown_order", body = ErrorBody),
+        (status = 409, description = "order_conflict (not reserved), reservation_expired", body = ErrorBody),
+    ))]
+pub(crate) async fn confirm(
+    State(state): State<AppState>,
+    IdPath(order): IdPath<OrderId>,
+) -> ApiResult<Json<MatchOut>> {
+    let m = state.engine.confirm(&order)?;
+    counter!("hexmatch_match_confirms_total").increment(1);
+    Ok(Json(m.into()))
+}
+
+/// Releases a reserved or confirmed match; the driver is available again.
+#[utoipa::path(post, path = "/v1/matches/{order_id}/release", tag = "matching",
+    params(("order_id" = String, Path, description = "Order id")),
+    request_body(content = Option<ReleaseIn>, description = "Optional reason"),
+    responses(
+        (status = 200, body = MatchOut),
+        (status = 404, description = "unknown_order", body = ErrorBody),
+        (status = 409, description = "order_conflict (already ended), reservation_expired", body = ErrorBody),
+    ))]
+pub(crate) async fn release(
+    State(state): State<AppState>,
+    IdPath(order): IdPath<OrderId>,
+    OptionalJsonBody(body): OptionalJsonBody<ReleaseIn>,
+) -> ApiResult<Json<MatchOut>> {
+    if body.reason.as_ref().is_some_and(|r| r.len() > 256) {
+        return Err(ApiError::invalid_parameter(
+            "reason is longer than 256 bytes",
+        ));
+    }
+    let m = state.engine.release(&order, body.reason.as_deref())?;
+    count_end("released");
+    Ok(Json(m.into()))
+}
+
+/// Completes a confirmed match (extension): the driver is available again.
+#[utoipa::path(post, path = "/v1/matches/{order_id}/complete", tag = "matching",
+    params(("order_id" = String, Path, description = "Order id")),
+    responses(
+        (status = 200, body = MatchOut),
+        (status = 404, description = "unknown_order", body = ErrorBody),
+        (status = 409, description = "order_conflict (not confirmed)", body = ErrorBody),
+    ))]
+pub(crate) async fn complete(
+    State(state): State<AppState>,
+    IdPath(order): IdPath<OrderId>,
+) -> ApiResult<Json<MatchOut>> {
+    let m = state.engine.complete(&order)?;
+    count_end("completed");
+    Ok(Json(m.into()))
+}
+
+/// Serves a window of orders, minimising the summed pickup distance.
+#[utoipa::path(post, path = "/v1/matches/batch", tag = "matching", request_body = BatchIn,
+    responses(
+        (status = 200, body = BatchOut),
+        (status = 400, description = "invalid_json, invalid_parameter (objective, duplicate order, too many orders), invalid_id, invalid_position", body = ErrorBody),
+    ))]
+pub(crate) async fn batch(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<BatchIn>,
+) -> ApiResult<Json<BatchOut>> {
+    if let Some(o) = body.objective.as_deref().filter(|o| *o != "total_distance") {
+        return Err(ApiError::invalid_parameter(format!(
+            "objective {o:?} is not supported; use total_distance"
+        )));
+    }
+    let max = state.config.max_batch_items;
+    if body.orders.len() > max {
+        return Err(ApiError::invalid_parameter(format!(
+            "{} orders; at most {max} per batch",
+            body.orders.len()
+        )));
+    }
+    let orders = body
+        .orders
+        .into_iter()
+        .map(OrderIn::parse)
+        .collect::<ApiResult<Vec<_>>>()?;
+    let engine = state.engine.clone();
+    let out = tokio::task::spawn_blocking(move || engine.claim_batch(&orders, BATCH_CANDIDATES))
+        .await
+        .map_err(|e| ApiError::new("internal", format!("batch task failed: {e}")))??;
+    counter!("hexmatch_matches_total", "result" => "batch").increment(out.matches.len() as u64);
+    Ok(Json(BatchOut {
+        matches: out.matches.into_iter().map(Into::into).collect(),
+        unmatched: out.unmatched.into_iter().map(|o| o.to_string()).collect(),
+    }))
+}

@@ -1,0 +1,115 @@
+//! Operations and topology: `/livez`, `/readyz`, `/metrics`,
+//! `GET /v1/regions`, `GET /v1/cluster`.
+
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use metrics::gauge;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::model::{ClusterOut, DEFAULT_REGION, RegionOut, RegionOwner};
+
+/// Liveness: 200 while the process runs.
+#[utoipa::path(get, path = "/livez", tag = "ops", responses((status = 200, description = "Alive", body = String)))]
+pub(crate) async fn livez() -> &'static str {
+    "ok"
+}
+
+/// Readiness report.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ReadyOut {
+    /// `ready` or `not_ready`.
+    pub(crate) status: &'static str,
+    /// `disabled` (memory only), `up` or `down`.
+    pub(crate) redis: &'static str,
+    /// Why the node is not ready, if it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<String>,
+}
+
+/// Readiness: 200 once start-up (driver load, snapshot restore) is done.
+#[utoipa::path(get, path = "/readyz", tag = "ops", responses(
+    (status = 200, description = "Ready", body = ReadyOut),
+    (status = 503, description = "Not ready", body = ReadyOut),
+))]
+pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<ReadyOut>) {
+    let redis = if state.config.redis_url.is_some() {
+        "down"
+    } else {
+        "disabled"
+    };
+    if state.ready.load(Ordering::Acquire) {
+        (
+            StatusCode::OK,
+            Json(ReadyOut {
+                status: "ready",
+                redis,
+                reason: None,
+            }),
+        )
+    } else {
+        let reason = Some("start-up is still loading drivers".to_owned());
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(ReadyOut {
+                status: "not_ready",
+                redis,
+                reason,
+            }),
+        )
+    }
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text", body = String)))]
+pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let counts = state.engine.counts();
+    for (status, n) in [
+        ("available", counts.available),
+        ("reserved", counts.reserved),
+        ("busy", counts.busy),
+        ("offline", counts.offline),
+    ] {
+        gauge!("hexmatch_drivers", "status" => status).set(n as f64);
+    }
+    gauge!("hexmatch_matches_live").set(state.engine.live_matches() as f64);
+    gauge!("hexmatch_cells").set(state.engine.cell_count() as f64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+/// Regions with their cell and driver counts.
+#[utoipa::path(get, path = "/v1/regions", tag = "cluster", responses((status = 200, body = [RegionOut])))]
+pub(crate) async fn regions(State(state): State<AppState>) -> Json<Vec<RegionOut>> {
+    let cells = state.engine.cell_counts();
+    let occupied = cells.iter().filter(|(_, c)| c.total() > 0).count();
+    let drivers = cells.iter().map(|(_, c)| c.total()).sum();
+    Json(vec![RegionOut {
+        region: DEFAULT_REGION,
+        cells: occupied,
+        drivers,
+        owner: state.config.node_id.clone(),
+    }])
+}
+
+/// This node, the region → node map and lease epochs.
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster", responses((status = 200, body = ClusterOut)))]
+pub(crate) async fn cluster(State(state): State<AppState>) -> Json<ClusterOut> {
+    let node = state.config.node_id.clone();
+    Json(ClusterOut {
+        node_id: node.clone(),
+        map_version: 1,
+        regions: vec![RegionOwner {
+            region: DEFAULT_REGION,
+            owner: node,
+            epoch: 1,
+        }],
+    })
+}

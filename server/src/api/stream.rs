@@ -1,0 +1,87 @@
+//! `GET /v1/locations/stream`: location updates over a WebSocket, one JSON
+//! object per text frame, acknowledged in batches.
+
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::Response;
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use super::AppState;
+use super::drivers::apply_item;
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::model::BatchTally;
+
+/// Query of the stream.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StreamParams {
+    /// Send an ack after this many updates (1..=10000, default 100); an ack
+    /// also goes out at least once a second while updates arrive.
+    ack_every: Option<usize>,
+}
+
+/// Upgrades to a WebSocket of location updates.
+#[utoipa::path(get, path = "/v1/locations/stream", tag = "drivers", params(StreamParams),
+    responses(
+        (status = 101, description = "Switching to WebSocket. Client frames: one update object each (as in `POST /v1/locations`). Server frames: `{applied, stale, rejected}` acks covering the updates since the previous ack; `rejected[].index` counts frames from 0 over the connection."),
+        (status = 400, description = "invalid_parameter", body = ErrorBody),
+    ))]
+pub(crate) async fn stream(
+    State(state): State<AppState>,
+    params: Result<Query<StreamParams>, axum::extract::rejection::QueryRejection>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let Query(params) = params.map_err(|e| ApiError::invalid_parameter(e.body_text()))?;
+    let ack_every = params.ack_every.unwrap_or(100);
+    if !(1..=10_000).contains(&ack_every) {
+        return Err(ApiError::invalid_parameter(format!(
+            "ack_every={ack_every} is not in 1..=10000"
+        )));
+    }
+    Ok(ws.on_upgrade(move |socket| run(state, socket, ack_every)))
+}
+
+async fn run(state: AppState, mut socket: WebSocket, ack_every: usize) {
+    let mut tally = BatchTally::default();
+    let mut pending = 0usize;
+    let mut index = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            msg = socket.recv() => {
+                let item = match msg {
+                    Some(Ok(Message::Text(t))) => {
+                        serde_json::from_str(&t).map_err(|e| ApiError::invalid_json(e.to_string()))
+                    }
+                    Some(Ok(Message::Binary(_))) => Err(ApiError::invalid_json("binary frame; send each update as a text frame")),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                };
+                apply_item(&state.engine, index, item, &mut tally);
+                index += 1;
+                pending += 1;
+                if pending >= ack_every && !send_ack(&mut socket, &mut tally, &mut pending).await {
+                    break;
+                }
+            }
+            _ = tick.tick() => {
+                if pending > 0 && !send_ack(&mut socket, &mut tally, &mut pending).await {
+                    break;
+                }
+            }
+        }
+    }
+    if pending > 0 {
+        let _ = send_ack(&mut socket, &mut tally, &mut pending).await;
+    }
+}
+
+/// Sends the ack for the updates since the last one; false if the socket is gone.
+async fn send_ack(socket: &mut WebSocket, tally: &mut BatchTally, pending: &mut usize) -> bool {
+    let body = serde_json::to_string(&std::mem::take(tally)).unwrap_or_else(|_| "{}".to_owned());
+    *pending = 0;
+    socket.send(Message::Text(body.into())).await.is_ok()
+}

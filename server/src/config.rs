@@ -1,0 +1,202 @@
+//! `hexmatch serve` settings: defaults, then an optional TOML file, then
+//! `HEXMATCH_*` environment variables and flags (flags win).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything `hexmatch serve` can be told.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    pub bind: SocketAddr,
+    /// This node's id (shown in `/v1/regions` and `/v1/cluster`).
+    pub node_id: String,
+    /// H3 resolution of the partition cells (0–15).
+    pub resolution: u8,
+    /// Drivers silent this long are removed; 0 disables the sweep.
+    pub driver_ttl_s: u64,
+    /// How far a query without `radius_m` searches, metres.
+    pub max_radius_m: f64,
+    /// Largest accepted request body.
+    pub body_limit_bytes: usize,
+    /// Bearer tokens accepted on `/v1`; empty = no auth.
+    pub api_tokens: Vec<String>,
+    /// Requests per second per client (token, else IP); 0 = no limit.
+    pub rate_limit_per_s: u32,
+    /// Burst allowed above the rate.
+    pub rate_limit_burst: u32,
+    /// Requests handled at once; more are refused with 503 `overloaded`.
+    pub max_in_flight: usize,
+    /// Requests taking longer fail with 503 `timeout`.
+    pub request_timeout_ms: u64,
+    /// How often reservations and silent drivers are expired.
+    pub sweep_interval_ms: u64,
+    /// Most items in one `POST /v1/locations` or batch of orders.
+    pub max_batch_items: usize,
+    /// CSV of drivers to load at start (`driver_id,lat,lon[,vehicle][,status]`),
+    /// or a trips CSV (`trip_id,…,dropoff_lat,dropoff_lon`) seeding one
+    /// driver at each drop-off.
+    pub load_drivers: Option<PathBuf>,
+    /// Redis for snapshots and streams (not built yet: refused at start).
+    pub redis_url: Option<String>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            node_id: "node-1".to_owned(),
+            resolution: 6,
+            driver_ttl_s: 120,
+            max_radius_m: 500_000.0,
+            body_limit_bytes: 8 * 1024 * 1024,
+            api_tokens: Vec::new(),
+            rate_limit_per_s: 0,
+            rate_limit_burst: 100,
+            max_in_flight: 1024,
+            request_timeout_ms: 10_000,
+            sweep_interval_ms: 1000,
+            max_batch_items: 10_000,
+            load_drivers: None,
+            redis_url: None,
+        }
+    }
+}
+
+/// Flags of `hexmatch serve`; each also reads `HEXMATCH_<FLAG>`.
+#[derive(Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (`snake_case` keys).
+    #[arg(long, env = "HEXMATCH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "HEXMATCH_BIND")]
+    pub bind: Option<SocketAddr>,
+    /// This node's id [default: node-1].
+    #[arg(long, env = "HEXMATCH_NODE_ID")]
+    pub node_id: Option<String>,
+    /// H3 resolution of the partition cells, 0–15 [default: 6].
+    #[arg(long, env = "HEXMATCH_RESOLUTION")]
+    pub resolution: Option<u8>,
+    /// Remove drivers silent this many seconds; 0 = never [default: 120].
+    #[arg(long, env = "HEXMATCH_DRIVER_TTL_S")]
+    pub driver_ttl_s: Option<u64>,
+    /// Search limit for queries without `radius_m`, metres [default: 500000].
+    #[arg(long, env = "HEXMATCH_MAX_RADIUS_M")]
+    pub max_radius_m: Option<f64>,
+    /// Largest request body in bytes [default: 8 MiB].
+    #[arg(long, env = "HEXMATCH_BODY_LIMIT_BYTES")]
+    pub body_limit_bytes: Option<usize>,
+    /// Comma-separated bearer tokens for /v1 (empty: no auth).
+    #[arg(long, env = "HEXMATCH_API_TOKENS", value_delimiter = ',')]
+    pub api_tokens: Option<Vec<String>>,
+    /// Requests per second per client; 0 = unlimited [default: 0].
+    #[arg(long, env = "HEXMATCH_RATE_LIMIT_PER_S")]
+    pub rate_limit_per_s: Option<u32>,
+    /// Burst above the rate [default: 100].
+    #[arg(long, env = "HEXMATCH_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+    /// Requests in flight before shedding load [default: 1024].
+    #[arg(long, env = "HEXMATCH_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<usize>,
+    /// Request timeout in ms [default: 10000].
+    #[arg(long, env = "HEXMATCH_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+    /// Expiry sweep interval in ms [default: 1000].
+    #[arg(long, env = "HEXMATCH_SWEEP_INTERVAL_MS")]
+    pub sweep_interval_ms: Option<u64>,
+    /// Most items per batch request [default: 10000].
+    #[arg(long, env = "HEXMATCH_MAX_BATCH_ITEMS")]
+    pub max_batch_items: Option<usize>,
+    /// CSV of drivers (or of trips: one driver per drop-off) to load at start.
+    #[arg(long, env = "HEXMATCH_LOAD_DRIVERS")]
+    pub load_drivers: Option<PathBuf>,
+    /// Redis URL for persistence (not built yet).
+    #[arg(long, env = "HEXMATCH_REDIS_URL")]
+    pub redis_url: Option<String>,
+}
+
+impl ServeArgs {
+    /// Resolves the settings: defaults < file < environment and flags.
+    ///
+    /// # Errors
+    /// A message naming the config file when it cannot be read or parsed.
+    pub fn resolve(self) -> Result<ServeConfig, String> {
+        let mut c = match &self.config {
+            Some(path) => read_file(path)?,
+            None => ServeConfig::default(),
+        };
+        macro_rules! take {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
+        }
+        take!(
+            bind,
+            node_id,
+            resolution,
+            driver_ttl_s,
+            max_radius_m,
+            body_limit_bytes,
+            api_tokens
+        );
+        take!(
+            rate_limit_per_s,
+            rate_limit_burst,
+            max_in_flight,
+            request_timeout_ms,
+            sweep_interval_ms,
+            max_batch_items
+        );
+        if self.load_drivers.is_some() {
+            c.load_drivers = self.load_drivers;
+        }
+        if self.redis_url.is_some() {
+            c.redis_url = self.redis_url;
+        }
+        c.api_tokens.retain(|t| !t.is_empty());
+        Ok(c)
+    }
+}
+
+fn read_file(path: &Path) -> Result<ServeConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("hexmatch-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "resolution = 7\nnode_id = \"a\"\napi_tokens = [\"t1\"]\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            node_id: Some("b".into()),
+            ..ServeArgs::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(
+            (c.resolution, c.node_id.as_str(), c.api_tokens.as_slice()),
+            (7, "b", ["t1".to_owned()].as_slice())
+        );
+        assert_eq!(c.max_in_flight, ServeConfig::default().max_in_flight);
+        std::fs::write(&file, "resoluton = 7\n").unwrap();
+        let err = ServeArgs {
+            config: Some(file),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.contains("c.toml") && err.contains("resoluton"), "{err}");
+    }
+}

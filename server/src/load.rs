@@ -1,0 +1,138 @@
+//! Loading drivers from CSV at start-up (`--load-drivers`).
+
+use std::path::Path;
+
+use hexmatch::{Capabilities, Driver, DriverId, Position, Status, Timestamp, Vehicle};
+
+/// Reads drivers from `path`: either `driver_id,lat,lon[,vehicle][,status]`
+/// rows, or a trips file (`trip_id,…,dropoff_time,dropoff_lat,dropoff_lon`)
+/// of which each drop-off becomes an available driver named after its trip.
+///
+/// # Errors
+/// `file:line: what` for the first bad line.
+pub fn read_drivers(path: &Path, now: Timestamp) -> Result<Vec<Driver>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let at = |line: usize, msg: String| format!("{}:{line}: {msg}", path.display());
+    let layout =
+        if let (Some(id), Some(lat), Some(lon)) = (col("driver_id"), col("lat"), col("lon")) {
+            Layout {
+                id,
+                lat,
+                lon,
+                vehicle: col("vehicle"),
+                status: col("status"),
+                ts: None,
+            }
+        } else if let (Some(id), Some(lat), Some(lon)) =
+            (col("trip_id"), col("dropoff_lat"), col("dropoff_lon"))
+        {
+            Layout {
+                id,
+                lat,
+                lon,
+                vehicle: None,
+                status: None,
+                ts: col("dropoff_time"),
+            }
+        } else {
+            return Err(at(
+                1,
+                "header needs driver_id,lat,lon or trip_id,…,dropoff_lat,dropoff_lon".into(),
+            ));
+        };
+    lines
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, line)| layout.parse(line, now).map_err(|msg| at(i + 2, msg)))
+        .collect()
+}
+
+struct Layout {
+    id: usize,
+    lat: usize,
+    lon: usize,
+    vehicle: Option<usize>,
+    status: Option<usize>,
+    ts: Option<usize>,
+}
+
+impl Layout {
+    fn parse(&self, line: &str, now: Timestamp) -> Result<Driver, String> {
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        let get = |i: usize| {
+            f.get(i)
+                .copied()
+                .ok_or_else(|| format!("expected at least {} fields", i + 1))
+        };
+        let num = |i: usize| {
+            get(i).and_then(|s| {
+                s.parse::<f64>()
+                    .map_err(|_| format!("{s:?} is not a number"))
+            })
+        };
+        let opt = |i: Option<usize>| i.and_then(|i| f.get(i).copied()).filter(|s| !s.is_empty());
+        let status = match opt(self.status) {
+            Some(s) => s.parse::<Status>().map_err(|e| e.to_string())?,
+            None => Status::Available,
+        };
+        Ok(Driver {
+            id: DriverId::new(get(self.id)?).map_err(|e| e.to_string())?,
+            pos: Position::new(num(self.lat)?, num(self.lon)?).map_err(|e| e.to_string())?,
+            ts: opt(self.ts)
+                .map(Timestamp::parse)
+                .transpose()
+                .map_err(|e| e.to_string())?
+                .unwrap_or(now),
+            status,
+            vehicle: opt(self.vehicle)
+                .map(str::parse::<Vehicle>)
+                .transpose()
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default(),
+            capabilities: Capabilities::NONE,
+            order_id: None,
+            reserved_until: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_both_layouts_and_names_bad_lines() {
+        let dir = std::env::temp_dir().join(format!("hexmatch-load-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let drivers = dir.join("d.csv");
+        std::fs::write(
+            &drivers,
+            "driver_id,lat,lon,vehicle,status\na,41.9,-87.6,van,busy\nb,41.8,-87.7,,\n",
+        )
+        .unwrap();
+        let got = read_drivers(&drivers, Timestamp::EPOCH).unwrap();
+        assert_eq!(
+            (got[0].vehicle, got[0].status, got[1].vehicle),
+            (Vehicle::Van, Status::Busy, Vehicle::Car)
+        );
+        let trips = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/chicago_trips.csv");
+        assert_eq!(
+            read_drivers(&trips, Timestamp::EPOCH).unwrap().len(),
+            11_615
+        );
+        std::fs::write(&drivers, "driver_id,lat,lon\na,41.9,-87.6\nb,91,-87.7\n").unwrap();
+        let err = read_drivers(&drivers, Timestamp::EPOCH).unwrap_err();
+        assert!(
+            err.ends_with("d.csv:3: invalid position: lat 91 is not a finite number in [-90, 90]"),
+            "{err}"
+        );
+    }
+}
