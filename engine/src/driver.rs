@@ -240,6 +240,23 @@ pub struct Driver {
     pub reserved_until: Option<Timestamp>,
 }
 
+impl Driver {
+    /// An available car with no capabilities and no match: the usual
+    /// starting point for [`Engine::bulk_load`](crate::Engine::bulk_load).
+    pub fn available(id: DriverId, pos: Position, ts: Timestamp) -> Self {
+        Self {
+            id,
+            pos,
+            ts,
+            status: Status::Available,
+            vehicle: Vehicle::Car,
+            capabilities: Capabilities::NONE,
+            order_id: None,
+            reserved_until: None,
+        }
+    }
+}
+
 /// A full driver upsert (`PUT /v1/drivers/{id}`) or a location update with
 /// optional attributes (the batch and stream ingestion paths).
 ///

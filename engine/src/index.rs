@@ -431,6 +431,10 @@ impl Engine {
     /// driver busy with a confirmed match completes the match; `available`
     /// on a reserved driver keeps the reservation.
     ///
+    /// The returned driver's `order_id` and `reserved_until` are filled in
+    /// only for updates that set a status; a plain location update never
+    /// takes the matching lock. [`driver`](Self::driver) gives the full view.
+    ///
     /// # Errors
     /// [`Error::InvalidParameter`] when the update asks for status `reserved`.
     pub fn upsert(&self, update: &DriverUpdate) -> Result<Applied> {
@@ -440,8 +444,9 @@ impl Engine {
             ));
         }
         let Some(wanted) = update.status else {
-            // Plain location update: no matching state can change.
-            return Ok(self.decorate(self.apply(update, None, true)?));
+            // Plain location update: no matching state can change, and the
+            // book is not touched (it is the hot path).
+            return self.apply(update, None, true);
         };
         let mut book = self.book.lock();
         let now = self.clock.now();
@@ -456,8 +461,9 @@ impl Engine {
     }
 
     /// Moves a known driver (`POST /v1/drivers/{id}/location`): like
-    /// [`upsert`](Self::upsert) with only a position and `ts`, but an unknown
-    /// driver is an error rather than created.
+    /// [`upsert`](Self::upsert) with only a position and `ts` (so it never
+    /// takes the matching lock), but an unknown driver is an error rather
+    /// than created.
     ///
     /// # Errors
     /// [`Error::UnknownDriver`] if no driver has this id.
@@ -467,8 +473,7 @@ impl Engine {
         pos: Position,
         ts: Option<Timestamp>,
     ) -> Result<Applied> {
-        let update = DriverUpdate::location(id.clone(), pos, ts);
-        Ok(self.decorate(self.apply(&update, None, false)?))
+        self.apply(&DriverUpdate::location(id.clone(), pos, ts), None, false)
     }
 
     fn decorate(&self, applied: Applied) -> Applied {
