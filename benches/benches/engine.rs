@@ -1,0 +1,336 @@
+//! Criterion benches of the engine on city-scale workloads.
+//!
+//! Groups (see `benches/README.md` for what each one tells you):
+//! - `nearest_1m` — nearest k = 1 / 10 / 50, unfiltered and filtered, on 1M
+//!   clustered drivers (500k available);
+//! - `move_1m` — location updates of existing drivers;
+//! - `nearest_1m_with_writer` — nearest k = 10 while another thread moves
+//!   drivers as fast as it can (its rate is printed);
+//! - `nearest_k10_by_size` — city 10k / 100k / 1M and country 10k / 100k;
+//! - `claim_1m` — claim + release of a fresh order;
+//! - `batch_1m` — `claim_batch` of 1000 orders × 10 candidates, and the
+//!   assignment alone on the same graph.
+//!
+//! The 1M engine is built once (bulk load) and shared by every group.
+
+use std::hint::black_box;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use criterion::{
+    BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
+};
+use hexmatch::{
+    Applied, BatchOrder, Capabilities, ClaimRequest, Engine, EngineConfig, ManualClock,
+    NearestQuery, OrderId, Position, Status, Vehicle, assign_greedy, assign_min_cost,
+};
+use hexmatch_benches::{
+    Mover, US_BOUNDS, build_engine, candidate_graph, chicago_bounds, chicago_pickups, city_drivers,
+    country_drivers, jitter, random_positions, with_writer,
+};
+
+/// Seed of the driver sets (the same one for every size, so the 10k set is
+/// drawn from the same city model as the 1M set).
+const SEED: u64 = 20_261_124;
+/// The big city set.
+const BIG: usize = 1_000_000;
+/// Orders per batch and candidates per order.
+const BATCH: usize = 1_000;
+const CANDIDATES: usize = 10;
+
+/// Which drivers a mover moves.
+type Keep = fn(&hexmatch::Driver) -> bool;
+
+/// The shared 1M-driver city engine and its query points.
+struct World {
+    engine: Engine,
+    clock: Arc<ManualClock>,
+    pickups: Vec<Position>,
+}
+
+impl World {
+    /// Ages ended matches past their retention and purges them, so the
+    /// match book does not grow with every claim the benches make.
+    fn purge_matches(&self) {
+        self.clock
+            .advance(EngineConfig::default().match_retention_ms + 1);
+        self.engine.expire_matches();
+    }
+}
+
+static CITY: LazyLock<World> = LazyLock::new(|| {
+    let start = Instant::now();
+    let (engine, clock) = build_engine(city_drivers(BIG, SEED));
+    let counts = engine.counts();
+    eprintln!(
+        "built the {BIG}-driver city engine in {:.2?}: {} available, {} cells",
+        start.elapsed(),
+        counts.available,
+        engine.cell_count()
+    );
+    World {
+        engine,
+        clock,
+        pickups: chicago_pickups(),
+    }
+});
+
+/// A mover over the 1M city drivers that `keep` accepts.
+fn city_mover(keep: impl Fn(&hexmatch::Driver) -> bool, seed: u64) -> Mover {
+    Mover::from_drivers(city_drivers(BIG, SEED), keep, chicago_bounds(), seed)
+}
+
+/// Cycles through `queries` one per iteration.
+fn bench_queries(b: &mut criterion::Bencher<'_>, engine: &Engine, queries: &[NearestQuery]) {
+    let mut it = queries.iter().cycle();
+    b.iter(|| {
+        let q = it
+            .next()
+            .expect("a cycle over a non-empty slice is endless");
+        black_box(engine.nearest(q).expect("constructed queries are valid"))
+    });
+}
+
+fn nearest(c: &mut Criterion) {
+    let w = &*CITY;
+    let cash: Capabilities = "cash".parse().expect("known capability");
+    let wheelchair: Capabilities = "wheelchair".parse().expect("known capability");
+    let none = Capabilities::NONE;
+    let mut group = c.benchmark_group("nearest_1m");
+    group.throughput(Throughput::Elements(1));
+    let cases = [
+        ("k1", 1, None, none),
+        ("k10", 10, None, none),
+        ("k50", 50, None, none),
+        // 5 % of drivers are vans.
+        ("k10_van", 10, Some(Vehicle::Van), none),
+        // 35 % of drivers take cash.
+        ("k10_cash", 10, None, cash),
+        // 1 % of drivers: filters are checked during the walk, not indexed.
+        ("k10_wheelchair", 10, None, wheelchair),
+    ];
+    for (name, k, vehicle, caps) in cases {
+        let queries: Vec<NearestQuery> = w
+            .pickups
+            .iter()
+            .map(|&p| {
+                let q = NearestQuery::new(p, k)
+                    .expect("valid k")
+                    .with_capabilities(caps);
+                match vehicle {
+                    Some(v) => q.with_vehicle(v),
+                    None => q,
+                }
+            })
+            .collect();
+        let found = w.engine.nearest(&queries[0]).expect("valid query").len();
+        assert_eq!(found, k, "{name}: the city set has enough matching drivers");
+        group.bench_function(name, |b| bench_queries(b, &w.engine, &queries));
+    }
+    group.finish();
+}
+
+fn moves(c: &mut Criterion) {
+    let w = &*CITY;
+    let mut group = c.benchmark_group("move_1m");
+    group.throughput(Throughput::Elements(1));
+    let cases: [(&str, Keep); 2] = [
+        // Every driver reports its position, whatever its status; half of
+        // the moves touch an R-tree (available drivers), half only a record.
+        ("all_drivers", |_| true),
+        // Only available drivers: every move is an R-tree remove + insert.
+        ("available_only", |d| d.status == Status::Available),
+    ];
+    for (i, (name, keep)) in cases.into_iter().enumerate() {
+        let mut mover = city_mover(keep, 1 + i as u64);
+        for _ in 0..1_000 {
+            let applied = w.engine.upsert(&mover.next_update()).expect("valid move");
+            assert!(matches!(applied, Applied::Applied(_)), "moves must apply");
+        }
+        group.bench_function(name, |b| {
+            b.iter(|| black_box(w.engine.upsert(&mover.next_update())));
+        });
+    }
+    group.finish();
+}
+
+fn nearest_with_writer(c: &mut Criterion) {
+    let w = &*CITY;
+    let queries: Vec<NearestQuery> = w
+        .pickups
+        .iter()
+        .map(|&p| NearestQuery::new(p, 10).expect("valid k"))
+        .collect();
+    let mover = city_mover(|_| true, 3);
+    let mut group = c.benchmark_group("nearest_1m_with_writer");
+    group.throughput(Throughput::Elements(1));
+    let ((), writer) = with_writer(&w.engine, mover, || {
+        group.bench_function("k10", |b| bench_queries(b, &w.engine, &queries));
+    });
+    group.finish();
+    println!(
+        "nearest_1m_with_writer: the writer applied {} moves in {:.2?} = {:.0} moves/s",
+        writer.moves,
+        writer.elapsed,
+        writer.moves_per_sec()
+    );
+}
+
+fn by_size(c: &mut Criterion) {
+    let mut group = c.benchmark_group("nearest_k10_by_size");
+    group.throughput(Throughput::Elements(1));
+    let pickups = chicago_pickups();
+    let city_queries: Vec<NearestQuery> = pickups
+        .iter()
+        .map(|&p| NearestQuery::new(p, 10).expect("valid k"))
+        .collect();
+    for n in [10_000, 100_000] {
+        let (engine, _clock) = build_engine(city_drivers(n, SEED));
+        group.bench_with_input(BenchmarkId::new("city", n), &engine, |b, e| {
+            bench_queries(b, e, &city_queries);
+        });
+    }
+    group.bench_with_input(BenchmarkId::new("city", BIG), &CITY.engine, |b, e| {
+        bench_queries(b, e, &city_queries);
+    });
+    let country_queries: Vec<NearestQuery> = random_positions(US_BOUNDS, 10_000, SEED + 1)
+        .into_iter()
+        .map(|p| NearestQuery::new(p, 10).expect("valid k"))
+        .collect();
+    for n in [10_000, 100_000] {
+        let (engine, _clock) = build_engine(country_drivers(n, SEED));
+        group.bench_with_input(BenchmarkId::new("country", n), &engine, |b, e| {
+            bench_queries(b, e, &country_queries);
+        });
+    }
+    group.finish();
+}
+
+fn claim(c: &mut Criterion) {
+    let w = &*CITY;
+    let mut group = c.benchmark_group("claim_1m");
+    group.throughput(Throughput::Elements(1));
+    let mut pickups = w.pickups.iter().cycle();
+    let mut serial = 0u64;
+    group.bench_function("claim_release", |b| {
+        b.iter_custom(|iters| {
+            // Fresh order ids and requests are made outside the timing.
+            let orders: Vec<(OrderId, ClaimRequest)> = (0..iters)
+                .map(|_| {
+                    serial += 1;
+                    let p = *pickups.next().expect("endless cycle");
+                    let id = OrderId::new(&format!("o{serial}")).expect("valid order id");
+                    (id, ClaimRequest::new(p))
+                })
+                .collect();
+            let start = Instant::now();
+            for (id, req) in &orders {
+                let (m, created) = w.engine.claim(id, req).expect("a driver is available");
+                debug_assert!(created);
+                black_box(m);
+                black_box(w.engine.release(id, None).expect("a live match releases"));
+            }
+            let elapsed = start.elapsed();
+            w.purge_matches();
+            elapsed
+        });
+    });
+    group.finish();
+}
+
+fn batch(c: &mut Criterion) {
+    let w = &*CITY;
+    // The real pickups sit on ~230 distinct points; 300 m of jitter makes
+    // them distinct addresses, so 1000 orders do not all fight over the
+    // same few drivers.
+    let pickups = jitter(&w.pickups, 300.0, SEED + 2);
+    let windows = pickups.len() / BATCH;
+    let mut serial = 0u64;
+    let mut make_batch = |window: usize| -> Vec<BatchOrder> {
+        serial += 1;
+        pickups[window * BATCH..(window + 1) * BATCH]
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| BatchOrder {
+                order_id: OrderId::new(&format!("b{serial}-{i}")).expect("valid order id"),
+                request: ClaimRequest::new(p),
+            })
+            .collect()
+    };
+    let release_all = |out: &hexmatch::BatchOutcome| {
+        for m in &out.matches {
+            w.engine
+                .release(&m.order_id, None)
+                .expect("a live match releases");
+        }
+        w.purge_matches();
+    };
+
+    let first = make_batch(0);
+    let out = w
+        .engine
+        .claim_batch(&first, CANDIDATES)
+        .expect("a valid batch");
+    println!(
+        "batch_1m: a batch of {BATCH} orders × {CANDIDATES} candidates serves {} and leaves {} unmatched",
+        out.matches.len(),
+        out.unmatched.len()
+    );
+    release_all(&out);
+
+    let mut group = c.benchmark_group("batch_1m");
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(4))
+        .throughput(Throughput::Elements(BATCH as u64));
+    let mut window = 0;
+    group.bench_function("claim_batch_1000x10", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                window = (window + 1) % windows;
+                let orders = make_batch(window);
+                let start = Instant::now();
+                let out = w
+                    .engine
+                    .claim_batch(&orders, CANDIDATES)
+                    .expect("a valid batch");
+                total += start.elapsed();
+                release_all(&out);
+            }
+            total
+        });
+    });
+
+    // The assignment alone, on the graph claim_batch builds for window 0.
+    let (n_cols, rows) = candidate_graph(&w.engine, &pickups[..BATCH], CANDIDATES);
+    let optimal = assign_min_cost(n_cols, &rows);
+    let greedy = assign_greedy(n_cols, &rows);
+    println!(
+        "batch_1m: graph of {} orders, {n_cols} drivers, {} edges; optimal serves {} at {:.1} km, greedy {} at {:.1} km",
+        rows.len(),
+        rows.iter().map(Vec::len).sum::<usize>(),
+        optimal.matched,
+        optimal.total_cost as f64 / 1e6,
+        greedy.matched,
+        greedy.total_cost as f64 / 1e6,
+    );
+    group.bench_function("assign_min_cost_1000x10", |b| {
+        b.iter(|| black_box(assign_min_cost(n_cols, black_box(&rows))));
+    });
+    group.bench_function("assign_greedy_1000x10", |b| {
+        b.iter(|| black_box(assign_greedy(n_cols, black_box(&rows))));
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(30)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = nearest, moves, nearest_with_writer, by_size, claim, batch
+}
+criterion_main!(benches);
