@@ -40,6 +40,9 @@ pub enum Error {
     /// The reservation's hold time ran out before it was confirmed.
     #[error("reservation for order {0} has expired")]
     ReservationExpired(String),
+    /// Snapshot or durable-record bytes that fail their checks.
+    #[error("corrupt snapshot: {0}")]
+    CorruptSnapshot(String),
 }
 
 impl Error {
@@ -56,6 +59,7 @@ impl Error {
             Self::DriverNotAvailable(_) => "driver_not_available",
             Self::OrderConflict(_) => "order_conflict",
             Self::ReservationExpired(_) => "reservation_expired",
+            Self::CorruptSnapshot(_) => "corrupt_snapshot",
         }
     }
 }

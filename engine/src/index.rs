@@ -500,7 +500,12 @@ impl Engine {
     /// Applies an update with an already-decided status (None = keep, or the
     /// default for a new driver). Caller holds the book if statuses change.
     /// An unknown driver is created only if `create`.
-    fn apply(&self, u: &DriverUpdate, status: Option<Status>, create: bool) -> Result<Applied> {
+    pub(crate) fn apply(
+        &self,
+        u: &DriverUpdate,
+        status: Option<Status>,
+        create: bool,
+    ) -> Result<Applied> {
         let now = self.clock.now();
         let ts = u.ts.unwrap_or(now);
         let cell = u.pos.cell(self.resolution);
@@ -573,6 +578,11 @@ impl Engine {
     /// The caller holds the matching book.
     pub(crate) fn transition(&self, id: &DriverId, from: Status, to: Status) -> Option<Position> {
         self.modify_if(id, |rec| rec.status == from, to)
+    }
+
+    /// Sets a driver's status whatever it was (restore). True if the driver exists.
+    pub(crate) fn force_status(&self, id: &DriverId, to: Status) -> bool {
+        self.modify_if(id, |_| true, to).is_some()
     }
 
     /// Reserves `id` if it is available and still passes the filters.

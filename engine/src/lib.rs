@@ -42,6 +42,7 @@ mod index;
 mod matching;
 mod position;
 mod search;
+mod snapshot;
 mod time;
 
 pub use assign::{Assignment, assign_greedy, assign_min_cost};
@@ -52,9 +53,11 @@ pub use ids::{DriverId, MAX_ID_LEN, OrderId, RegionId};
 pub use index::{Applied, Engine, EngineConfig, StatusCounts};
 pub use matching::{
     BatchOrder, BatchOutcome, ClaimRequest, MAX_HOLD_MS, Match, MatchEvent, MatchState,
+    RestoreReport,
 };
 pub use position::{EARTH_RADIUS_M, Position};
 pub use search::{MAX_DISTANCE_M, MAX_K, NearestQuery, Neighbor};
+pub use snapshot::{ChunkInfo, DurableMatch, Manifest, SNAPSHOT_FORMAT, Snapshot, decode_snapshot};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 
 /// The README's examples, compiled and run as doctests so they stay true.

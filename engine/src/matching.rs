@@ -15,6 +15,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use foldhash::fast::FixedState;
 
+use crate::DriverUpdate;
 use crate::assign::{Assignment, assign_min_cost};
 use crate::driver::{Capabilities, Status, Vehicle};
 use crate::error::{Error, Result};
@@ -22,6 +23,7 @@ use crate::ids::{DriverId, OrderId};
 use crate::index::Engine;
 use crate::position::Position;
 use crate::search::{NearestQuery, validate_radius};
+use crate::snapshot::DurableMatch;
 use crate::time::Timestamp;
 
 /// The longest a reservation may be held: one hour.
@@ -305,7 +307,106 @@ pub struct BatchOutcome {
     pub unmatched: Vec<OrderId>,
 }
 
+/// What [`Engine::restore_matches`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RestoreReport {
+    /// Live matches restored.
+    pub restored: usize,
+    /// Drivers recreated from a match record because the snapshot lacked them.
+    pub drivers_recreated: usize,
+    /// Records not restored, with why (ended, duplicate order, driver already matched).
+    pub skipped: Vec<(OrderId, String)>,
+}
+
 impl Engine {
+    /// The durable record of an order's match, live or ended.
+    pub fn durable_match(&self, order: &OrderId) -> Option<DurableMatch> {
+        let (m, request) = {
+            let book = self.book.lock();
+            let e = book.by_order.get(order)?;
+            (e.m.clone(), e.request.clone())
+        };
+        let driver_pos = self.driver(&m.driver_id).map_or(m.pickup, |d| d.pos);
+        Some(DurableMatch {
+            m,
+            request,
+            driver_pos,
+        })
+    }
+
+    /// The durable records of every live match (for a full resync).
+    pub fn durable_matches(&self) -> Vec<DurableMatch> {
+        let orders: Vec<OrderId> = self.book.lock().by_driver.values().cloned().collect();
+        orders
+            .iter()
+            .filter_map(|o| self.durable_match(o))
+            .filter(|d| d.m.state.is_live())
+            .collect()
+    }
+
+    /// Restores live matches after [`restore_snapshot`](Self::restore_snapshot):
+    /// each record's driver is set `reserved` (or `busy` when confirmed),
+    /// recreated at its recorded position if the snapshot predates it, and
+    /// the match goes back in the book with its deadline. Records are
+    /// applied oldest first; a record whose driver is already matched, or
+    /// whose order is already live, is skipped and reported.
+    pub fn restore_matches(
+        &self,
+        records: impl IntoIterator<Item = DurableMatch>,
+    ) -> RestoreReport {
+        let mut records: Vec<DurableMatch> = records.into_iter().collect();
+        records.sort_by(|a, b| {
+            a.m.created_at
+                .cmp(&b.m.created_at)
+                .then_with(|| a.m.order_id.cmp(&b.m.order_id))
+        });
+        let mut report = RestoreReport::default();
+        let mut book = self.book.lock();
+        for r in records {
+            let order = r.m.order_id.clone();
+            let skip = if !r.m.state.is_live() {
+                Some("match already ended")
+            } else if book.existing(&order, &r.request).is_some() {
+                Some("order already has a live match")
+            } else if book.by_driver.contains_key(&r.m.driver_id) {
+                Some("driver already holds another live match")
+            } else {
+                None
+            };
+            if let Some(why) = skip {
+                report.skipped.push((order, why.to_owned()));
+                continue;
+            }
+            let status = if r.m.state == MatchState::Confirmed {
+                Status::Busy
+            } else {
+                Status::Reserved
+            };
+            if !self.force_status(&r.m.driver_id, status) {
+                let u = DriverUpdate::location(
+                    r.m.driver_id.clone(),
+                    r.driver_pos,
+                    Some(r.m.created_at),
+                );
+                if self.apply(&u, Some(status), true).is_err() {
+                    report
+                        .skipped
+                        .push((order, "could not recreate its driver".to_owned()));
+                    continue;
+                }
+                report.drivers_recreated += 1;
+            }
+            let confirmed = r.m.state == MatchState::Confirmed;
+            let until = r.m.reserved_until;
+            book.insert(r.m, r.request);
+            if confirmed {
+                book.deadlines.remove(&(until, order));
+            }
+            report.restored += 1;
+        }
+        report
+    }
+
     /// Reserves the nearest eligible available driver for `order`.
     ///
     /// Returns the match and whether it was created now (`false`: the order
@@ -891,6 +992,68 @@ mod tests {
             f.engine.get_match(&oid("o5")).unwrap().state,
             MatchState::Reserved
         );
+    }
+
+    #[test]
+    fn matches_survive_snapshot_and_restore() {
+        let f = fixture();
+        f.engine.claim(&oid("r"), &pickup()).unwrap();
+        f.engine.claim(&oid("c"), &pickup()).unwrap();
+        f.engine.confirm(&oid("c")).unwrap();
+        // A driver created after the snapshot, then reserved.
+        let snap = f.engine.snapshot(1, 2);
+        f.engine
+            .upsert(&DriverUpdate::location(
+                did("late"),
+                pos(41.88, -87.6305),
+                None,
+            ))
+            .unwrap();
+        let (late, _) = f.engine.claim(&oid("l"), &pickup()).unwrap();
+        assert_eq!(late.driver_id, did("late"));
+        let records: Vec<DurableMatch> = ["r", "c", "l"]
+            .iter()
+            .map(|o| f.engine.durable_match(&oid(o)).unwrap())
+            .collect();
+        assert_eq!(f.engine.durable_matches().len(), 3);
+
+        let back = Engine::with_clock(EngineConfig::default(), f.clock.clone()).unwrap();
+        back.restore_snapshot(&snap.manifest, &snap.chunks).unwrap();
+        let mut with_dupes = records.clone();
+        with_dupes.push(records[0].clone());
+        let report = back.restore_matches(with_dupes);
+        assert_eq!(
+            (
+                report.restored,
+                report.drivers_recreated,
+                report.skipped.len()
+            ),
+            (3, 1, 1)
+        );
+        for o in ["r", "c", "l"] {
+            let (a, b) = (
+                f.engine.get_match(&oid(o)).unwrap(),
+                back.get_match(&oid(o)).unwrap(),
+            );
+            assert_eq!(
+                (a.driver_id, a.state, a.reserved_until),
+                (b.driver_id, b.state, b.reserved_until)
+            );
+        }
+        assert_eq!(back.counts(), f.engine.counts());
+        // Nobody restored as held is offered again; the idempotent repeat still works.
+        assert_eq!(back.claim(&oid("r"), &pickup()).unwrap().1, false);
+        assert_eq!(
+            back.claim(&oid("new"), &pickup()).unwrap().0.driver_id,
+            did("d3")
+        );
+        assert_eq!(
+            back.claim(&oid("new2"), &pickup()).unwrap_err(),
+            Error::NoDriverAvailable
+        );
+        // The restored reservations (r, l) still expire on time, with new's.
+        f.clock.advance(30_000);
+        assert_eq!(back.expire_matches().len(), 3);
     }
 
     #[test]

@@ -1,0 +1,561 @@
+//! Snapshots: a versioned, chunked, checksummed encoding of the engine's
+//! drivers, and the durable record of a match.
+//!
+//! # Format (version 1)
+//! A snapshot is a [`Manifest`] plus chunks. Each chunk is
+//! `b"HXC1" ‖ zstd(postcard(Vec<driver>))` holding at most
+//! `drivers_per_chunk` drivers, so no single stored value is huge. The
+//! manifest lists every chunk's length, CRC-32 and driver count; it is
+//! itself `b"HXM1" ‖ postcard(manifest) ‖ crc32 (LE)`.
+//!
+//! Decoding trusts nothing: lengths, checksums, counts, magic, the
+//! decompressed size (capped, so a small chunk cannot expand into
+//! gigabytes) and every field (ids, positions, timestamps, enums) are
+//! checked, and every failure is an [`Error::CorruptSnapshot`] naming what
+//! failed — never a panic. [`Engine::restore_snapshot`] decodes *all*
+//! chunks before loading any, so a bad snapshot is never half-loaded.
+
+use serde::{Deserialize, Serialize};
+
+use crate::driver::{Capabilities, Driver, Status, Vehicle};
+use crate::error::{Error, Result};
+use crate::ids::{DriverId, OrderId};
+use crate::index::Engine;
+use crate::matching::{ClaimRequest, Match, MatchState};
+use crate::position::Position;
+use crate::time::Timestamp;
+
+/// The format version this build writes and reads.
+pub const SNAPSHOT_FORMAT: u16 = 1;
+const CHUNK_MAGIC: &[u8; 4] = b"HXC1";
+const MANIFEST_MAGIC: &[u8; 4] = b"HXM1";
+const MATCH_MAGIC: &[u8; 4] = b"HXR1";
+/// Upper bound on one encoded driver, for the decompression cap.
+const MAX_DRIVER_BYTES: usize = 128;
+/// Most chunks a manifest may list.
+const MAX_CHUNKS: usize = 1 << 20;
+
+fn corrupt(msg: impl Into<String>) -> Error {
+    Error::CorruptSnapshot(msg.into())
+}
+
+/// What a reader needs to fetch and check a snapshot's chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version ([`SNAPSHOT_FORMAT`]).
+    pub format: u16,
+    /// Generation number chosen by the writer (increases per snapshot).
+    pub generation: u64,
+    /// When the snapshot was taken (Unix ms, engine clock).
+    pub taken_at_ms: i64,
+    /// The engine's H3 partition resolution.
+    pub resolution: u8,
+    /// Total drivers in all chunks.
+    pub drivers: u64,
+    /// The chunks, in order.
+    pub chunks: Vec<ChunkInfo>,
+}
+
+/// One chunk's length, checksum and driver count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkInfo {
+    /// Encoded length in bytes.
+    pub len: u64,
+    /// CRC-32 (IEEE) of the encoded bytes.
+    pub crc32: u32,
+    /// Drivers in the chunk.
+    pub drivers: u32,
+}
+
+/// A snapshot ready to store: the manifest and the encoded chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Encoded chunks, as listed in the manifest.
+    pub chunks: Vec<Vec<u8>>,
+}
+
+/// A driver as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct DriverRec {
+    id: String,
+    lat: f64,
+    lon: f64,
+    ts: i64,
+    status: u8,
+    vehicle: u8,
+    caps: u16,
+}
+
+const STATUSES: [Status; 4] = [
+    Status::Available,
+    Status::Reserved,
+    Status::Busy,
+    Status::Offline,
+];
+
+fn status_code(s: Status) -> u8 {
+    STATUSES.iter().position(|x| *x == s).unwrap_or(0) as u8
+}
+
+impl DriverRec {
+    fn from_driver(d: &Driver) -> Self {
+        Self {
+            id: d.id.to_string(),
+            lat: d.pos.lat(),
+            lon: d.pos.lon(),
+            ts: d.ts.as_millis(),
+            status: status_code(d.status),
+            vehicle: d.vehicle as u8,
+            caps: d.capabilities.bits(),
+        }
+    }
+
+    fn into_driver(self) -> Result<Driver> {
+        let status = *STATUSES
+            .get(usize::from(self.status))
+            .ok_or_else(|| corrupt(format!("status code {}", self.status)))?;
+        let vehicle = *Vehicle::ALL
+            .get(usize::from(self.vehicle))
+            .ok_or_else(|| corrupt(format!("vehicle code {}", self.vehicle)))?;
+        let check = |e: Error| corrupt(format!("driver {:?}: {e}", self.id));
+        Ok(Driver {
+            id: DriverId::new(&self.id).map_err(check)?,
+            pos: Position::new(self.lat, self.lon).map_err(check)?,
+            ts: Timestamp::from_millis(self.ts).map_err(check)?,
+            status,
+            vehicle,
+            capabilities: Capabilities::from_bits_truncate(self.caps),
+            order_id: None,
+            reserved_until: None,
+        })
+    }
+}
+
+fn with_crc(mut bytes: Vec<u8>) -> Vec<u8> {
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
+/// Splits `magic ‖ body ‖ crc32` after checking magic and checksum.
+fn checked_body<'a>(bytes: &'a [u8], magic: &[u8; 4], what: &str) -> Result<&'a [u8]> {
+    if bytes.len() < 8 || &bytes[..4] != magic {
+        return Err(corrupt(format!(
+            "{what}: bad magic or too short ({} bytes)",
+            bytes.len()
+        )));
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    let want = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+    if crc32fast::hash(body) != want {
+        return Err(corrupt(format!("{what}: checksum mismatch")));
+    }
+    Ok(&body[4..])
+}
+
+impl Manifest {
+    /// Encodes the manifest with its magic and checksum.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = MANIFEST_MAGIC.to_vec();
+        out.extend(postcard::to_stdvec(self).unwrap_or_default());
+        with_crc(out)
+    }
+
+    /// Decodes and checks a manifest.
+    ///
+    /// # Errors
+    /// [`Error::CorruptSnapshot`] on a bad magic, checksum, version or shape.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let body = checked_body(bytes, MANIFEST_MAGIC, "manifest")?;
+        let m: Self = postcard::from_bytes(body).map_err(|e| corrupt(format!("manifest: {e}")))?;
+        if m.format != SNAPSHOT_FORMAT {
+            return Err(corrupt(format!(
+                "manifest format {} (this build reads {SNAPSHOT_FORMAT})",
+                m.format
+            )));
+        }
+        if m.chunks.len() > MAX_CHUNKS {
+            return Err(corrupt(format!("manifest lists {} chunks", m.chunks.len())));
+        }
+        let sum: u64 = m.chunks.iter().map(|c| u64::from(c.drivers)).sum();
+        if sum != m.drivers {
+            return Err(corrupt(format!(
+                "manifest counts {} drivers but its chunks hold {sum}",
+                m.drivers
+            )));
+        }
+        Ok(m)
+    }
+}
+
+fn encode_chunk(drivers: &[DriverRec]) -> Vec<u8> {
+    let raw = postcard::to_stdvec(drivers).unwrap_or_default();
+    let mut out = CHUNK_MAGIC.to_vec();
+    out.extend(zstd::bulk::compress(&raw, 3).unwrap_or_default());
+    out
+}
+
+fn decode_chunk(i: usize, info: &ChunkInfo, bytes: &[u8]) -> Result<Vec<Driver>> {
+    if bytes.len() as u64 != info.len {
+        return Err(corrupt(format!(
+            "chunk {i}: {} bytes, manifest says {}",
+            bytes.len(),
+            info.len
+        )));
+    }
+    if crc32fast::hash(bytes) != info.crc32 {
+        return Err(corrupt(format!("chunk {i}: checksum mismatch")));
+    }
+    if bytes.len() < 4 || &bytes[..4] != CHUNK_MAGIC {
+        return Err(corrupt(format!("chunk {i}: bad magic")));
+    }
+    let cap = (info.drivers as usize)
+        .saturating_mul(MAX_DRIVER_BYTES)
+        .max(64);
+    let raw = zstd::bulk::decompress(&bytes[4..], cap)
+        .map_err(|e| corrupt(format!("chunk {i}: zstd: {e}")))?;
+    let recs: Vec<DriverRec> =
+        postcard::from_bytes(&raw).map_err(|e| corrupt(format!("chunk {i}: {e}")))?;
+    if recs.len() != info.drivers as usize {
+        return Err(corrupt(format!(
+            "chunk {i}: {} drivers, manifest says {}",
+            recs.len(),
+            info.drivers
+        )));
+    }
+    recs.into_iter().map(DriverRec::into_driver).collect()
+}
+
+/// Decodes and checks every chunk of a snapshot.
+///
+/// # Errors
+/// [`Error::CorruptSnapshot`] naming the first chunk or field that fails.
+pub fn decode_snapshot(manifest: &Manifest, chunks: &[impl AsRef<[u8]>]) -> Result<Vec<Driver>> {
+    if chunks.len() != manifest.chunks.len() {
+        return Err(corrupt(format!(
+            "{} chunks, manifest lists {}",
+            chunks.len(),
+            manifest.chunks.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(usize::try_from(manifest.drivers).unwrap_or(0).min(1 << 24));
+    for (i, (info, bytes)) in manifest.chunks.iter().zip(chunks).enumerate() {
+        out.extend(decode_chunk(i, info, bytes.as_ref())?);
+    }
+    Ok(out)
+}
+
+impl Engine {
+    /// Encodes every driver, shard by shard (one short read lock each), in
+    /// chunks of at most `drivers_per_chunk`.
+    pub fn snapshot(&self, generation: u64, drivers_per_chunk: usize) -> Snapshot {
+        let per = drivers_per_chunk.max(1);
+        let mut recs: Vec<DriverRec> = Vec::new();
+        for shard in self.shards() {
+            let data = shard.data.read();
+            recs.extend(
+                data.records()
+                    .map(|r| DriverRec::from_driver(&r.to_driver())),
+            );
+        }
+        // Deterministic output for equal contents.
+        recs.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        let chunks: Vec<Vec<u8>> = recs.chunks(per).map(encode_chunk).collect();
+        let infos = recs
+            .chunks(per)
+            .zip(&chunks)
+            .map(|(r, c)| ChunkInfo {
+                len: c.len() as u64,
+                crc32: crc32fast::hash(c),
+                drivers: r.len() as u32,
+            })
+            .collect();
+        Snapshot {
+            manifest: Manifest {
+                format: SNAPSHOT_FORMAT,
+                generation,
+                taken_at_ms: self.clock.now().as_millis(),
+                resolution: self.config.resolution,
+                drivers: recs.len() as u64,
+                chunks: infos,
+            },
+            chunks,
+        }
+    }
+
+    /// Loads a snapshot into an empty engine. Everything is decoded and
+    /// checked first; nothing is loaded unless all of it is good.
+    /// Drivers stored as `reserved` come back `available`: reservations are
+    /// restored from their durable records ([`Engine::restore_matches`]).
+    ///
+    /// # Errors
+    /// [`Error::CorruptSnapshot`]; [`Error::InvalidParameter`] if the engine
+    /// is not empty.
+    pub fn restore_snapshot(
+        &self,
+        manifest: &Manifest,
+        chunks: &[impl AsRef<[u8]>],
+    ) -> Result<usize> {
+        let mut drivers = decode_snapshot(manifest, chunks)?;
+        for d in &mut drivers {
+            if d.status == Status::Reserved {
+                d.status = Status::Available;
+            }
+        }
+        self.bulk_load(drivers)
+    }
+}
+
+/// The durable record of a live match: enough to restore it, and its
+/// driver, after a crash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DurableMatch {
+    /// The match.
+    pub m: Match,
+    /// What the order asked for (for idempotent repeats after restore).
+    pub request: ClaimRequest,
+    /// Where the driver was when the match was made (to recreate a driver
+    /// that is missing from an older snapshot).
+    pub driver_pos: Position,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct MatchRec {
+    order_id: String,
+    driver_id: String,
+    pickup: (f64, f64),
+    driver_pos: (f64, f64),
+    distance_m: f64,
+    state: u8,
+    created_at: i64,
+    reserved_until: i64,
+    vehicle: Option<u8>,
+    caps: u16,
+    radius_m: Option<f64>,
+    hold_ms: u64,
+}
+
+const MATCH_STATES: [MatchState; 5] = [
+    MatchState::Reserved,
+    MatchState::Confirmed,
+    MatchState::Released,
+    MatchState::Expired,
+    MatchState::Completed,
+];
+
+impl DurableMatch {
+    /// Encodes the record (magic, postcard, CRC-32).
+    pub fn encode(&self) -> Vec<u8> {
+        let rec = MatchRec {
+            order_id: self.m.order_id.to_string(),
+            driver_id: self.m.driver_id.to_string(),
+            pickup: (self.m.pickup.lat(), self.m.pickup.lon()),
+            driver_pos: (self.driver_pos.lat(), self.driver_pos.lon()),
+            distance_m: self.m.distance_m,
+            state: MATCH_STATES
+                .iter()
+                .position(|s| *s == self.m.state)
+                .unwrap_or(0) as u8,
+            created_at: self.m.created_at.as_millis(),
+            reserved_until: self.m.reserved_until.as_millis(),
+            vehicle: self.request.vehicle.map(|v| v as u8),
+            caps: self.request.capabilities.bits(),
+            radius_m: self.request.radius_m,
+            hold_ms: self.request.hold_ms,
+        };
+        let mut out = MATCH_MAGIC.to_vec();
+        out.extend(postcard::to_stdvec(&rec).unwrap_or_default());
+        with_crc(out)
+    }
+
+    /// Decodes and checks a record.
+    ///
+    /// # Errors
+    /// [`Error::CorruptSnapshot`] naming what is wrong.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let body = checked_body(bytes, MATCH_MAGIC, "match record")?;
+        let r: MatchRec =
+            postcard::from_bytes(body).map_err(|e| corrupt(format!("match record: {e}")))?;
+        let bad = |e: Error| corrupt(format!("match record {:?}: {e}", r.order_id));
+        let state = *MATCH_STATES
+            .get(usize::from(r.state))
+            .ok_or_else(|| corrupt(format!("match state code {}", r.state)))?;
+        let vehicle = match r.vehicle {
+            Some(v) => Some(
+                *Vehicle::ALL
+                    .get(usize::from(v))
+                    .ok_or_else(|| corrupt(format!("vehicle code {v}")))?,
+            ),
+            None => None,
+        };
+        let pickup = Position::new(r.pickup.0, r.pickup.1).map_err(bad)?;
+        let request = ClaimRequest {
+            pickup,
+            vehicle,
+            capabilities: Capabilities::from_bits_truncate(r.caps),
+            radius_m: r.radius_m,
+            hold_ms: r.hold_ms,
+        };
+        Ok(Self {
+            m: Match {
+                order_id: OrderId::new(&r.order_id).map_err(bad)?,
+                driver_id: DriverId::new(&r.driver_id).map_err(bad)?,
+                pickup,
+                distance_m: r.distance_m,
+                state,
+                created_at: Timestamp::from_millis(r.created_at).map_err(bad)?,
+                reserved_until: Timestamp::from_millis(r.reserved_until).map_err(bad)?,
+                ended_at: None,
+                reason: None,
+            },
+            request,
+            driver_pos: Position::new(r.driver_pos.0, r.driver_pos.1).map_err(bad)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DriverUpdate, EngineConfig};
+
+    fn engine_with(n: usize) -> Engine {
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        for i in 0..n {
+            let mut u = DriverUpdate::location(
+                DriverId::new(&format!("d{i}")).unwrap(),
+                Position::new(
+                    41.6 + (i % 97) as f64 * 0.004,
+                    -87.9 + (i % 89) as f64 * 0.004,
+                )
+                .unwrap(),
+                Some(Timestamp::from_millis(1_000 + i as i64).unwrap()),
+            );
+            u.status = Some(STATUSES[i % 4]).filter(|s| *s != Status::Reserved);
+            u.vehicle = Some(Vehicle::ALL[i % 6]);
+            u.capabilities = Some(Capabilities::from_bits_truncate((i % 7) as u16));
+            e.upsert(&u).unwrap();
+        }
+        e
+    }
+
+    fn sorted(mut v: Vec<Driver>) -> Vec<Driver> {
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    #[test]
+    fn round_trip_is_exact() {
+        let e = engine_with(2_500);
+        let snap = e.snapshot(7, 1000);
+        assert_eq!(snap.chunks.len(), 3);
+        let manifest = Manifest::decode(&snap.manifest.encode()).unwrap();
+        assert_eq!(manifest, snap.manifest);
+        let back = Engine::new(EngineConfig::default()).unwrap();
+        assert_eq!(
+            back.restore_snapshot(&manifest, &snap.chunks).unwrap(),
+            2_500
+        );
+        assert_eq!(sorted(back.drivers()), sorted(e.drivers()));
+        assert_eq!(back.counts(), e.counts());
+    }
+
+    #[test]
+    fn every_corruption_is_reported_and_nothing_loads() {
+        let e = engine_with(300);
+        let snap = e.snapshot(1, 100);
+        let back = Engine::new(EngineConfig::default()).unwrap();
+        // Flip each byte of the second chunk in turn: always rejected.
+        for i in 0..snap.chunks[1].len() {
+            let mut chunks = snap.chunks.clone();
+            chunks[1][i] ^= 0x5a;
+            let err = back.restore_snapshot(&snap.manifest, &chunks).unwrap_err();
+            assert_eq!(err.code(), "corrupt_snapshot");
+        }
+        // Truncations of a chunk and of the manifest.
+        for cut in 0..snap.chunks[0].len() {
+            let mut chunks = snap.chunks.clone();
+            chunks[0].truncate(cut);
+            assert!(back.restore_snapshot(&snap.manifest, &chunks).is_err());
+        }
+        let m = snap.manifest.encode();
+        for cut in 0..m.len() {
+            assert!(Manifest::decode(&m[..cut]).is_err());
+        }
+        // A missing chunk.
+        assert!(
+            back.restore_snapshot(&snap.manifest, &snap.chunks[..2])
+                .is_err()
+        );
+        assert!(back.is_empty(), "nothing was half-loaded");
+    }
+
+    #[test]
+    fn a_well_formed_chunk_with_bad_fields_is_rejected() {
+        let rec = DriverRec {
+            id: "bad id".into(),
+            lat: 1.0,
+            lon: 1.0,
+            ts: 0,
+            status: 0,
+            vehicle: 0,
+            caps: 0,
+        };
+        let chunk = encode_chunk(&[rec]);
+        let info = ChunkInfo {
+            len: chunk.len() as u64,
+            crc32: crc32fast::hash(&chunk),
+            drivers: 1,
+        };
+        let err = decode_chunk(0, &info, &chunk).unwrap_err();
+        assert!(err.to_string().contains("invalid id"), "{err}");
+        let rec = DriverRec {
+            id: "a".into(),
+            lat: f64::NAN,
+            lon: 1.0,
+            ts: 0,
+            status: 9,
+            vehicle: 0,
+            caps: 0,
+        };
+        let chunk = encode_chunk(&[rec]);
+        let info = ChunkInfo {
+            len: chunk.len() as u64,
+            crc32: crc32fast::hash(&chunk),
+            drivers: 1,
+        };
+        assert!(decode_chunk(0, &info, &chunk).is_err());
+    }
+
+    #[test]
+    fn match_records_round_trip_and_reject_corruption() {
+        let r = DurableMatch {
+            m: Match {
+                order_id: OrderId::new("o1").unwrap(),
+                driver_id: DriverId::new("d1").unwrap(),
+                pickup: Position::new(41.0, -87.0).unwrap(),
+                distance_m: 12.5,
+                state: MatchState::Confirmed,
+                created_at: Timestamp::from_millis(5).unwrap(),
+                reserved_until: Timestamp::from_millis(30_005).unwrap(),
+                ended_at: None,
+                reason: None,
+            },
+            request: ClaimRequest {
+                vehicle: Some(Vehicle::Van),
+                radius_m: Some(900.0),
+                ..ClaimRequest::new(Position::new(41.0, -87.0).unwrap())
+            },
+            driver_pos: Position::new(41.0001, -87.0).unwrap(),
+        };
+        let bytes = r.encode();
+        assert_eq!(DurableMatch::decode(&bytes).unwrap(), r);
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 1;
+            assert!(DurableMatch::decode(&b).is_err());
+        }
+    }
+}
