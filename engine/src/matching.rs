@@ -1042,7 +1042,7 @@ mod tests {
         }
         assert_eq!(back.counts(), f.engine.counts());
         // Nobody restored as held is offered again; the idempotent repeat still works.
-        assert_eq!(back.claim(&oid("r"), &pickup()).unwrap().1, false);
+        assert!(!back.claim(&oid("r"), &pickup()).unwrap().1);
         assert_eq!(
             back.claim(&oid("new"), &pickup()).unwrap().0.driver_id,
             did("d3")

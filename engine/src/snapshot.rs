@@ -242,7 +242,7 @@ pub fn decode_snapshot(manifest: &Manifest, chunks: &[impl AsRef<[u8]>]) -> Resu
     }
     let mut out = Vec::with_capacity(usize::try_from(manifest.drivers).unwrap_or(0).min(1 << 24));
     for (i, (info, bytes)) in manifest.chunks.iter().zip(chunks).enumerate() {
-        out.extend(decode_chunk(i, info, bytes.as_ref())?);
+        out.extend(decode_chunk(i, *info, bytes.as_ref())?);
     }
     Ok(out)
 }
@@ -509,7 +509,7 @@ mod tests {
             crc32: crc32fast::hash(&chunk),
             drivers: 1,
         };
-        let err = decode_chunk(0, &info, &chunk).unwrap_err();
+        let err = decode_chunk(0, info, &chunk).unwrap_err();
         assert!(err.to_string().contains("invalid id"), "{err}");
         let rec = DriverRec {
             id: "a".into(),
@@ -526,7 +526,7 @@ mod tests {
             crc32: crc32fast::hash(&chunk),
             drivers: 1,
         };
-        assert!(decode_chunk(0, &info, &chunk).is_err());
+        assert!(decode_chunk(0, info, &chunk).is_err());
     }
 
     #[test]
