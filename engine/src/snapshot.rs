@@ -140,8 +140,8 @@ fn with_crc(mut bytes: Vec<u8>) -> Vec<u8> {
 }
 
 /// Splits `magic ‖ body ‖ crc32` after checking magic and checksum.
-fn checked_body<'a>(bytes: &'a [u8], magic: &[u8; 4], what: &str) -> Result<&'a [u8]> {
-    if bytes.len() < 8 || &bytes[..4] != magic {
+fn checked_body<'a>(bytes: &'a [u8], magic: [u8; 4], what: &str) -> Result<&'a [u8]> {
+    if bytes.len() < 8 || bytes[..4] != magic {
         return Err(corrupt(format!(
             "{what}: bad magic or too short ({} bytes)",
             bytes.len()
@@ -168,7 +168,7 @@ impl Manifest {
     /// # Errors
     /// [`Error::CorruptSnapshot`] on a bad magic, checksum, version or shape.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let body = checked_body(bytes, MANIFEST_MAGIC, "manifest")?;
+        let body = checked_body(bytes, *MANIFEST_MAGIC, "manifest")?;
         let m: Self = postcard::from_bytes(body).map_err(|e| corrupt(format!("manifest: {e}")))?;
         if m.format != SNAPSHOT_FORMAT {
             return Err(corrupt(format!(
@@ -197,7 +197,7 @@ fn encode_chunk(drivers: &[DriverRec]) -> Vec<u8> {
     out
 }
 
-fn decode_chunk(i: usize, info: &ChunkInfo, bytes: &[u8]) -> Result<Vec<Driver>> {
+fn decode_chunk(i: usize, info: ChunkInfo, bytes: &[u8]) -> Result<Vec<Driver>> {
     if bytes.len() as u64 != info.len {
         return Err(corrupt(format!(
             "chunk {i}: {} bytes, manifest says {}",
@@ -375,7 +375,7 @@ impl DurableMatch {
     /// # Errors
     /// [`Error::CorruptSnapshot`] naming what is wrong.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let body = checked_body(bytes, MATCH_MAGIC, "match record")?;
+        let body = checked_body(bytes, *MATCH_MAGIC, "match record")?;
         let r: MatchRec =
             postcard::from_bytes(body).map_err(|e| corrupt(format!("match record: {e}")))?;
         let bad = |e: Error| corrupt(format!("match record {:?}: {e}", r.order_id));
