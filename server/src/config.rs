@@ -40,8 +40,15 @@ pub struct ServeConfig {
     /// or a trips CSV (`trip_id,…,dropoff_lat,dropoff_lon`) seeding one
     /// driver at each drop-off.
     pub load_drivers: Option<PathBuf>,
-    /// Redis for snapshots and streams (not built yet: refused at start).
+    /// Redis for snapshots, durable matches and location streams;
+    /// `None` = memory only.
     pub redis_url: Option<String>,
+    /// Prefix of every Redis key.
+    pub redis_prefix: String,
+    /// How often to snapshot to Redis.
+    pub snapshot_interval_ms: u64,
+    /// Whether to read location updates from the Redis stream.
+    pub ingest_stream: bool,
 }
 
 impl Default for ServeConfig {
@@ -62,6 +69,9 @@ impl Default for ServeConfig {
             max_batch_items: 10_000,
             load_drivers: None,
             redis_url: None,
+            redis_prefix: "hexmatch".to_owned(),
+            snapshot_interval_ms: 30_000,
+            ingest_stream: true,
         }
     }
 }
@@ -114,9 +124,18 @@ pub struct ServeArgs {
     /// CSV of drivers (or of trips: one driver per drop-off) to load at start.
     #[arg(long, env = "HEXMATCH_LOAD_DRIVERS")]
     pub load_drivers: Option<PathBuf>,
-    /// Redis URL for persistence (not built yet).
+    /// Redis URL for persistence (`redis://host:port`, `redis+unix:///path`); none = memory only.
     #[arg(long, env = "HEXMATCH_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Prefix of every Redis key [default: hexmatch].
+    #[arg(long, env = "HEXMATCH_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// Snapshot interval in ms [default: 30000].
+    #[arg(long, env = "HEXMATCH_SNAPSHOT_INTERVAL_MS")]
+    pub snapshot_interval_ms: Option<u64>,
+    /// Read location updates from the Redis stream `<prefix>:locations` [default: true].
+    #[arg(long, env = "HEXMATCH_INGEST_STREAM")]
+    pub ingest_stream: Option<bool>,
 }
 
 impl ServeArgs {
@@ -149,6 +168,7 @@ impl ServeArgs {
             sweep_interval_ms,
             max_batch_items
         );
+        take!(redis_prefix, snapshot_interval_ms, ingest_stream);
         if self.load_drivers.is_some() {
             c.load_drivers = self.load_drivers;
         }

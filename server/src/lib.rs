@@ -18,6 +18,7 @@
 pub mod api;
 pub mod config;
 pub mod load;
+pub mod persist;
 mod server;
 pub mod telemetry;
 

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, Shared};
 use crate::config::ServeConfig;
+use crate::persist::Persistence;
 use crate::telemetry;
 
 /// Why the server could not start.
@@ -53,6 +54,7 @@ impl std::error::Error for ServerError {}
 pub struct Server {
     addr: SocketAddr,
     engine: Arc<Engine>,
+    state: Arc<Shared>,
     stop: Option<oneshot::Sender<()>>,
     serving: JoinHandle<std::io::Result<()>>,
     background: Vec<JoinHandle<()>>,
@@ -81,6 +83,12 @@ impl Server {
         for task in &self.background {
             task.abort();
         }
+        if let Some(p) = self.state.persist.get() {
+            match p.write_snapshot(&self.engine).await {
+                Ok(bytes) => tracing::info!(bytes, "final snapshot written"),
+                Err(e) => tracing::error!(error = %e, "final snapshot failed"),
+            }
+        }
     }
 }
 
@@ -100,11 +108,6 @@ pub async fn start_with_clock(
     config: ServeConfig,
     clock: Arc<dyn Clock>,
 ) -> Result<Server, ServerError> {
-    if config.redis_url.is_some() {
-        return Err(ServerError::Config(
-            "--redis-url was given, but Redis persistence is not built yet; run without it (memory only)".into(),
-        ));
-    }
     let engine_config = EngineConfig {
         resolution: config.resolution,
         max_radius_m: config.max_radius_m,
@@ -120,22 +123,34 @@ pub async fn start_with_clock(
         config.clone(),
         telemetry::metrics_handle(),
     ));
-    if let Some(path) = &config.load_drivers {
-        let drivers =
-            crate::load::read_drivers(path, engine.clock().now()).map_err(ServerError::Input)?;
-        let n = engine
-            .bulk_load(drivers)
-            .map_err(|e| ServerError::Input(format!("{}: {e}", path.display())))?;
-        tracing::info!(drivers = n, file = %path.display(), "loaded drivers");
+    // Read the driver file before binding, so a bad file fails the start.
+    let initial = match &config.load_drivers {
+        Some(path) => Some((
+            path.clone(),
+            crate::load::read_drivers(path, engine.clock().now()).map_err(ServerError::Input)?,
+        )),
+        None => None,
+    };
+    if config.redis_url.is_none()
+        && let Some((path, drivers)) = initial.clone()
+    {
+        load_initial(&engine, &path, drivers)?;
     }
     let listener = TcpListener::bind(config.bind)
         .await
         .map_err(ServerError::Io)?;
     let addr = listener.local_addr().map_err(ServerError::Io)?;
-    state.ready.store(true, Ordering::Release);
-    let background = vec![spawn_sweeper(&state), spawn_upkeep(&state)];
+    let mut background = vec![spawn_sweeper(&state), spawn_upkeep(&state)];
+    match config.redis_url.clone() {
+        None => state.ready.store(true, Ordering::Release),
+        Some(url) => background.push(tokio::spawn(boot_with_redis(
+            Arc::clone(&state),
+            url,
+            initial,
+        ))),
+    }
     let (stop, stopped) = oneshot::channel::<()>();
-    let app = api::app(state).into_make_service_with_connect_info::<SocketAddr>();
+    let app = api::app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
     let serving = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
@@ -143,19 +158,147 @@ pub async fn start_with_clock(
             })
             .await
     });
-    tracing::info!(%addr, redis = "disabled (memory only)", "hexmatch serving");
+    if let Some(url) = &config.redis_url {
+        tracing::info!(%addr, redis = %url, "hexmatch serving; restoring from redis");
+    } else {
+        tracing::info!(%addr, redis = "disabled (memory only)", "hexmatch serving");
+    }
     Ok(Server {
         addr,
         engine,
+        state,
         stop: Some(stop),
         serving,
         background,
     })
 }
 
+fn load_initial(
+    engine: &Engine,
+    path: &std::path::Path,
+    drivers: Vec<hexmatch::Driver>,
+) -> Result<(), ServerError> {
+    let n = engine
+        .bulk_load(drivers)
+        .map_err(|e| ServerError::Input(format!("{}: {e}", path.display())))?;
+    tracing::info!(drivers = n, file = %path.display(), "loaded drivers");
+    Ok(())
+}
+
+/// Connects to Redis (retrying until it answers), restores the snapshot and
+/// the live matches, loads `--load-drivers` only on a fresh start, then
+/// marks the node ready and starts the persistence loops.
+async fn boot_with_redis(
+    state: Arc<Shared>,
+    url: String,
+    initial: Option<(std::path::PathBuf, Vec<hexmatch::Driver>)>,
+) {
+    let c = &state.config;
+    let p = loop {
+        match Persistence::connect(&url, &c.redis_prefix, "default", &c.node_id).await {
+            Ok(p) => match p.restore(&state.engine).await {
+                Ok(r) => {
+                    for w in &r.warnings {
+                        tracing::error!(warning = %w, "restore problem (the data was skipped, not half-loaded)");
+                    }
+                    tracing::info!(drivers = r.drivers, matches = r.matches, generation = ?r.generation, "restored from redis");
+                    if r.generation.is_none()
+                        && r.matches == 0
+                        && let Some((path, drivers)) = initial
+                        && let Err(e) = load_initial(&state.engine, &path, drivers)
+                    {
+                        tracing::error!(error = %e, "could not load drivers");
+                    }
+                    break p;
+                }
+                Err(e) => tracing::warn!(error = %e, "restore failed; retrying"),
+            },
+            Err(e) => tracing::warn!(error = %e, "redis unreachable at start; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    if let Err(e) = p.ensure_group().await {
+        tracing::warn!(error = %e, "could not create the stream consumer group");
+    }
+    let _ = state.persist.set(Arc::clone(&p));
+    state.ready.store(true, Ordering::Release);
+    let mut tasks = vec![spawn_health(&state, &p), spawn_snapshots(&state, &p)];
+    if c.ingest_stream {
+        tasks.push(spawn_ingest(&state, &p));
+    }
+    // Tie the loops' lifetime to this task: aborting it (shutdown) stops them.
+    let _guard = AbortOnDrop(tasks);
+    std::future::pending::<()>().await;
+}
+
+struct AbortOnDrop(Vec<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+fn spawn_health(state: &Arc<Shared>, p: &Arc<Persistence>) -> JoinHandle<()> {
+    let (state, p) = (Arc::clone(state), Arc::clone(p));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            p.check_health(&state.engine).await;
+        }
+    })
+}
+
+fn spawn_snapshots(state: &Arc<Shared>, p: &Arc<Persistence>) -> JoinHandle<()> {
+    let (state, p) = (Arc::clone(state), Arc::clone(p));
+    let every = Duration::from_millis(state.config.snapshot_interval_ms.max(10));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !p.is_up() {
+                continue;
+            }
+            match p.write_snapshot(&state.engine).await {
+                Ok(bytes) => tracing::debug!(bytes, "snapshot written"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "snapshot failed; the previous one stays current");
+                }
+            }
+        }
+    })
+}
+
+fn spawn_ingest(state: &Arc<Shared>, p: &Arc<Persistence>) -> JoinHandle<()> {
+    let (state, p) = (Arc::clone(state), Arc::clone(p));
+    tokio::spawn(async move {
+        let reclaim_every = Duration::from_secs(30);
+        let mut last_reclaim = tokio::time::Instant::now();
+        loop {
+            if !p.is_up() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            let reclaim = (last_reclaim.elapsed() >= reclaim_every).then(|| {
+                last_reclaim = tokio::time::Instant::now();
+                reclaim_every
+            });
+            if let Err(e) = p.ingest_once(&state.engine, 1000, 1000, reclaim).await {
+                tracing::warn!(error = %e, "stream ingestion failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    })
+}
+
 /// Expires reservations (and silent drivers, if a TTL is set) periodically.
 fn spawn_sweeper(state: &Arc<Shared>) -> JoinHandle<()> {
     let engine = Arc::clone(&state.engine);
+    let shared = Arc::clone(state);
     let ttl_on = state.config.driver_ttl_s > 0;
     let every = Duration::from_millis(state.config.sweep_interval_ms.max(1));
     tokio::spawn(async move {
@@ -166,19 +309,36 @@ fn spawn_sweeper(state: &Arc<Shared>) -> JoinHandle<()> {
             let engine = Arc::clone(&engine);
             // The driver scan is O(drivers): keep it off the async workers.
             let swept = tokio::task::spawn_blocking(move || {
-                let matches = engine.expire_matches();
+                let mut ended: Vec<hexmatch::OrderId> = engine
+                    .expire_matches()
+                    .into_iter()
+                    .map(|e| e.m.order_id)
+                    .collect();
+                let expired = ended.len();
                 let drivers = if ttl_on {
                     engine.expire_drivers()
                 } else {
                     Vec::new()
                 };
-                (matches.len(), drivers.len())
+                ended.extend(
+                    drivers
+                        .iter()
+                        .filter_map(|(_, ev)| ev.as_ref().map(|e| e.m.order_id.clone())),
+                );
+                (expired, drivers.len(), ended)
             })
             .await;
-            if let Ok((matches, drivers)) = swept {
+            if let Ok((expired, drivers, ended)) = swept {
                 counter!("hexmatch_match_ends_total", "state" => "expired")
-                    .increment(matches as u64);
+                    .increment(expired as u64);
                 counter!("hexmatch_drivers_expired_total").increment(drivers as u64);
+                if let Some(p) = shared.persist.get() {
+                    for order in &ended {
+                        if p.del_match(order).await.is_err() {
+                            p.schedule_resync();
+                        }
+                    }
+                }
             }
         }
     })

@@ -38,8 +38,16 @@ pub(crate) async fn put_driver(
     JsonBody(body): JsonBody<DriverPut>,
 ) -> ApiResult<Json<DriverPutOut>> {
     let update = body.into_update(id.clone())?;
+    // A status change may end the driver's match: keep Redis in step.
+    let held = update
+        .status
+        .and_then(|_| state.engine.driver(&id))
+        .and_then(|d| d.order_id);
     let applied = state.engine.upsert(&update)?;
     count_update(&applied);
+    if let (Some(order), Some(p)) = (held, state.persist.get()) {
+        p.sync_order(&state.engine, &order).await;
+    }
     Ok(Json(match applied {
         Applied::Applied(d) => DriverPutOut {
             driver: d.into(),
@@ -95,8 +103,11 @@ pub(crate) async fn delete_driver(
         .engine
         .remove(&id)
         .ok_or_else(|| ApiError::from(hexmatch::Error::UnknownDriver(id.to_string())))?;
-    if event.is_some() {
+    if let Some(ev) = event {
         counter!("hexmatch_match_ends_total", "state" => "released").increment(1);
+        if let Some(p) = state.persist.get() {
+            p.sync_order(&state.engine, &ev.m.order_id).await;
+        }
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -131,6 +142,73 @@ pub(crate) async fn post_location(
     }))
 }
 
+/// Validates and applies one raw update object (HTTP batch, WebSocket or
+/// Redis stream: the same rules everywhere).
+fn apply_value(engine: &Engine, item: Result<Value, ApiError>) -> Result<Applied, ApiError> {
+    item.and_then(|v| {
+        serde_json::from_value::<LocationItem>(v).map_err(|e| ApiError::invalid_json(e.to_string()))
+    })
+    .and_then(LocationItem::into_update)
+    .and_then(|u| engine.upsert(&u).map_err(ApiError::from))
+}
+
+/// A stream entry that failed validation: id, its fields, error code and message.
+pub(crate) type DeadLetter = (String, Vec<(String, String)>, &'static str, String);
+
+/// One stream field as the JSON value the HTTP API would have received.
+fn field_value(name: &str, raw: &str) -> Value {
+    match name {
+        "lat" | "lon" => raw
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map_or_else(|| Value::String(raw.to_owned()), Value::Number),
+        "ts" if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) => raw
+            .parse::<i64>()
+            .map_or_else(|_| Value::String(raw.to_owned()), Value::from),
+        "capabilities" => Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(Value::from)
+                .collect(),
+        ),
+        _ => Value::String(raw.to_owned()),
+    }
+}
+
+/// Applies Redis stream entries (one field per API field, all strings;
+/// `capabilities` comma-separated). Returns every entry id (to acknowledge)
+/// and the invalid entries (for the dead-letter stream).
+pub(crate) fn apply_stream_entries(
+    engine: &Engine,
+    entries: Vec<(String, std::collections::HashMap<String, redis::Value>)>,
+) -> (Vec<String>, Vec<DeadLetter>) {
+    let mut ids = Vec::with_capacity(entries.len());
+    let mut dead = Vec::new();
+    for (id, map) in entries {
+        let mut fields: Vec<(String, String)> = map
+            .into_iter()
+            .map(|(k, v)| (k, redis::from_redis_value::<String>(v).unwrap_or_default()))
+            .collect();
+        fields.sort();
+        let object: serde_json::Map<String, Value> = fields
+            .iter()
+            .map(|(k, v)| (k.clone(), field_value(k, v)))
+            .collect();
+        match apply_value(engine, Ok(Value::Object(object))) {
+            Ok(applied) => count_update(&applied),
+            Err(e) => {
+                counter!("hexmatch_location_updates_total", "result" => "rejected").increment(1);
+                dead.push((id.clone(), fields, e.code(), e.to_string()));
+            }
+        }
+        ids.push(id);
+    }
+    (ids, dead)
+}
+
 /// Applies one raw item to the engine, tallying the outcome.
 pub(crate) fn apply_item(
     engine: &Engine,
@@ -138,14 +216,7 @@ pub(crate) fn apply_item(
     item: Result<Value, ApiError>,
     tally: &mut BatchTally,
 ) {
-    let outcome = item
-        .and_then(|v| {
-            serde_json::from_value::<LocationItem>(v)
-                .map_err(|e| ApiError::invalid_json(e.to_string()))
-        })
-        .and_then(LocationItem::into_update)
-        .and_then(|u| engine.upsert(&u).map_err(ApiError::from));
-    match outcome {
+    match apply_value(engine, item) {
         Ok(applied) => {
             count_update(&applied);
             match applied {

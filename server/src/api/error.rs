@@ -79,6 +79,7 @@ impl ApiError {
             "method_not_allowed" => StatusCode::METHOD_NOT_ALLOWED,
             "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
             "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "upgrade_required" => StatusCode::UPGRADE_REQUIRED,
             "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
             "overloaded" | "not_ready" | "timeout" | "unavailable" => {
                 StatusCode::SERVICE_UNAVAILABLE

@@ -105,6 +105,11 @@ pub(crate) async fn create_match(
     JsonBody(body): JsonBody<OrderIn>,
 ) -> ApiResult<(StatusCode, Json<MatchOut>)> {
     let order = body.parse()?;
+    let durable = state.durable()?;
+    let _serial = match durable {
+        Some(p) => Some(p.lock_order(&order.order_id).await),
+        None => None,
+    };
     let result = state.engine.claim(&order.order_id, &order.request);
     let outcome = match &result {
         Ok((_, true)) => "created",
@@ -113,12 +118,65 @@ pub(crate) async fn create_match(
     };
     counter!("hexmatch_matches_total", "result" => outcome).increment(1);
     let (m, created) = result?;
+    if let (Some(p), true) = (durable, created) {
+        // Durable before the response; if Redis refuses, undo and say so.
+        let rec = state.engine.durable_match(&m.order_id);
+        if let Some(Err(e)) = match &rec {
+            Some(rec) => Some(p.put_match(rec).await),
+            None => None,
+        } {
+            let _ = state
+                .engine
+                .release(&m.order_id, Some("persistence_failed"));
+            return Err(unavailable(&e));
+        }
+    }
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
     Ok((status, Json(m.into())))
+}
+
+fn unavailable(e: &redis::RedisError) -> ApiError {
+    ApiError::new(
+        "unavailable",
+        format!("the change could not be made durable in Redis: {e}"),
+    )
+}
+
+/// Runs a confirm / release / complete so that Redis never says less than
+/// memory: with persistence, the order's new durable state is written
+/// first (`durable_first` turns the current record into it, or `None` to
+/// delete it), then the engine acts; if the engine refuses, the record is
+/// synced back to what the engine holds.
+async fn transition(
+    state: &AppState,
+    order: &OrderId,
+    durable_first: impl FnOnce(hexmatch::DurableMatch) -> Option<hexmatch::DurableMatch>,
+    act: impl FnOnce(&hexmatch::Engine) -> hexmatch::Result<hexmatch::Match>,
+) -> ApiResult<hexmatch::Match> {
+    let Some(p) = state.durable()? else {
+        return act(&state.engine).map_err(ApiError::from);
+    };
+    let _serial = p.lock_order(order).await;
+    let current = state
+        .engine
+        .durable_match(order)
+        .ok_or_else(|| unknown(order))?;
+    if current.m.state.is_live() {
+        let written = match durable_first(current) {
+            Some(next) => p.put_match(&next).await,
+            None => p.del_match(order).await,
+        };
+        written.map_err(|e| unavailable(&e))?;
+    }
+    let result = act(&state.engine);
+    if result.is_err() {
+        p.sync_order(&state.engine, order).await;
+    }
+    result.map_err(ApiError::from)
 }
 
 fn unknown(order: &OrderId) -> ApiError {
@@ -160,7 +218,14 @@ pub(crate) async fn confirm(
     State(state): State<AppState>,
     IdPath(order): IdPath<OrderId>,
 ) -> ApiResult<Json<MatchOut>> {
-    let m = state.engine.confirm(&order)?;
+    let now = state.engine.clock().now();
+    let confirmed = |mut rec: hexmatch::DurableMatch| {
+        if rec.m.state == hexmatch::MatchState::Reserved && rec.m.reserved_until > now {
+            rec.m.state = hexmatch::MatchState::Confirmed;
+        }
+        Some(rec)
+    };
+    let m = transition(&state, &order, confirmed, |e| e.confirm(&order)).await?;
     counter!("hexmatch_match_confirms_total").increment(1);
     Ok(Json(m.into()))
 }
@@ -184,7 +249,13 @@ pub(crate) async fn release(
             "reason is longer than 256 bytes",
         ));
     }
-    let m = state.engine.release(&order, body.reason.as_deref())?;
+    let m = transition(
+        &state,
+        &order,
+        |_| None,
+        |e| e.release(&order, body.reason.as_deref()),
+    )
+    .await?;
     count_end("released");
     Ok(Json(m.into()))
 }
@@ -201,7 +272,7 @@ pub(crate) async fn complete(
     State(state): State<AppState>,
     IdPath(order): IdPath<OrderId>,
 ) -> ApiResult<Json<MatchOut>> {
-    let m = state.engine.complete(&order)?;
+    let m = transition(&state, &order, |_| None, |e| e.complete(&order)).await?;
     count_end("completed");
     Ok(Json(m.into()))
 }
@@ -233,10 +304,41 @@ pub(crate) async fn batch(
         .into_iter()
         .map(OrderIn::parse)
         .collect::<ApiResult<Vec<_>>>()?;
+    let durable = state.durable()?;
+    let was_live: std::collections::HashSet<OrderId> = orders
+        .iter()
+        .filter(|o| {
+            state
+                .engine
+                .get_match(&o.order_id)
+                .is_some_and(|m| m.state.is_live())
+        })
+        .map(|o| o.order_id.clone())
+        .collect();
     let engine = state.engine.clone();
     let out = tokio::task::spawn_blocking(move || engine.claim_batch(&orders, BATCH_CANDIDATES))
         .await
         .map_err(|e| ApiError::new("internal", format!("batch task failed: {e}")))??;
+    if let Some(p) = durable {
+        // Durable before the response: write the new matches in one round
+        // trip; if Redis refuses, release them and say so.
+        let fresh: Vec<&OrderId> = out
+            .matches
+            .iter()
+            .map(|m| &m.order_id)
+            .filter(|o| !was_live.contains(*o))
+            .collect();
+        let records: Vec<_> = fresh
+            .iter()
+            .filter_map(|o| state.engine.durable_match(o))
+            .collect();
+        if let Err(e) = p.put_matches(&records).await {
+            for o in fresh {
+                let _ = state.engine.release(o, Some("persistence_failed"));
+            }
+            return Err(unavailable(&e));
+        }
+    }
     counter!("hexmatch_matches_total", "result" => "batch").increment(out.matches.len() as u64);
     Ok(Json(BatchOut {
         matches: out.matches.into_iter().map(Into::into).collect(),

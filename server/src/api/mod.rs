@@ -43,6 +43,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
+pub(crate) use drivers::apply_stream_entries;
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 
 use crate::config::ServeConfig;
@@ -63,10 +64,30 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// The per-client rate limiter, if configured.
     pub limiter: Option<Arc<Limiter>>,
+    /// Redis persistence, once connected and restored (when configured).
+    pub persist: std::sync::OnceLock<Arc<crate::persist::Persistence>>,
 }
 
 /// The router's state.
 pub type AppState = Arc<Shared>;
+
+impl Shared {
+    /// The persistence layer that match changes must go through: `Ok(None)`
+    /// when running memory-only, an error (503) while Redis is configured
+    /// but down, so no match changes without being durable.
+    pub(crate) fn durable(&self) -> Result<Option<&Arc<crate::persist::Persistence>>, ApiError> {
+        if self.config.redis_url.is_none() {
+            return Ok(None);
+        }
+        match self.persist.get() {
+            Some(p) if p.is_up() => Ok(Some(p)),
+            _ => Err(ApiError::new(
+                "unavailable",
+                "Redis is unreachable; match changes are refused until it returns",
+            )),
+        }
+    }
+}
 
 impl Shared {
     /// State for `engine` under `config`, not yet ready.
@@ -86,6 +107,7 @@ impl Shared {
             metrics,
             ready: AtomicBool::new(false),
             limiter,
+            persist: std::sync::OnceLock::new(),
         }
     }
 }
@@ -183,10 +205,14 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// Builds the router for `state`.
 pub fn app(state: AppState) -> Router {
+    // One semaphore for all of /v1: `Router::layer` wraps each route on its
+    // own, so a plain concurrency limit would count per route.
     let shed = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(shed_error))
         .load_shed()
-        .concurrency_limit(state.config.max_in_flight.max(1))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            state.config.max_in_flight.max(1),
+        ))
         .timeout(Duration::from_millis(
             state.config.request_timeout_ms.max(1),
         ));
@@ -201,7 +227,9 @@ pub fn app(state: AppState) -> Router {
             }),
         );
     }
-    let v1 = v1.layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let v1 = v1
+        .layer(middleware::from_fn_with_state(state.clone(), require_ready))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
     let (router, _) = v1.merge(ops_routes()).split_for_parts();
     let compress = SizeAbove::new(1024).and(NotForContentType::const_new("text/event-stream"));
     router
@@ -297,6 +325,20 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
         None => {
             ApiError::new("unauthorized", "missing Authorization: Bearer <token>").into_response()
         }
+    }
+}
+
+/// `/v1` answers 503 `not_ready` until start-up (restore) is done, so no
+/// update races the restore.
+async fn require_ready(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        next.run(req).await
+    } else {
+        ApiError::new(
+            "not_ready",
+            "start-up is not finished (restoring the snapshot)",
+        )
+        .into_response()
     }
 }
 

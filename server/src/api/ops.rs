@@ -23,7 +23,7 @@ pub(crate) async fn livez() -> &'static str {
 /// Readiness report.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct ReadyOut {
-    /// `ready` or `not_ready`.
+    /// `ready`, `not_ready` or `degraded` (Redis down).
     pub(crate) status: &'static str,
     /// `disabled` (memory only), `up` or `down`.
     pub(crate) redis: &'static str,
@@ -38,31 +38,40 @@ pub(crate) struct ReadyOut {
     (status = 503, description = "Not ready", body = ReadyOut),
 ))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<ReadyOut>) {
-    let redis = if state.config.redis_url.is_some() {
-        "down"
-    } else {
-        "disabled"
+    let persist = state.persist.get();
+    let redis = match (&state.config.redis_url, persist) {
+        (None, _) => "disabled",
+        (Some(_), Some(p)) if p.is_up() => "up",
+        (Some(_), _) => "down",
     };
-    if state.ready.load(Ordering::Acquire) {
+    let (status, reason) = if !state.ready.load(Ordering::Acquire) {
         (
-            StatusCode::OK,
-            Json(ReadyOut {
-                status: "ready",
-                redis,
-                reason: None,
-            }),
+            "not_ready",
+            Some(
+                "start-up is not finished (connecting to Redis, restoring the snapshot)".to_owned(),
+            ),
+        )
+    } else if redis == "down" {
+        (
+            "degraded",
+            Some("Redis is unreachable: serving from memory, match changes refused".to_owned()),
         )
     } else {
-        let reason = Some("start-up is still loading drivers".to_owned());
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(ReadyOut {
-                status: "not_ready",
-                redis,
-                reason,
-            }),
-        )
-    }
+        ("ready", None)
+    };
+    let code = if status == "ready" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(ReadyOut {
+            status,
+            redis,
+            reason,
+        }),
+    )
 }
 
 /// Prometheus metrics (text exposition format).

@@ -28,13 +28,20 @@ pub(crate) struct StreamParams {
     responses(
         (status = 101, description = "Switching to WebSocket. Client frames: one update object each (as in `POST /v1/locations`). Server frames: `{applied, stale, rejected}` acks covering the updates since the previous ack; `rejected[].index` counts frames from 0 over the connection."),
         (status = 400, description = "invalid_parameter", body = ErrorBody),
+        (status = 426, description = "upgrade_required (not a WebSocket handshake)", body = ErrorBody),
     ))]
 pub(crate) async fn stream(
     State(state): State<AppState>,
     params: Result<Query<StreamParams>, axum::extract::rejection::QueryRejection>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let Query(params) = params.map_err(|e| ApiError::invalid_parameter(e.body_text()))?;
+    let ws = ws.map_err(|e| {
+        ApiError::new(
+            "upgrade_required",
+            format!("this endpoint is a WebSocket: {}", e.body_text()),
+        )
+    })?;
     let ack_every = params.ack_every.unwrap_or(100);
     if !(1..=10_000).contains(&ack_every) {
         return Err(ApiError::invalid_parameter(format!(
@@ -48,7 +55,9 @@ async fn run(state: AppState, mut socket: WebSocket, ack_every: usize) {
     let mut tally = BatchTally::default();
     let mut pending = 0usize;
     let mut index = 0usize;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The first timed ack is due a second from now, not at once.
+    let second = Duration::from_secs(1);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
     loop {
         tokio::select! {
             msg = socket.recv() => {

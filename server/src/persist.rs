@@ -1,0 +1,534 @@
+//! Redis persistence: snapshots, restore on boot, durable reservations and
+//! location ingestion from a Redis Stream.
+//!
+//! # Keys (prefix `p`, region `r`)
+//! | key | what |
+//! | --- | --- |
+//! | `p:r:snap:manifest` / `…:manifest:prev` | current and previous snapshot manifest |
+//! | `p:r:snap:gen` | generation counter (`INCR`) |
+//! | `p:r:snap:g{gen}:{i}` | chunk `i` of generation `gen` |
+//! | `p:r:matches` | hash: order id → durable record of each live match |
+//! | `p:locations` / `p:locations:dead` | update stream (group `hexmatch`) / dead letters |
+//!
+//! # Guarantees
+//! - A snapshot's chunks are written first, then the manifest is switched
+//!   with `MULTI`/`EXEC` (the old one kept as `prev`); chunks two
+//!   generations old are `UNLINK`ed. A reader never sees a half-written
+//!   snapshot, and a corrupt one falls back to `prev`.
+//! - Every match change is written through before the HTTP response.
+//!   Changes to one order are serialised by a per-order lock.
+//!   - A claim reserves in memory, then writes. If the write fails it
+//!     releases the driver and answers 503.
+//!   - Confirm, release and complete write first, then act in memory. If
+//!     the write fails, memory is untouched and the answer is 503.
+//!   - Where Redis and memory could still diverge, the hash is resynced in
+//!     full once Redis answers again (an expiry whose delete failed, a
+//!     driver-side end).
+//!
+//!   The divergence is always toward "held": a restart may hold a driver
+//!   until its reservation lapses, but never gives it to a second order.
+//! - While Redis is down, match requests are refused with 503
+//!   `unavailable` before anything changes. Locations and nearest keep
+//!   serving from memory, and `/readyz` says `degraded`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hexmatch::{DurableMatch, Engine, Manifest, OrderId};
+use metrics::{counter, gauge, histogram};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, RedisResult, Value};
+use tokio::sync::{Mutex, MutexGuard};
+
+/// Drivers per snapshot chunk: about 1–2 MB per chunk before compression.
+pub const CHUNK_DRIVERS: usize = 50_000;
+const ORDER_LOCKS: usize = 256;
+
+/// A connection to Redis plus what the server needs to know about it.
+pub struct Persistence {
+    conn: ConnectionManager,
+    prefix: String,
+    region: String,
+    node_id: String,
+    up: AtomicBool,
+    needs_resync: AtomicBool,
+    order_locks: Box<[Mutex<()>]>,
+}
+
+impl std::fmt::Debug for Persistence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Persistence")
+            .field("prefix", &self.prefix)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a restore found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// Drivers loaded from the snapshot.
+    pub drivers: usize,
+    /// Generation loaded, if any.
+    pub generation: Option<u64>,
+    /// Live matches restored.
+    pub matches: usize,
+    /// Problems met on the way (corrupt snapshot, bad records).
+    pub warnings: Vec<String>,
+}
+
+impl Persistence {
+    /// Connects (with automatic reconnection) to `url`.
+    ///
+    /// # Errors
+    /// The URL is invalid or Redis cannot be reached now.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        region: &str,
+        node_id: &str,
+    ) -> Result<Arc<Self>, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("redis url {url:?}: {e}"))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| format!("redis at {url}: {e}"))?;
+        Ok(Arc::new(Self {
+            conn,
+            prefix: prefix.to_owned(),
+            region: region.to_owned(),
+            node_id: node_id.to_owned(),
+            up: AtomicBool::new(true),
+            needs_resync: AtomicBool::new(false),
+            order_locks: (0..ORDER_LOCKS).map(|_| Mutex::new(())).collect(),
+        }))
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}:{}:{suffix}", self.prefix, self.region)
+    }
+
+    fn chunk_key(&self, generation: u64, i: usize) -> String {
+        self.key(&format!("snap:g{generation}:{i}"))
+    }
+
+    /// The stream location updates are read from.
+    pub fn stream_key(&self) -> String {
+        format!("{}:locations", self.prefix)
+    }
+
+    /// Whether the last command or health check reached Redis.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    fn note<T>(&self, r: RedisResult<T>) -> RedisResult<T> {
+        if let Err(e) = &r {
+            if e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+            {
+                self.up.store(false, Ordering::Release);
+            }
+            counter!("hexmatch_redis_errors_total").increment(1);
+        }
+        r
+    }
+
+    /// Serialises changes to one order (claim, confirm, release, …).
+    pub async fn lock_order(&self, order: &OrderId) -> MutexGuard<'_, ()> {
+        let h = order
+            .as_str()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            });
+        self.order_locks[(h % ORDER_LOCKS as u64) as usize]
+            .lock()
+            .await
+    }
+
+    /// Writes an order's durable record (a live match) or deletes it (ended).
+    ///
+    /// # Errors
+    /// Redis errors; the caller decides whether to undo or answer 503.
+    pub async fn put_match(&self, rec: &DurableMatch) -> RedisResult<()> {
+        let mut conn = self.conn.clone();
+        let key = self.key("matches");
+        let r = if rec.m.state.is_live() {
+            conn.hset::<_, _, _, ()>(key, rec.m.order_id.as_str(), rec.encode())
+                .await
+        } else {
+            conn.hdel::<_, _, ()>(key, rec.m.order_id.as_str()).await
+        };
+        self.note(r)
+    }
+
+    /// Writes many live records in one pipelined round trip.
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn put_matches(&self, recs: &[DurableMatch]) -> RedisResult<()> {
+        if recs.is_empty() {
+            return Ok(());
+        }
+        let key = self.key("matches");
+        let mut pipe = redis::pipe();
+        for rec in recs {
+            pipe.hset(&key, rec.m.order_id.as_str(), rec.encode())
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        self.note(pipe.query_async::<()>(&mut conn).await)
+    }
+
+    /// Deletes an order's durable record.
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn del_match(&self, order: &OrderId) -> RedisResult<()> {
+        let mut conn = self.conn.clone();
+        let r = conn
+            .hdel::<_, _, ()>(self.key("matches"), order.as_str())
+            .await;
+        self.note(r)
+    }
+
+    /// Brings one order's record in line with the engine (best effort; a
+    /// failure schedules a full resync).
+    pub async fn sync_order(&self, engine: &Engine, order: &OrderId) {
+        let r = match engine.durable_match(order) {
+            Some(rec) => self.put_match(&rec).await,
+            None => self.del_match(order).await,
+        };
+        if r.is_err() {
+            self.needs_resync.store(true, Ordering::Release);
+        }
+    }
+
+    /// Marks the matches hash as possibly behind the engine.
+    pub fn schedule_resync(&self) {
+        self.needs_resync.store(true, Ordering::Release);
+    }
+
+    /// Rewrites the matches hash to exactly the engine's live matches.
+    ///
+    /// # Errors
+    /// Redis errors (the resync stays scheduled).
+    pub async fn resync_matches(&self, engine: &Engine) -> RedisResult<()> {
+        self.needs_resync.store(false, Ordering::Release);
+        let key = self.key("matches");
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(&key).ignore();
+        for rec in engine.durable_matches() {
+            pipe.hset(&key, rec.m.order_id.as_str(), rec.encode())
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        let r = self.note(pipe.query_async::<()>(&mut conn).await);
+        if r.is_err() {
+            self.needs_resync.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    /// Takes a snapshot and stores it under a new generation, then switches
+    /// the manifest. Returns the encoded size in bytes.
+    ///
+    /// # Errors
+    /// Redis errors; the previous snapshot stays current.
+    pub async fn write_snapshot(&self, engine: &Arc<Engine>) -> RedisResult<usize> {
+        let started = Instant::now();
+        let mut conn = self.conn.clone();
+        let generation: u64 = self.note(conn.incr(self.key("snap:gen"), 1).await)?;
+        let e = Arc::clone(engine);
+        let snap = tokio::task::spawn_blocking(move || e.snapshot(generation, CHUNK_DRIVERS))
+            .await
+            .map_err(|e| {
+                redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "snapshot task failed",
+                    e.to_string(),
+                ))
+            })?;
+        let mut pipe = redis::pipe();
+        for (i, chunk) in snap.chunks.iter().enumerate() {
+            pipe.set(self.chunk_key(generation, i), chunk.as_slice())
+                .ignore();
+        }
+        self.note(pipe.query_async::<()>(&mut conn).await)?;
+        let (current, previous): (Option<Vec<u8>>, Option<Vec<u8>>) = self.note(
+            redis::pipe()
+                .get(self.key("snap:manifest"))
+                .get(self.key("snap:manifest:prev"))
+                .query_async(&mut conn)
+                .await,
+        )?;
+        let manifest = snap.manifest.encode();
+        let mut switch = redis::pipe();
+        switch.atomic();
+        if let Some(cur) = &current {
+            switch
+                .set(self.key("snap:manifest:prev"), cur.as_slice())
+                .ignore();
+        }
+        switch
+            .set(self.key("snap:manifest"), manifest.as_slice())
+            .ignore();
+        self.note(switch.query_async::<()>(&mut conn).await)?;
+        // The generation before the previous one is no longer referenced.
+        if let Some(old) = previous.as_deref().and_then(|b| Manifest::decode(b).ok()) {
+            let keys: Vec<String> = (0..old.chunks.len())
+                .map(|i| self.chunk_key(old.generation, i))
+                .collect();
+            if !keys.is_empty() {
+                let _ = self.note(conn.unlink::<_, ()>(keys).await);
+            }
+        }
+        let bytes = manifest.len() + snap.chunks.iter().map(Vec::len).sum::<usize>();
+        histogram!("hexmatch_snapshot_duration_seconds").record(started.elapsed().as_secs_f64());
+        gauge!("hexmatch_snapshot_bytes").set(bytes as f64);
+        gauge!("hexmatch_snapshot_drivers").set(snap.manifest.drivers as f64);
+        gauge!("hexmatch_snapshot_taken_at_seconds").set(snap.manifest.taken_at_ms as f64 / 1000.0);
+        counter!("hexmatch_snapshots_total").increment(1);
+        Ok(bytes)
+    }
+
+    /// Reads and checks the snapshot under `manifest_key`.
+    async fn read_snapshot(
+        &self,
+        manifest_key: &str,
+    ) -> Result<Option<(Manifest, Vec<Vec<u8>>)>, String> {
+        let mut conn = self.conn.clone();
+        let raw: Option<Vec<u8>> = self
+            .note(conn.get(manifest_key).await)
+            .map_err(|e| e.to_string())?;
+        let Some(raw) = raw else { return Ok(None) };
+        let manifest = Manifest::decode(&raw).map_err(|e| format!("{manifest_key}: {e}"))?;
+        let keys: Vec<String> = (0..manifest.chunks.len())
+            .map(|i| self.chunk_key(manifest.generation, i))
+            .collect();
+        let chunks: Vec<Option<Vec<u8>>> = if keys.is_empty() {
+            Vec::new()
+        } else {
+            self.note(redis::cmd("MGET").arg(&keys).query_async(&mut conn).await)
+                .map_err(|e| e.to_string())?
+        };
+        let chunks = chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                c.ok_or_else(|| {
+                    format!(
+                        "{manifest_key}: chunk {i} of generation {} is missing",
+                        manifest.generation
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some((manifest, chunks)))
+    }
+
+    /// Restores the latest good snapshot (falling back to the previous
+    /// generation) and then the live matches, into an empty engine.
+    ///
+    /// # Errors
+    /// Only when Redis cannot be read at all; corrupt data is reported in
+    /// [`Restored::warnings`] and skipped, never loaded half-way.
+    pub async fn restore(&self, engine: &Arc<Engine>) -> Result<Restored, String> {
+        let mut out = Restored::default();
+        for key in [self.key("snap:manifest"), self.key("snap:manifest:prev")] {
+            match self.read_snapshot(&key).await {
+                Ok(None) => {}
+                Ok(Some((manifest, chunks))) => {
+                    let e = Arc::clone(engine);
+                    let m = manifest.clone();
+                    let loaded =
+                        tokio::task::spawn_blocking(move || e.restore_snapshot(&m, &chunks))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    match loaded {
+                        Ok(n) => {
+                            out.drivers = n;
+                            out.generation = Some(manifest.generation);
+                            break;
+                        }
+                        Err(e) => out.warnings.push(format!("{key}: {e}")),
+                    }
+                }
+                Err(e) if e.contains("corrupt") || e.contains("missing") => out.warnings.push(e),
+                Err(e) => return Err(e),
+            }
+        }
+        let mut conn = self.conn.clone();
+        let raw: HashMap<String, Vec<u8>> = self
+            .note(conn.hgetall(self.key("matches")).await)
+            .map_err(|e| e.to_string())?;
+        let mut records = Vec::with_capacity(raw.len());
+        for (order, bytes) in raw {
+            match DurableMatch::decode(&bytes) {
+                Ok(r) => records.push(r),
+                Err(e) => out.warnings.push(format!("match record {order:?}: {e}")),
+            }
+        }
+        let report = engine.restore_matches(records);
+        out.matches = report.restored;
+        out.warnings.extend(
+            report
+                .skipped
+                .into_iter()
+                .map(|(o, why)| format!("match {o}: {why}")),
+        );
+        if !out.warnings.is_empty() {
+            counter!("hexmatch_restore_warnings_total").increment(out.warnings.len() as u64);
+        }
+        Ok(out)
+    }
+
+    /// Pings Redis; on recovery, runs a pending resync.
+    pub async fn check_health(&self, engine: &Engine) {
+        let mut conn = self.conn.clone();
+        let ok = redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .is_ok();
+        let was = self.up.swap(ok, Ordering::AcqRel);
+        gauge!("hexmatch_redis_up").set(if ok { 1.0 } else { 0.0 });
+        if ok && !was {
+            tracing::info!("redis is reachable again");
+            self.needs_resync.store(true, Ordering::Release);
+        } else if !ok && was {
+            tracing::warn!("redis is unreachable: match requests are refused until it returns");
+        }
+        if ok
+            && self.needs_resync.load(Ordering::Acquire)
+            && let Err(e) = self.resync_matches(engine).await
+        {
+            tracing::warn!(error = %e, "resync of matches failed; will retry");
+        }
+    }
+
+    /// Reads one batch of location updates from the stream (new entries, or
+    /// entries of dead consumers idle longer than `reclaim_idle`), applies
+    /// them with the HTTP validation, moves invalid ones to the dead-letter
+    /// stream and acknowledges all. Returns how many entries it handled.
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn ingest_once(
+        &self,
+        engine: &Arc<Engine>,
+        count: usize,
+        block_ms: u64,
+        reclaim_idle: Option<Duration>,
+    ) -> RedisResult<usize> {
+        let mut conn = self.conn.clone();
+        let stream = self.stream_key();
+        let entries: Vec<(String, HashMap<String, Value>)> = if let Some(idle) = reclaim_idle {
+            let reply: redis::streams::StreamAutoClaimReply = self.note(
+                redis::cmd("XAUTOCLAIM")
+                    .arg(&stream)
+                    .arg("hexmatch")
+                    .arg(&self.node_id)
+                    .arg(idle.as_millis() as u64)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(count)
+                    .query_async(&mut conn)
+                    .await,
+            )?;
+            reply.claimed.into_iter().map(|e| (e.id, e.map)).collect()
+        } else {
+            let reply: Option<redis::streams::StreamReadReply> = self.note(
+                redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg("hexmatch")
+                    .arg(&self.node_id)
+                    .arg("COUNT")
+                    .arg(count)
+                    .arg("BLOCK")
+                    .arg(block_ms)
+                    .arg("STREAMS")
+                    .arg(&stream)
+                    .arg(">")
+                    .query_async(&mut conn)
+                    .await,
+            )?;
+            reply
+                .map(|r| {
+                    r.keys
+                        .into_iter()
+                        .flat_map(|k| k.ids)
+                        .map(|e| (e.id, e.map))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let n = entries.len();
+        let e = Arc::clone(engine);
+        let (ids, dead) =
+            tokio::task::spawn_blocking(move || crate::api::apply_stream_entries(&e, entries))
+                .await
+                .map_err(|e| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "ingest task failed",
+                        e.to_string(),
+                    ))
+                })?;
+        let mut pipe = redis::pipe();
+        for (id, fields, code, message) in dead {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(format!("{stream}:dead"))
+                .arg("*")
+                .arg("source_id")
+                .arg(id)
+                .arg("error_code")
+                .arg(code)
+                .arg("error")
+                .arg(message);
+            for (k, v) in fields {
+                cmd.arg(k).arg(v);
+            }
+            pipe.add_command(cmd).ignore();
+        }
+        pipe.cmd("XACK")
+            .arg(&stream)
+            .arg("hexmatch")
+            .arg(&ids)
+            .ignore();
+        self.note(pipe.query_async::<()>(&mut conn).await)?;
+        counter!("hexmatch_stream_entries_total").increment(n as u64);
+        Ok(n)
+    }
+
+    /// Creates the consumer group (and the stream) if missing.
+    ///
+    /// # Errors
+    /// Redis errors other than "group exists".
+    pub async fn ensure_group(&self) -> RedisResult<()> {
+        let mut conn = self.conn.clone();
+        let r: RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(self.stream_key())
+            .arg("hexmatch")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match r {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => self.note(other),
+        }
+    }
+}
