@@ -1,6 +1,8 @@
 //! Helpers shared by hexmatch's integration tests: a brute-force oracle for
 //! nearest queries and loaders for the sample data in `data/`.
 
+pub mod http;
+
 use std::path::PathBuf;
 
 use hexmatch::{
