@@ -49,6 +49,9 @@ const ORDER_LOCKS: usize = 256;
 /// A connection to Redis plus what the server needs to know about it.
 pub struct Persistence {
     conn: ConnectionManager,
+    /// Blocking stream reads (`XREADGROUP … BLOCK`) hold a multiplexed
+    /// connection until they return, so they get one of their own.
+    stream_conn: ConnectionManager,
     prefix: String,
     region: String,
     node_id: String,
@@ -96,11 +99,15 @@ impl Persistence {
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, config)
+        let conn = ConnectionManager::new_with_config(client.clone(), config.clone())
+            .await
+            .map_err(|e| format!("redis at {url}: {e}"))?;
+        let stream_conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|e| format!("redis at {url}: {e}"))?;
         Ok(Arc::new(Self {
             conn,
+            stream_conn,
             prefix: prefix.to_owned(),
             region: region.to_owned(),
             node_id: node_id.to_owned(),
@@ -429,7 +436,7 @@ impl Persistence {
         block_ms: u64,
         reclaim_idle: Option<Duration>,
     ) -> RedisResult<usize> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.stream_conn.clone();
         let stream = self.stream_key();
         let entries: Vec<(String, HashMap<String, Value>)> = if let Some(idle) = reclaim_idle {
             let reply: redis::streams::StreamAutoClaimReply = self.note(

@@ -1,0 +1,132 @@
+//! Helpers for the server's Redis tests: a private `redis-server` per test.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A unique key prefix, so tests never touch each other's keys (or those of
+/// a shared Redis given by `REDIS_URL`).
+pub fn unique_prefix(test: &str) -> String {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("hxtest-{test}-{}-{n}", std::process::id())
+}
+
+/// A `redis-server` started for one test on a unix socket in a temp dir,
+/// with persistence off (`--save ''`), killed on drop.
+pub struct RedisServer {
+    child: Option<Child>,
+    dir: PathBuf,
+    /// URL for the redis crate and for `hexmatch serve --redis-url`.
+    pub url: String,
+}
+
+impl RedisServer {
+    /// Starts a private server. Panics with install instructions if
+    /// `redis-server` is not on PATH.
+    pub fn start() -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("hexmatch-redis-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let url = format!("redis+unix://{}", dir.join("redis.sock").display());
+        let mut server = Self {
+            child: None,
+            dir,
+            url,
+        };
+        server.spawn();
+        server
+    }
+
+    /// `REDIS_URL` if set (a shared server: use unique prefixes, never flush),
+    /// else a private server.
+    pub fn from_env_or_start() -> (Option<Self>, String) {
+        match std::env::var("REDIS_URL") {
+            Ok(url) if !url.is_empty() => (None, url),
+            _ => {
+                let s = Self::start();
+                let url = s.url.clone();
+                (Some(s), url)
+            }
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("redis.sock")
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(self.socket())
+            .args(["--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--dir"])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server ({e}): install it (Debian: apt-get install redis-server) or set REDIS_URL")
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(client) = redis::Client::open(self.url.as_str()) {
+                if let Ok(mut c) = client.get_connection() {
+                    if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (its data is gone: it keeps nothing on disk).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same socket (empty).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// A synchronous connection for assertions.
+    pub fn conn(url: &str) -> redis::Connection {
+        redis::Client::open(url)
+            .expect("valid url")
+            .get_connection()
+            .expect("redis answers")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics after `secs` seconds.
+pub fn poll<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}

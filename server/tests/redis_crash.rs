@@ -1,0 +1,252 @@
+//! Crash test: `hexmatch serve` as a child process, killed with SIGKILL in
+//! the middle of ingestion, restarted on the same Redis. Drivers come back
+//! (up to the last snapshot) and every acknowledged reservation is intact.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use common::{RedisServer, poll, unique_prefix};
+use serde_json::{Value, json};
+
+struct Node {
+    child: Child,
+    base: String,
+}
+
+impl Node {
+    fn start(url: &str, prefix: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hexmatch"))
+            .args([
+                "serve",
+                "--bind",
+                "127.0.0.1:0",
+                "--redis-url",
+                url,
+                "--redis-prefix",
+                prefix,
+            ])
+            .args(["--snapshot-interval-ms", "200", "--driver-ttl-s", "0"])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("binary runs");
+        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("server logs its address")
+                .expect("utf-8 log");
+            if let Some(rest) = line
+                .split("addr=")
+                .nth(1)
+                .filter(|_| line.contains("hexmatch serving"))
+            {
+                break rest.split_whitespace().next().expect("address").to_owned();
+            }
+        };
+        // Keep draining the log so the child never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        let node = Self {
+            child,
+            base: format!("http://{addr}"),
+        };
+        let http = reqwest::blocking::Client::new();
+        poll(30, "readyz", || {
+            http.get(format!("{}/readyz", node.base))
+                .send()
+                .ok()
+                .filter(|r| r.status() == 200)
+        });
+        node
+    }
+}
+
+fn post(http: &reqwest::blocking::Client, url: String, body: &Value) -> (u16, Value) {
+    let r = http.post(url).json(body).send().expect("request sent");
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+fn drivers(n: usize) -> Vec<Value> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../data/chicago_trips.csv"
+    ))
+    .expect("data");
+    text.lines()
+        .skip(1)
+        .take(n)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            json!({"driver_id": f[0], "lat": f[2].parse::<f64>().expect("lat"), "lon": f[3].parse::<f64>().expect("lon")})
+        })
+        .collect()
+}
+
+#[test]
+fn sigkill_mid_ingest_loses_no_acknowledged_reservation() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("crash");
+    let http = reqwest::blocking::Client::new();
+    let mut node = Node::start(&url, &prefix);
+    let all = drivers(3000);
+    assert_eq!(
+        post(
+            &http,
+            format!("{}/v1/locations", node.base),
+            &Value::Array(all.clone())
+        )
+        .0,
+        200
+    );
+
+    // Acknowledged reservations (and some confirmations).
+    let mut held: Vec<(String, String, &str)> = Vec::new();
+    for i in 0..40 {
+        let order = format!("o{i}");
+        let pickup = json!({"lat": 41.80 + f64::from(i) * 0.005, "lon": -87.65});
+        let (s, m) = post(
+            &http,
+            format!("{}/v1/matches", node.base),
+            &json!({"order_id": order, "pickup": pickup, "hold_ms": 3_600_000}),
+        );
+        assert_eq!(s, 201, "{m}");
+        let mut state = "reserved";
+        if i % 4 == 0 {
+            assert_eq!(
+                post(
+                    &http,
+                    format!("{}/v1/matches/{order}/confirm", node.base),
+                    &json!({})
+                )
+                .0,
+                200
+            );
+            state = "confirmed";
+        }
+        held.push((
+            order,
+            m["driver_id"].as_str().expect("driver").to_owned(),
+            state,
+        ));
+    }
+    // Wait until a snapshot holds every driver.
+    poll(30, "a full snapshot", || {
+        let text = http
+            .get(format!("{}/metrics", node.base))
+            .send()
+            .ok()?
+            .text()
+            .ok()?;
+        let n: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("hexmatch_snapshot_drivers "))?
+            .trim()
+            .parse()
+            .ok()?;
+        (n >= 3000.0).then_some(())
+    });
+
+    // Ingest continuously, and kill the node in the middle of it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (stop, sent, base, batch) = (
+            Arc::clone(&stop),
+            Arc::clone(&sent),
+            node.base.clone(),
+            all.clone(),
+        );
+        std::thread::spawn(move || {
+            let http = reqwest::blocking::Client::new();
+            for round in 0..2000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let moved: Vec<Value> = batch.iter().take(200).map(|d| {
+                    json!({"driver_id": d["driver_id"], "lat": d["lat"].as_f64().unwrap_or(0.0) + 0.0001 * f64::from(round % 7), "lon": d["lon"]})
+                }).collect();
+                if http
+                    .post(format!("{base}/v1/locations"))
+                    .json(&moved)
+                    .send()
+                    .is_ok()
+                {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    poll(30, "ingestion under way", || {
+        (sent.load(Ordering::Relaxed) >= 5).then_some(())
+    });
+    node.child.kill().expect("SIGKILL");
+    node.child.wait().expect("reaped");
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+
+    let node = Node::start(&url, &prefix);
+    let regions: Value = http
+        .get(format!("{}/v1/regions", node.base))
+        .send()
+        .expect("sent")
+        .json()
+        .expect("json");
+    assert_eq!(
+        regions[0]["drivers"].as_u64(),
+        Some(3000),
+        "every driver of the last snapshot is back"
+    );
+    let held_drivers: HashSet<String> = held.iter().map(|(_, d, _)| d.clone()).collect();
+    for (order, driver, state) in &held {
+        let m: Value = http
+            .get(format!("{}/v1/matches/{order}", node.base))
+            .send()
+            .expect("sent")
+            .json()
+            .expect("json");
+        assert_eq!(
+            (m["driver_id"].as_str(), m["state"].as_str()),
+            (Some(driver.as_str()), Some(*state)),
+            "{order}"
+        );
+        let d: Value = http
+            .get(format!("{}/v1/drivers/{driver}", node.base))
+            .send()
+            .expect("sent")
+            .json()
+            .expect("json");
+        let want = if *state == "reserved" {
+            "reserved"
+        } else {
+            "busy"
+        };
+        assert_eq!(
+            (d["status"].as_str(), d["order_id"].as_str()),
+            (Some(want), Some(order.as_str()))
+        );
+    }
+    // New orders never get a held driver.
+    for i in 0..100 {
+        let pickup = json!({"lat": 41.80 + f64::from(i) * 0.002, "lon": -87.65});
+        let (s, m) = post(
+            &http,
+            format!("{}/v1/matches", node.base),
+            &json!({"order_id": format!("new{i}"), "pickup": pickup}),
+        );
+        assert_eq!(s, 201, "{m}");
+        assert!(
+            !held_drivers.contains(m["driver_id"].as_str().expect("driver")),
+            "{m} reuses a held driver"
+        );
+    }
+    let mut node = node;
+    node.child.kill().expect("kill");
+    let _ = node.child.wait();
+}

@@ -1,0 +1,473 @@
+//! Persistence against a real Redis: restart, round trip, corruption,
+//! outage and stream ingestion. Each test runs its own `redis-server`
+//! (unix socket, `--save ''`) or uses `REDIS_URL` with a unique key prefix.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{RedisServer, poll, unique_prefix};
+use hexmatch::{
+    Capabilities, ClaimRequest, Driver, DriverId, Engine, EngineConfig, OrderId, Position, Status,
+    Timestamp, Vehicle,
+};
+use hexmatch_server::persist::Persistence;
+use hexmatch_server::{ServeConfig, Server};
+use redis::Commands;
+use serde_json::{Value, json};
+
+fn config(url: &str, prefix: &str) -> ServeConfig {
+    ServeConfig {
+        bind: "127.0.0.1:0".parse().expect("valid"),
+        redis_url: Some(url.to_owned()),
+        redis_prefix: prefix.to_owned(),
+        snapshot_interval_ms: 100,
+        sweep_interval_ms: 50,
+        driver_ttl_s: 0,
+        ..ServeConfig::default()
+    }
+}
+
+async fn wait_ready(server: &Server) {
+    let url = format!("http://{}/readyz", server.addr());
+    for _ in 0..400 {
+        if reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("server never became ready");
+}
+
+async fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("http://{}{path}", server.addr()))
+        .json(body)
+        .send()
+        .await
+        .expect("request sent");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn chicago(n: usize) -> Vec<Value> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../data/chicago_trips.csv"
+    ))
+    .expect("data");
+    text.lines()
+        .skip(1)
+        .take(n)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            json!({"driver_id": f[0], "lat": f[5].parse::<f64>().expect("lat"), "lon": f[6].parse::<f64>().expect("lon")})
+        })
+        .collect()
+}
+
+fn sorted_drivers(e: &Engine) -> Vec<Driver> {
+    let mut d = e.drivers();
+    d.sort_by(|a, b| a.id.cmp(&b.id));
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_restores_drivers_and_live_matches() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("restart");
+    let a = hexmatch_server::start(config(&url, &prefix))
+        .await
+        .expect("starts");
+    wait_ready(&a).await;
+    let (status, body) = post(&a, "/v1/locations", &Value::Array(chicago(2000))).await;
+    assert_eq!((status, &body["applied"]), (200, &json!(2000)));
+    for (i, o) in ["o1", "o2", "o3"].iter().enumerate() {
+        let pickup = json!({"lat": 41.88 + i as f64 * 0.02, "lon": -87.63});
+        let (s, _) = post(
+            &a,
+            "/v1/matches",
+            &json!({"order_id": o, "pickup": pickup, "hold_ms": 600_000}),
+        )
+        .await;
+        assert_eq!(s, 201);
+    }
+    assert_eq!(post(&a, "/v1/matches/o2/confirm", &json!({})).await.0, 200);
+    assert_eq!(post(&a, "/v1/matches/o3/release", &json!({})).await.0, 200);
+    let before = sorted_drivers(a.engine());
+    let matches_before: Vec<_> = ["o1", "o2"]
+        .iter()
+        .map(|o| a.engine().get_match(&OrderId::new(o).expect("id")))
+        .collect();
+    a.shutdown().await; // writes a final snapshot
+
+    let b = hexmatch_server::start(config(&url, &prefix))
+        .await
+        .expect("starts");
+    wait_ready(&b).await;
+    assert_eq!(sorted_drivers(b.engine()), before);
+    for (o, m) in ["o1", "o2"].iter().zip(matches_before) {
+        let m = m.expect("was live");
+        let back = b
+            .engine()
+            .get_match(&OrderId::new(o).expect("id"))
+            .expect("restored");
+        assert_eq!(
+            (back.driver_id, back.state, back.reserved_until),
+            (m.driver_id, m.state, m.reserved_until)
+        );
+    }
+    assert!(
+        b.engine()
+            .get_match(&OrderId::new("o3").expect("id"))
+            .is_none(),
+        "released matches are not restored"
+    );
+    b.shutdown().await;
+}
+
+fn mixed_drivers(n: usize) -> Vec<Driver> {
+    (0..n)
+        .map(|i| Driver {
+            id: DriverId::new(&format!("drv-{i:07}")).expect("id"),
+            pos: Position::new(
+                41.6 + (i % 1009) as f64 * 0.0004,
+                -87.9 + (i % 997) as f64 * 0.0004,
+            )
+            .expect("pos"),
+            ts: Timestamp::from_millis(1_700_000_000_000 + i as i64).expect("ts"),
+            status: [
+                Status::Available,
+                Status::Available,
+                Status::Busy,
+                Status::Offline,
+            ][i % 4],
+            vehicle: Vehicle::ALL[i % 6],
+            capabilities: Capabilities::from_bits_truncate((i % 16) as u16),
+            order_id: None,
+            reserved_until: None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_of_120k_drivers_and_matches_is_exact() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("roundtrip");
+    let p = Persistence::connect(&url, &prefix, "default", "n1")
+        .await
+        .expect("connects");
+    let engine = Arc::new(Engine::new(EngineConfig::default()).expect("engine"));
+    engine.bulk_load(mixed_drivers(120_000)).expect("load");
+    for i in 0..100 {
+        let pickup = Position::new(41.7 + f64::from(i) * 0.002, -87.7).expect("pos");
+        let req = ClaimRequest {
+            hold_ms: 3_600_000,
+            ..ClaimRequest::new(pickup)
+        };
+        engine
+            .claim(&OrderId::new(&format!("o{i}")).expect("id"), &req)
+            .expect("claims");
+    }
+    p.write_snapshot(&engine).await.expect("snapshot");
+    p.resync_matches(&engine).await.expect("matches");
+
+    let back = Arc::new(Engine::new(EngineConfig::default()).expect("engine"));
+    let restored = p.restore(&back).await.expect("restores");
+    assert!(restored.warnings.is_empty(), "{:?}", restored.warnings);
+    assert_eq!((restored.drivers, restored.matches), (120_000, 100));
+    assert_eq!(sorted_drivers(&back), sorted_drivers(&engine));
+    assert_eq!(back.counts(), engine.counts());
+    let mut conn = RedisServer::conn(&url);
+    let chunks: Vec<String> = conn
+        .keys(format!("{prefix}:default:snap:g[0-9]*"))
+        .expect("keys");
+    assert_eq!(chunks.len(), 3, "120k drivers in chunks of 50k");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_snapshot_falls_back_to_the_previous_generation_or_starts_empty() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("corrupt");
+    let p = Persistence::connect(&url, &prefix, "default", "n1")
+        .await
+        .expect("connects");
+    let engine = Arc::new(Engine::new(EngineConfig::default()).expect("engine"));
+    engine.bulk_load(mixed_drivers(1000)).expect("load");
+    p.write_snapshot(&engine).await.expect("gen 1");
+    engine.remove(&DriverId::new("drv-0000000").expect("id"));
+    p.write_snapshot(&engine).await.expect("gen 2");
+    let mut conn = RedisServer::conn(&url);
+    // Flip a byte in the middle of generation 2's chunk.
+    let () = conn
+        .setrange(format!("{prefix}:default:snap:g2:0"), 100, "\u{1}")
+        .expect("setrange");
+    let back = Arc::new(Engine::new(EngineConfig::default()).expect("engine"));
+    let r = p.restore(&back).await.expect("restore runs");
+    assert_eq!(
+        (r.generation, r.drivers),
+        (Some(1), 1000),
+        "fell back to generation 1"
+    );
+    assert!(
+        r.warnings.iter().any(|w| w.contains("checksum")),
+        "{:?}",
+        r.warnings
+    );
+
+    // Truncate generation 1 too: nothing loads, the error is reported, no panic.
+    let () = conn
+        .set(format!("{prefix}:default:snap:g1:0"), "short")
+        .expect("set");
+    let empty = Arc::new(Engine::new(EngineConfig::default()).expect("engine"));
+    let r = p.restore(&empty).await.expect("restore runs");
+    assert_eq!((r.generation, r.drivers), (None, 0));
+    assert_eq!(r.warnings.len(), 2, "{:?}", r.warnings);
+    assert!(empty.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_refuses_matches_keeps_serving_and_recovers() {
+    // This test stops its Redis, so it always runs a private one.
+    let mut redis = RedisServer::start();
+    let prefix = unique_prefix("outage");
+    let server = hexmatch_server::start(config(&redis.url, &prefix))
+        .await
+        .expect("starts");
+    wait_ready(&server).await;
+    assert_eq!(
+        post(&server, "/v1/locations", &Value::Array(chicago(500)))
+            .await
+            .0,
+        200
+    );
+    let order =
+        json!({"order_id": "before", "pickup": {"lat": 41.88, "lon": -87.63}, "hold_ms": 600_000});
+    assert_eq!(post(&server, "/v1/matches", &order).await.0, 201);
+
+    redis.stop();
+    let readyz = format!("http://{}/readyz", server.addr());
+    let degraded = async {
+        for _ in 0..400 {
+            let r = reqwest::get(&readyz).await.expect("server answers");
+            if r.status() == 503 {
+                return r.json::<Value>().await.expect("json");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("readyz never reported the outage");
+    }
+    .await;
+    assert_eq!(
+        (degraded["status"].as_str(), degraded["redis"].as_str()),
+        (Some("degraded"), Some("down"))
+    );
+    let during = json!({"order_id": "during", "pickup": {"lat": 41.88, "lon": -87.63}});
+    let (s, body) = post(&server, "/v1/matches", &during).await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (503, Some("unavailable"))
+    );
+    assert!(
+        server
+            .engine()
+            .get_match(&OrderId::new("during").expect("id"))
+            .is_none(),
+        "refused means unchanged"
+    );
+    let (s, _) = post(&server, "/v1/matches/before/release", &json!({})).await;
+    assert_eq!(
+        s, 503,
+        "ending a match is refused too while it cannot be made durable"
+    );
+    let near = reqwest::get(format!(
+        "http://{}/v1/drivers/nearest?lat=41.88&lon=-87.63&k=3",
+        server.addr()
+    ))
+    .await
+    .expect("sent");
+    assert_eq!(near.status(), 200, "nearest keeps serving from memory");
+    assert_eq!(
+        post(
+            &server,
+            "/v1/drivers/c000001/location",
+            &json!({"lat": 41.9, "lon": -87.6})
+        )
+        .await
+        .0,
+        200
+    );
+
+    redis.restart(); // empty: it keeps nothing on disk
+    let url = redis.url.clone();
+    let live = tokio::task::spawn_blocking(move || {
+        poll(20, "resync and snapshot after recovery", || {
+            let mut c = RedisServer::conn(&url);
+            let matches: Vec<String> = c.hkeys(format!("{prefix}:default:matches")).ok()?;
+            let manifest: Option<Vec<u8>> =
+                c.get(format!("{prefix}:default:snap:manifest")).ok()?;
+            (matches == ["before"] && manifest.is_some()).then_some(matches)
+        })
+    })
+    .await
+    .expect("poll");
+    assert_eq!(live, ["before"]);
+    assert_eq!(reqwest::get(&readyz).await.expect("sent").status(), 200);
+    assert_eq!(
+        post(&server, "/v1/matches", &during).await.0,
+        201,
+        "matching works again"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_updates_are_applied_acknowledged_or_dead_lettered() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("stream");
+    let server = hexmatch_server::start(config(&url, &prefix))
+        .await
+        .expect("starts");
+    wait_ready(&server).await;
+    let stream = format!("{prefix}:locations");
+    let mut conn = RedisServer::conn(&url);
+    let mut pipe = redis::pipe();
+    for d in chicago(1500) {
+        pipe.cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg("driver_id")
+            .arg(d["driver_id"].as_str().expect("id"))
+            .arg("lat")
+            .arg(d["lat"].to_string())
+            .arg("lon")
+            .arg(d["lon"].to_string())
+            .arg("capabilities")
+            .arg("cash,pets")
+            .ignore();
+    }
+    pipe.cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("driver_id")
+        .arg("bad one")
+        .arg("lat")
+        .arg("1")
+        .arg("lon")
+        .arg("1")
+        .ignore();
+    pipe.cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("driver_id")
+        .arg("x")
+        .arg("lat")
+        .arg("91")
+        .arg("lon")
+        .arg("1")
+        .ignore();
+    pipe.cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("driver_id")
+        .arg("y")
+        .arg("lat")
+        .arg("1")
+        .arg("lon")
+        .arg("1")
+        .arg("colour")
+        .arg("red")
+        .ignore();
+    let () = pipe.query(&mut conn).expect("xadd");
+    let engine = Arc::clone(server.engine());
+    let dead = format!("{stream}:dead");
+    let url2 = url.clone();
+    tokio::task::spawn_blocking(move || {
+        poll(20, "ingestion", || {
+            let mut c = RedisServer::conn(&url2);
+            let dead_len: usize = c.xlen(&dead).ok()?;
+            (engine.len() == 1500 && dead_len == 3).then_some(())
+        });
+    })
+    .await
+    .expect("poll");
+    let d = server
+        .engine()
+        .driver(&DriverId::new("c000001").expect("id"))
+        .expect("ingested");
+    assert_eq!(d.capabilities, "cash,pets".parse().expect("caps"));
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("hexmatch")
+        .query(&mut conn)
+        .expect("xpending");
+    let redis::Value::Array(summary) = pending else {
+        panic!("unexpected XPENDING reply {pending:?}")
+    };
+    assert_eq!(
+        summary.first(),
+        Some(&redis::Value::Int(0)),
+        "everything acknowledged"
+    );
+    let entries: redis::streams::StreamRangeReply =
+        conn.xrange_all(format!("{stream}:dead")).expect("xrange");
+    let codes: Vec<String> = entries
+        .ids
+        .iter()
+        .map(|e| e.get::<String>("error_code").expect("code"))
+        .collect();
+    assert_eq!(codes, ["invalid_id", "invalid_position", "invalid_json"]);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_of_a_dead_consumer_are_reclaimed() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("reclaim");
+    let p = Persistence::connect(&url, &prefix, "default", "alive")
+        .await
+        .expect("connects");
+    p.ensure_group().await.expect("group");
+    let mut conn = RedisServer::conn(&url);
+    for i in 0..20 {
+        let _: String = conn
+            .xadd(
+                p.stream_key(),
+                "*",
+                &[
+                    ("driver_id", format!("r{i}")),
+                    ("lat", "41.9".into()),
+                    ("lon", "-87.6".into()),
+                ],
+            )
+            .expect("xadd");
+    }
+    // A consumer reads them and dies before acknowledging.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("hexmatch")
+        .arg("dead-node")
+        .arg("COUNT")
+        .arg(100)
+        .arg("STREAMS")
+        .arg(p.stream_key())
+        .arg(">")
+        .query(&mut conn)
+        .expect("read");
+    let engine = Arc::new(Engine::new(EngineConfig::default()).expect("engine"));
+    assert_eq!(
+        p.ingest_once(&engine, 100, 10, None)
+            .await
+            .expect("read new"),
+        0,
+        "nothing new for us"
+    );
+    assert_eq!(
+        p.ingest_once(&engine, 100, 10, Some(Duration::ZERO))
+            .await
+            .expect("reclaim"),
+        20
+    );
+    assert_eq!(engine.len(), 20);
+}
