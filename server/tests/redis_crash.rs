@@ -89,6 +89,127 @@ fn drivers(n: usize) -> Vec<Value> {
         .collect()
 }
 
+/// Acknowledged reservations (every fourth confirmed): (order, driver, state).
+fn make_matches(
+    http: &reqwest::blocking::Client,
+    base: &str,
+) -> Vec<(String, String, &'static str)> {
+    let mut held = Vec::new();
+    for i in 0..40 {
+        let order = format!("o{i}");
+        let pickup = json!({"lat": 41.80 + f64::from(i) * 0.005, "lon": -87.65});
+        let body = json!({"order_id": order, "pickup": pickup, "hold_ms": 3_600_000});
+        let (s, m) = post(http, format!("{base}/v1/matches"), &body);
+        assert_eq!(s, 201, "{m}");
+        let mut state = "reserved";
+        if i % 4 == 0 {
+            assert_eq!(
+                post(
+                    http,
+                    format!("{base}/v1/matches/{order}/confirm"),
+                    &json!({})
+                )
+                .0,
+                200
+            );
+            state = "confirmed";
+        }
+        held.push((
+            order,
+            m["driver_id"].as_str().expect("driver").to_owned(),
+            state,
+        ));
+    }
+    held
+}
+
+/// Posts location batches until stopped; counts the accepted ones.
+fn ingest_until_stopped(
+    base: String,
+    all: Vec<Value>,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+) {
+    let http = reqwest::blocking::Client::new();
+    for round in 0..2000 {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let shift = 0.0001 * f64::from(round % 7);
+        let moved: Vec<Value> = all
+            .iter()
+            .take(200)
+            .map(|d| json!({"driver_id": d["driver_id"], "lat": d["lat"].as_f64().unwrap_or(0.0) + shift, "lon": d["lon"]}))
+            .collect();
+        if http
+            .post(format!("{base}/v1/locations"))
+            .json(&moved)
+            .send()
+            .is_ok()
+        {
+            sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// After the restart: every driver and acknowledged match is back, and new
+/// orders never get a held driver.
+fn check_restored(http: &reqwest::blocking::Client, base: &str, held: &[(String, String, &str)]) {
+    let regions: Value = http
+        .get(format!("{base}/v1/regions"))
+        .send()
+        .expect("sent")
+        .json()
+        .expect("json");
+    assert_eq!(
+        regions[0]["drivers"].as_u64(),
+        Some(3000),
+        "every driver of the last snapshot is back"
+    );
+    for (order, driver, state) in held {
+        let m: Value = http
+            .get(format!("{base}/v1/matches/{order}"))
+            .send()
+            .expect("sent")
+            .json()
+            .expect("json");
+        assert_eq!(
+            (m["driver_id"].as_str(), m["state"].as_str()),
+            (Some(driver.as_str()), Some(*state)),
+            "{order}"
+        );
+        let d: Value = http
+            .get(format!("{base}/v1/drivers/{driver}"))
+            .send()
+            .expect("sent")
+            .json()
+            .expect("json");
+        let want = if *state == "reserved" {
+            "reserved"
+        } else {
+            "busy"
+        };
+        assert_eq!(
+            (d["status"].as_str(), d["order_id"].as_str()),
+            (Some(want), Some(order.as_str()))
+        );
+    }
+    let held_drivers: HashSet<&str> = held.iter().map(|(_, d, _)| d.as_str()).collect();
+    for i in 0..100 {
+        let pickup = json!({"lat": 41.80 + f64::from(i) * 0.002, "lon": -87.65});
+        let (s, m) = post(
+            http,
+            format!("{base}/v1/matches"),
+            &json!({"order_id": format!("new{i}"), "pickup": pickup}),
+        );
+        assert_eq!(s, 201, "{m}");
+        assert!(
+            !held_drivers.contains(m["driver_id"].as_str().expect("driver")),
+            "{m} reuses a held driver"
+        );
+    }
+}
+
 #[test]
 fn sigkill_mid_ingest_loses_no_acknowledged_reservation() {
     let (_redis, url) = RedisServer::from_env_or_start();
@@ -105,38 +226,7 @@ fn sigkill_mid_ingest_loses_no_acknowledged_reservation() {
         .0,
         200
     );
-
-    // Acknowledged reservations (and some confirmations).
-    let mut held: Vec<(String, String, &str)> = Vec::new();
-    for i in 0..40 {
-        let order = format!("o{i}");
-        let pickup = json!({"lat": 41.80 + f64::from(i) * 0.005, "lon": -87.65});
-        let (s, m) = post(
-            &http,
-            format!("{}/v1/matches", node.base),
-            &json!({"order_id": order, "pickup": pickup, "hold_ms": 3_600_000}),
-        );
-        assert_eq!(s, 201, "{m}");
-        let mut state = "reserved";
-        if i % 4 == 0 {
-            assert_eq!(
-                post(
-                    &http,
-                    format!("{}/v1/matches/{order}/confirm", node.base),
-                    &json!({})
-                )
-                .0,
-                200
-            );
-            state = "confirmed";
-        }
-        held.push((
-            order,
-            m["driver_id"].as_str().expect("driver").to_owned(),
-            state,
-        ));
-    }
-    // Wait until a snapshot holds every driver.
+    let held = make_matches(&http, &node.base);
     poll(30, "a full snapshot", || {
         let text = http
             .get(format!("{}/metrics", node.base))
@@ -153,35 +243,11 @@ fn sigkill_mid_ingest_loses_no_acknowledged_reservation() {
         (n >= 3000.0).then_some(())
     });
 
-    // Ingest continuously, and kill the node in the middle of it.
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicUsize::new(0));
     let writer = {
-        let (stop, sent, base, batch) = (
-            Arc::clone(&stop),
-            Arc::clone(&sent),
-            node.base.clone(),
-            all.clone(),
-        );
-        std::thread::spawn(move || {
-            let http = reqwest::blocking::Client::new();
-            for round in 0..2000 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let moved: Vec<Value> = batch.iter().take(200).map(|d| {
-                    json!({"driver_id": d["driver_id"], "lat": d["lat"].as_f64().unwrap_or(0.0) + 0.0001 * f64::from(round % 7), "lon": d["lon"]})
-                }).collect();
-                if http
-                    .post(format!("{base}/v1/locations"))
-                    .json(&moved)
-                    .send()
-                    .is_ok()
-                {
-                    sent.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
+        let (stop, sent, base) = (Arc::clone(&stop), Arc::clone(&sent), node.base.clone());
+        std::thread::spawn(move || ingest_until_stopped(base, all, stop, sent))
     };
     poll(30, "ingestion under way", || {
         (sent.load(Ordering::Relaxed) >= 5).then_some(())
@@ -191,62 +257,8 @@ fn sigkill_mid_ingest_loses_no_acknowledged_reservation() {
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
 
-    let node = Node::start(&url, &prefix);
-    let regions: Value = http
-        .get(format!("{}/v1/regions", node.base))
-        .send()
-        .expect("sent")
-        .json()
-        .expect("json");
-    assert_eq!(
-        regions[0]["drivers"].as_u64(),
-        Some(3000),
-        "every driver of the last snapshot is back"
-    );
-    let held_drivers: HashSet<String> = held.iter().map(|(_, d, _)| d.clone()).collect();
-    for (order, driver, state) in &held {
-        let m: Value = http
-            .get(format!("{}/v1/matches/{order}", node.base))
-            .send()
-            .expect("sent")
-            .json()
-            .expect("json");
-        assert_eq!(
-            (m["driver_id"].as_str(), m["state"].as_str()),
-            (Some(driver.as_str()), Some(*state)),
-            "{order}"
-        );
-        let d: Value = http
-            .get(format!("{}/v1/drivers/{driver}", node.base))
-            .send()
-            .expect("sent")
-            .json()
-            .expect("json");
-        let want = if *state == "reserved" {
-            "reserved"
-        } else {
-            "busy"
-        };
-        assert_eq!(
-            (d["status"].as_str(), d["order_id"].as_str()),
-            (Some(want), Some(order.as_str()))
-        );
-    }
-    // New orders never get a held driver.
-    for i in 0..100 {
-        let pickup = json!({"lat": 41.80 + f64::from(i) * 0.002, "lon": -87.65});
-        let (s, m) = post(
-            &http,
-            format!("{}/v1/matches", node.base),
-            &json!({"order_id": format!("new{i}"), "pickup": pickup}),
-        );
-        assert_eq!(s, 201, "{m}");
-        assert!(
-            !held_drivers.contains(m["driver_id"].as_str().expect("driver")),
-            "{m} reuses a held driver"
-        );
-    }
-    let mut node = node;
+    let mut node = Node::start(&url, &prefix);
+    check_restored(&http, &node.base, &held);
     node.child.kill().expect("kill");
     let _ = node.child.wait();
 }
