@@ -124,12 +124,7 @@ fn make_matches(
 }
 
 /// Posts location batches until stopped; counts the accepted ones.
-fn ingest_until_stopped(
-    base: String,
-    all: Vec<Value>,
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicUsize>,
-) {
+fn ingest_until_stopped(base: &str, all: &[Value], stop: &AtomicBool, sent: &AtomicUsize) {
     let http = reqwest::blocking::Client::new();
     for round in 0..2000 {
         if stop.load(Ordering::Relaxed) {
@@ -247,7 +242,7 @@ fn sigkill_mid_ingest_loses_no_acknowledged_reservation() {
     let sent = Arc::new(AtomicUsize::new(0));
     let writer = {
         let (stop, sent, base) = (Arc::clone(&stop), Arc::clone(&sent), node.base.clone());
-        std::thread::spawn(move || ingest_until_stopped(base, all, stop, sent))
+        std::thread::spawn(move || ingest_until_stopped(&base, &all, &stop, &sent))
     };
     poll(30, "ingestion under way", || {
         (sent.load(Ordering::Relaxed) >= 5).then_some(())
