@@ -422,24 +422,18 @@ impl Persistence {
         }
     }
 
-    /// Reads one batch of location updates from the stream (new entries, or
-    /// entries of dead consumers idle longer than `reclaim_idle`), applies
-    /// them with the HTTP validation, moves invalid ones to the dead-letter
-    /// stream and acknowledges all. Returns how many entries it handled.
-    ///
-    /// # Errors
-    /// Redis errors.
-    pub async fn ingest_once(
+    /// Reads one batch from the stream: new entries, or (with
+    /// `reclaim_idle`) entries of consumers idle that long (XAUTOCLAIM).
+    async fn read_batch(
         &self,
-        engine: &Arc<Engine>,
         count: usize,
         block_ms: u64,
         reclaim_idle: Option<Duration>,
-    ) -> RedisResult<usize> {
+    ) -> RedisResult<Vec<StreamEntry>> {
         let mut conn = self.stream_conn.clone();
         let stream = self.stream_key();
-        let entries: Vec<(String, HashMap<String, Value>)> = if let Some(idle) = reclaim_idle {
-            let reply: redis::streams::StreamAutoClaimReply = self.note(
+        let reply: Value = if let Some(idle) = reclaim_idle {
+            let v: Value = self.note(
                 redis::cmd("XAUTOCLAIM")
                     .arg(&stream)
                     .arg("hexmatch")
@@ -451,9 +445,13 @@ impl Persistence {
                     .query_async(&mut conn)
                     .await,
             )?;
-            reply.claimed.into_iter().map(|e| (e.id, e.map)).collect()
+            // [next-id, [entries…], deleted-ids]: the entries are the second item.
+            match v {
+                Value::Array(mut parts) if parts.len() >= 2 => parts.swap_remove(1),
+                _ => Value::Nil,
+            }
         } else {
-            let reply: Option<redis::streams::StreamReadReply> = self.note(
+            let v: Value = self.note(
                 redis::cmd("XREADGROUP")
                     .arg("GROUP")
                     .arg("hexmatch")
@@ -468,31 +466,17 @@ impl Persistence {
                     .query_async(&mut conn)
                     .await,
             )?;
-            reply
-                .map(|r| {
-                    r.keys
-                        .into_iter()
-                        .flat_map(|k| k.ids)
-                        .map(|e| (e.id, e.map))
-                        .collect()
-                })
-                .unwrap_or_default()
+            first_stream_entries(v)
         };
-        if entries.is_empty() {
-            return Ok(0);
-        }
-        let n = entries.len();
-        let e = Arc::clone(engine);
-        let (ids, dead) =
-            tokio::task::spawn_blocking(move || crate::api::apply_stream_entries(&e, entries))
-                .await
-                .map_err(|e| {
-                    redis::RedisError::from((
-                        redis::ErrorKind::Client,
-                        "ingest task failed",
-                        e.to_string(),
-                    ))
-                })?;
+        Ok(parse_entries(reply))
+    }
+
+    /// Acknowledges applied entries and dead-letters invalid ones, in the
+    /// background on the shared connection so the reader does not wait. A
+    /// lost ack leaves entries pending; XAUTOCLAIM re-delivers them, and
+    /// re-applying a position is harmless (an older `ts` is ignored).
+    fn ack_in_background(&self, ids: &[String], dead: Vec<crate::api::DeadLetter>) {
+        let stream = self.stream_key();
         let mut pipe = redis::pipe();
         for (id, fields, code, message) in dead {
             let mut cmd = redis::cmd("XADD");
@@ -512,11 +496,100 @@ impl Persistence {
         pipe.cmd("XACK")
             .arg(&stream)
             .arg("hexmatch")
-            .arg(&ids)
+            .arg(ids)
             .ignore();
-        self.note(pipe.query_async::<()>(&mut conn).await)?;
-        counter!("hexmatch_stream_entries_total").increment(n as u64);
+        let mut conn = self.conn.clone();
+        tokio::spawn(async move {
+            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                counter!("hexmatch_redis_errors_total").increment(1);
+                tracing::warn!(error = %e, "stream ack failed; entries stay pending until reclaimed");
+            }
+        });
+    }
+
+    /// Reads one batch (new entries, or with `reclaim_idle` those of dead
+    /// consumers), applies it with the HTTP validation, dead-letters the
+    /// invalid entries and acknowledges all. Returns how many it handled.
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn ingest_once(
+        &self,
+        engine: &Arc<Engine>,
+        count: usize,
+        block_ms: u64,
+        reclaim_idle: Option<Duration>,
+    ) -> RedisResult<usize> {
+        let entries = self.read_batch(count, block_ms, reclaim_idle).await?;
+        let n = entries.len();
+        if n > 0 {
+            let e = Arc::clone(engine);
+            let (ids, dead) =
+                tokio::task::spawn_blocking(move || crate::api::apply_stream_entries(&e, entries))
+                    .await
+                    .map_err(|e| {
+                        redis::RedisError::from((
+                            redis::ErrorKind::Client,
+                            "ingest task failed",
+                            e.to_string(),
+                        ))
+                    })?;
+            self.ack_in_background(&ids, dead);
+            counter!("hexmatch_stream_entries_total").increment(n as u64);
+        }
         Ok(n)
+    }
+
+    /// Ingests continuously: this task reads batches ahead while one worker
+    /// thread applies them in order (so a driver's updates never overtake
+    /// each other), acks going out in the background. Reclaims entries of
+    /// dead consumers every `reclaim_every`. Returns after `limit` entries
+    /// (all applied), or on the first Redis error.
+    ///
+    /// # Errors
+    /// Redis errors (the caller retries).
+    pub async fn ingest(
+        self: &Arc<Self>,
+        engine: &Arc<Engine>,
+        limit: Option<usize>,
+        reclaim_every: Duration,
+    ) -> RedisResult<usize> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<StreamEntry>>(2);
+        let (me, e) = (Arc::clone(self), Arc::clone(engine));
+        let runtime = tokio::runtime::Handle::current();
+        let worker = std::thread::spawn(move || {
+            while let Some(batch) = rx.blocking_recv() {
+                let n = batch.len();
+                let (ids, dead) = crate::api::apply_stream_entries(&e, batch);
+                let _guard = runtime.enter();
+                me.ack_in_background(&ids, dead);
+                counter!("hexmatch_stream_entries_total").increment(n as u64);
+            }
+        });
+        let mut total = 0;
+        let mut last_reclaim = Instant::now();
+        let result = loop {
+            if limit.is_some_and(|l| total >= l) {
+                break Ok(total);
+            }
+            let reclaim = (last_reclaim.elapsed() >= reclaim_every).then(|| {
+                last_reclaim = Instant::now();
+                reclaim_every
+            });
+            match self.read_batch(2000, 1000, reclaim).await {
+                Ok(batch) if batch.is_empty() => {}
+                Ok(batch) => {
+                    total += batch.len();
+                    if tx.send(batch).await.is_err() {
+                        break Ok(total);
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        drop(tx);
+        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+        result
     }
 
     /// Creates the consumer group (and the stream) if missing.
@@ -538,4 +611,66 @@ impl Persistence {
             other => self.note(other),
         }
     }
+}
+
+/// One stream entry: its id and its fields as strings.
+pub(crate) type StreamEntry = (String, Vec<(String, String)>);
+
+fn bulk_string(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// The entries of the first stream of an XREADGROUP reply (RESP2 array of
+/// `[key, entries]`, or a RESP3 map `key → entries`).
+fn first_stream_entries(v: Value) -> Value {
+    match v {
+        Value::Array(streams) => streams
+            .into_iter()
+            .next()
+            .and_then(|s| match s {
+                Value::Array(mut kv) if kv.len() == 2 => kv.pop(),
+                _ => None,
+            })
+            .unwrap_or(Value::Nil),
+        Value::Map(streams) => streams
+            .into_iter()
+            .next()
+            .map_or(Value::Nil, |(_, entries)| entries),
+        _ => Value::Nil,
+    }
+}
+
+/// Parses `[[id, [field, value, …]], …]` without building a map per entry
+/// (redis-rs's `StreamReadReply` does, and that halves ingestion speed).
+/// Malformed entries are skipped; a deleted entry (nil fields) gets none.
+fn parse_entries(v: Value) -> Vec<StreamEntry> {
+    let Value::Array(entries) = v else {
+        return Vec::new();
+    };
+    entries
+        .into_iter()
+        .filter_map(|entry| {
+            let Value::Array(mut pair) = entry else {
+                return None;
+            };
+            if pair.len() != 2 {
+                return None;
+            }
+            let fields = pair.pop()?;
+            let id = bulk_string(pair.pop()?)?;
+            let flat: Vec<String> = match fields {
+                Value::Array(f) => f.into_iter().filter_map(bulk_string).collect(),
+                _ => Vec::new(),
+            };
+            let fields = flat
+                .chunks_exact(2)
+                .map(|kv| (kv[0].clone(), kv[1].clone()))
+                .collect();
+            Some((id, fields))
+        })
+        .collect()
 }

@@ -276,18 +276,12 @@ fn spawn_snapshots(state: &Arc<Shared>, p: &Arc<Persistence>) -> JoinHandle<()> 
 fn spawn_ingest(state: &Arc<Shared>, p: &Arc<Persistence>) -> JoinHandle<()> {
     let (state, p) = (Arc::clone(state), Arc::clone(p));
     tokio::spawn(async move {
-        let reclaim_every = Duration::from_secs(30);
-        let mut last_reclaim = tokio::time::Instant::now();
         loop {
             if !p.is_up() {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
-            let reclaim = (last_reclaim.elapsed() >= reclaim_every).then(|| {
-                last_reclaim = tokio::time::Instant::now();
-                reclaim_every
-            });
-            if let Err(e) = p.ingest_once(&state.engine, 1000, 1000, reclaim).await {
+            if let Err(e) = p.ingest(&state.engine, None, Duration::from_secs(30)).await {
                 tracing::warn!(error = %e, "stream ingestion failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }

@@ -155,49 +155,21 @@ fn apply_value(engine: &Engine, item: Result<Value, ApiError>) -> Result<Applied
 /// A stream entry that failed validation: id, its fields, error code and message.
 pub(crate) type DeadLetter = (String, Vec<(String, String)>, &'static str, String);
 
-/// One stream field as the JSON value the HTTP API would have received.
-fn field_value(name: &str, raw: &str) -> Value {
-    match name {
-        "lat" | "lon" => raw
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .and_then(serde_json::Number::from_f64)
-            .map_or_else(|| Value::String(raw.to_owned()), Value::Number),
-        "ts" if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) => raw
-            .parse::<i64>()
-            .map_or_else(|_| Value::String(raw.to_owned()), Value::from),
-        "capabilities" => Value::Array(
-            raw.split(',')
-                .map(str::trim)
-                .filter(|c| !c.is_empty())
-                .map(Value::from)
-                .collect(),
-        ),
-        _ => Value::String(raw.to_owned()),
-    }
-}
-
 /// Applies Redis stream entries (one field per API field, all strings;
-/// `capabilities` comma-separated). Returns every entry id (to acknowledge)
-/// and the invalid entries (for the dead-letter stream).
+/// `capabilities` comma-separated) with the same validation as HTTP.
+/// Returns every entry id (to acknowledge) and the invalid entries (for the
+/// dead-letter stream).
 pub(crate) fn apply_stream_entries(
     engine: &Engine,
-    entries: Vec<(String, std::collections::HashMap<String, redis::Value>)>,
+    entries: Vec<crate::persist::StreamEntry>,
 ) -> (Vec<String>, Vec<DeadLetter>) {
     let mut ids = Vec::with_capacity(entries.len());
     let mut dead = Vec::new();
-    for (id, map) in entries {
-        let mut fields: Vec<(String, String)> = map
-            .into_iter()
-            .map(|(k, v)| (k, redis::from_redis_value::<String>(v).unwrap_or_default()))
-            .collect();
-        fields.sort();
-        let object: serde_json::Map<String, Value> = fields
-            .iter()
-            .map(|(k, v)| (k.clone(), field_value(k, v)))
-            .collect();
-        match apply_value(engine, Ok(Value::Object(object))) {
+    for (id, fields) in entries {
+        let outcome = LocationItem::from_stream_fields(&fields)
+            .and_then(LocationItem::into_update)
+            .and_then(|u| engine.upsert(&u).map_err(ApiError::from));
+        match outcome {
             Ok(applied) => count_update(&applied),
             Err(e) => {
                 counter!("hexmatch_location_updates_total", "result" => "rejected").increment(1);

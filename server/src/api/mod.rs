@@ -43,7 +43,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
-pub(crate) use drivers::apply_stream_entries;
+pub(crate) use drivers::{DeadLetter, apply_stream_entries};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 
 use crate::config::ServeConfig;

@@ -157,6 +157,58 @@ pub(crate) struct LocationItem {
 }
 
 impl LocationItem {
+    /// Builds an item from a Redis stream entry's string fields, with the
+    /// same names and rules as the JSON body (an unknown field is an error,
+    /// as `deny_unknown_fields` makes it over HTTP).
+    pub(crate) fn from_stream_fields(fields: &[(String, String)]) -> ApiResult<Self> {
+        let (mut driver_id, mut lat, mut lon) = (None, None, None);
+        let mut item = Self {
+            driver_id: String::new(),
+            lat: 0.0,
+            lon: 0.0,
+            ts: None,
+            status: None,
+            vehicle: None,
+            capabilities: None,
+        };
+        let number = |name: &str, raw: &str| {
+            raw.trim()
+                .parse::<f64>()
+                .map_err(|_| ApiError::invalid_json(format!("{name} {raw:?} is not a number")))
+        };
+        for (name, raw) in fields {
+            match name.as_str() {
+                "driver_id" => driver_id = Some(raw.clone()),
+                "lat" => lat = Some(number("lat", raw)?),
+                "lon" => lon = Some(number("lon", raw)?),
+                "ts" if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) => {
+                    item.ts = Some(
+                        raw.parse()
+                            .map_or_else(|_| TsIn::Text(raw.clone()), TsIn::Millis),
+                    );
+                }
+                "ts" => item.ts = Some(TsIn::Text(raw.clone())),
+                "status" => item.status = Some(raw.clone()),
+                "vehicle" => item.vehicle = Some(raw.clone()),
+                "capabilities" => {
+                    item.capabilities = Some(
+                        raw.split(',')
+                            .map(str::trim)
+                            .filter(|c| !c.is_empty())
+                            .map(str::to_owned)
+                            .collect(),
+                    );
+                }
+                other => return Err(ApiError::invalid_json(format!("unknown field `{other}`"))),
+            }
+        }
+        let missing = |f: &str| ApiError::invalid_json(format!("missing field `{f}`"));
+        item.driver_id = driver_id.ok_or_else(|| missing("driver_id"))?;
+        item.lat = lat.ok_or_else(|| missing("lat"))?;
+        item.lon = lon.ok_or_else(|| missing("lon"))?;
+        Ok(item)
+    }
+
     pub(crate) fn into_update(self) -> ApiResult<DriverUpdate> {
         let id = DriverId::new(&self.driver_id)?;
         DriverPut {
