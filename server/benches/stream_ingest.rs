@@ -3,8 +3,9 @@
 //! pipelined XADD, then drained through `Persistence::ingest_once`
 //! (XREADGROUP COUNT 2000, read ahead of one ordered applier thread, acks in the background) into an engine.
 //!
-//! `cargo bench -p hexmatch-server --bench stream_ingest` (300k entries);
-//! with `--test` (as `cargo test --benches` passes) it runs 2k entries.
+//! `cargo bench -p hexmatch-server --bench stream_ingest` (300k entries).
+//! Without the `--bench` flag that `cargo bench` passes (that is, under
+//! `cargo test --all-targets`, as CI runs it) it runs a 2k-entry smoke test.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -16,7 +17,7 @@ use hexmatch::{Engine, EngineConfig};
 use hexmatch_server::persist::Persistence;
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--test");
+    let quick = !std::env::args().any(|a| a == "--bench");
     let n: usize = if quick { 2_000 } else { 300_000 };
     let redis = common::RedisServer::start();
     let mut conn = common::RedisServer::conn(&redis.url);
