@@ -492,6 +492,17 @@ mod tests {
         assert!(back.is_empty(), "nothing was half-loaded");
     }
 
+    /// Encodes one record as a chunk with a matching manifest entry, and decodes it.
+    fn decode_one(rec: DriverRec) -> Result<Vec<Driver>> {
+        let chunk = encode_chunk(&[rec]);
+        let info = ChunkInfo {
+            len: chunk.len() as u64,
+            crc32: crc32fast::hash(&chunk),
+            drivers: 1,
+        };
+        decode_chunk(0, info, &chunk)
+    }
+
     #[test]
     fn a_well_formed_chunk_with_bad_fields_is_rejected() {
         let rec = DriverRec {
@@ -503,13 +514,7 @@ mod tests {
             vehicle: 0,
             caps: 0,
         };
-        let chunk = encode_chunk(&[rec]);
-        let info = ChunkInfo {
-            len: chunk.len() as u64,
-            crc32: crc32fast::hash(&chunk),
-            drivers: 1,
-        };
-        let err = decode_chunk(0, info, &chunk).unwrap_err();
+        let err = decode_one(rec).unwrap_err();
         assert!(err.to_string().contains("invalid id"), "{err}");
         let rec = DriverRec {
             id: "a".into(),
@@ -520,13 +525,7 @@ mod tests {
             vehicle: 0,
             caps: 0,
         };
-        let chunk = encode_chunk(&[rec]);
-        let info = ChunkInfo {
-            len: chunk.len() as u64,
-            crc32: crc32fast::hash(&chunk),
-            drivers: 1,
-        };
-        assert!(decode_chunk(0, info, &chunk).is_err());
+        assert!(decode_one(rec).is_err());
     }
 
     #[test]

@@ -73,22 +73,6 @@ fn post(http: &reqwest::blocking::Client, url: String, body: &Value) -> (u16, Va
     (status, r.json().unwrap_or(Value::Null))
 }
 
-fn drivers(n: usize) -> Vec<Value> {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../data/chicago_trips.csv"
-    ))
-    .expect("data");
-    text.lines()
-        .skip(1)
-        .take(n)
-        .map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            json!({"driver_id": f[0], "lat": f[2].parse::<f64>().expect("lat"), "lon": f[3].parse::<f64>().expect("lon")})
-        })
-        .collect()
-}
-
 /// Acknowledged reservations (every fourth confirmed): (order, driver, state).
 fn make_matches(
     http: &reqwest::blocking::Client,
@@ -211,7 +195,7 @@ fn sigkill_mid_ingest_loses_no_acknowledged_reservation() {
     let prefix = unique_prefix("crash");
     let http = reqwest::blocking::Client::new();
     let mut node = Node::start(&url, &prefix);
-    let all = drivers(3000);
+    let all = common::chicago_drivers(3000, false);
     assert_eq!(
         post(
             &http,

@@ -51,22 +51,6 @@ async fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-fn chicago(n: usize) -> Vec<Value> {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../data/chicago_trips.csv"
-    ))
-    .expect("data");
-    text.lines()
-        .skip(1)
-        .take(n)
-        .map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            json!({"driver_id": f[0], "lat": f[5].parse::<f64>().expect("lat"), "lon": f[6].parse::<f64>().expect("lon")})
-        })
-        .collect()
-}
-
 fn sorted_drivers(e: &Engine) -> Vec<Driver> {
     let mut d = e.drivers();
     d.sort_by(|a, b| a.id.cmp(&b.id));
@@ -81,7 +65,12 @@ async fn restart_restores_drivers_and_live_matches() {
         .await
         .expect("starts");
     wait_ready(&a).await;
-    let (status, body) = post(&a, "/v1/locations", &Value::Array(chicago(2000))).await;
+    let (status, body) = post(
+        &a,
+        "/v1/locations",
+        &Value::Array(common::chicago_drivers(2000, true)),
+    )
+    .await;
     assert_eq!((status, &body["applied"]), (200, &json!(2000)));
     for (i, o) in ["o1", "o2", "o3"].iter().enumerate() {
         let pickup = json!({"lat": 41.88 + i as f64 * 0.02, "lon": -87.63});
@@ -237,9 +226,13 @@ async fn redis_outage_refuses_matches_keeps_serving_and_recovers() {
         .expect("starts");
     wait_ready(&server).await;
     assert_eq!(
-        post(&server, "/v1/locations", &Value::Array(chicago(500)))
-            .await
-            .0,
+        post(
+            &server,
+            "/v1/locations",
+            &Value::Array(common::chicago_drivers(500, true))
+        )
+        .await
+        .0,
         200
     );
     let order =
@@ -333,7 +326,7 @@ async fn stream_updates_are_applied_acknowledged_or_dead_lettered() {
     let stream = format!("{prefix}:locations");
     let mut conn = RedisServer::conn(&url);
     let mut pipe = redis::pipe();
-    for d in chicago(1500) {
+    for d in common::chicago_drivers(1500, true) {
         pipe.cmd("XADD")
             .arg(&stream)
             .arg("*")

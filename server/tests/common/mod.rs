@@ -129,3 +129,22 @@ pub fn poll<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         std::thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// The first `n` Chicago trips as `{driver_id, lat, lon}` objects for
+/// `POST /v1/locations`: at the pickup (`dropoff = false`) or the drop-off.
+pub fn chicago_drivers(n: usize, dropoff: bool) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../data/chicago_trips.csv"
+    ))
+    .expect("data");
+    let (lat, lon) = if dropoff { (5, 6) } else { (2, 3) };
+    text.lines()
+        .skip(1)
+        .take(n)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            serde_json::json!({"driver_id": f[0], "lat": f[lat].parse::<f64>().expect("lat"), "lon": f[lon].parse::<f64>().expect("lon")})
+        })
+        .collect()
+}
