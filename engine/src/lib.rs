@@ -42,6 +42,7 @@ mod index;
 mod matching;
 mod position;
 mod search;
+pub mod sim;
 mod snapshot;
 mod time;
 

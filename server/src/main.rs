@@ -2,9 +2,9 @@
 //!
 //! - `hexmatch serve`: the HTTP API (see `hexmatch_server`).
 //! - `hexmatch replay positions FILE`: streams a recorded position log
-//!   through the engine in-process and reports what it applied.
-//!
-//! `replay trips` is tracked in its own issue and is not here yet.
+//!   through the engine (or a server) and reports what it applied.
+//! - `hexmatch replay trips FILE`: replays recorded trips through a
+//!   simulated fleet and a dispatch policy (`hexmatch::sim`).
 
 mod replay;
 
@@ -32,9 +32,14 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum ReplayCommand {
     /// Stream a position log (CSV with columns `driver_id` or `vehicle_id`,
-    /// optional `ts` or `timestamp`, `lat`, `lon`) into an in-process engine,
-    /// then show the nearest drivers to a few points of the log.
+    /// optional `ts` or `timestamp`, `lat`, `lon`) into an in-process engine
+    /// or a server (`--server`), as fast as possible or at its recorded
+    /// pace (`--realtime`), then show the nearest drivers to a few points.
     Positions(replay::PositionsArgs),
+    /// Replay recorded trips through a simulated fleet and a dispatch
+    /// policy, in process or against a server (`--server`): a summary, a
+    /// JSON report (`--report`) and plots (`--plot`).
+    Trips(Box<replay::TripsArgs>),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +47,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Replay(ReplayCommand::Positions(args)) => replay::positions(&args),
+        Command::Replay(ReplayCommand::Trips(args)) => replay::trips(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

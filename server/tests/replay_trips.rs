@@ -129,12 +129,15 @@ fn replays_the_chicago_day_with_summary_report_and_plot() {
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert!(svg.contains("Wait for pickup") && svg.contains("Fleet over time"));
 
-    // Same seed, same input: the same report, byte for byte.
+    // Same seed, same input: the same report and plot, byte for byte.
     let again = dir.join("chicago_again.json");
-    let second: Vec<String> = args(&again);
+    let plot_again = dir.join("chicago_again.svg");
+    let mut second: Vec<String> = args(&again);
+    second.extend(["--plot".to_owned(), plot_again.display().to_string()]);
     let second: Vec<&str> = second.iter().map(String::as_str).collect();
     ok(&hexmatch(&second));
     assert_eq!(std::fs::read(&again).unwrap(), json.as_bytes());
+    assert_eq!(std::fs::read(&plot_again).unwrap(), svg.as_bytes());
 }
 
 #[test]

@@ -671,6 +671,31 @@ async fn batch_minimises_total_distance() {
     srv.shutdown().await;
 }
 
+/// `candidates` bounds each order's candidate drivers: with one, both
+/// orders see only driver x and one of them goes unserved; with the
+/// default, both are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_candidates_bound_the_graph() {
+    for (candidates, served) in [(json!(1), 1), (json!(16), 2)] {
+        let srv = manual().await;
+        put_at(&srv, "x", at(0.9)).await;
+        put_at(&srv, "y", at(2.2)).await;
+        let body = json!({
+            "orders": [
+                {"order_id": "A", "pickup": pickup(at(1.0))},
+                {"order_id": "B", "pickup": pickup(at(0.0))},
+            ],
+            "candidates": candidates,
+        });
+        let v = srv.post_json("/v1/matches/batch", &body).await.expect(200);
+        assert_eq!(
+            v["matches"].as_array().unwrap().len(),
+            served,
+            "candidates {candidates}: {v}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_rejects_bad_input_without_changing_state() {
     let srv = manual().await;
@@ -712,6 +737,15 @@ async fn batch_rejects_bad_input_without_changing_state() {
             &["invalid_json", "invalid_parameter"],
         ),
         (json!({}), &["invalid_json", "invalid_parameter"]),
+        // Candidates per order must be in 1..=100.
+        (
+            json!({"orders": [good], "candidates": 0}),
+            &["invalid_parameter"],
+        ),
+        (
+            json!({"orders": [good], "candidates": 101}),
+            &["invalid_parameter"],
+        ),
     ];
     let before = srv.snapshot(&["A", "B"]);
     for (body, codes) in cases {

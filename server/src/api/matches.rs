@@ -299,6 +299,7 @@ pub(crate) async fn batch(
             body.orders.len()
         )));
     }
+    let body_candidates = body.candidates;
     let orders = body
         .orders
         .into_iter()
@@ -316,7 +317,8 @@ pub(crate) async fn batch(
         .map(|o| o.order_id.clone())
         .collect();
     let engine = state.engine.clone();
-    let out = tokio::task::spawn_blocking(move || engine.claim_batch(&orders, BATCH_CANDIDATES))
+    let candidates = body_candidates.unwrap_or(BATCH_CANDIDATES);
+    let out = tokio::task::spawn_blocking(move || engine.claim_batch(&orders, candidates))
         .await
         .map_err(|e| ApiError::new("internal", format!("batch task failed: {e}")))??;
     if let Some(p) = durable {

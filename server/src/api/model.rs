@@ -435,6 +435,8 @@ pub(crate) struct BatchIn {
     pub(crate) orders: Vec<OrderIn>,
     /// Only `total_distance` is supported.
     pub(crate) objective: Option<String>,
+    /// Candidate drivers considered per order, 1..=100 (default 16).
+    pub(crate) candidates: Option<usize>,
 }
 
 /// Response of `POST /v1/matches/batch`.
