@@ -67,6 +67,14 @@ impl Node {
     }
 }
 
+impl Drop for Node {
+    /// A failed assertion must not leave the server running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn post(http: &reqwest::blocking::Client, url: String, body: &Value) -> (u16, Value) {
     let r = http.post(url).json(body).send().expect("request sent");
     let status = r.status().as_u16();
@@ -236,8 +244,6 @@ fn sigkill_mid_ingest_loses_no_acknowledged_reservation() {
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
 
-    let mut node = Node::start(&url, &prefix);
+    let node = Node::start(&url, &prefix);
     check_restored(&http, &node.base, &held);
-    node.child.kill().expect("kill");
-    let _ = node.child.wait();
 }
