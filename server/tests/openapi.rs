@@ -1,4 +1,4 @@
-//! The OpenAPI document: it parses as a valid OpenAPI 3.1 description
+//! The `openapi.json` document: it parses as a valid `OpenAPI` 3.1 description
 //! (oas3), every operation resolves its schema references, and its content
 //! is pinned by a snapshot, so any change to the contract shows in review.
 
