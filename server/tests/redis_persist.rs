@@ -464,3 +464,45 @@ async fn entries_of_a_dead_consumer_are_reclaimed() {
     );
     assert_eq!(engine.len(), 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn until_redis_answers_and_restore_is_done_v1_is_not_ready() {
+    // Its own Redis, stopped before the node starts.
+    let mut redis = RedisServer::start();
+    redis.stop();
+    let prefix = unique_prefix("boot");
+    let server = hexmatch_server::start(config(&redis.url, &prefix))
+        .await
+        .expect("starts without redis");
+    let base = format!("http://{}", server.addr());
+    let ready = reqwest::get(format!("{base}/readyz")).await.expect("sent");
+    assert_eq!(ready.status(), 503);
+    assert_eq!(
+        ready.json::<Value>().await.expect("json")["status"],
+        "not_ready"
+    );
+    let r = reqwest::get(format!("{base}/v1/drivers/nearest?lat=41.88&lon=-87.63"))
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["error"]["code"],
+        "not_ready"
+    );
+    assert_eq!(
+        reqwest::get(format!("{base}/livez"))
+            .await
+            .expect("sent")
+            .status(),
+        200,
+        "alive all the same"
+    );
+
+    redis.restart();
+    wait_ready(&server).await;
+    let r = reqwest::get(format!("{base}/v1/drivers/nearest?lat=41.88&lon=-87.63"))
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 200);
+    server.shutdown().await;
+}
