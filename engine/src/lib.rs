@@ -41,6 +41,7 @@ mod ids;
 mod index;
 mod matching;
 mod position;
+mod region;
 mod search;
 pub mod sim;
 mod snapshot;
@@ -57,6 +58,7 @@ pub use matching::{
     RestoreReport,
 };
 pub use position::{EARTH_RADIUS_M, Position};
+pub use region::{Outside, Region, RegionMap};
 pub use search::{MAX_DISTANCE_M, MAX_K, NearestQuery, Neighbor};
 pub use snapshot::{ChunkInfo, DurableMatch, Manifest, SNAPSHOT_FORMAT, Snapshot, decode_snapshot};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};

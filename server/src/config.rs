@@ -49,6 +49,8 @@ pub struct ServeConfig {
     pub snapshot_interval_ms: u64,
     /// Whether to read location updates from the Redis stream.
     pub ingest_stream: bool,
+    /// `GeoJSON` `FeatureCollection` of region polygons; none = one region.
+    pub regions: Option<PathBuf>,
 }
 
 impl Default for ServeConfig {
@@ -72,6 +74,7 @@ impl Default for ServeConfig {
             redis_prefix: "hexmatch".to_owned(),
             snapshot_interval_ms: 30_000,
             ingest_stream: true,
+            regions: None,
         }
     }
 }
@@ -136,6 +139,10 @@ pub struct ServeArgs {
     /// Read location updates from the Redis stream `<prefix>:locations` [default: true].
     #[arg(long, env = "HEXMATCH_INGEST_STREAM")]
     pub ingest_stream: Option<bool>,
+    /// `GeoJSON` of region polygons (e.g. `data/nyc_boroughs.geojson`); cells
+    /// are assigned by centre; cells in no polygon form `outside-<cell>` regions.
+    #[arg(long, env = "HEXMATCH_REGIONS")]
+    pub regions: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -174,6 +181,9 @@ impl ServeArgs {
         }
         if self.redis_url.is_some() {
             c.redis_url = self.redis_url;
+        }
+        if self.regions.is_some() {
+            c.regions = self.regions;
         }
         c.api_tokens.retain(|t| !t.is_empty());
         Ok(c)

@@ -118,11 +118,33 @@ pub async fn start_with_clock(
     let engine = Arc::new(
         Engine::with_clock(engine_config, clock).map_err(|e| ServerError::Config(e.to_string()))?,
     );
-    let state = Arc::new(Shared::new(
+    let mut shared = Shared::new(
         Arc::clone(&engine),
         config.clone(),
         telemetry::metrics_handle(),
-    ));
+    );
+    if let Some(path) = &config.regions {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ServerError::Input(format!("{}: {e}", path.display())))?;
+        let prefix = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("region")
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "-");
+        let map = hexmatch::RegionMap::from_geojson(
+            &text,
+            config.resolution,
+            &prefix,
+            hexmatch::Outside::DefaultRegion,
+        )
+        .map_err(|e| ServerError::Input(format!("{}: {e}", path.display())))?;
+        for r in map.empty_regions() {
+            tracing::warn!(region = %r.id, name = %r.name, resolution = config.resolution, "region is smaller than a partition cell and owns none");
+        }
+        tracing::info!(regions = map.regions().len(), file = %path.display(), "loaded regions");
+        shared.regions = Some(map);
+    }
+    let state = Arc::new(shared);
     // Read the driver file before binding, so a bad file fails the start.
     let initial = match &config.load_drivers {
         Some(path) => Some((

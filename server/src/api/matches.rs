@@ -136,7 +136,7 @@ pub(crate) async fn create_match(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(m.into())))
+    Ok((status, Json(state.match_out(m))))
 }
 
 fn unavailable(e: &redis::RedisError) -> ApiError {
@@ -198,7 +198,7 @@ pub(crate) async fn get_match(
     state
         .engine
         .get_match(&order)
-        .map(|m| Json(m.into()))
+        .map(|m| Json(state.match_out(m)))
         .ok_or_else(|| unknown(&order))
 }
 
@@ -227,7 +227,7 @@ pub(crate) async fn confirm(
     };
     let m = transition(&state, &order, confirmed, |e| e.confirm(&order)).await?;
     counter!("hexmatch_match_confirms_total").increment(1);
-    Ok(Json(m.into()))
+    Ok(Json(state.match_out(m)))
 }
 
 /// Releases a reserved or confirmed match; the driver is available again.
@@ -257,7 +257,7 @@ pub(crate) async fn release(
     )
     .await?;
     count_end("released");
-    Ok(Json(m.into()))
+    Ok(Json(state.match_out(m)))
 }
 
 /// Completes a confirmed match (extension): the driver is available again.
@@ -274,7 +274,7 @@ pub(crate) async fn complete(
 ) -> ApiResult<Json<MatchOut>> {
     let m = transition(&state, &order, |_| None, |e| e.complete(&order)).await?;
     count_end("completed");
-    Ok(Json(m.into()))
+    Ok(Json(state.match_out(m)))
 }
 
 /// Serves a window of orders, minimising the summed pickup distance.
@@ -343,7 +343,11 @@ pub(crate) async fn batch(
     }
     counter!("hexmatch_matches_total", "result" => "batch").increment(out.matches.len() as u64);
     Ok(Json(BatchOut {
-        matches: out.matches.into_iter().map(Into::into).collect(),
+        matches: out
+            .matches
+            .into_iter()
+            .map(|m| state.match_out(m))
+            .collect(),
         unmatched: out.unmatched.into_iter().map(|o| o.to_string()).collect(),
     }))
 }

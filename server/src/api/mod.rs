@@ -66,12 +66,30 @@ pub struct Shared {
     pub limiter: Option<Arc<Limiter>>,
     /// Redis persistence, once connected and restored (when configured).
     pub persist: std::sync::OnceLock<Arc<crate::persist::Persistence>>,
+    /// Regions from `--regions` (a `GeoJSON` file), if configured.
+    pub regions: Option<hexmatch::RegionMap>,
 }
 
 /// The router's state.
 pub type AppState = Arc<Shared>;
 
 impl Shared {
+    /// The region a position belongs to: from the region map when one is
+    /// configured (cells in no polygon go to an `outside-<cell>` region),
+    /// else the single region `default`.
+    pub(crate) fn region_name(&self, pos: hexmatch::Position) -> String {
+        self.regions
+            .as_ref()
+            .and_then(|r| r.region_of(pos).ok())
+            .map_or_else(|| model::DEFAULT_REGION.to_owned(), |id| id.to_string())
+    }
+
+    /// A match as the API shows it, with its region.
+    pub(crate) fn match_out(&self, m: hexmatch::Match) -> model::MatchOut {
+        let region = self.region_name(m.pickup);
+        model::MatchOut { region, ..m.into() }
+    }
+
     /// The persistence layer that match changes must go through: `Ok(None)`
     /// when running memory-only, an error (503) while Redis is configured
     /// but down, so no match changes without being durable.
@@ -108,6 +126,7 @@ impl Shared {
             ready: AtomicBool::new(false),
             limiter,
             persist: std::sync::OnceLock::new(),
+            regions: None,
         }
     }
 }

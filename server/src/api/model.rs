@@ -389,7 +389,7 @@ pub(crate) struct MatchOut {
     /// When an unconfirmed reservation lapses (RFC 3339).
     pub(crate) reserved_until: String,
     /// The region that owns the pickup.
-    pub(crate) region: &'static str,
+    pub(crate) region: String,
     /// When the match was made (RFC 3339).
     pub(crate) created_at: String,
     /// The order's pickup.
@@ -410,7 +410,7 @@ impl From<Match> for MatchOut {
             distance_m: m.distance_m,
             state: m.state.as_str(),
             reserved_until: m.reserved_until.to_string(),
-            region: DEFAULT_REGION,
+            region: DEFAULT_REGION.to_owned(),
             created_at: m.created_at.to_string(),
             pickup: m.pickup.into(),
             ended_at: m.ended_at.map(|t| t.to_string()),
@@ -452,7 +452,10 @@ pub(crate) struct BatchOut {
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct RegionOut {
     /// Region id.
-    pub(crate) region: &'static str,
+    pub(crate) region: String,
+    /// The region's name (from the `GeoJSON` file), if any.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) name: String,
     /// Partition cells holding drivers.
     pub(crate) cells: usize,
     /// Drivers in the region.
@@ -465,7 +468,7 @@ pub(crate) struct RegionOut {
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct RegionOwner {
     /// Region id.
-    pub(crate) region: &'static str,
+    pub(crate) region: String,
     /// Owning node.
     pub(crate) owner: String,
     /// Lease epoch (fencing token).

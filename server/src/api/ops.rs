@@ -97,15 +97,57 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
 /// Regions with their cell and driver counts.
 #[utoipa::path(get, path = "/v1/regions", tag = "cluster", responses((status = 200, body = [RegionOut])))]
 pub(crate) async fn regions(State(state): State<AppState>) -> Json<Vec<RegionOut>> {
-    let cells = state.engine.cell_counts();
-    let occupied = cells.iter().filter(|(_, c)| c.total() > 0).count();
-    let drivers = cells.iter().map(|(_, c)| c.total()).sum();
-    Json(vec![RegionOut {
-        region: DEFAULT_REGION,
-        cells: occupied,
-        drivers,
-        owner: state.config.node_id.clone(),
-    }])
+    let owner = state.config.node_id.clone();
+    let occupied: Vec<_> = state
+        .engine
+        .cell_counts()
+        .into_iter()
+        .filter(|(_, c)| c.total() > 0)
+        .collect();
+    let Some(map) = &state.regions else {
+        let drivers = occupied.iter().map(|(_, c)| c.total()).sum();
+        let out = RegionOut {
+            region: DEFAULT_REGION.to_owned(),
+            name: String::new(),
+            cells: occupied.len(),
+            drivers,
+            owner,
+        };
+        return Json(vec![out]);
+    };
+    // Drivers per region, and the occupied cells outside every polygon.
+    let mut drivers: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    let mut outside_cells: std::collections::BTreeMap<String, usize> =
+        std::collections::BTreeMap::new();
+    for (cell, counts) in &occupied {
+        let Ok(region) = map.region_of_cell(*cell) else {
+            continue;
+        };
+        let region = region.to_string();
+        *drivers.entry(region.clone()).or_default() += counts.total();
+        if region.starts_with("outside-") {
+            *outside_cells.entry(region).or_default() += 1;
+        }
+    }
+    let mut out: Vec<RegionOut> = map
+        .regions()
+        .iter()
+        .map(|r| RegionOut {
+            region: r.id.to_string(),
+            name: r.name.clone(),
+            cells: r.cells.len(),
+            drivers: drivers.get(r.id.as_str()).copied().unwrap_or(0),
+            owner: owner.clone(),
+        })
+        .collect();
+    out.extend(outside_cells.into_iter().map(|(region, cells)| RegionOut {
+        drivers: drivers.get(&region).copied().unwrap_or(0),
+        region,
+        name: String::new(),
+        cells,
+        owner: owner.clone(),
+    }));
+    Json(out)
 }
 
 /// This node, the region → node map and lease epochs.
@@ -115,10 +157,21 @@ pub(crate) async fn cluster(State(state): State<AppState>) -> Json<ClusterOut> {
     Json(ClusterOut {
         node_id: node.clone(),
         map_version: 1,
-        regions: vec![RegionOwner {
-            region: DEFAULT_REGION,
-            owner: node,
-            epoch: 1,
-        }],
+        regions: region_ids(&state)
+            .into_iter()
+            .map(|region| RegionOwner {
+                region,
+                owner: node.clone(),
+                epoch: 1,
+            })
+            .collect(),
     })
+}
+
+/// Every region this node knows (one, `default`, without a region map).
+fn region_ids(state: &AppState) -> Vec<String> {
+    match &state.regions {
+        Some(map) => map.regions().iter().map(|r| r.id.to_string()).collect(),
+        None => vec![DEFAULT_REGION.to_owned()],
+    }
 }
