@@ -302,7 +302,7 @@ impl InnerDisk {
         };
         let center = to_vec(LatLng::from(cell));
         let vertices: Vec<[f64; 3]> = cell.boundary().iter().map(|ll| to_vec(*ll)).collect();
-        let mut angle = f64::MAX;
+        let mut angle = f64::INFINITY;
         for (i, a) in vertices.iter().enumerate() {
             let b = vertices[(i + 1) % vertices.len()];
             let n = [
@@ -316,7 +316,7 @@ impl InnerDisk {
                 angle = angle.min(sin.min(1.0).asin());
             }
         }
-        let radius = if angle == f64::MAX { 0.0 } else { angle * 0.95 };
+        let radius = if angle.is_finite() { angle * 0.95 } else { 0.0 };
         let chord = 2.0 * (radius / 2.0).sin();
         Self {
             center,
