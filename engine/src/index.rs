@@ -833,20 +833,23 @@ impl Engine {
             }
             latest.insert(d.id.clone(), d);
         }
+        let drivers: Vec<Driver> = latest.into_values().collect();
+        // The H3 lookups are the expensive part: spread them over the cores.
+        let cells = crate::par::par_map(&drivers, 4096, |d| d.pos.cell(self.resolution));
+        for stripe in &*self.stripes {
+            stripe.lock().reserve(drivers.len() / STRIPES + 1);
+        }
         let mut by_cell: HashMap<CellIndex, Vec<Record>, FixedState> = HashMap::default();
-        for d in latest.into_values() {
-            by_cell
-                .entry(d.pos.cell(self.resolution))
-                .or_default()
-                .push(Record {
-                    id: d.id,
-                    pos: d.pos,
-                    ts: d.ts,
-                    seen: now,
-                    status: d.status,
-                    vehicle: d.vehicle,
-                    caps: d.capabilities,
-                });
+        for (d, cell) in drivers.into_iter().zip(cells) {
+            by_cell.entry(cell).or_default().push(Record {
+                id: d.id,
+                pos: d.pos,
+                ts: d.ts,
+                seen: now,
+                status: d.status,
+                vehicle: d.vehicle,
+                caps: d.capabilities,
+            });
         }
         let mut loaded = 0;
         for (cell, recs) in by_cell {

@@ -40,6 +40,7 @@ mod error;
 mod ids;
 mod index;
 mod matching;
+mod par;
 mod position;
 mod region;
 mod search;

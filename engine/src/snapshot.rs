@@ -193,7 +193,7 @@ impl Manifest {
 fn encode_chunk(drivers: &[DriverRec]) -> Vec<u8> {
     let raw = postcard::to_stdvec(drivers).unwrap_or_default();
     let mut out = CHUNK_MAGIC.to_vec();
-    out.extend(zstd::bulk::compress(&raw, 3).unwrap_or_default());
+    out.extend(zstd::bulk::compress(&raw, 1).unwrap_or_default());
     out
 }
 
@@ -240,9 +240,17 @@ pub fn decode_snapshot(manifest: &Manifest, chunks: &[impl AsRef<[u8]>]) -> Resu
             manifest.chunks.len()
         )));
     }
+    let jobs: Vec<(usize, ChunkInfo, &[u8])> = manifest
+        .chunks
+        .iter()
+        .zip(chunks)
+        .enumerate()
+        .map(|(i, (info, bytes))| (i, *info, bytes.as_ref()))
+        .collect();
+    let decoded = crate::par::par_map(&jobs, 2, |(i, info, bytes)| decode_chunk(*i, *info, bytes));
     let mut out = Vec::with_capacity(usize::try_from(manifest.drivers).unwrap_or(0).min(1 << 24));
-    for (i, (info, bytes)) in manifest.chunks.iter().zip(chunks).enumerate() {
-        out.extend(decode_chunk(i, *info, bytes.as_ref())?);
+    for part in decoded {
+        out.extend(part?);
     }
     Ok(out)
 }
@@ -260,9 +268,8 @@ impl Engine {
                     .map(|r| DriverRec::from_driver(&r.to_driver())),
             );
         }
-        // Deterministic output for equal contents.
-        recs.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-        let chunks: Vec<Vec<u8>> = recs.chunks(per).map(encode_chunk).collect();
+        let parts: Vec<&[DriverRec]> = recs.chunks(per).collect();
+        let chunks: Vec<Vec<u8>> = crate::par::par_map(&parts, 2, |p| encode_chunk(p));
         let infos = recs
             .chunks(per)
             .zip(&chunks)
