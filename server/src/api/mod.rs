@@ -270,7 +270,7 @@ pub fn app(state: AppState) -> Router {
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-");
-            tracing::info_span!("http", method = %req.method(), uri = %req.uri(), request_id = %id)
+            tracing::debug_span!("http", method = %req.method(), uri = %req.uri(), request_id = %id)
         }))
         .layer(SetRequestIdLayer::x_request_id(Sequential::default()))
         .with_state(state)

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# HTTP load on the real `hexmatch serve` with wrk, keep-alive, on loopback.
+#
+#   bash benches/scripts/http_load.sh
+#   DRIVERS=100000 DURATION=5s THREADS=1 CONNS=16 bash benches/scripts/http_load.sh
+#
+# 1. installs wrk (apt) if it is missing;
+# 2. builds `hexmatch` and `gen_drivers` in release;
+# 3. writes the clustered Chicago set (DRIVERS, default 1M) as CSV and the
+#    jittered real pickups as query points, under target/http-load/;
+# 4. starts `hexmatch serve --bind 127.0.0.1:PORT --load-drivers CSV
+#    --driver-ttl-s 0` (memory only, default logging) and waits for /readyz;
+# 5. runs wrk (THREADS, CONNS, DURATION; a short untimed warm-up first):
+#    GET /v1/drivers/nearest cycling over the pickups, then
+#    POST /v1/matches + POST /v1/matches/{id}/release pairs;
+# 6. prints req/s, latency percentiles, the server's CPU per request and
+#    its resident memory, and stops the server (also on error or ^C).
+#
+# Target (issue 5/9): nearest ≥ 40 000 req/s with p99 ≤ 1 ms. wrk and the
+# server share the machine's 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+DRIVERS="${DRIVERS:-1000000}"
+DURATION="${DURATION:-15s}"
+WARMUP="${WARMUP:-3s}"
+THREADS="${THREADS:-2}"
+CONNS="${CONNS:-32}"
+K="${K:-10}"
+OUT=target/http-load
+
+if ! command -v wrk >/dev/null; then
+    echo "installing wrk" >&2
+    if [ "$(id -u)" = 0 ]; then
+        apt-get install -y -q wrk >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null; }
+    else
+        sudo apt-get install -y -q wrk >/dev/null
+    fi
+fi
+
+cargo build --release -q -p hexmatch-server --bin hexmatch
+cargo build --release -q -p hexmatch-benches --bin gen_drivers
+
+mkdir -p "$OUT"
+csv="$OUT/drivers-$DRIVERS.csv"
+pickups="$OUT/pickups.csv"
+if [ ! -s "$csv" ] || [ ! -s "$pickups" ]; then
+    echo "writing $csv and $pickups" >&2
+    target/release/gen_drivers --drivers "$DRIVERS" --out "$csv" --pickups "$pickups"
+fi
+
+# A free loopback port (nothing answers on it).
+port=""
+for p in $(seq 18080 18180); do
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+        port=$p
+        break
+    fi
+done
+[ -n "$port" ] || { echo "no free port in 18080-18180" >&2; exit 1; }
+base="http://127.0.0.1:$port"
+
+target/release/hexmatch serve --bind "127.0.0.1:$port" --load-drivers "$csv" --driver-ttl-s 0 \
+    >"$OUT/server.log" 2>&1 &
+server=$!
+stop_server() {
+    if kill -0 "$server" 2>/dev/null; then
+        kill -TERM "$server" 2>/dev/null || true
+        wait "$server" 2>/dev/null || true
+    fi
+}
+trap stop_server EXIT INT TERM
+
+started=$(date +%s.%N)
+deadline=$((SECONDS + 300))
+until curl -sf "$base/readyz" >/dev/null 2>&1; do
+    if ! kill -0 "$server" 2>/dev/null; then
+        echo "the server exited; its log:" >&2
+        cat "$OUT/server.log" >&2
+        exit 1
+    fi
+    if [ $SECONDS -gt $deadline ]; then
+        echo "the server was not ready within 300 s" >&2
+        exit 1
+    fi
+    sleep 0.2
+done
+ready=$(date +%s.%N)
+rss_kb=$(awk '/^VmRSS:/ { print $2 }' "/proc/$server/status")
+awk -v s="$started" -v r="$ready" -v kb="$rss_kb" -v n="$DRIVERS" 'BEGIN {
+    printf "server ready in %.1f s (CSV parse + bulk load of %d drivers); RSS %.0f MB = %.0f bytes/driver\n",
+        r - s, n, kb / 1024, kb * 1024 / n }'
+
+clk_tck=$(getconf CLK_TCK)
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$server/stat"; }
+
+# run NAME SCRIPT: a warm-up, then the timed run; prints the RESULT line
+# plus the server's CPU time per request.
+run() {
+    local name="$1" script="$2"
+    HEXMATCH_PICKUPS="$pickups" HEXMATCH_K="$K" \
+        wrk -t"$THREADS" -c"$CONNS" -d"$WARMUP" -s "$script" "$base" >/dev/null
+    local before after
+    before=$(cpu_ticks)
+    HEXMATCH_PICKUPS="$pickups" HEXMATCH_K="$K" \
+        wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency -s "$script" "$base" >"$OUT/$name.txt"
+    after=$(cpu_ticks)
+    local line
+    line=$(grep '^RESULT' "$OUT/$name.txt")
+    echo "$name: ${line#RESULT }"
+    echo "$line" | awk -v b="$before" -v a="$after" -v t="$clk_tck" '{
+        for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+        printf "  server CPU %.1f s = %.1f µs/request (%.2f cores)\n",
+            (a - b) / t, (a - b) / t * 1e6 / v["requests"], (a - b) / t / v["duration_s"] }'
+}
+
+echo "wrk -t$THREADS -c$CONNS -d$DURATION, keep-alive, $DRIVERS drivers, k=$K"
+run nearest benches/scripts/wrk/nearest.lua
+run matches benches/scripts/wrk/matches.lua
+echo "full wrk output: $OUT/nearest.txt $OUT/matches.txt; server log: $OUT/server.log"

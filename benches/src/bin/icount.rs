@@ -1,0 +1,107 @@
+//! `icount` — a fixed amount of engine work on a deterministic engine, for
+//! instruction counting under `valgrind --tool=callgrind`
+//! (`benches/scripts/callgrind.sh`).
+//!
+//! Every mode builds the same engine (100k clustered Chicago drivers by
+//! default), the same query list and the same pre-generated moves; only
+//! the loop differs. So `instructions(mode) - instructions(baseline)` is
+//! the cost of `ops` operations, stable on a noisy machine.
+//!
+//! ```sh
+//! valgrind --tool=callgrind target/release/icount nearest --ops 20000
+//! ```
+
+use std::hint::black_box;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+use hexmatch::{DriverUpdate, NearestQuery};
+use hexmatch_benches::{
+    Mover, build_engine, chicago_bounds, chicago_pickups, city_drivers, jitter, measure_build,
+};
+
+/// Fixed seeds: every run does exactly the same work.
+const DRIVER_SEED: u64 = 7;
+const JITTER_SEED: u64 = 0x5EED;
+const MOVER_SEED: u64 = 11;
+
+/// Runs a fixed number of engine operations (for instruction counts).
+#[derive(Debug, Parser)]
+#[command(name = "icount", version, about)]
+struct Args {
+    /// What to run after the set-up.
+    #[arg(value_enum)]
+    mode: Mode,
+    /// How many operations.
+    #[arg(long, default_value_t = 20_000)]
+    ops: usize,
+    /// Drivers in the engine.
+    #[arg(long, default_value_t = 100_000)]
+    drivers: usize,
+    /// k of the nearest queries.
+    #[arg(long, default_value_t = 10)]
+    k: usize,
+}
+
+/// The operation to count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Set-up only: subtract this from the others.
+    Baseline,
+    /// `nearest` k queries at jittered real pickups, no filter.
+    Nearest,
+    /// `upsert` location moves of up to 300 m (every one applies).
+    Move,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if !(1..=hexmatch::MAX_K).contains(&args.k) {
+        eprintln!("icount: --k {} is out of range", args.k);
+        return ExitCode::FAILURE;
+    }
+    let ((engine, _clock), mem) = measure_build(args.drivers, || {
+        build_engine(city_drivers(args.drivers, DRIVER_SEED))
+    });
+    let queries: Vec<NearestQuery> = jitter(&chicago_pickups(), 300.0, JITTER_SEED)
+        .into_iter()
+        .map(|p| NearestQuery::new(p, args.k).expect("k was checked"))
+        .collect();
+    let mut mover = Mover::from_drivers(
+        city_drivers(args.drivers, DRIVER_SEED),
+        |_| true,
+        chicago_bounds(),
+        MOVER_SEED,
+    );
+    let moves: Vec<DriverUpdate> = (0..args.ops).map(|_| mover.next_update()).collect();
+    match args.mode {
+        Mode::Baseline => {}
+        Mode::Nearest => {
+            for q in queries.iter().cycle().take(args.ops) {
+                black_box(engine.nearest(q).expect("valid query"));
+            }
+        }
+        Mode::Move => {
+            for u in &moves {
+                black_box(engine.upsert(u).expect("valid move"));
+            }
+        }
+    }
+    black_box((&queries, &moves));
+    println!(
+        "{:?} {} ops on {} drivers",
+        args.mode, args.ops, args.drivers
+    );
+    // A fresh process: the engine's memory without a previous build's
+    // freed-but-kept heap (`icount baseline --drivers 10000000 --ops 1`).
+    if let Some(m) = mem {
+        println!(
+            "memory: RSS {:.1} MiB -> {:.1} MiB, {:.0} bytes/driver (build {:.2} s)",
+            m.rss_before as f64 / 1_048_576.0,
+            m.rss_after as f64 / 1_048_576.0,
+            m.bytes_per_driver(),
+            m.build_time.as_secs_f64()
+        );
+    }
+    ExitCode::SUCCESS
+}
