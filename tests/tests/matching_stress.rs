@@ -180,7 +180,11 @@ fn check_history(engine: &Engine, created: &[Match]) {
     // How many records a twin replaces depends on the interleaving (a
     // share of 85–95 % survives); what matters is that many are checked.
     let checked: usize = by_driver.values().map(Vec::len).sum();
-    assert!(checked >= 1000, "only {checked} of {} matches checked", created.len());
+    assert!(
+        checked >= 1000,
+        "only {checked} of {} matches checked",
+        created.len()
+    );
     // No driver held by two matches at once: intervals [created, ended) are disjoint.
     for (driver, mut ms) in by_driver {
         ms.sort_by_key(|m| m.created_at);
