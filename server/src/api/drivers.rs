@@ -145,11 +145,23 @@ pub(crate) async fn post_location(
 /// Validates and applies one raw update object (HTTP batch, WebSocket or
 /// Redis stream: the same rules everywhere).
 fn apply_value(engine: &Engine, item: Result<Value, ApiError>) -> Result<Applied, ApiError> {
-    item.and_then(|v| {
+    let item = item.and_then(|v| {
         serde_json::from_value::<LocationItem>(v).map_err(|e| ApiError::invalid_json(e.to_string()))
-    })
-    .and_then(LocationItem::into_update)
-    .and_then(|u| engine.upsert(&u).map_err(ApiError::from))
+    });
+    apply_location_item(engine, item)
+}
+
+/// The one place a batch, WebSocket or stream update is validated and
+/// applied, with its `hexmatch_location_updates_total` count.
+fn apply_location_item(engine: &Engine, item: ApiResult<LocationItem>) -> ApiResult<Applied> {
+    let outcome = item
+        .and_then(LocationItem::into_update)
+        .and_then(|u| engine.upsert(&u).map_err(ApiError::from));
+    match &outcome {
+        Ok(applied) => count_update(applied),
+        Err(_) => counter!("hexmatch_location_updates_total", "result" => "rejected").increment(1),
+    }
+    outcome
 }
 
 /// A stream entry that failed validation: id, its fields, error code and message.
@@ -166,15 +178,8 @@ pub(crate) fn apply_stream_entries(
     let mut ids = Vec::with_capacity(entries.len());
     let mut dead = Vec::new();
     for (id, fields) in entries {
-        let outcome = LocationItem::from_stream_fields(&fields)
-            .and_then(LocationItem::into_update)
-            .and_then(|u| engine.upsert(&u).map_err(ApiError::from));
-        match outcome {
-            Ok(applied) => count_update(&applied),
-            Err(e) => {
-                counter!("hexmatch_location_updates_total", "result" => "rejected").increment(1);
-                dead.push((id.clone(), fields, e.code(), e.to_string()));
-            }
+        if let Err(e) = apply_location_item(engine, LocationItem::from_stream_fields(&fields)) {
+            dead.push((id.clone(), fields, e.code(), e.to_string()));
         }
         ids.push(id);
     }
@@ -189,15 +194,9 @@ pub(crate) fn apply_item(
     tally: &mut BatchTally,
 ) {
     match apply_value(engine, item) {
-        Ok(applied) => {
-            count_update(&applied);
-            match applied {
-                Applied::Applied(_) => tally.applied += 1,
-                Applied::Stale { .. } => tally.stale += 1,
-            }
-        }
+        Ok(Applied::Applied(_)) => tally.applied += 1,
+        Ok(Applied::Stale { .. }) => tally.stale += 1,
         Err(e) => {
-            counter!("hexmatch_location_updates_total", "result" => "rejected").increment(1);
             tally.rejected.push(Rejected {
                 index,
                 error: ErrorDetail {
