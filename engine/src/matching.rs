@@ -432,26 +432,81 @@ impl Engine {
             if let Some(existing) = book.existing(order, req) {
                 return existing.map(|m| (m, false));
             }
-            let now = self.clock.now();
             for c in &candidates {
                 if let Some(pos) = self.reserve_if_eligible(&c.id, req.vehicle, req.capabilities) {
-                    let m = Match {
-                        order_id: order.clone(),
-                        driver_id: c.id.clone(),
-                        pickup: req.pickup,
-                        distance_m: req.pickup.distance_m(pos),
-                        state: MatchState::Reserved,
-                        created_at: now,
-                        reserved_until: now.plus_millis(req.hold_ms),
-                        ended_at: None,
-                        reason: None,
-                    };
-                    book.insert(m.clone(), req.clone());
-                    return Ok((m, true));
+                    return Ok((
+                        self.book_reservation(&mut book, order, req, &c.id, pos),
+                        true,
+                    ));
                 }
             }
         }
         Err(Error::NoDriverAvailable)
+    }
+
+    /// Reserves exactly `driver` for `order`, if it is available, matches
+    /// the request's filters and is within its radius. A cluster uses this
+    /// to reserve, on the node that owns it, the driver a cross-region
+    /// search chose; losing a race for it is an ordinary outcome.
+    ///
+    /// Returns the match and whether it was created now, as
+    /// [`claim`](Self::claim) does.
+    ///
+    /// # Errors
+    /// - [`Error::InvalidParameter`] for a bad radius or hold;
+    /// - [`Error::OrderConflict`] if the order has a live match made with a
+    ///   different request;
+    /// - [`Error::DriverNotAvailable`] if the driver is unknown, not
+    ///   available, not eligible or out of reach.
+    pub fn claim_driver(
+        &self,
+        order: &OrderId,
+        req: &ClaimRequest,
+        driver: &DriverId,
+    ) -> Result<(Match, bool)> {
+        req.validate()?;
+        let mut book = self.book.lock();
+        if let Some(existing) = book.existing(order, req) {
+            return existing.map(|m| (m, false));
+        }
+        let not_available = || Error::DriverNotAvailable(driver.to_string());
+        let pos = self
+            .reserve_if_eligible(driver, req.vehicle, req.capabilities)
+            .ok_or_else(not_available)?;
+        let reach = req.radius_m.unwrap_or(self.config.max_radius_m);
+        if req.pickup.distance_m(pos) > reach {
+            self.transition(driver, Status::Reserved, Status::Available);
+            return Err(not_available());
+        }
+        Ok((
+            self.book_reservation(&mut book, order, req, driver, pos),
+            true,
+        ))
+    }
+
+    /// Records a reservation of `driver` (already set reserved, at `pos`).
+    fn book_reservation(
+        &self,
+        book: &mut MatchBook,
+        order: &OrderId,
+        req: &ClaimRequest,
+        driver: &DriverId,
+        pos: Position,
+    ) -> Match {
+        let now = self.clock.now();
+        let m = Match {
+            order_id: order.clone(),
+            driver_id: driver.clone(),
+            pickup: req.pickup,
+            distance_m: req.pickup.distance_m(pos),
+            state: MatchState::Reserved,
+            created_at: now,
+            reserved_until: now.plus_millis(req.hold_ms),
+            ended_at: None,
+            reason: None,
+        };
+        book.insert(m.clone(), req.clone());
+        m
     }
 
     /// The match of an order, live or recently ended.
@@ -888,6 +943,53 @@ mod tests {
         );
         assert_eq!(status(&f, "d1"), Status::Available);
         assert_eq!(f.engine.live_matches(), 0);
+    }
+
+    #[test]
+    fn claim_driver_reserves_exactly_that_driver_or_nothing() {
+        let f = fixture();
+        let req = pickup();
+        // Not the nearest (d1), but the one asked for.
+        let (m, created) = f.engine.claim_driver(&oid("a"), &req, &did("d3")).unwrap();
+        assert!(created);
+        assert_eq!(
+            (m.driver_id.as_str(), status(&f, "d3")),
+            ("d3", Status::Reserved)
+        );
+        // Idempotent by order id, whichever driver is named again.
+        let (again, created) = f.engine.claim_driver(&oid("a"), &req, &did("d1")).unwrap();
+        assert_eq!(
+            (again, created, status(&f, "d1")),
+            (m, false, Status::Available)
+        );
+        // Taken, unknown, filtered out or out of reach: driver_not_available,
+        // and nothing changes.
+        let van = ClaimRequest {
+            vehicle: Some(Vehicle::Van),
+            ..pickup()
+        };
+        let near = ClaimRequest {
+            radius_m: Some(100.0),
+            ..pickup()
+        };
+        for (order, req, driver) in [
+            ("b", &req, "d3"),
+            ("c", &req, "nobody"),
+            ("d", &van, "d1"),
+            ("e", &near, "d2"),
+        ] {
+            let err = f
+                .engine
+                .claim_driver(&oid(order), req, &did(driver))
+                .unwrap_err();
+            assert_eq!(err.code(), "driver_not_available", "{order}");
+            assert!(f.engine.get_match(&oid(order)).is_none());
+        }
+        assert_eq!(
+            (status(&f, "d1"), status(&f, "d2")),
+            (Status::Available, Status::Available)
+        );
+        assert_eq!(f.engine.live_matches(), 1);
     }
 
     #[test]
