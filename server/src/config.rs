@@ -51,6 +51,18 @@ pub struct ServeConfig {
     pub ingest_stream: bool,
     /// `GeoJSON` `FeatureCollection` of region polygons; none = one region.
     pub regions: Option<PathBuf>,
+    /// Run as one node of a cluster: own regions under Redis leases and
+    /// route requests for the others to their owners. Needs `redis_url`
+    /// and `regions`.
+    pub cluster: bool,
+    /// The URL other nodes reach this one at; default `http://<bind address>`.
+    pub advertise_url: Option<String>,
+    /// Regions this node takes at start when free (`*` = every region of
+    /// the file); other regions it takes only when their owner's lease
+    /// lapses, or when a request first touches an unowned one.
+    pub own_regions: Vec<String>,
+    /// How long a region lease lasts without renewal (renewed every third).
+    pub lease_ttl_ms: u64,
 }
 
 impl Default for ServeConfig {
@@ -75,6 +87,10 @@ impl Default for ServeConfig {
             snapshot_interval_ms: 30_000,
             ingest_stream: true,
             regions: None,
+            cluster: false,
+            advertise_url: None,
+            own_regions: Vec::new(),
+            lease_ttl_ms: 5_000,
         }
     }
 }
@@ -143,6 +159,18 @@ pub struct ServeArgs {
     /// are assigned by centre; cells in no polygon form `outside-<cell>` regions.
     #[arg(long, env = "HEXMATCH_REGIONS")]
     pub regions: Option<PathBuf>,
+    /// Run as a cluster node (needs --redis-url and --regions) [default: false].
+    #[arg(long, env = "HEXMATCH_CLUSTER")]
+    pub cluster: Option<bool>,
+    /// URL other nodes reach this one at [default: http://<bind address>].
+    #[arg(long, env = "HEXMATCH_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// Comma-separated regions to take at start when free; `*` = all.
+    #[arg(long, env = "HEXMATCH_OWN_REGIONS", value_delimiter = ',')]
+    pub own_regions: Option<Vec<String>>,
+    /// Region lease time-to-live in ms [default: 5000].
+    #[arg(long, env = "HEXMATCH_LEASE_TTL_MS")]
+    pub lease_ttl_ms: Option<u64>,
 }
 
 impl ServeArgs {
@@ -176,6 +204,10 @@ impl ServeArgs {
             max_batch_items
         );
         take!(redis_prefix, snapshot_interval_ms, ingest_stream);
+        take!(cluster, own_regions, lease_ttl_ms);
+        if self.advertise_url.is_some() {
+            c.advertise_url = self.advertise_url;
+        }
         if self.load_drivers.is_some() {
             c.load_drivers = self.load_drivers;
         }
@@ -186,6 +218,16 @@ impl ServeArgs {
             c.regions = self.regions;
         }
         c.api_tokens.retain(|t| !t.is_empty());
+        c.own_regions.retain(|r| !r.trim().is_empty());
+        if c.cluster && (c.redis_url.is_none() || c.regions.is_none()) {
+            return Err("--cluster needs --redis-url and --regions".to_owned());
+        }
+        if c.cluster && c.lease_ttl_ms < 300 {
+            return Err(format!(
+                "lease_ttl_ms {} is too short; at least 300",
+                c.lease_ttl_ms
+            ));
+        }
         Ok(c)
     }
 }

@@ -16,6 +16,7 @@
 //! ```
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod load;
 pub mod persist;

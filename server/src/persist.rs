@@ -58,6 +58,23 @@ pub struct Persistence {
     up: AtomicBool,
     needs_resync: AtomicBool,
     order_locks: Box<[Mutex<()>]>,
+    /// In a cluster, match writes are fenced by region leases.
+    fence: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+}
+
+/// The error a fenced write fails with when this node does not hold the
+/// lease of the match's region (any more).
+pub(crate) fn not_owner(region: &str) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Client,
+        "not_owner",
+        format!("this node does not hold the lease of region {region}"),
+    ))
+}
+
+/// Whether `e` is a fenced write refused for want of a lease.
+pub(crate) fn is_not_owner(e: &redis::RedisError) -> bool {
+    e.to_string().contains("not_owner")
 }
 
 impl std::fmt::Debug for Persistence {
@@ -114,15 +131,30 @@ impl Persistence {
             up: AtomicBool::new(true),
             needs_resync: AtomicBool::new(false),
             order_locks: (0..ORDER_LOCKS).map(|_| Mutex::new(())).collect(),
+            fence: std::sync::OnceLock::new(),
         }))
     }
 
     fn key(&self, suffix: &str) -> String {
-        format!("{}:{}:{suffix}", self.prefix, self.region)
+        self.key_of(&self.region, suffix)
+    }
+
+    /// A key of the namespace `ns` (a region, or in a cluster a node id).
+    fn key_of(&self, ns: &str, suffix: &str) -> String {
+        format!("{}:{ns}:{suffix}", self.prefix)
     }
 
     fn chunk_key(&self, generation: u64, i: usize) -> String {
-        self.key(&format!("snap:g{generation}:{i}"))
+        self.chunk_key_of(&self.region, generation, i)
+    }
+
+    fn chunk_key_of(&self, ns: &str, generation: u64, i: usize) -> String {
+        self.key_of(ns, &format!("snap:g{generation}:{i}"))
+    }
+
+    /// Fences every later match write with `cluster`'s leases.
+    pub fn set_fence(&self, cluster: Arc<crate::cluster::Cluster>) {
+        let _ = self.fence.set(cluster);
     }
 
     /// The stream location updates are read from.
@@ -167,6 +199,9 @@ impl Persistence {
     /// # Errors
     /// Redis errors; the caller decides whether to undo or answer 503.
     pub async fn put_match(&self, rec: &DurableMatch) -> RedisResult<()> {
+        if let Some(cluster) = self.fence.get() {
+            return self.put_match_fenced(cluster, rec).await;
+        }
         let mut conn = self.conn.clone();
         let key = self.key("matches");
         let r = if rec.m.state.is_live() {
@@ -178,12 +213,57 @@ impl Persistence {
         self.note(r)
     }
 
+    /// In a cluster: writes the record only if this node still holds the
+    /// lease of the driver's region, checked by Redis in the same script
+    /// that writes, and records the order's region for routing.
+    async fn put_match_fenced(
+        &self,
+        cluster: &crate::cluster::Cluster,
+        rec: &DurableMatch,
+    ) -> RedisResult<()> {
+        let region = cluster
+            .region_of(rec.driver_pos)
+            .map_err(|e| not_owner(&e.to_string()))?;
+        let region = region.as_str();
+        let token = cluster.token(region).ok_or_else(|| not_owner(region))?;
+        let record = if rec.m.state.is_live() {
+            rec.encode()
+        } else {
+            Vec::new()
+        };
+        let mut conn = self.conn.clone();
+        let done: i64 = self.note(
+            redis::Script::new(crate::cluster::FENCED_PUT)
+                .key(format!("{}:lease:{region}", cluster.prefix()))
+                .key(self.key("matches"))
+                .key(cluster.order_key(rec.m.order_id.as_str()))
+                .arg(token)
+                .arg(rec.m.order_id.as_str())
+                .arg(record)
+                .arg(region)
+                .arg(crate::cluster::ORDER_KEY_TTL_MS)
+                .invoke_async(&mut conn)
+                .await,
+        )?;
+        if done == 1 {
+            Ok(())
+        } else {
+            Err(not_owner(region))
+        }
+    }
+
     /// Writes many live records in one pipelined round trip.
     ///
     /// # Errors
     /// Redis errors.
     pub async fn put_matches(&self, recs: &[DurableMatch]) -> RedisResult<()> {
         if recs.is_empty() {
+            return Ok(());
+        }
+        if self.fence.get().is_some() {
+            for rec in recs {
+                self.put_match(rec).await?;
+            }
             return Ok(());
         }
         let key = self.key("matches");
@@ -311,6 +391,7 @@ impl Persistence {
     /// Reads and checks the snapshot under `manifest_key`.
     async fn read_snapshot(
         &self,
+        ns: &str,
         manifest_key: &str,
     ) -> Result<Option<(Manifest, Vec<Vec<u8>>)>, String> {
         let mut conn = self.conn.clone();
@@ -320,7 +401,7 @@ impl Persistence {
         let Some(raw) = raw else { return Ok(None) };
         let manifest = Manifest::decode(&raw).map_err(|e| format!("{manifest_key}: {e}"))?;
         let keys: Vec<String> = (0..manifest.chunks.len())
-            .map(|i| self.chunk_key(manifest.generation, i))
+            .map(|i| self.chunk_key_of(ns, manifest.generation, i))
             .collect();
         let chunks: Vec<Option<Vec<u8>>> = if keys.is_empty() {
             Vec::new()
@@ -352,7 +433,7 @@ impl Persistence {
     pub async fn restore(&self, engine: &Arc<Engine>) -> Result<Restored, String> {
         let mut out = Restored::default();
         for key in [self.key("snap:manifest"), self.key("snap:manifest:prev")] {
-            match self.read_snapshot(&key).await {
+            match self.read_snapshot(&self.region, &key).await {
                 Ok(None) => {}
                 Ok(Some((manifest, chunks))) => {
                     let e = Arc::clone(engine);
@@ -397,6 +478,76 @@ impl Persistence {
             counter!("hexmatch_restore_warnings_total").increment(out.warnings.len() as u64);
         }
         Ok(out)
+    }
+
+    /// Restores one region taken over from node `prev` (cluster mode): the
+    /// drivers of `prev`'s latest good snapshot and the live matches of its
+    /// records that lie in the region (`in_region`), loaded into a running
+    /// engine; the matches are then copied to this node's records. Returns
+    /// (drivers, matches) restored.
+    ///
+    /// # Errors
+    /// Redis cannot be read, or both of `prev`'s snapshots are corrupt.
+    pub async fn restore_region(
+        &self,
+        engine: &Arc<Engine>,
+        prev: &str,
+        in_region: &(dyn Fn(hexmatch::Position) -> bool + Sync),
+    ) -> Result<(usize, usize), String> {
+        let mut drivers = None;
+        let mut problems = Vec::new();
+        for suffix in ["snap:manifest", "snap:manifest:prev"] {
+            let key = self.key_of(prev, suffix);
+            match self.read_snapshot(prev, &key).await {
+                Ok(None) => {}
+                Ok(Some((manifest, chunks))) => match hexmatch::decode_snapshot(&manifest, &chunks)
+                {
+                    Ok(all) => {
+                        drivers = Some(all);
+                        break;
+                    }
+                    Err(e) => problems.push(format!("{key}: {e}")),
+                },
+                Err(e) => problems.push(e),
+            }
+        }
+        if drivers.is_none() && !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        let mine: Vec<hexmatch::Driver> = drivers
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| in_region(d.pos))
+            .collect();
+        let e = Arc::clone(engine);
+        let loaded = tokio::task::spawn_blocking(move || crate::cluster::upsert_drivers(&e, mine))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut conn = self.conn.clone();
+        let raw: HashMap<String, Vec<u8>> = self
+            .note(conn.hgetall(self.key_of(prev, "matches")).await)
+            .map_err(|e| e.to_string())?;
+        let records: Vec<DurableMatch> = raw
+            .values()
+            .filter_map(|b| DurableMatch::decode(b).ok())
+            .filter(|r| r.m.state.is_live() && in_region(r.driver_pos))
+            .collect();
+        let report = engine.restore_matches(records.clone());
+        for (order, why) in &report.skipped {
+            tracing::warn!(%order, why, "match not restored in takeover");
+        }
+        // Ours now: written unfenced, as the lease is not served yet.
+        if !records.is_empty() {
+            let key = self.key("matches");
+            let mut pipe = redis::pipe();
+            for rec in &records {
+                pipe.hset(&key, rec.m.order_id.as_str(), rec.encode())
+                    .ignore();
+            }
+            self.note(pipe.query_async::<()>(&mut conn).await)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok((loaded, report.restored))
     }
 
     /// Pings Redis; on recovery, runs a pending resync.

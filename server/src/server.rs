@@ -89,6 +89,10 @@ impl Server {
                 Err(e) => tracing::error!(error = %e, "final snapshot failed"),
             }
         }
+        // Hand the regions back so another node takes them at once.
+        if let Some(c) = self.state.cluster.get() {
+            c.give_up().await;
+        }
     }
 }
 
@@ -165,6 +169,12 @@ pub async fn start_with_clock(
     let mut background = vec![spawn_sweeper(&state), spawn_upkeep(&state)];
     match config.redis_url.clone() {
         None => state.ready.store(true, Ordering::Release),
+        Some(url) if config.cluster => background.push(tokio::spawn(boot_cluster(
+            Arc::clone(&state),
+            url,
+            addr,
+            initial,
+        ))),
         Some(url) => background.push(tokio::spawn(boot_with_redis(
             Arc::clone(&state),
             url,
@@ -251,6 +261,101 @@ async fn boot_with_redis(
     // Tie the loops' lifetime to this task: aborting it (shutdown) stops them.
     let _guard = AbortOnDrop(tasks);
     std::future::pending::<()>().await;
+}
+
+/// Joins the cluster: registers this node, takes its regions (restoring
+/// each from its previous owner's snapshot and match records), loads
+/// `--load-drivers` into the regions it serves when none had data, marks
+/// the node ready, then keeps leases, map and takeovers up to date.
+async fn boot_cluster(
+    state: Arc<Shared>,
+    url: String,
+    addr: SocketAddr,
+    initial: Option<(std::path::PathBuf, Vec<hexmatch::Driver>)>,
+) {
+    let c = &state.config;
+    let Some(regions) = state.regions.clone() else {
+        tracing::error!("cluster mode needs --regions");
+        return;
+    };
+    let advertise = c
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let ttl = Duration::from_millis(c.lease_ttl_ms);
+    let (p, cluster) = loop {
+        let joined = async {
+            let p = Persistence::connect(&url, &c.redis_prefix, &c.node_id, &c.node_id).await?;
+            let cluster = crate::cluster::Cluster::connect(
+                &url,
+                &c.redis_prefix,
+                &c.node_id,
+                &advertise,
+                regions.clone(),
+                &c.own_regions,
+                ttl,
+            )
+            .await?;
+            Ok::<_, String>((p, cluster))
+        };
+        match joined.await {
+            Ok(x) => break x,
+            Err(e) => tracing::warn!(error = %e, "redis unreachable at start; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    p.set_fence(Arc::clone(&cluster));
+    let _ = state.persist.set(Arc::clone(&p));
+    let _ = state.cluster.set(Arc::clone(&cluster));
+    let taken = cluster.tick(&state.engine, &p).await;
+    let restored: usize = taken.iter().map(|t| t.drivers + t.matches).sum();
+    if restored == 0
+        && let Some((path, drivers)) = initial
+    {
+        let mine: Vec<hexmatch::Driver> = drivers
+            .into_iter()
+            .filter(|d| {
+                cluster
+                    .region_of(d.pos)
+                    .is_ok_and(|r| cluster.serves(r.as_str()))
+            })
+            .collect();
+        let n = crate::cluster::upsert_drivers(&state.engine, mine);
+        tracing::info!(drivers = n, file = %path.display(), "loaded the drivers of this node's regions");
+    }
+    after_takeover(&state, &p, taken.len()).await;
+    tracing::info!(node = %c.node_id, url = %advertise, serving = ?cluster.held(), "joined the cluster");
+    state.ready.store(true, Ordering::Release);
+    if c.ingest_stream {
+        tracing::warn!(
+            "stream ingestion is off in cluster mode (per-region streams are not built); use HTTP"
+        );
+    }
+    let mut tasks = vec![spawn_health(&state, &p), spawn_snapshots(&state, &p)];
+    let (s2, p2, c2) = (Arc::clone(&state), Arc::clone(&p), Arc::clone(&cluster));
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(c2.tick_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let taken = c2.tick(&s2.engine, &p2).await;
+            after_takeover(&s2, &p2, taken.len()).await;
+        }
+    }));
+    let _guard = AbortOnDrop(tasks);
+    std::future::pending::<()>().await;
+}
+
+/// After taking regions: this node's records and snapshot must hold them
+/// at once, so that if it dies next, the node after it finds them.
+async fn after_takeover(state: &Arc<Shared>, p: &Arc<Persistence>, taken: usize) {
+    if taken == 0 {
+        return;
+    }
+    counter!("hexmatch_region_takeovers_total").increment(taken as u64);
+    if let Err(e) = p.write_snapshot(&state.engine).await {
+        tracing::warn!(error = %e, "snapshot after takeover failed");
+    }
 }
 
 struct AbortOnDrop(Vec<JoinHandle<()>>);

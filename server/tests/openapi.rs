@@ -26,6 +26,8 @@ fn openapi_is_a_valid_3_1_document_with_resolvable_references() {
         "GET /v1/locations/stream",
         "GET /v1/matches/{order_id}",
         "GET /v1/regions",
+        "POST /v1/cluster/handoff",
+        "POST /v1/cluster/reserve",
         "POST /v1/drivers/{driver_id}/location",
         "POST /v1/locations",
         "POST /v1/matches",

@@ -5,74 +5,23 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use common::{RedisServer, poll, unique_prefix};
+use common::{Node, RedisServer, poll, unique_prefix};
 use serde_json::{Value, json};
 
-struct Node {
-    child: Child,
-    base: String,
-}
-
-impl Node {
-    fn start(url: &str, prefix: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hexmatch"))
-            .args([
-                "serve",
-                "--bind",
-                "127.0.0.1:0",
-                "--redis-url",
-                url,
-                "--redis-prefix",
-                prefix,
-            ])
-            .args(["--snapshot-interval-ms", "200", "--driver-ttl-s", "0"])
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("binary runs");
-        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("server logs its address")
-                .expect("utf-8 log");
-            if let Some(rest) = line
-                .split("addr=")
-                .nth(1)
-                .filter(|_| line.contains("hexmatch serving"))
-            {
-                break rest.split_whitespace().next().expect("address").to_owned();
-            }
-        };
-        // Keep draining the log so the child never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        let node = Self {
-            child,
-            base: format!("http://{addr}"),
-        };
-        let http = reqwest::blocking::Client::new();
-        poll(30, "readyz", || {
-            http.get(format!("{}/readyz", node.base))
-                .send()
-                .ok()
-                .filter(|r| r.status() == 200)
-        });
-        node
-    }
-}
-
-impl Drop for Node {
-    /// A failed assertion must not leave the server running.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start_node(url: &str, prefix: &str) -> Node {
+    Node::spawn(&[
+        "--redis-url",
+        url,
+        "--redis-prefix",
+        prefix,
+        "--snapshot-interval-ms",
+        "200",
+        "--driver-ttl-s",
+        "0",
+    ])
 }
 
 fn post(http: &reqwest::blocking::Client, url: String, body: &Value) -> (u16, Value) {
@@ -202,7 +151,7 @@ fn sigkill_mid_ingest_loses_no_acknowledged_reservation() {
     let (_redis, url) = RedisServer::from_env_or_start();
     let prefix = unique_prefix("crash");
     let http = reqwest::blocking::Client::new();
-    let mut node = Node::start(&url, &prefix);
+    let mut node = start_node(&url, &prefix);
     let all = common::chicago_drivers(3000, false);
     assert_eq!(
         post(
@@ -239,11 +188,10 @@ fn sigkill_mid_ingest_loses_no_acknowledged_reservation() {
     poll(30, "ingestion under way", || {
         (sent.load(Ordering::Relaxed) >= 5).then_some(())
     });
-    node.child.kill().expect("SIGKILL");
-    node.child.wait().expect("reaped");
+    node.signal("KILL");
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
 
-    let node = Node::start(&url, &prefix);
+    let node = start_node(&url, &prefix);
     check_restored(&http, &node.base, &held);
 }

@@ -3,7 +3,10 @@
 
 use axum::Json;
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::cluster::route::{ask_peers, scope_local};
 use hexmatch::{Applied, DriverId, Engine};
 use metrics::counter;
 use serde_json::Value;
@@ -38,6 +41,9 @@ pub(crate) async fn put_driver(
     JsonBody(body): JsonBody<DriverPut>,
 ) -> ApiResult<Json<DriverPutOut>> {
     let update = body.into_update(id.clone())?;
+    if let Some(cluster) = state.cluster.get() {
+        crate::cluster::route::adopt(&state, cluster, std::slice::from_ref(&id)).await;
+    }
     // A status change may end the driver's match: keep Redis in step.
     let held = update
         .status
@@ -78,13 +84,20 @@ pub(crate) async fn put_driver(
     ))]
 pub(crate) async fn get_driver(
     State(state): State<AppState>,
+    headers: HeaderMap,
     IdPath(id): IdPath<DriverId>,
-) -> ApiResult<Json<DriverOut>> {
-    let d = state
-        .engine
-        .driver(&id)
-        .ok_or_else(|| ApiError::from(hexmatch::Error::UnknownDriver(id.to_string())))?;
-    Ok(Json(d.into()))
+) -> ApiResult<Response> {
+    if let Some(d) = state.engine.driver(&id) {
+        return Ok(Json(DriverOut::from(d)).into_response());
+    }
+    if let Some(cluster) = state.cluster.get()
+        && !scope_local(&headers)
+        && let Some(found) =
+            ask_peers(cluster, Method::GET, &format!("/v1/drivers/{id}"), &headers).await
+    {
+        return Ok(found);
+    }
+    Err(hexmatch::Error::UnknownDriver(id.to_string()).into())
 }
 
 /// Removes a driver; an active match is released.
@@ -97,12 +110,25 @@ pub(crate) async fn get_driver(
     ))]
 pub(crate) async fn delete_driver(
     State(state): State<AppState>,
+    headers: HeaderMap,
     IdPath(id): IdPath<DriverId>,
 ) -> ApiResult<StatusCode> {
-    let (_, event) = state
-        .engine
-        .remove(&id)
-        .ok_or_else(|| ApiError::from(hexmatch::Error::UnknownDriver(id.to_string())))?;
+    let Some((_, event)) = state.engine.remove(&id) else {
+        if let Some(cluster) = state.cluster.get()
+            && !scope_local(&headers)
+            && ask_peers(
+                cluster,
+                Method::DELETE,
+                &format!("/v1/drivers/{id}"),
+                &headers,
+            )
+            .await
+            .is_some()
+        {
+            return Ok(StatusCode::NO_CONTENT);
+        }
+        return Err(hexmatch::Error::UnknownDriver(id.to_string()).into());
+    };
     if let Some(ev) = event {
         counter!("hexmatch_match_ends_total", "state" => "released").increment(1);
         if let Some(p) = state.persist.get() {
@@ -128,6 +154,9 @@ pub(crate) async fn post_location(
     JsonBody(body): JsonBody<LocationIn>,
 ) -> ApiResult<Json<LocationOut>> {
     let u = body.into_update(id)?;
+    if let Some(cluster) = state.cluster.get() {
+        crate::cluster::route::adopt(&state, cluster, std::slice::from_ref(&u.id)).await;
+    }
     let applied = state.engine.update_location(&u.id, u.pos, u.ts)?;
     count_update(&applied);
     Ok(Json(match applied {
@@ -224,6 +253,7 @@ pub(crate) async fn post_locations(
     State(state): State<AppState>,
     req: Request,
 ) -> ApiResult<Json<BatchTally>> {
+    let headers = req.headers().clone();
     let ct = media_type(&req);
     let ndjson = match ct.as_deref() {
         Some("application/json") => false,
@@ -258,12 +288,31 @@ pub(crate) async fn post_locations(
             items.len()
         )));
     }
+    let (items, mut tally): (crate::cluster::route::LocalItems, BatchTally) =
+        match state.cluster.get() {
+            None => (
+                items.into_iter().enumerate().collect(),
+                BatchTally::default(),
+            ),
+            Some(cluster) => {
+                let (local, tally) =
+                    crate::cluster::route::split_batch(&state, cluster, items, &headers).await;
+                let ids: Vec<DriverId> = local
+                    .iter()
+                    .filter_map(|(_, v)| v.as_ref().ok())
+                    .filter_map(|v| v["driver_id"].as_str())
+                    .filter_map(|s| DriverId::new(s).ok())
+                    .collect();
+                crate::cluster::route::adopt(&state, cluster, &ids).await;
+                (local, tally)
+            }
+        };
     let engine = state.engine.clone();
     let tally = tokio::task::spawn_blocking(move || {
-        let mut tally = BatchTally::default();
-        for (i, item) in items.into_iter().enumerate() {
+        for (i, item) in items {
             apply_item(&engine, i, item, &mut tally);
         }
+        tally.rejected.sort_by_key(|r| r.index);
         tally
     })
     .await

@@ -81,6 +81,8 @@ impl ApiError {
             "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "upgrade_required" => StatusCode::UPGRADE_REQUIRED,
             "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
+            // A cluster node asked for a region it does not own (any more).
+            "not_owner" => StatusCode::MISDIRECTED_REQUEST,
             "overloaded" | "not_ready" | "timeout" | "unavailable" => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

@@ -4,8 +4,9 @@
 
 use axum::Json;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
-use hexmatch::{Capabilities, NearestQuery, OrderId, Position};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hexmatch::{BatchOrder, Capabilities, DriverId, NearestQuery, OrderId, Position};
 use metrics::counter;
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -82,14 +83,21 @@ impl NearestParams {
     ))]
 pub(crate) async fn nearest(
     State(state): State<AppState>,
+    headers: HeaderMap,
     params: Result<Query<NearestParams>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<NearestOut>> {
+) -> ApiResult<Response> {
     let Query(params) = params.map_err(|e| ApiError::invalid_parameter(e.body_text()))?;
     let q = params.parse()?;
+    if let Some(cluster) = state.cluster.get()
+        && !crate::cluster::route::scope_local(&headers)
+    {
+        return crate::cluster::route::nearest(&state, cluster, &q, &headers).await;
+    }
     let found = state.engine.nearest(&q)?;
     Ok(Json(NearestOut {
         drivers: found.into_iter().map(Into::into).collect(),
-    }))
+    })
+    .into_response())
 }
 
 /// Reserves the nearest eligible driver for an order, atomically.
@@ -102,15 +110,40 @@ pub(crate) async fn nearest(
     ))]
 pub(crate) async fn create_match(
     State(state): State<AppState>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<OrderIn>,
-) -> ApiResult<(StatusCode, Json<MatchOut>)> {
+) -> ApiResult<Response> {
+    let raw = serde_json::to_value(&body).unwrap_or_default();
     let order = body.parse()?;
-    let durable = state.durable()?;
-    let _serial = match durable {
+    if let Some(cluster) = state.cluster.get()
+        && !crate::cluster::route::scope_local(&headers)
+    {
+        return crate::cluster::route::claim(&state, cluster, raw, &order, &headers).await;
+    }
+    let _serial = match state.durable()? {
         Some(p) => Some(p.lock_order(&order.order_id).await),
         None => None,
     };
-    let result = state.engine.claim(&order.order_id, &order.request);
+    claim_here(&state, &order, None)
+        .await
+        .map(IntoResponse::into_response)
+}
+
+/// Claims on this node: the nearest eligible driver, or exactly `driver`
+/// (a reservation asked for by another node's search), made durable
+/// before the answer. The caller holds the order's lock.
+pub(crate) async fn claim_here(
+    state: &AppState,
+    order: &BatchOrder,
+    driver: Option<&DriverId>,
+) -> ApiResult<(StatusCode, Json<MatchOut>)> {
+    let durable = state.durable()?;
+    let result = match driver {
+        None => state.engine.claim(&order.order_id, &order.request),
+        Some(d) => state
+            .engine
+            .claim_driver(&order.order_id, &order.request, d),
+    };
     let outcome = match &result {
         Ok((_, true)) => "created",
         Ok((_, false)) => "repeated",
@@ -140,6 +173,12 @@ pub(crate) async fn create_match(
 }
 
 fn unavailable(e: &redis::RedisError) -> ApiError {
+    if crate::persist::is_not_owner(e) {
+        return ApiError::new(
+            "not_owner",
+            format!("this node no longer owns the region: {e}"),
+        );
+    }
     ApiError::new(
         "unavailable",
         format!("the change could not be made durable in Redis: {e}"),

@@ -12,6 +12,7 @@ mod extract;
 mod matches;
 mod model;
 mod ops;
+mod peer;
 mod stream;
 
 use std::net::SocketAddr;
@@ -45,6 +46,8 @@ use utoipa_swagger_ui::SwaggerUi;
 
 pub(crate) use drivers::{DeadLetter, apply_stream_entries};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
+pub(crate) use matches::claim_here;
+pub(crate) use model::BatchTally;
 
 use crate::config::ServeConfig;
 
@@ -68,6 +71,8 @@ pub struct Shared {
     pub persist: std::sync::OnceLock<Arc<crate::persist::Persistence>>,
     /// Regions from `--regions` (a `GeoJSON` file), if configured.
     pub regions: Option<hexmatch::RegionMap>,
+    /// This node's view of the cluster, once joined (`--cluster`).
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// The router's state.
@@ -127,6 +132,7 @@ impl Shared {
             limiter,
             persist: std::sync::OnceLock::new(),
             regions: None,
+            cluster: std::sync::OnceLock::new(),
         }
     }
 }
@@ -202,6 +208,8 @@ fn v1_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(matches::batch))
         .routes(routes!(ops::regions))
         .routes(routes!(ops::cluster))
+        .routes(routes!(peer::reserve))
+        .routes(routes!(peer::handoff))
 }
 
 /// The ops routes, documented.
@@ -247,6 +255,10 @@ pub fn app(state: AppState) -> Router {
         );
     }
     let v1 = v1
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::cluster::route::layer,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), require_ready))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     let (router, _) = v1.merge(ops_routes()).split_for_parts();

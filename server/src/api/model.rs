@@ -306,6 +306,16 @@ pub(crate) struct BatchTally {
     pub(crate) rejected: Vec<Rejected>,
 }
 
+impl BatchTally {
+    /// Records item `index` as rejected.
+    pub(crate) fn reject(&mut self, index: usize, code: &'static str, message: String) {
+        self.rejected.push(Rejected {
+            index,
+            error: super::error::ErrorDetail { code, message },
+        });
+    }
+}
+
 /// One driver of a nearest result.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct NeighborOut {
@@ -344,7 +354,7 @@ pub(crate) struct NearestOut {
 }
 
 /// An order: body of `POST /v1/matches` and item of a batch.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct OrderIn {
     /// The order id (idempotency key).
@@ -484,4 +494,19 @@ pub(crate) struct ClusterOut {
     pub(crate) map_version: u64,
     /// Who owns what.
     pub(crate) regions: Vec<RegionOwner>,
+    /// Every node and its URL (cluster mode).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) nodes: Vec<NodeOut>,
+    /// Regions this node serves now, under a live lease (cluster mode).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) serving: Vec<String>,
+}
+
+/// A node of `GET /v1/cluster`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct NodeOut {
+    /// Its id.
+    pub(crate) node_id: String,
+    /// Where it listens.
+    pub(crate) url: String,
 }

@@ -12,7 +12,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::model::{ClusterOut, DEFAULT_REGION, RegionOut, RegionOwner};
+use super::model::{ClusterOut, DEFAULT_REGION, NodeOut, RegionOut, RegionOwner};
 
 /// Liveness: 200 while the process runs.
 #[utoipa::path(get, path = "/livez", tag = "ops", responses((status = 200, description = "Alive", body = String)))]
@@ -98,6 +98,14 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
 #[utoipa::path(get, path = "/v1/regions", tag = "cluster", responses((status = 200, body = [RegionOut])))]
 pub(crate) async fn regions(State(state): State<AppState>) -> Json<Vec<RegionOut>> {
     let owner = state.config.node_id.clone();
+    let map_now = state.cluster.get().map(|c| c.map());
+    let owner_of = |region: &str| match &map_now {
+        Some(m) => m
+            .owners
+            .get(region)
+            .map_or_else(String::new, |(node, _)| node.clone()),
+        None => owner.clone(),
+    };
     let occupied: Vec<_> = state
         .engine
         .cell_counts()
@@ -137,15 +145,15 @@ pub(crate) async fn regions(State(state): State<AppState>) -> Json<Vec<RegionOut
             name: r.name.clone(),
             cells: r.cells.len(),
             drivers: drivers.get(r.id.as_str()).copied().unwrap_or(0),
-            owner: owner.clone(),
+            owner: owner_of(r.id.as_str()),
         })
         .collect();
     out.extend(outside_cells.into_iter().map(|(region, cells)| RegionOut {
         drivers: drivers.get(&region).copied().unwrap_or(0),
+        owner: owner_of(&region),
         region,
         name: String::new(),
         cells,
-        owner: owner.clone(),
     }));
     Json(out)
 }
@@ -154,6 +162,35 @@ pub(crate) async fn regions(State(state): State<AppState>) -> Json<Vec<RegionOut
 #[utoipa::path(get, path = "/v1/cluster", tag = "cluster", responses((status = 200, body = ClusterOut)))]
 pub(crate) async fn cluster(State(state): State<AppState>) -> Json<ClusterOut> {
     let node = state.config.node_id.clone();
+    if let Some(c) = state.cluster.get() {
+        let map = c.map();
+        let mut regions: Vec<RegionOwner> = map
+            .owners
+            .iter()
+            .map(|(region, (owner, epoch))| RegionOwner {
+                region: region.clone(),
+                owner: owner.clone(),
+                epoch: *epoch,
+            })
+            .collect();
+        regions.sort_by(|a, b| a.region.cmp(&b.region));
+        let mut nodes: Vec<NodeOut> = map
+            .nodes
+            .iter()
+            .map(|(n, url)| NodeOut {
+                node_id: n.clone(),
+                url: url.clone(),
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        return Json(ClusterOut {
+            node_id: node,
+            map_version: map.version,
+            regions,
+            nodes,
+            serving: c.held().into_iter().map(|(r, _)| r).collect(),
+        });
+    }
     Json(ClusterOut {
         node_id: node.clone(),
         map_version: 1,
@@ -165,6 +202,8 @@ pub(crate) async fn cluster(State(state): State<AppState>) -> Json<ClusterOut> {
                 epoch: 1,
             })
             .collect(),
+        nodes: Vec::new(),
+        serving: Vec::new(),
     })
 }
 

@@ -148,3 +148,82 @@ pub fn chicago_drivers(n: usize, dropoff: bool) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+/// `hexmatch serve` as a child process (bound to 127.0.0.1:0), killed on drop.
+pub struct Node {
+    child: std::process::Child,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+}
+
+impl Node {
+    /// Starts the binary with `serve --bind 127.0.0.1:0` and `args`, waits
+    /// for its address in the log and for `/readyz`.
+    pub fn spawn(args: &[&str]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hexmatch"))
+            .args(["serve", "--bind", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("binary runs");
+        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("server logs its address")
+                .expect("utf-8 log");
+            if let Some(rest) = line
+                .split("addr=")
+                .nth(1)
+                .filter(|_| line.contains("hexmatch serving"))
+            {
+                break rest.split_whitespace().next().expect("address").to_owned();
+            }
+        };
+        // Keep draining the log so the child never blocks on a full pipe.
+        let verbose = std::env::var_os("HEXMATCH_TEST_LOG").is_some();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                if verbose {
+                    eprintln!("{l}");
+                }
+            }
+        });
+        let node = Self {
+            child,
+            base: format!("http://{addr}"),
+        };
+        let http = reqwest::blocking::Client::new();
+        poll(30, "readyz", || {
+            http.get(format!("{}/readyz", node.base))
+                .send()
+                .ok()
+                .filter(|r| r.status() == 200)
+        });
+        node
+    }
+
+    /// Sends a signal (`KILL`, `STOP`, `CONT`) to the process.
+    pub fn signal(&mut self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{sig} failed");
+        if sig == "KILL" {
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    /// A failed assertion must not leave the server running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

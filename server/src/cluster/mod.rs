@@ -1,0 +1,668 @@
+//! Regions owned by nodes: leases and fencing in Redis, the versioned
+//! region → node map, and (in [`route`]) forwarding, border fan-out and
+//! cross-node reservations.
+//!
+//! # Keys (prefix `p`)
+//! | key | what |
+//! | --- | --- |
+//! | `p:lease:{region}` | `node\|epoch` of the owner, with a TTL (`SET NX PX`) |
+//! | `p:epoch:{region}` | fencing epoch, `INCR`ed on every takeover |
+//! | `p:cluster:owners` | hash: region → `node\|epoch` of its latest owner |
+//! | `p:cluster:nodes` | hash: node id → URL |
+//! | `p:cluster:version` | map version, `INCR`ed on every ownership change |
+//! | `p:order:{order}` | region whose owner holds the order's match |
+//!
+//! # Invariants
+//! - A node serves a region (answers from memory, writes its matches)
+//!   only while it holds the lease, by its own clock: a lease renewed at
+//!   `t` counts until `t + ttl − ttl/10`, before Redis drops it at
+//!   `t' + ttl` (`t' ≥ t`).
+//! - Every match write goes through a script that checks the lease value
+//!   `node|epoch` first ([`crate::persist::Persistence::put_match`]). A
+//!   paused owner that lost its lease therefore cannot acknowledge a
+//!   reservation, even if its clock has not noticed yet.
+//! - A taker restores a region from its previous owner's snapshot and
+//!   match records only after that owner's lease is gone, so every write
+//!   the old owner acknowledged is in what the taker reads.
+
+pub(crate) mod geo;
+pub mod route;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hexmatch::{Driver, DriverUpdate, Engine, Position, RegionId, RegionMap, Status};
+use parking_lot::RwLock;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, RedisResult, Script};
+
+use crate::persist::Persistence;
+
+/// How long an order's region record outlives its last write.
+pub(crate) const ORDER_KEY_TTL_MS: u64 = 24 * 3600 * 1000;
+
+const ACQUIRE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local prev = redis.call('HGET', KEYS[3], ARGV[3])
+local e = redis.call('INCR', KEYS[2])
+local token = ARGV[1] .. '|' .. e
+redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[3], token)
+local v = redis.call('INCR', KEYS[4])
+return {e, prev or '', v}
+";
+
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+const GIVE_UP: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// Writes (or deletes) a match record only while the lease is ours.
+/// KEYS: lease, matches hash, order key. ARGV: token, order, record (empty
+/// = delete), region, order key TTL.
+pub(crate) const FENCED_PUT: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[2], ARGV[2])
+else
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+end
+return 1
+";
+
+/// A lease this node holds.
+#[derive(Debug, Clone)]
+struct Held {
+    epoch: u64,
+    token: String,
+    /// Until when this node may act on it, by its own clock.
+    deadline: Instant,
+}
+
+/// The region → node map as last read from Redis.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterMap {
+    /// Incremented on every ownership change.
+    pub version: u64,
+    /// Region → (node, epoch) of its latest owner.
+    pub owners: HashMap<String, (String, u64)>,
+    /// Node → URL.
+    pub nodes: HashMap<String, String>,
+}
+
+/// Who serves a region, as far as this node knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// This node, under a live lease.
+    Local,
+    /// Another node, at this URL.
+    Remote {
+        /// Its id.
+        node: String,
+        /// Where it listens.
+        url: String,
+    },
+    /// Nobody now (a lease lapsed and no one has taken it yet).
+    Nobody,
+}
+
+/// A region taken over, and what was restored into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Takeover {
+    /// The region.
+    pub region: String,
+    /// The new fencing epoch.
+    pub epoch: u64,
+    /// The node that owned it before, if any.
+    pub previous: Option<String>,
+    /// Drivers restored from the previous owner's snapshot.
+    pub drivers: usize,
+    /// Live matches restored from its records.
+    pub matches: usize,
+}
+
+/// This node's view of the cluster.
+pub struct Cluster {
+    node: String,
+    url: String,
+    prefix: String,
+    regions: RegionMap,
+    caps: geo::Caps,
+    own: Vec<String>,
+    conn: ConnectionManager,
+    ttl: Duration,
+    held: RwLock<HashMap<String, Held>>,
+    map: RwLock<Arc<ClusterMap>>,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.node)
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+fn split_token(token: &str) -> Option<(String, u64)> {
+    let (node, epoch) = token.rsplit_once('|')?;
+    Some((node.to_owned(), epoch.parse().ok()?))
+}
+
+impl Cluster {
+    /// Connects to Redis and registers this node (`node` reachable at `url`).
+    ///
+    /// # Errors
+    /// Redis cannot be reached, or the URL is bad.
+    pub async fn connect(
+        redis_url: &str,
+        prefix: &str,
+        node: &str,
+        url: &str,
+        regions: RegionMap,
+        own: &[String],
+        ttl: Duration,
+    ) -> Result<Arc<Self>, String> {
+        let client =
+            redis::Client::open(redis_url).map_err(|e| format!("redis url {redis_url:?}: {e}"))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(ttl / 3))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| format!("redis at {redis_url}: {e}"))?;
+        let own = if own.iter().any(|r| r == "*") {
+            regions.regions().iter().map(|r| r.id.to_string()).collect()
+        } else {
+            own.to_vec()
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(1))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| format!("http client: {e}"))?;
+        let this = Arc::new(Self {
+            node: node.to_owned(),
+            url: url.trim_end_matches('/').to_owned(),
+            prefix: prefix.to_owned(),
+            caps: geo::Caps::new(&regions),
+            regions,
+            own,
+            conn,
+            ttl,
+            held: RwLock::default(),
+            map: RwLock::default(),
+            http,
+        });
+        let mut conn = this.conn.clone();
+        conn.hset::<_, _, _, ()>(this.key("cluster:nodes"), node, &this.url)
+            .await
+            .map_err(|e| format!("registering node {node}: {e}"))?;
+        this.refresh_map().await.map_err(|e| e.to_string())?;
+        Ok(this)
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}:{suffix}", self.prefix)
+    }
+
+    fn lease_key(&self, region: &str) -> String {
+        self.key(&format!("lease:{region}"))
+    }
+
+    /// The Redis key recording which region holds an order's match.
+    pub(crate) fn order_key(&self, order: &str) -> String {
+        self.key(&format!("order:{order}"))
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The region map.
+    pub fn regions(&self) -> &RegionMap {
+        &self.regions
+    }
+
+    /// The HTTP client used to reach other nodes.
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The map as last read.
+    pub fn map(&self) -> Arc<ClusterMap> {
+        Arc::clone(&self.map.read())
+    }
+
+    /// Regions this node serves now, with their epochs.
+    pub fn held(&self) -> Vec<(String, u64)> {
+        let now = Instant::now();
+        let mut out: Vec<(String, u64)> = self
+            .held
+            .read()
+            .iter()
+            .filter(|(_, h)| h.deadline > now)
+            .map(|(r, h)| (r.clone(), h.epoch))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The region of a position.
+    ///
+    /// # Errors
+    /// A position in no region when the map rejects those.
+    pub fn region_of(&self, pos: Position) -> hexmatch::Result<RegionId> {
+        self.regions.region_of(pos)
+    }
+
+    /// The lease token (`node|epoch`) of `region` if this node serves it now.
+    pub(crate) fn token(&self, region: &str) -> Option<String> {
+        let held = self.held.read();
+        let h = held.get(region)?;
+        (h.deadline > Instant::now()).then(|| h.token.clone())
+    }
+
+    /// Whether this node serves `region` now.
+    pub fn serves(&self, region: &str) -> bool {
+        self.token(region).is_some()
+    }
+
+    /// The prefix of every cluster key in Redis.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Who serves `region`, from the cached map.
+    pub fn owner(&self, region: &str) -> Owner {
+        if self.serves(region) {
+            return Owner::Local;
+        }
+        let map = self.map.read();
+        match map.owners.get(region) {
+            Some((node, _)) if *node != self.node => match map.nodes.get(node) {
+                Some(url) => Owner::Remote {
+                    node: node.clone(),
+                    url: url.clone(),
+                },
+                None => Owner::Nobody,
+            },
+            _ => Owner::Nobody,
+        }
+    }
+
+    /// URLs of every other registered node.
+    pub(crate) fn peers(&self) -> Vec<(String, String)> {
+        self.map
+            .read()
+            .nodes
+            .iter()
+            .filter(|(n, _)| **n != self.node)
+            .map(|(n, u)| (n.clone(), u.clone()))
+            .collect()
+    }
+
+    /// Owners of regions that could hold a point within `bound_m` of `p`,
+    /// other than this node: `(node, url)`, deduplicated.
+    pub(crate) fn remote_owners_within(&self, p: Position, bound_m: f64) -> Vec<(String, String)> {
+        let map = self.map.read();
+        let mut out: Vec<(String, String)> = Vec::new();
+        for (region, (node, _)) in &map.owners {
+            if *node == self.node && self.serves(region) {
+                continue;
+            }
+            let reach = self
+                .caps
+                .get(region)
+                .map_or(0.0, |cap| cap.min_distance_m(p));
+            if reach > bound_m {
+                continue;
+            }
+            if let Some(url) = map.nodes.get(node)
+                && *node != self.node
+                && !out.iter().any(|(n, _)| n == node)
+            {
+                out.push((node.clone(), url.clone()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The region whose owner holds `order`'s match, from Redis (`None`:
+    /// no node has recorded it, or Redis did not answer).
+    pub(crate) async fn order_region(&self, order: &str) -> Option<String> {
+        let mut conn = self.conn.clone();
+        conn.get::<_, Option<String>>(self.order_key(order))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Re-reads the map from Redis.
+    ///
+    /// # Errors
+    /// Redis errors (the cached map stays).
+    pub async fn refresh_map(&self) -> RedisResult<Arc<ClusterMap>> {
+        let mut conn = self.conn.clone();
+        let (version, owners, nodes): (
+            Option<u64>,
+            HashMap<String, String>,
+            HashMap<String, String>,
+        ) = redis::pipe()
+            .atomic()
+            .get(self.key("cluster:version"))
+            .hgetall(self.key("cluster:owners"))
+            .hgetall(self.key("cluster:nodes"))
+            .query_async(&mut conn)
+            .await?;
+        let map = Arc::new(ClusterMap {
+            version: version.unwrap_or(0),
+            owners: owners
+                .into_iter()
+                .filter_map(|(r, t)| split_token(&t).map(|o| (r, o)))
+                .collect(),
+            nodes,
+        });
+        *self.map.write() = Arc::clone(&map);
+        Ok(map)
+    }
+
+    /// Tries to take `region`'s lease. `Ok(None)`: someone holds it.
+    /// The lease is not served until the caller records it.
+    async fn acquire(&self, region: &str) -> RedisResult<Option<(Held, Option<String>)>> {
+        let sent = Instant::now();
+        let mut conn = self.conn.clone();
+        let got: Option<(u64, String, u64)> = Script::new(ACQUIRE)
+            .key(self.lease_key(region))
+            .key(self.key(&format!("epoch:{region}")))
+            .key(self.key("cluster:owners"))
+            .key(self.key("cluster:version"))
+            .arg(&self.node)
+            .arg(self.ttl.as_millis() as u64)
+            .arg(region)
+            .invoke_async(&mut conn)
+            .await?;
+        let Some((epoch, prev, _version)) = got else {
+            return Ok(None);
+        };
+        let held = Held {
+            epoch,
+            token: format!("{}|{epoch}", self.node),
+            deadline: sent + self.ttl.mul_f64(0.9),
+        };
+        Ok(Some((held, split_token(&prev).map(|(node, _)| node))))
+    }
+
+    async fn give_up_one(&self, region: &str, token: &str) {
+        let mut conn = self.conn.clone();
+        let _: RedisResult<i64> = Script::new(GIVE_UP)
+            .key(self.lease_key(region))
+            .arg(token)
+            .invoke_async(&mut conn)
+            .await;
+    }
+
+    /// Renews every held lease; returns the regions lost.
+    async fn renew(&self) -> Vec<String> {
+        let held: Vec<(String, Held)> = self
+            .held
+            .read()
+            .iter()
+            .map(|(r, h)| (r.clone(), h.clone()))
+            .collect();
+        let mut lost = Vec::new();
+        let script = Script::new(RENEW);
+        for (region, h) in held {
+            let sent = Instant::now();
+            let mut conn = self.conn.clone();
+            let r: RedisResult<i64> = script
+                .key(self.lease_key(&region))
+                .arg(&h.token)
+                .arg(self.ttl.as_millis() as u64)
+                .invoke_async(&mut conn)
+                .await;
+            match r {
+                Ok(1) => {
+                    if let Some(x) = self.held.write().get_mut(&region) {
+                        x.deadline = sent + self.ttl.mul_f64(0.9);
+                    }
+                }
+                Ok(_) => lost.push(region),
+                // Redis unreachable: keep serving until the deadline passes,
+                // then stop (the lease may be gone by then).
+                Err(e) => {
+                    tracing::warn!(region, error = %e, "lease renewal failed");
+                    if h.deadline <= Instant::now() {
+                        lost.push(region);
+                    }
+                }
+            }
+        }
+        if !lost.is_empty() {
+            let mut held = self.held.write();
+            for r in &lost {
+                held.remove(r);
+            }
+        }
+        lost
+    }
+
+    /// Gives up every lease (graceful shutdown, after the final snapshot),
+    /// so another node can take the regions at once.
+    pub async fn give_up(&self) {
+        let held: Vec<(String, Held)> = self.held.write().drain().collect();
+        for (region, h) in held {
+            self.give_up_one(&region, &h.token).await;
+        }
+    }
+
+    /// Regions to try to take now: this node's own ones not held, and
+    /// regions that had an owner whose lease is gone.
+    async fn wanted(&self) -> RedisResult<Vec<String>> {
+        let map = self.map();
+        let mut candidates: Vec<String> = self
+            .own
+            .iter()
+            .chain(map.owners.keys())
+            .filter(|r| !self.serves(r))
+            .cloned()
+            .collect();
+        candidates.sort();
+        candidates.dedup();
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for r in &candidates {
+            pipe.exists(self.lease_key(r));
+        }
+        let mut conn = self.conn.clone();
+        let exists: Vec<bool> = pipe.query_async(&mut conn).await?;
+        Ok(candidates
+            .into_iter()
+            .zip(exists)
+            .filter_map(|(r, e)| (!e).then_some(r))
+            .collect())
+    }
+
+    /// Takes `region` if it is free and restores it into `engine` from its
+    /// previous owner's snapshot and match records. `Ok(None)`: another
+    /// node holds it.
+    ///
+    /// # Errors
+    /// Redis errors, or the region's data could not be read.
+    pub async fn take(
+        &self,
+        region: &str,
+        engine: &Arc<Engine>,
+        persist: &Persistence,
+    ) -> Result<Option<Takeover>, String> {
+        let Some((held, previous)) = self.acquire(region).await.map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let mut out = Takeover {
+            region: region.to_owned(),
+            epoch: held.epoch,
+            previous: previous.clone(),
+            drivers: 0,
+            matches: 0,
+        };
+        // Restore before serving: until the lease is recorded below, this
+        // node forwards or refuses the region's requests.
+        if let Some(prev) = previous {
+            let in_region = |p: Position| {
+                self.regions
+                    .region_of(p)
+                    .is_ok_and(|r| r.as_str() == region)
+            };
+            match persist.restore_region(engine, &prev, &in_region).await {
+                Ok((drivers, matches)) => {
+                    out.drivers = drivers;
+                    out.matches = matches;
+                }
+                Err(e) => {
+                    // Serve nothing half-restored: hand the lease back.
+                    self.give_up_one(region, &held.token).await;
+                    return Err(format!("restoring {region} from {prev}: {e}"));
+                }
+            }
+        }
+        if held.deadline <= Instant::now() {
+            self.give_up_one(region, &held.token).await;
+            return Err(format!(
+                "restoring {region} outlasted its lease; handed it back"
+            ));
+        }
+        self.held.write().insert(region.to_owned(), held);
+        let _ = self.refresh_map().await;
+        Ok(Some(out))
+    }
+
+    /// Takes `region` on first use when nobody has ever owned it (regions
+    /// outside every polygon, or regions no node lists). Returns whether
+    /// this node serves it now.
+    pub(crate) async fn take_unowned(
+        &self,
+        region: &str,
+        engine: &Arc<Engine>,
+        persist: &Persistence,
+    ) -> bool {
+        if self.serves(region) {
+            return true;
+        }
+        if self.map().owners.contains_key(region) {
+            return false;
+        }
+        match self.take(region, engine, persist).await {
+            Ok(Some(t)) => {
+                tracing::info!(
+                    region,
+                    epoch = t.epoch,
+                    "took an unowned region on first use"
+                );
+                true
+            }
+            Ok(None) => {
+                let _ = self.refresh_map().await;
+                false
+            }
+            Err(e) => {
+                tracing::warn!(region, error = %e, "could not take an unowned region");
+                false
+            }
+        }
+    }
+
+    /// One round of upkeep: renew leases (dropping the drivers of regions
+    /// lost), re-read the map, and take over free regions this node wants.
+    /// Returns the takeovers made.
+    pub async fn tick(&self, engine: &Arc<Engine>, persist: &Persistence) -> Vec<Takeover> {
+        for region in self.renew().await {
+            let dropped = drop_region(engine, &self.regions, &region);
+            tracing::warn!(region, dropped, "lease lost: stopped serving the region");
+        }
+        if let Err(e) = self.refresh_map().await {
+            tracing::warn!(error = %e, "could not read the cluster map");
+            return Vec::new();
+        }
+        let wanted = match self.wanted().await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the leases");
+                return Vec::new();
+            }
+        };
+        let mut taken = Vec::new();
+        for region in wanted {
+            match self.take(&region, engine, persist).await {
+                Ok(Some(t)) => {
+                    tracing::info!(region = %t.region, epoch = t.epoch, previous = ?t.previous, drivers = t.drivers, matches = t.matches, "took region");
+                    taken.push(t);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "takeover failed"),
+            }
+        }
+        taken
+    }
+
+    /// How often [`tick`](Self::tick) should run.
+    pub fn tick_interval(&self) -> Duration {
+        self.ttl / 3
+    }
+}
+
+/// Removes from `engine` every driver in `region` (its lease was lost:
+/// the new owner restores them). Their matches go with them, without
+/// touching Redis, where the new owner now holds them.
+fn drop_region(engine: &Engine, regions: &RegionMap, region: &str) -> usize {
+    let gone: Vec<Driver> = engine
+        .drivers()
+        .into_iter()
+        .filter(|d| regions.region_of(d.pos).is_ok_and(|r| r.as_str() == region))
+        .collect();
+    for d in &gone {
+        engine.remove(&d.id);
+    }
+    gone.len()
+}
+
+/// Loads restored drivers into a running engine one by one (it may already
+/// hold other regions, so bulk loading does not apply). Reserved drivers
+/// come back available; their matches set them reserved again.
+pub(crate) fn upsert_drivers(engine: &Engine, drivers: Vec<Driver>) -> usize {
+    let mut n = 0;
+    for d in drivers {
+        let status = match d.status {
+            Status::Reserved => Status::Available,
+            s => s,
+        };
+        let u = DriverUpdate {
+            id: d.id,
+            pos: d.pos,
+            ts: Some(d.ts),
+            status: Some(status),
+            vehicle: Some(d.vehicle),
+            capabilities: Some(d.capabilities),
+        };
+        if engine.upsert(&u).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}

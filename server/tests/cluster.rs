@@ -1,0 +1,719 @@
+//! The cluster, end to end: `hexmatch serve --cluster` processes on
+//! loopback ports sharing one real Redis, Chicago's community areas as
+//! regions spread across them, drivers from the trips data.
+//!
+//! - Any node answers nearest queries and claims exactly as one node
+//!   holding every driver would (a brute-force oracle), on region borders
+//!   included.
+//! - SIGKILL a node: another takes its regions after the lease lapses and
+//!   every reservation acknowledged before the kill survives, never given
+//!   to a second order.
+//! - A stale owner (stopped with `SIGSTOP` until its lease went elsewhere) cannot
+//!   acknowledge a reservation, and Redis refuses its fenced writes.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::{Node, RedisServer, poll, unique_prefix};
+use hexmatch::Position;
+use serde_json::{Value, json};
+
+const REGIONS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../data/chicago_community_areas.geojson"
+);
+/// Community areas average ≈ 8 km²: resolution 8 cells (≈ 0.7 km²) give
+/// each of them cells of its own.
+const RESOLUTION: u8 = 8;
+const LEASE_TTL_MS: u64 = 1500;
+
+/// Region ids as the server names them (file stem prefix).
+fn region_ids() -> Vec<String> {
+    let text = std::fs::read_to_string(REGIONS).expect("regions file");
+    let map = hexmatch::RegionMap::from_geojson(
+        &text,
+        RESOLUTION,
+        "chicago-community-areas",
+        hexmatch::Outside::DefaultRegion,
+    )
+    .expect("valid regions");
+    let mut ids: Vec<String> = map
+        .regions()
+        .iter()
+        .filter(|r| !r.cells.is_empty())
+        .map(|r| r.id.to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn start(redis: &str, prefix: &str, node: &str, own: &[String]) -> Node {
+    let own = if own.is_empty() {
+        String::new()
+    } else {
+        own.join(",")
+    };
+    let resolution = RESOLUTION.to_string();
+    let ttl = LEASE_TTL_MS.to_string();
+    let mut args = vec![
+        "--cluster",
+        "true",
+        "--node-id",
+        node,
+        "--redis-url",
+        redis,
+        "--redis-prefix",
+        prefix,
+        "--regions",
+        REGIONS,
+        "--resolution",
+        &resolution,
+        "--lease-ttl-ms",
+        &ttl,
+        "--snapshot-interval-ms",
+        "300",
+        "--driver-ttl-s",
+        "0",
+        "--ingest-stream",
+        "false",
+    ];
+    if !own.is_empty() {
+        args.extend(["--own-regions", &own]);
+    }
+    Node::spawn(&args)
+}
+
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
+
+fn get(http: &reqwest::blocking::Client, url: &str) -> (u16, Value, String) {
+    let r = http.get(url).send().expect("request sent");
+    let status = r.status().as_u16();
+    let by = r
+        .headers()
+        .get("x-hexmatch-served-by")
+        .map(|v| v.to_str().expect("ascii").to_owned())
+        .unwrap_or_default();
+    (status, r.json().unwrap_or(Value::Null), by)
+}
+
+fn post(http: &reqwest::blocking::Client, url: &str, body: &Value) -> (u16, Value, String) {
+    let r = http.post(url).json(body).send().expect("request sent");
+    let status = r.status().as_u16();
+    let by = r
+        .headers()
+        .get("x-hexmatch-served-by")
+        .map(|v| v.to_str().expect("ascii").to_owned())
+        .unwrap_or_default();
+    (status, r.json().unwrap_or(Value::Null), by)
+}
+
+/// Regions a node serves now.
+fn serving(http: &reqwest::blocking::Client, node: &Node) -> HashSet<String> {
+    let (_, c, _) = get(http, &format!("{}/v1/cluster", node.base));
+    c["serving"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until every node sees `nodes` nodes and the regions are served
+/// as `want` says.
+fn wait_settled(
+    http: &reqwest::blocking::Client,
+    nodes: &[&Node],
+    want: &HashMap<usize, Vec<String>>,
+) {
+    poll(30, "the cluster to settle", || {
+        nodes
+            .iter()
+            .enumerate()
+            .all(|(i, n)| {
+                let (_, c, _) = get(http, &format!("{}/v1/cluster", n.base));
+                let mine = serving(http, n);
+                c["nodes"].as_array().map_or(0, Vec::len) == nodes.len()
+                    && want[&i].iter().all(|r| mine.contains(r))
+            })
+            .then_some(())
+    });
+}
+
+/// `(id, position)` of the drivers loaded.
+type Fleet = Vec<(String, Position)>;
+
+/// Loads `n` drivers at Chicago trip pickups, in batches sent to the nodes
+/// in turn (each batch split by region owner).
+fn load(http: &reqwest::blocking::Client, nodes: &[&Node], n: usize) -> Fleet {
+    let drivers = common::chicago_drivers(n, false);
+    for (i, batch) in drivers.chunks(400).enumerate() {
+        let node = nodes[i % nodes.len()];
+        let (status, tally, _) = post(
+            http,
+            &format!("{}/v1/locations", node.base),
+            &Value::Array(batch.to_vec()),
+        );
+        assert_eq!(status, 200, "{tally}");
+        assert_eq!(
+            tally["applied"].as_u64(),
+            Some(batch.len() as u64),
+            "{tally}"
+        );
+    }
+    drivers
+        .iter()
+        .map(|d| {
+            (
+                d["driver_id"].as_str().expect("id").to_owned(),
+                Position::new(
+                    d["lat"].as_f64().expect("lat"),
+                    d["lon"].as_f64().expect("lon"),
+                )
+                .expect("valid"),
+            )
+        })
+        .collect()
+}
+
+/// The oracle: the `k` nearest of `fleet` (not in `taken`) within
+/// `radius`, by (great-circle distance, id).
+fn oracle(
+    fleet: &Fleet,
+    taken: &HashSet<String>,
+    q: Position,
+    k: usize,
+    radius: f64,
+) -> Vec<(String, f64)> {
+    let mut all: Vec<(String, f64)> = fleet
+        .iter()
+        .filter(|(id, _)| !taken.contains(id))
+        .map(|(id, p)| (id.clone(), q.distance_m(*p)))
+        .filter(|(_, d)| *d <= radius)
+        .collect();
+    all.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+    all.truncate(k);
+    all
+}
+
+/// Query points: midpoints of drivers in different regions (on or near
+/// borders), and a grid over the city.
+fn query_points(fleet: &Fleet, regions: &hexmatch::RegionMap, n: usize) -> Vec<Position> {
+    let mut out = Vec::new();
+    for w in fleet.windows(2) {
+        let (a, b) = (w[0].1, w[1].1);
+        if regions.region_of(a).ok() != regions.region_of(b).ok() {
+            out.push(
+                Position::new(
+                    f64::midpoint(a.lat(), b.lat()),
+                    f64::midpoint(a.lon(), b.lon()),
+                )
+                .expect("valid"),
+            );
+        }
+        if out.len() >= n / 2 {
+            break;
+        }
+    }
+    let side = ((n - out.len()) as f64).sqrt().ceil() as usize;
+    for i in 0..side {
+        for j in 0..side {
+            let lat = 41.65 + 0.36 * (i as f64 + 0.5) / side as f64;
+            let lon = -87.85 + 0.33 * (j as f64 + 0.5) / side as f64;
+            out.push(Position::new(lat, lon).expect("valid"));
+        }
+    }
+    out
+}
+
+fn region_map() -> hexmatch::RegionMap {
+    let text = std::fs::read_to_string(REGIONS).expect("regions file");
+    hexmatch::RegionMap::from_geojson(
+        &text,
+        RESOLUTION,
+        "chicago-community-areas",
+        hexmatch::Outside::DefaultRegion,
+    )
+    .expect("valid regions")
+}
+
+/// Splits the regions over `nodes` round-robin, so neighbours often
+/// belong to different nodes.
+fn spread(regions: &[String], nodes: usize) -> HashMap<usize, Vec<String>> {
+    let mut out: HashMap<usize, Vec<String>> = HashMap::new();
+    for (i, r) in regions.iter().enumerate() {
+        out.entry(i % nodes).or_default().push(r.clone());
+    }
+    out
+}
+
+#[test]
+fn any_node_answers_exactly_as_one_node_would() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("cluster3");
+    let regions = region_ids();
+    let own = spread(&regions, 3);
+    let a = start(&url, &prefix, "a", &own[&0]);
+    let b = start(&url, &prefix, "b", &own[&1]);
+    let c = start(&url, &prefix, "c", &own[&2]);
+    let nodes = [&a, &b, &c];
+    let http = &http();
+    wait_settled(http, &nodes, &own);
+
+    let fleet = load(http, &nodes, 3000);
+    let map = region_map();
+    // Every region's drivers live on its owner only.
+    let (_, listed, _) = get(http, &format!("{}/v1/regions", b.base));
+    let owners: HashMap<String, String> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|r| {
+            (
+                r["region"].as_str().expect("id").to_owned(),
+                r["owner"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    for (i, n) in nodes.iter().enumerate() {
+        for r in &own[&i] {
+            assert_eq!(owners[r], ["a", "b", "c"][i], "{r}");
+        }
+        let _ = n;
+    }
+
+    check_nearest(http, &nodes, &fleet, &map);
+
+    check_claims(http, &nodes, &fleet, &map);
+}
+
+/// Nearest queries to every node, several k and radii, against the oracle.
+fn check_nearest(
+    http: &reqwest::blocking::Client,
+    nodes: &[&Node; 3],
+    fleet: &Fleet,
+    map: &hexmatch::RegionMap,
+) {
+    let nodes = *nodes;
+    let none = HashSet::new();
+    let mut fanned_out = 0;
+    let mut checked = 0;
+    for (qi, q) in query_points(fleet, map, 60).into_iter().enumerate() {
+        let node = nodes[qi % 3];
+        for (k, radius) in [(1, None), (10, None), (25, Some(1500.0))] {
+            let mut url = format!(
+                "{}/v1/drivers/nearest?lat={}&lon={}&k={k}",
+                node.base,
+                q.lat(),
+                q.lon()
+            );
+            if let Some(r) = radius {
+                url = format!("{url}&radius_m={r}");
+            }
+            let (status, body, by) = get(http, &url);
+            assert_eq!(status, 200, "{body}");
+            let got: Vec<(String, f64)> = body["drivers"]
+                .as_array()
+                .expect("drivers")
+                .iter()
+                .map(|d| {
+                    (
+                        d["driver_id"].as_str().expect("id").to_owned(),
+                        d["distance_m"].as_f64().expect("distance"),
+                    )
+                })
+                .collect();
+            let want = oracle(fleet, &none, q, k, radius.unwrap_or(500_000.0));
+            assert_eq!(
+                got, want,
+                "query {q:?} k={k} radius={radius:?} at {}",
+                node.base
+            );
+            if by.contains(',') {
+                fanned_out += 1;
+            }
+            checked += 1;
+        }
+    }
+    assert!(
+        fanned_out * 5 >= checked,
+        "only {fanned_out} of {checked} queries crossed nodes: the test would not check merging"
+    );
+}
+
+/// Claims at border points, sent to rotating nodes: each reserves the
+/// globally nearest driver not yet reserved; then every node finds every
+/// order, and a confirm through another node works.
+fn check_claims(
+    http: &reqwest::blocking::Client,
+    nodes: &[&Node; 3],
+    fleet: &Fleet,
+    map: &hexmatch::RegionMap,
+) {
+    let nodes = *nodes;
+    let (a, c) = (nodes[0], nodes[2]);
+    // Claims at border points, sent to rotating nodes: each reserves the
+    // globally nearest driver not yet reserved.
+    let mut taken: HashSet<String> = HashSet::new();
+    let mut orders: BTreeMap<String, String> = BTreeMap::new();
+    let mut forwarded = 0;
+    for (i, q) in query_points(fleet, map, 40)
+        .into_iter()
+        .enumerate()
+        .take(40)
+    {
+        let node = nodes[i % 3];
+        let order = format!("o{i}");
+        let (status, m, by) = post(
+            http,
+            &format!("{}/v1/matches", node.base),
+            &json!({"order_id": order, "pickup": {"lat": q.lat(), "lon": q.lon()}, "hold_ms": 600_000}),
+        );
+        assert_eq!(status, 201, "{m}");
+        let want = oracle(fleet, &taken, q, 1, 500_000.0);
+        assert_eq!(
+            (
+                m["driver_id"].as_str().expect("driver"),
+                m["distance_m"].as_f64()
+            ),
+            (want[0].0.as_str(), Some(want[0].1)),
+            "claim {order} at {q:?} via {}",
+            node.base
+        );
+        if !by.split(',').any(|n| n == ["a", "b", "c"][i % 3]) {
+            forwarded += 1;
+        }
+        taken.insert(want[0].0.clone());
+        orders.insert(order, want[0].0.clone());
+    }
+    assert!(forwarded > 0, "no claim was served by another node");
+    // Repeating a claim anywhere returns the same match; every node finds
+    // every order; the drivers are reserved where they live.
+    for (i, (order, driver)) in orders.iter().enumerate() {
+        for node in &nodes {
+            let (status, m, _) = get(http, &format!("{}/v1/matches/{order}", node.base));
+            assert_eq!(status, 200, "{order} via {}: {m}", node.base);
+            assert_eq!(m["driver_id"].as_str(), Some(driver.as_str()));
+        }
+        let (_, d, _) = get(http, &format!("{}/v1/drivers/{driver}", nodes[i % 3].base));
+        assert_eq!(d["status"], "reserved", "{d}");
+        assert_eq!(d["order_id"].as_str(), Some(order.as_str()));
+    }
+    // Confirm through a node that probably does not hold the match.
+    let (order, driver) = orders.iter().next().expect("an order");
+    let (status, m, _) = post(
+        http,
+        &format!("{}/v1/matches/{order}/confirm", c.base),
+        &json!({}),
+    );
+    assert_eq!(
+        (status, m["state"].as_str()),
+        (200, Some("confirmed")),
+        "{m}"
+    );
+    let (_, d, _) = get(http, &format!("{}/v1/drivers/{driver}", a.base));
+    assert_eq!(d["status"], "busy");
+}
+
+/// Waits until `survivor` serves every region in `regions`; returns how long.
+fn wait_takeover(
+    http: &reqwest::blocking::Client,
+    survivor: &Node,
+    regions: &[String],
+    secs: u64,
+) -> Duration {
+    let started = Instant::now();
+    poll(secs, "the takeover", || {
+        let now = serving(http, survivor);
+        regions.iter().all(|r| now.contains(r)).then_some(())
+    });
+    started.elapsed()
+}
+
+/// Claims at the positions of drivers of node 0's regions (so they are
+/// reserved on node 0), through node 1.
+fn claim_on(
+    http: &reqwest::blocking::Client,
+    via: &Node,
+    fleet: &Fleet,
+    regions: &HashSet<String>,
+    map: &hexmatch::RegionMap,
+    n: usize,
+    tag: &str,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (id, p) in fleet {
+        if out.len() == n {
+            break;
+        }
+        if !map
+            .region_of(*p)
+            .is_ok_and(|r| regions.contains(r.as_str()))
+        {
+            continue;
+        }
+        let order = format!("{tag}-{id}");
+        let (status, m, _) = post(
+            http,
+            &format!("{}/v1/matches", via.base),
+            &json!({"order_id": order, "pickup": {"lat": p.lat(), "lon": p.lon()}, "hold_ms": 600_000}),
+        );
+        if status == 201 {
+            out.push((order, m["driver_id"].as_str().expect("driver").to_owned()));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_killed_node_s_regions_are_taken_over_with_every_reservation() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("failover");
+    let regions = region_ids();
+    let own = spread(&regions, 2);
+    let mut a = start(&url, &prefix, "a", &own[&0]);
+    let b = start(&url, &prefix, "b", &own[&1]);
+    let http = &http();
+    wait_settled(http, &[&a, &b], &own);
+    let fleet = load(http, &[&a, &b], 2000);
+    let map = region_map();
+    let a_regions: HashSet<String> = own[&0].iter().cloned().collect();
+    let held = claim_on(http, &b, &fleet, &a_regions, &map, 30, "before");
+    assert!(held.len() >= 20, "only {} reservations made", held.len());
+    // Let a snapshot include every driver (they are in the records anyway).
+    std::thread::sleep(Duration::from_millis(800));
+
+    a.signal("KILL");
+    let took = wait_takeover(http, &b, &own[&0], 30);
+    eprintln!(
+        "takeover after SIGKILL: {took:?} (lease {LEASE_TTL_MS} ms, renewed every {} ms)",
+        LEASE_TTL_MS / 3
+    );
+
+    // Every acknowledged reservation is there, with its driver reserved.
+    for (order, driver) in &held {
+        let (status, m, _) = get(http, &format!("{}/v1/matches/{order}", b.base));
+        assert_eq!(status, 200, "{order} lost in the takeover: {m}");
+        assert_eq!(
+            (m["driver_id"].as_str(), m["state"].as_str()),
+            (Some(driver.as_str()), Some("reserved"))
+        );
+        let (_, d, _) = get(http, &format!("{}/v1/drivers/{driver}", b.base));
+        assert_eq!(
+            (d["status"].as_str(), d["order_id"].as_str()),
+            (Some("reserved"), Some(order.as_str()))
+        );
+    }
+    // The drivers of a's regions came back from its snapshot.
+    let in_a = fleet
+        .iter()
+        .filter(|(_, p)| {
+            map.region_of(*p)
+                .is_ok_and(|r| a_regions.contains(r.as_str()))
+        })
+        .count();
+    let (_, listed, _) = get(http, &format!("{}/v1/regions", b.base));
+    let restored: u64 = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|r| a_regions.contains(r["region"].as_str().unwrap_or("")))
+        .map(|r| r["drivers"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(restored as usize, in_a);
+    // New claims at the same spots never get a driver already held.
+    let reserved: HashSet<&String> = held.iter().map(|(_, d)| d).collect();
+    let after = claim_on(http, &b, &fleet, &a_regions, &map, 30, "after");
+    assert!(!after.is_empty());
+    for (order, driver) in &after {
+        assert!(!reserved.contains(driver), "{driver} given to {order} too");
+    }
+}
+
+#[test]
+fn a_stale_owner_cannot_acknowledge_reservations() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("fencing");
+    let regions = region_ids();
+    let mut a = start(&url, &prefix, "a", &["*".to_owned()]);
+    let b = start(&url, &prefix, "b", &[]);
+    let http = &http();
+    let all: HashMap<usize, Vec<String>> = [(0, regions.clone()), (1, Vec::new())].into();
+    wait_settled(http, &[&a, &b], &all);
+    let fleet = load(http, &[&a], 1000);
+    std::thread::sleep(Duration::from_millis(800));
+
+    // Pause a past its lease: b takes everything over.
+    a.signal("STOP");
+    wait_takeover(http, &b, &regions, 30);
+    // b reserves every driver near one spot.
+    let (id0, p0) = fleet[0].clone();
+    let mut b_orders = Vec::new();
+    for i in 0..5 {
+        let (status, m, by) = post(
+            http,
+            &format!("{}/v1/matches", b.base),
+            &json!({"order_id": format!("b{i}"), "pickup": {"lat": p0.lat(), "lon": p0.lon()}, "hold_ms": 600_000}),
+        );
+        assert_eq!((status, by.as_str()), (201, "b"), "{m}");
+        b_orders.push(m["driver_id"].as_str().expect("driver").to_owned());
+    }
+    assert!(b_orders.contains(&id0) || fleet.iter().any(|(id, _)| b_orders.contains(id)));
+
+    // a wakes up believing nothing happened and is asked at once.
+    a.signal("CONT");
+    let mut a_answers = Vec::new();
+    for i in 0..5 {
+        let (status, m, by) = post(
+            http,
+            &format!("{}/v1/matches", a.base),
+            &json!({"order_id": format!("a{i}"), "pickup": {"lat": p0.lat(), "lon": p0.lon()}, "hold_ms": 600_000}),
+        );
+        a_answers.push((status, m, by));
+    }
+    // Whatever a answered, it acknowledged nothing itself, and nothing
+    // acknowledged took a driver b holds.
+    for (status, m, by) in &a_answers {
+        if *status == 201 || *status == 200 {
+            assert_ne!(by, "a", "the stale owner acknowledged {m}");
+            let d = m["driver_id"].as_str().expect("driver");
+            assert!(!b_orders.iter().any(|x| x == d), "{d} double-booked: {m}");
+        }
+    }
+    // And Redis holds exactly one live record per reserved driver.
+    let client = redis::Client::open(url.as_str()).expect("url");
+    let mut conn = client.get_connection().expect("redis");
+    let mut drivers = HashSet::new();
+    for node in ["a", "b"] {
+        let recs: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
+            .arg(format!("{prefix}:{node}:matches"))
+            .query(&mut conn)
+            .expect("hgetall");
+        for bytes in recs.values() {
+            let rec = hexmatch::DurableMatch::decode(bytes).expect("record");
+            if node == "a" {
+                // a's own stale records are never read for regions b owns.
+                continue;
+            }
+            assert!(drivers.insert(rec.m.driver_id.to_string()), "{:?}", rec.m);
+        }
+    }
+    assert!(drivers.len() >= 5);
+}
+
+/// The fence itself, below the HTTP layer: a node whose lease was taken
+/// while it was not looking (its own clock still says the lease is
+/// good) has every match write refused by Redis, and the new owner
+/// restored what the old one had acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_refuses_writes_of_a_fenced_off_owner() {
+    use hexmatch::{ClaimRequest, DriverId, DriverUpdate, Engine, EngineConfig, OrderId};
+    use hexmatch_server::cluster::Cluster;
+    use hexmatch_server::persist::Persistence;
+    use redis::AsyncCommands;
+    use std::sync::Arc;
+
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("fence");
+    let map = region_map();
+    let region = map.regions()[0].clone();
+    let spot = {
+        let ll = h3o::LatLng::from(region.cells[0]);
+        Position::new(ll.lat(), ll.lng()).expect("valid")
+    };
+    let ttl = Duration::from_secs(60);
+    let engine = |n: &str| {
+        let e = Engine::new(EngineConfig {
+            resolution: RESOLUTION,
+            ..EngineConfig::default()
+        })
+        .expect("engine");
+        for i in 0..3 {
+            e.upsert(&DriverUpdate::location(
+                DriverId::new(&format!("{n}{i}")).expect("id"),
+                spot,
+                None,
+            ))
+            .expect("upsert");
+        }
+        Arc::new(e)
+    };
+    let own = [region.id.to_string()];
+    let join = |node: &'static str| {
+        let (url, prefix, map, own) = (url.clone(), prefix.clone(), map.clone(), own.clone());
+        async move {
+            let c = Cluster::connect(&url, &prefix, node, "http://127.0.0.1:9", map, &own, ttl)
+                .await
+                .expect("cluster");
+            let p = Persistence::connect(&url, &prefix, node, node)
+                .await
+                .expect("redis");
+            p.set_fence(Arc::clone(&c));
+            (c, p)
+        }
+    };
+    let (x, px) = join("x").await;
+    let ex = engine("d");
+    assert_eq!(x.tick(&ex, &px).await.len(), 1, "x takes the region");
+    let reserve = |e: &Engine, order: &str| {
+        let order = OrderId::new(order).expect("id");
+        e.claim(&order, &ClaimRequest::new(spot)).expect("claim");
+        e.durable_match(&order).expect("record")
+    };
+    let first = reserve(&ex, "o1");
+    px.put_match(&first).await.expect("x holds the lease");
+
+    // x stalls past its lease (here: the lease disappears under it), and y
+    // takes the region with a new epoch, restoring x's acknowledged match.
+    let client = redis::Client::open(url.as_str()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let lease = format!("{prefix}:lease:{}", region.id);
+    conn.del::<_, ()>(&lease).await.expect("del");
+    let (y, py) = join("y").await;
+    let ey = engine("e");
+    let taken = y.tick(&ey, &py).await;
+    assert_eq!(taken.len(), 1);
+    assert_eq!(
+        (
+            taken[0].previous.as_deref(),
+            taken[0].epoch,
+            taken[0].matches
+        ),
+        (Some("x"), 2, 1)
+    );
+    assert_eq!(
+        ey.get_match(&first.m.order_id).map(|m| m.driver_id),
+        Some(first.m.driver_id.clone())
+    );
+
+    // x still believes it owns the region; Redis disagrees.
+    assert!(x.serves(region.id.as_str()));
+    let second = reserve(&ex, "o2");
+    let err = px.put_match(&second).await.expect_err("fenced");
+    assert!(err.to_string().contains("not_owner"), "{err}");
+    let stored: Option<Vec<u8>> = conn
+        .hget(format!("{prefix}:x:matches"), "o2")
+        .await
+        .expect("hget");
+    assert!(stored.is_none(), "a fenced write landed");
+    let routed: Option<String> = conn.get(format!("{prefix}:order:o2")).await.expect("get");
+    assert!(routed.is_none());
+    // Changing the match it had is refused the same way.
+    let mut confirmed = first.clone();
+    confirmed.m.state = hexmatch::MatchState::Confirmed;
+    assert!(px.put_match(&confirmed).await.is_err());
+    // y, the owner, writes.
+    let third = reserve(&ey, "o3");
+    py.put_match(&third).await.expect("y holds the lease");
+}
