@@ -55,7 +55,7 @@ pub struct ServeConfig {
     /// route requests for the others to their owners. Needs `redis_url`
     /// and `regions`.
     pub cluster: bool,
-    /// The URL other nodes reach this one at; default `http://<bind address>`.
+    /// The URL other nodes reach this one at; default `http://` + the bound address.
     pub advertise_url: Option<String>,
     /// Regions this node takes at start when free (`*` = every region of
     /// the file); other regions it takes only when their owner's lease
@@ -162,7 +162,7 @@ pub struct ServeArgs {
     /// Run as a cluster node (needs --redis-url and --regions) [default: false].
     #[arg(long, env = "HEXMATCH_CLUSTER")]
     pub cluster: Option<bool>,
-    /// URL other nodes reach this one at [default: http://<bind address>].
+    /// URL other nodes reach this one at [default: `http://` + the bound address].
     #[arg(long, env = "HEXMATCH_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
     /// Comma-separated regions to take at start when free; `*` = all.
