@@ -52,6 +52,10 @@ enum Mode {
     Nearest,
     /// `upsert` location moves of up to 300 m (every one applies).
     Move,
+    /// Snapshots the engine (50k drivers a chunk), then restores it into
+    /// a fresh engine `ops` times (count with
+    /// `--toggle-collect='*restore_snapshot*'`: the snapshot is set-up).
+    Restore,
 }
 
 fn main() -> ExitCode {
@@ -84,6 +88,18 @@ fn main() -> ExitCode {
         Mode::Move => {
             for u in &moves {
                 black_box(engine.upsert(u).expect("valid move"));
+            }
+        }
+        Mode::Restore => {
+            let snap = engine.snapshot(1, 50_000);
+            for _ in 0..args.ops {
+                let fresh = hexmatch::Engine::new(hexmatch::EngineConfig::default())
+                    .expect("the default config is valid");
+                black_box(
+                    fresh
+                        .restore_snapshot(&snap.manifest, &snap.chunks)
+                        .expect("restores"),
+                );
             }
         }
     }
