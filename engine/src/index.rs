@@ -34,6 +34,8 @@ use crate::time::{Clock, SystemClock, Timestamp};
 
 /// Number of stripes of the driver → location map (a power of two).
 const STRIPES: usize = 64;
+// Bulk load keeps stripe numbers in a `u8`.
+const _: () = assert!(STRIPES <= 256);
 
 /// Engine settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -953,12 +955,12 @@ impl Engine {
             ));
         }
         let now = self.clock.now();
-        let cells = self.cells_of(&drivers);
+        let found = self.cells_and_stripes(&drivers);
 
         // Group the drivers by cell (input order within each), and give each
         // its shard and slot.
         let mut groups: HashMap<CellIndex, Vec<u32>, FixedState> = HashMap::default();
-        for (i, cell) in cells.iter().enumerate() {
+        for (i, (cell, _)) in found.iter().enumerate() {
             groups.entry(*cell).or_default().push(i as u32);
         }
         let mut locs = vec![Loc { shard: 0, slot: 0 }; drivers.len()];
@@ -979,9 +981,10 @@ impl Engine {
         // The driver map, one stripe per task, in input order: a later
         // duplicate replaces an earlier one, which is removed below.
         let mut by_stripe: Vec<Vec<u32>> = vec![Vec::new(); STRIPES];
-        for (i, d) in drivers.iter().enumerate() {
-            by_stripe[self.stripe_index(&d.id)].push(i as u32);
+        for (i, (_, stripe)) in found.iter().enumerate() {
+            by_stripe[usize::from(*stripe)].push(i as u32);
         }
+        drop(found);
         let jobs: Vec<(usize, Vec<u32>)> = by_stripe.into_iter().enumerate().collect();
         let replaced: Vec<Loc> = crate::par::par_map(&jobs, 2, |(s, members)| {
             let mut map = self.stripes[*s].lock();
@@ -998,38 +1001,25 @@ impl Engine {
         .flatten()
         .collect();
 
-        // The shards: records into exact-size slabs, then trees, by shard.
-        let mut records: Vec<Option<Record>> = drivers
-            .into_iter()
-            .map(|d| {
-                Some(Record {
-                    id: d.id,
+        // The shards, by shard: records (copied: moving them out of
+        // `drivers` would be a pass on one core) into exact-size slabs,
+        // then the trees.
+        crate::par::par_for_each_vec(groups, |(shard, members)| {
+            let mut data = ShardData::default();
+            let mut items = Vec::new();
+            data.slots.reserve_exact(members.len());
+            for (slot, &i) in members.iter().enumerate() {
+                let d = &drivers[i as usize];
+                *data.counts.slot(d.status) += 1;
+                let rec = Record {
+                    id: d.id.clone(),
                     pos: d.pos,
                     ts: d.ts,
                     seen: now,
                     status: d.status,
                     vehicle: d.vehicle,
                     caps: d.capabilities,
-                })
-            })
-            .collect();
-        let groups: Vec<(Arc<Shard>, Vec<Record>)> = groups
-            .into_iter()
-            .map(|(shard, members)| {
-                let recs = members
-                    .iter()
-                    .filter_map(|&i| records[i as usize].take())
-                    .collect();
-                (shard, recs)
-            })
-            .collect();
-        drop(records);
-        crate::par::par_for_each_vec(groups, |(shard, recs)| {
-            let mut data = ShardData::default();
-            let mut items = Vec::new();
-            data.slots.reserve_exact(recs.len());
-            for (slot, rec) in recs.into_iter().enumerate() {
-                *data.counts.slot(rec.status) += 1;
+                };
                 if rec.status == Status::Available {
                     items.push(rec.item(slot as u32));
                 }
@@ -1038,21 +1028,24 @@ impl Engine {
             data.tree = RTree::bulk_load_with_params(items);
             *shard.data.write() = data;
         });
+        drop(drivers);
         for loc in &replaced {
             self.shard(loc.shard).data.write().take(loc.slot);
         }
         Ok(locs.len() - replaced.len())
     }
 
-    /// Each driver's partition cell, on both cores.
-    fn cells_of(&self, drivers: &[Driver]) -> Vec<CellIndex> {
+    /// Each driver's partition cell and driver-map stripe, on both cores.
+    fn cells_and_stripes(&self, drivers: &[Driver]) -> Vec<(CellIndex, u8)> {
         let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let parts: Vec<&[Driver]> = drivers
             .chunks(drivers.len().div_ceil(threads).max(4096))
             .collect();
         crate::par::par_map(&parts, 2, |part| {
             let mut finder = CellFinder::new(self.resolution);
-            part.iter().map(|d| finder.cell(d.pos)).collect::<Vec<_>>()
+            part.iter()
+                .map(|d| (finder.cell(d.pos), self.stripe_index(&d.id) as u8))
+                .collect::<Vec<_>>()
         })
         .into_iter()
         .flatten()

@@ -15,6 +15,8 @@
 //! failed — never a panic. [`Engine::restore_snapshot`] decodes *all*
 //! chunks before loading any, so a bad snapshot is never half-loaded.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use crate::driver::{Capabilities, Driver, Status, Vehicle};
@@ -76,10 +78,13 @@ pub struct Snapshot {
     pub chunks: Vec<Vec<u8>>,
 }
 
-/// A driver as stored.
+/// A driver as stored. Decoding borrows the id from the decompressed
+/// chunk (no `String` per driver); the wire format is postcard's `str`
+/// either way.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct DriverRec {
-    id: String,
+struct DriverRec<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
     lat: f64,
     lon: f64,
     ts: i64,
@@ -99,10 +104,10 @@ fn status_code(s: Status) -> u8 {
     STATUSES.iter().position(|x| *x == s).unwrap_or(0) as u8
 }
 
-impl DriverRec {
+impl DriverRec<'_> {
     fn from_driver(d: &Driver) -> Self {
         Self {
-            id: d.id.to_string(),
+            id: Cow::Owned(d.id.to_string()),
             lat: d.pos.lat(),
             lon: d.pos.lon(),
             ts: d.ts.as_millis(),
