@@ -168,6 +168,30 @@ impl PointDistance for Item {
     }
 }
 
+/// Finds a tree item by slot, descending only into nodes whose boxes
+/// contain both its old and its new point. An item found this way can be
+/// moved to the new point in place: every box above it already contains
+/// the new point, so the tree stays valid (its boxes stay supersets, which
+/// is all that insertion, removal and search need), with no remove and
+/// re-insert.
+struct MoveInPlace {
+    from: [f64; 3],
+    to: [f64; 3],
+    slot: u32,
+}
+
+impl rstar::SelectionFunction<Item> for MoveInPlace {
+    fn should_unpack_parent(&self, envelope: &AABB<[f64; 3]>) -> bool {
+        use rstar::Envelope;
+        envelope.contains_point(&self.from) && envelope.contains_point(&self.to)
+    }
+
+    fn should_unpack_leaf(&self, leaf: &Item) -> bool {
+        // One item per slot: the slot alone identifies it.
+        leaf.slot == self.slot
+    }
+}
+
 /// One driver as stored in its shard.
 #[derive(Debug, Clone)]
 pub(crate) struct Record {
@@ -287,8 +311,22 @@ impl ShardData {
         }
         match (was == Status::Available, now == Status::Available) {
             (true, true) if changed => {
-                self.tree.remove(&before());
-                self.tree.insert(after);
+                let before = before();
+                let in_place = MoveInPlace {
+                    from: before.v,
+                    to: after.v,
+                    slot,
+                };
+                if let Some(item) = self
+                    .tree
+                    .locate_with_selection_function_mut(in_place)
+                    .next()
+                {
+                    *item = after;
+                } else {
+                    self.tree.remove(&before);
+                    self.tree.insert(after);
+                }
             }
             (true, false) => {
                 self.tree.remove(&before());

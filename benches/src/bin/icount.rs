@@ -15,7 +15,7 @@ use std::hint::black_box;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use hexmatch::{DriverUpdate, NearestQuery};
+use hexmatch::{DriverUpdate, Engine, NearestQuery};
 use hexmatch_benches::{
     Mover, build_engine, chicago_bounds, chicago_pickups, city_drivers, jitter, measure_build,
 };
@@ -58,6 +58,23 @@ enum Mode {
     Restore,
 }
 
+/// The measured loop of `nearest` (a function of its own, never inlined,
+/// so `--toggle-collect='icount::run_queries'` counts exactly it).
+#[inline(never)]
+fn run_queries(engine: &Engine, queries: &[NearestQuery], ops: usize) {
+    for q in queries.iter().cycle().take(ops) {
+        black_box(engine.nearest(q).expect("valid query"));
+    }
+}
+
+/// The measured loop of `move` (see [`run_queries`]).
+#[inline(never)]
+fn run_moves(engine: &Engine, moves: &[DriverUpdate]) {
+    for u in moves {
+        black_box(engine.upsert(u).expect("valid move"));
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if !(1..=hexmatch::MAX_K).contains(&args.k) {
@@ -80,20 +97,12 @@ fn main() -> ExitCode {
     let moves: Vec<DriverUpdate> = (0..args.ops).map(|_| mover.next_update()).collect();
     match args.mode {
         Mode::Baseline => {}
-        Mode::Nearest => {
-            for q in queries.iter().cycle().take(args.ops) {
-                black_box(engine.nearest(q).expect("valid query"));
-            }
-        }
-        Mode::Move => {
-            for u in &moves {
-                black_box(engine.upsert(u).expect("valid move"));
-            }
-        }
+        Mode::Nearest => run_queries(&engine, &queries, args.ops),
+        Mode::Move => run_moves(&engine, &moves),
         Mode::Restore => {
             let snap = engine.snapshot(1, 50_000);
             for _ in 0..args.ops {
-                let fresh = hexmatch::Engine::new(hexmatch::EngineConfig::default())
+                let fresh = Engine::new(hexmatch::EngineConfig::default())
                     .expect("the default config is valid");
                 black_box(
                     fresh
