@@ -967,7 +967,7 @@ impl Engine {
     /// one by one). Later duplicates of an id replace earlier ones.
     ///
     /// Both cores share the work: the H3 cells (most of them found without
-    /// h3o, see [`CellFinder`]), the driver map (by stripe) and the shards'
+    /// h3o, see `CellFinder`), the driver map (by stripe) and the shards'
     /// trees (by shard). The maps and slabs are sized exactly.
     ///
     /// # Errors
