@@ -575,7 +575,7 @@ impl Persistence {
 
     /// Reads one batch from the stream: new entries, or (with
     /// `reclaim_idle`) entries of consumers idle that long (XAUTOCLAIM).
-    async fn read_batch(
+    pub(crate) async fn read_batch(
         &self,
         count: usize,
         block_ms: u64,
@@ -626,7 +626,7 @@ impl Persistence {
     /// background on the shared connection so the reader does not wait. A
     /// lost ack leaves entries pending; XAUTOCLAIM re-delivers them, and
     /// re-applying a position is harmless (an older `ts` is ignored).
-    fn ack_in_background(&self, ids: &[String], dead: Vec<crate::api::DeadLetter>) {
+    pub(crate) fn ack_in_background(&self, ids: &[String], dead: Vec<crate::api::DeadLetter>) {
         let stream = self.stream_key();
         let mut pipe = redis::pipe();
         for (id, fields, code, message) in dead {

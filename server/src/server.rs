@@ -326,12 +326,13 @@ async fn boot_cluster(
     after_takeover(&state, &p, taken.len()).await;
     tracing::info!(node = %c.node_id, url = %advertise, serving = ?cluster.held(), "joined the cluster");
     state.ready.store(true, Ordering::Release);
-    if c.ingest_stream {
-        tracing::warn!(
-            "stream ingestion is off in cluster mode (per-region streams are not built); use HTTP"
-        );
-    }
     let mut tasks = vec![spawn_health(&state, &p), spawn_snapshots(&state, &p)];
+    if c.ingest_stream {
+        if let Err(e) = p.ensure_group().await {
+            tracing::warn!(error = %e, "could not create the stream consumer group");
+        }
+        tasks.push(spawn_cluster_ingest(&state, &p));
+    }
     let (s2, p2, c2) = (Arc::clone(&state), Arc::clone(&p), Arc::clone(&cluster));
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(c2.tick_interval());
@@ -344,6 +345,34 @@ async fn boot_cluster(
     }));
     let _guard = AbortOnDrop(tasks);
     std::future::pending::<()>().await;
+}
+
+/// Cluster mode: every node reads the shared stream in the shared consumer
+/// group; each batch is split by region owner like an HTTP batch.
+fn spawn_cluster_ingest(state: &Arc<Shared>, p: &Arc<Persistence>) -> JoinHandle<()> {
+    let (state, p) = (Arc::clone(state), Arc::clone(p));
+    tokio::spawn(async move {
+        let reclaim_every = Duration::from_secs(30);
+        let mut last_reclaim = std::time::Instant::now();
+        loop {
+            if !p.is_up() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            let reclaim = (last_reclaim.elapsed() >= reclaim_every).then(|| {
+                last_reclaim = std::time::Instant::now();
+                reclaim_every
+            });
+            match p.read_batch(2000, 1000, reclaim).await {
+                Ok(batch) if batch.is_empty() => {}
+                Ok(batch) => api::ingest_cluster_entries(&state, &p, batch).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "stream ingestion failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    })
 }
 
 /// After taking regions: this node's records and snapshot must hold them

@@ -50,6 +50,10 @@ fn region_ids() -> Vec<String> {
 }
 
 fn start(redis: &str, prefix: &str, node: &str, own: &[String]) -> Node {
+    start_with(redis, prefix, node, own, false)
+}
+
+fn start_with(redis: &str, prefix: &str, node: &str, own: &[String], ingest: bool) -> Node {
     let own = if own.is_empty() {
         String::new()
     } else {
@@ -77,7 +81,7 @@ fn start(redis: &str, prefix: &str, node: &str, own: &[String]) -> Node {
         "--driver-ttl-s",
         "0",
         "--ingest-stream",
-        "false",
+        if ingest { "true" } else { "false" },
     ];
     if !own.is_empty() {
         args.extend(["--own-regions", &own]);
@@ -716,4 +720,86 @@ async fn redis_refuses_writes_of_a_fenced_off_owner() {
     // y, the owner, writes.
     let third = reserve(&ey, "o3");
     py.put_match(&third).await.expect("y holds the lease");
+}
+
+/// Stream ingestion in a cluster: both nodes read the shared stream, and
+/// each update ends up on the owner of its region, whichever node read it.
+#[test]
+fn stream_updates_reach_the_owner_of_their_region() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("cluster-stream");
+    let regions = region_ids();
+    let own = spread(&regions, 2);
+    let a = start_with(&url, &prefix, "a", &own[&0], true);
+    let b = start_with(&url, &prefix, "b", &own[&1], true);
+    let http = &http();
+    wait_settled(http, &[&a, &b], &own);
+    let drivers = common::chicago_drivers(1500, true);
+    let mut conn = common::RedisServer::conn(&url);
+    let mut pipe = redis::pipe();
+    for d in &drivers {
+        pipe.cmd("XADD")
+            .arg(format!("{prefix}:locations"))
+            .arg("*")
+            .arg("driver_id")
+            .arg(d["driver_id"].as_str().expect("id"))
+            .arg("lat")
+            .arg(d["lat"].to_string())
+            .arg("lon")
+            .arg(d["lon"].to_string())
+            .ignore();
+    }
+    // One invalid entry goes to the dead letters, not to a node.
+    pipe.cmd("XADD")
+        .arg(format!("{prefix}:locations"))
+        .arg("*")
+        .arg("driver_id")
+        .arg("bad")
+        .arg("lat")
+        .arg("95")
+        .arg("lon")
+        .arg("0")
+        .ignore();
+    let () = pipe.query(&mut conn).expect("xadd");
+    let held = |node: &Node| -> u64 {
+        let (_, listed, _) = get(http, &format!("{}/v1/regions", node.base));
+        listed
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|r| r["drivers"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    poll(30, "every update applied", || {
+        (held(&a) + held(&b) == drivers.len() as u64).then_some(())
+    });
+    let owner_of: HashMap<String, String> = {
+        let (_, c, _) = get(http, &format!("{}/v1/cluster", a.base));
+        c["regions"]
+            .as_array()
+            .expect("regions")
+            .iter()
+            .map(|r| {
+                (
+                    r["region"].as_str().expect("id").to_owned(),
+                    r["owner"].as_str().expect("owner").to_owned(),
+                )
+            })
+            .collect()
+    };
+    // Each node holds only drivers of regions it owns.
+    for (node, id) in [(&a, "a"), (&b, "b")] {
+        let (_, listed, _) = get(http, &format!("{}/v1/regions", node.base));
+        for r in listed.as_array().expect("array") {
+            if r["drivers"].as_u64().unwrap_or(0) > 0 {
+                let region = r["region"].as_str().expect("id");
+                assert_eq!(owner_of.get(region).map(String::as_str), Some(id), "{r}");
+            }
+        }
+    }
+    let dead: usize = redis::cmd("XLEN")
+        .arg(format!("{prefix}:locations:dead"))
+        .query(&mut conn)
+        .expect("xlen");
+    assert_eq!(dead, 1);
 }

@@ -237,6 +237,84 @@ pub(crate) fn apply_item(
     }
 }
 
+/// Applies a batch of raw update objects: on a cluster node, split by
+/// region owner first (the others' items go to them, one request per
+/// owner) and drivers new here adopted from the other nodes. Rejected
+/// items come back sorted by index.
+pub(crate) async fn apply_batch(
+    state: &AppState,
+    items: Vec<Result<Value, ApiError>>,
+    headers: &HeaderMap,
+) -> ApiResult<BatchTally> {
+    let (items, mut tally): (crate::cluster::route::LocalItems, BatchTally) =
+        match state.cluster.get() {
+            None => (
+                items.into_iter().enumerate().collect(),
+                BatchTally::default(),
+            ),
+            Some(cluster) => {
+                let (local, tally) =
+                    crate::cluster::route::split_batch(state, cluster, items, headers).await;
+                let ids: Vec<DriverId> = local
+                    .iter()
+                    .filter_map(|(_, v)| v.as_ref().ok())
+                    .filter_map(|v| v["driver_id"].as_str())
+                    .filter_map(|s| DriverId::new(s).ok())
+                    .collect();
+                crate::cluster::route::adopt(state, cluster, &ids).await;
+                (local, tally)
+            }
+        };
+    let engine = state.engine.clone();
+    tokio::task::spawn_blocking(move || {
+        for (i, item) in items {
+            apply_item(&engine, i, item, &mut tally);
+        }
+        tally.rejected.sort_by_key(|r| r.index);
+        tally
+    })
+    .await
+    .map_err(|e| ApiError::new("internal", format!("batch task failed: {e}")))
+}
+
+/// Cluster mode: applies Redis stream entries like a batch (split by
+/// region owner), then acknowledges them all and dead-letters the invalid
+/// ones.
+pub(crate) async fn ingest_cluster_entries(
+    state: &AppState,
+    p: &crate::persist::Persistence,
+    entries: Vec<crate::persist::StreamEntry>,
+) {
+    let items: Vec<Result<Value, ApiError>> = entries
+        .iter()
+        .map(|(_, fields)| {
+            LocationItem::from_stream_fields(fields).and_then(|item| {
+                serde_json::to_value(item).map_err(|e| ApiError::invalid_json(e.to_string()))
+            })
+        })
+        .collect();
+    let n = entries.len();
+    let tally = match apply_batch(state, items, &HeaderMap::new()).await {
+        Ok(t) => t,
+        Err(e) => {
+            // Not acknowledged: the entries are re-delivered later.
+            tracing::warn!(error = %e, "stream batch failed");
+            return;
+        }
+    };
+    let dead: Vec<DeadLetter> = tally
+        .rejected
+        .into_iter()
+        .filter_map(|r| {
+            let (id, fields) = entries.get(r.index)?;
+            Some((id.clone(), fields.clone(), r.error.code, r.error.message))
+        })
+        .collect();
+    let ids: Vec<String> = entries.into_iter().map(|(id, _)| id).collect();
+    p.ack_in_background(&ids, dead);
+    counter!("hexmatch_stream_entries_total").increment(n as u64);
+}
+
 /// Applies a batch of location updates (JSON array or NDJSON).
 #[utoipa::path(post, path = "/v1/locations", tag = "drivers",
     request_body(content(
@@ -288,34 +366,6 @@ pub(crate) async fn post_locations(
             items.len()
         )));
     }
-    let (items, mut tally): (crate::cluster::route::LocalItems, BatchTally) =
-        match state.cluster.get() {
-            None => (
-                items.into_iter().enumerate().collect(),
-                BatchTally::default(),
-            ),
-            Some(cluster) => {
-                let (local, tally) =
-                    crate::cluster::route::split_batch(&state, cluster, items, &headers).await;
-                let ids: Vec<DriverId> = local
-                    .iter()
-                    .filter_map(|(_, v)| v.as_ref().ok())
-                    .filter_map(|v| v["driver_id"].as_str())
-                    .filter_map(|s| DriverId::new(s).ok())
-                    .collect();
-                crate::cluster::route::adopt(&state, cluster, &ids).await;
-                (local, tally)
-            }
-        };
-    let engine = state.engine.clone();
-    let tally = tokio::task::spawn_blocking(move || {
-        for (i, item) in items {
-            apply_item(&engine, i, item, &mut tally);
-        }
-        tally.rejected.sort_by_key(|r| r.index);
-        tally
-    })
-    .await
-    .map_err(|e| ApiError::new("internal", format!("batch task failed: {e}")))?;
-    Ok(Json(tally))
+    let tally = apply_batch(&state, items, &headers).await;
+    Ok(Json(tally?))
 }

@@ -44,7 +44,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
-pub(crate) use drivers::{DeadLetter, apply_stream_entries};
+pub(crate) use drivers::{DeadLetter, apply_stream_entries, ingest_cluster_entries};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub(crate) use matches::claim_here;
 pub(crate) use model::BatchTally;

@@ -15,7 +15,7 @@ use super::error::{ApiError, ApiResult};
 pub(crate) const DEFAULT_REGION: &str = "default";
 
 /// A timestamp in a request: RFC 3339 text or integer Unix milliseconds.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub(crate) enum TsIn {
     /// Unix milliseconds.
@@ -137,7 +137,7 @@ impl LocationIn {
 }
 
 /// One item of `POST /v1/locations` or of the WebSocket stream.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LocationItem {
     /// The driver (created if unknown).
