@@ -113,13 +113,14 @@ pub(crate) async fn create_match(
     headers: HeaderMap,
     JsonBody(body): JsonBody<OrderIn>,
 ) -> ApiResult<Response> {
-    let raw = serde_json::to_value(&body).unwrap_or_default();
-    let order = body.parse()?;
     if let Some(cluster) = state.cluster.get()
         && !crate::cluster::route::scope_local(&headers)
     {
+        let raw = serde_json::to_value(&body).unwrap_or_default();
+        let order = body.parse()?;
         return crate::cluster::route::claim(&state, cluster, raw, &order, &headers).await;
     }
+    let order = body.parse()?;
     let _serial = match state.durable()? {
         Some(p) => Some(p.lock_order(&order.order_id).await),
         None => None,
