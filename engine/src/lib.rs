@@ -62,7 +62,7 @@ pub use position::{EARTH_RADIUS_M, Position};
 pub use region::{Outside, Region, RegionMap};
 pub use search::{MAX_DISTANCE_M, MAX_K, NearestQuery, Neighbor};
 pub use snapshot::{ChunkInfo, DurableMatch, Manifest, SNAPSHOT_FORMAT, Snapshot, decode_snapshot};
-pub use time::{Clock, ManualClock, SystemClock, Timestamp};
+pub use time::{Clock, ManualClock, Rfc3339, SystemClock, Timestamp};
 
 /// The README's examples, compiled and run as doctests so they stay true.
 #[doc = include_str!("../../README.md")]

@@ -171,9 +171,61 @@ fn parse_rfc3339(s: &str) -> Option<i64> {
     Some(secs * 1000 + frac_ms)
 }
 
+/// The RFC 3339 text of a [`Timestamp`] in years 0000–9999, written
+/// without the formatting machinery (a server writes one per driver it
+/// returns).
+#[derive(Clone, Copy)]
+pub struct Rfc3339([u8; 24]);
+
+impl Rfc3339 {
+    /// The text, e.g. `2026-11-25T10:00:00.250Z`.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and separators are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for Rfc3339 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Timestamp {
+    /// The RFC 3339 text as [`Display`](fmt::Display) writes it, for years
+    /// 0000–9999 (`None` outside them).
+    pub fn rfc3339(self) -> Option<Rfc3339> {
+        let secs = self.0.div_euclid(1000);
+        let ms = self.0.rem_euclid(1000);
+        let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
+        if !(0..=9999).contains(&y) {
+            return None;
+        }
+        let sod = secs.rem_euclid(86_400);
+        let mut b = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, width: usize, mut v: i64| {
+            for i in (at..at + width).rev() {
+                b[i] = b'0' + u8::try_from(v % 10).unwrap_or(0);
+                v /= 10;
+            }
+        };
+        put(0, 4, y);
+        put(5, 2, mo);
+        put(8, 2, d);
+        put(11, 2, sod / 3600);
+        put(14, 2, sod / 60 % 60);
+        put(17, 2, sod % 60);
+        put(20, 3, ms);
+        Some(Rfc3339(b))
+    }
+}
+
 impl fmt::Display for Timestamp {
     /// RFC 3339 in UTC with millisecond precision: `2026-11-25T10:00:00.250Z`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(text) = self.rfc3339() {
+            return f.write_str(text.as_str());
+        }
         let secs = self.0.div_euclid(1000);
         let ms = self.0.rem_euclid(1000);
         let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
@@ -245,6 +297,51 @@ impl Clock for ManualClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The general formatting the fast writer replaces.
+    fn reference(t: Timestamp) -> String {
+        let secs = t.0.div_euclid(1000);
+        let ms = t.0.rem_euclid(1000);
+        let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
+        let sod = secs.rem_euclid(86_400);
+        format!(
+            "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+            sod / 3600,
+            sod / 60 % 60,
+            sod % 60
+        )
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_fast_writer_matches_the_general_formatting(ms in -62_167_219_200_000_i64..253_402_300_800_000) {
+            let t = Timestamp(ms);
+            let fast = t.rfc3339().expect("years 0000-9999");
+            proptest::prop_assert_eq!(fast.as_str(), reference(t));
+            proptest::prop_assert_eq!(t.to_string(), reference(t));
+            // Valid timestamps (1970 on) read back to themselves.
+            if ms >= 0 {
+                proptest::prop_assert_eq!(Timestamp::parse(fast.as_str()).expect("parses"), t);
+            }
+        }
+    }
+
+    #[test]
+    fn years_outside_four_digits_use_the_general_formatting() {
+        for ms in [-62_167_219_200_001_i64, 253_402_300_800_000] {
+            let t = Timestamp(ms);
+            assert!(t.rfc3339().is_none());
+            assert_eq!(t.to_string(), reference(t));
+        }
+        assert_eq!(
+            Timestamp(253_402_300_799_999).rfc3339().unwrap().as_str(),
+            "9999-12-31T23:59:59.999Z"
+        );
+        assert_eq!(
+            Timestamp(-62_167_219_200_000).rfc3339().unwrap().as_str(),
+            "0000-01-01T00:00:00.000Z"
+        );
+    }
 
     #[test]
     fn parses_rfc3339_and_millis() {

@@ -10,6 +10,13 @@ mod replay;
 
 use std::process::ExitCode;
 
+/// mimalloc instead of the system allocator: a request allocates a few
+/// dozen small blocks (JSON strings, headers, futures), and glibc's malloc
+/// and free were a fifth of the server's instructions per request
+/// (callgrind; see benches/README.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 
 /// hexmatch: exact nearest-driver search and atomic matching, in memory.

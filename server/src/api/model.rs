@@ -316,11 +316,15 @@ impl BatchTally {
     }
 }
 
+// Ids and times are written straight into the JSON, without a `String`
+// each: a response holds up to 100 drivers.
 /// One driver of a nearest result.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct NeighborOut {
     /// Id.
-    pub(crate) driver_id: String,
+    #[serde(serialize_with = "id_str")]
+    #[schema(value_type = String)]
+    pub(crate) driver_id: DriverId,
     /// Latitude.
     pub(crate) lat: f64,
     /// Longitude.
@@ -330,18 +334,33 @@ pub(crate) struct NeighborOut {
     /// Vehicle class.
     pub(crate) vehicle: &'static str,
     /// Last fix time (RFC 3339).
-    pub(crate) ts: String,
+    #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String)]
+    pub(crate) ts: Timestamp,
+}
+
+fn id_str<S: serde::Serializer>(id: &DriverId, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(id.as_str())
+}
+
+// serde hands `serialize_with` functions a reference.
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn rfc3339<S: serde::Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
+    match t.rfc3339() {
+        Some(text) => s.serialize_str(text.as_str()),
+        None => s.collect_str(t),
+    }
 }
 
 impl From<Neighbor> for NeighborOut {
     fn from(n: Neighbor) -> Self {
         Self {
-            driver_id: n.id.to_string(),
+            driver_id: n.id,
             lat: n.pos.lat(),
             lon: n.pos.lon(),
             distance_m: n.distance_m,
             vehicle: n.vehicle.as_str(),
-            ts: n.ts.to_string(),
+            ts: n.ts,
         }
     }
 }
