@@ -1044,7 +1044,11 @@ impl Engine {
         // then the trees.
         crate::par::par_for_each_vec(groups, |(shard, members)| {
             let mut data = ShardData::default();
-            let mut items = Vec::new();
+            let available = members
+                .iter()
+                .filter(|&&i| drivers[i as usize].status == Status::Available)
+                .count();
+            let mut items = Vec::with_capacity(available);
             data.slots.reserve_exact(members.len());
             for (slot, &i) in members.iter().enumerate() {
                 let d = &drivers[i as usize];
@@ -1294,6 +1298,67 @@ mod tests {
         e.upsert(&DriverUpdate::location(id("c"), pos(41.88, -87.63), None))
             .unwrap();
         assert_eq!(e.len(), 3);
+    }
+
+    #[test]
+    fn small_moves_in_place_keep_the_tree_exact() {
+        // Many tiny moves (most stay inside their leaf's box, so they are
+        // made in place), then every available driver must be found where
+        // it now is, and nowhere else.
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        let n = 3000;
+        let start = |i: u32| {
+            let f = f64::from(i);
+            pos(
+                41.85 + (f * 0.618_034).fract() * 0.05,
+                -87.65 + (f * 0.414_214).fract() * 0.05,
+            )
+        };
+        let drivers =
+            (0..n).map(|i| Driver::available(id(&format!("d{i}")), start(i), Timestamp::EPOCH));
+        e.bulk_load(drivers).unwrap();
+        let mut at: Vec<Position> = (0..n).map(start).collect();
+        for step in 0..30_000u32 {
+            let i = step * 7919 % n;
+            let f = f64::from(step);
+            let p = at[i as usize];
+            let q = pos(
+                p.lat() + ((f * 0.3).sin()) * 2e-5,
+                p.lon() + ((f * 0.7).cos()) * 2e-5,
+            );
+            at[i as usize] = q;
+            e.upsert(&DriverUpdate::location(id(&format!("d{i}")), q, None))
+                .unwrap();
+        }
+        let shards = e.shards();
+        let mut in_trees = 0;
+        for shard in &shards {
+            let data = shard.data.read();
+            for item in &data.tree {
+                let rec = data.record(item.slot).unwrap();
+                // Bit-exact: the item's vector is computed from the record's position.
+                assert!(
+                    item.v
+                        .iter()
+                        .zip(rec.pos.to_unit_vector())
+                        .all(|(a, b)| a.to_bits() == b.to_bits())
+                );
+                // Found by a descent through boxes that contain its point.
+                assert!(
+                    data.tree
+                        .locate_all_at_point(item.v)
+                        .any(|x| x.slot == item.slot)
+                );
+                in_trees += 1;
+            }
+        }
+        assert_eq!(in_trees, n as usize);
+        for (i, p) in at.iter().enumerate().step_by(97) {
+            let near = e
+                .nearest(&crate::NearestQuery::new(*p, 1).unwrap())
+                .unwrap();
+            assert!(near[0].distance_m.abs() < 1e-9, "d{i}");
+        }
     }
 
     #[test]
