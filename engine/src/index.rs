@@ -7,7 +7,8 @@
 //! - A small top-level R-tree holds each shard's cell as a 3D bounding box;
 //!   the search walks it best-first (see `search`). It changes only when a
 //!   cell gets its first driver.
-//! - A striped map `DriverId → (shard, slot)` finds a driver for moves.
+//! - A striped map `hash(DriverId) → (shard index, slot)` finds a driver
+//!   for moves (the record holds the id, and lookups check it).
 //!
 //! # Locks and their order
 //! `matching book → driver stripe → cells → shard`. A thread may skip
@@ -34,8 +35,6 @@ use crate::time::{Clock, SystemClock, Timestamp};
 
 /// Number of stripes of the driver → location map (a power of two).
 const STRIPES: usize = 64;
-// Bulk load keeps stripe numbers in a `u8`.
-const _: () = assert!(STRIPES <= 256);
 
 /// Engine settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -505,7 +504,72 @@ impl ShardTable {
     }
 }
 
-type Stripe = Mutex<HashMap<DriverId, Loc, FixedState>>;
+/// One stripe of the driver map. It is keyed by the id's 64-bit hash, not
+/// the id: 16-byte entries instead of 32. The record holds the id, and
+/// every lookup checks it under the shard lock it takes anyway. An id
+/// whose hash another id already holds goes to `collided`, keyed by the
+/// id (about one id in 10^7 at 1M drivers; usually empty, and then never
+/// probed).
+#[derive(Debug, Default)]
+pub(crate) struct StripeMap {
+    by_hash: HashMap<u64, Loc, FixedState>,
+    collided: HashMap<DriverId, Loc, FixedState>,
+}
+
+/// Which table of a [`StripeMap`] holds an id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    ByHash,
+    Collided,
+}
+
+impl StripeMap {
+    /// Where `id` (of hash `h`) may be: a `Collided` answer is certain; a
+    /// `ByHash` one holds some id of hash `h`, which the caller checks
+    /// against the record.
+    fn find(&self, id: &DriverId, h: u64) -> Option<(Loc, Place)> {
+        if !self.collided.is_empty()
+            && let Some(loc) = self.collided.get(id)
+        {
+            return Some((*loc, Place::Collided));
+        }
+        self.by_hash.get(&h).map(|loc| (*loc, Place::ByHash))
+    }
+
+    /// Enters an id that is not in the map.
+    fn add(&mut self, id: &DriverId, h: u64, loc: Loc) {
+        match self.by_hash.entry(h) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(loc);
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.collided.insert(id.clone(), loc);
+            }
+        }
+    }
+
+    /// Moves an id that is in the map (at `place`) to `loc`.
+    fn set(&mut self, place: Place, id: &DriverId, h: u64, loc: Loc) {
+        match place {
+            Place::ByHash => self.by_hash.insert(h, loc),
+            Place::Collided => self.collided.insert(id.clone(), loc),
+        };
+    }
+
+    /// Removes an id that is in the map (at `place`).
+    fn remove(&mut self, place: Place, id: &DriverId, h: u64) {
+        match place {
+            Place::ByHash => self.by_hash.remove(&h),
+            Place::Collided => self.collided.remove(id),
+        };
+    }
+
+    fn len(&self) -> usize {
+        self.by_hash.len() + self.collided.len()
+    }
+}
+
+type Stripe = Mutex<StripeMap>;
 
 /// The engine: the sharded index plus the matching book.
 ///
@@ -533,7 +597,9 @@ pub struct Engine {
     pub(crate) cells: RwLock<Cells>,
     shard_table: ShardTable,
     stripes: Box<[Stripe]>,
-    stripe_hash: FixedState,
+    id_hasher: FixedState,
+    /// `u64::MAX`; tests narrow it to force hash collisions.
+    id_hash_mask: u64,
     pub(crate) book: Mutex<MatchBook>,
 }
 
@@ -560,9 +626,10 @@ impl Engine {
             cells: RwLock::new(Cells::default()),
             shard_table: ShardTable::default(),
             stripes: (0..STRIPES)
-                .map(|_| Mutex::new(HashMap::default()))
+                .map(|_| Mutex::new(StripeMap::default()))
                 .collect(),
-            stripe_hash: FixedState::with_seed(0x9e37_79b9_7f4a_7c15),
+            id_hasher: FixedState::with_seed(0x9e37_79b9_7f4a_7c15),
+            id_hash_mask: u64::MAX,
             book: Mutex::new(MatchBook::default()),
         })
     }
@@ -582,13 +649,14 @@ impl Engine {
         pos.cell(self.resolution)
     }
 
-    pub(crate) fn stripe(&self, id: &DriverId) -> &Stripe {
-        &self.stripes[self.stripe_index(id)]
+    /// The id's hash (the driver map's key) and its stripe.
+    fn id_hash(&self, id: &DriverId) -> (u64, &Stripe) {
+        let h = self.id_hasher.hash_one(id) & self.id_hash_mask;
+        (h, &self.stripes[Self::stripe_of(h)])
     }
 
-    fn stripe_index(&self, id: &DriverId) -> usize {
-        let h = self.stripe_hash.hash_one(id) as usize;
-        (h >> 7) & (STRIPES - 1)
+    fn stripe_of(h: u64) -> usize {
+        (h >> 7) as usize & (STRIPES - 1)
     }
 
     /// The shard at `idx` of the shard table. Every index in the driver map
@@ -715,9 +783,16 @@ impl Engine {
         let now = self.clock.now();
         let ts = u.ts.unwrap_or(now);
         let v = u.pos.to_unit_vector();
-        let mut stripe = self.stripe(&u.id).lock();
-        let known = stripe.get(&u.id).copied();
-        let Some(loc) = known else {
+        let (h, stripe) = self.id_hash(&u.id);
+        let mut stripe = stripe.lock();
+        // `None` when another id has the same hash and this one is new.
+        if let Some((loc, place)) = stripe.find(&u.id, h)
+            && let Some(applied) =
+                self.apply_known(u, status, (ts, now, v), (loc, place, h), &mut stripe)
+        {
+            return Ok(applied);
+        }
+        {
             if !create {
                 return Err(Error::UnknownDriver(u.id.to_string()));
             }
@@ -733,15 +808,29 @@ impl Engine {
             let driver = rec.to_driver();
             let shard = self.shard_for(u.pos.cell(self.resolution));
             let slot = shard.data.write().insert(rec, v);
-            stripe.insert(
-                u.id.clone(),
+            stripe.add(
+                &u.id,
+                h,
                 Loc {
                     shard: shard.idx,
                     slot,
                 },
             );
-            return Ok(Applied::Applied(driver));
-        };
+            Ok(Applied::Applied(driver))
+        }
+    }
+
+    /// [`apply`](Self::apply) to a driver the map may hold at `loc` (`None`
+    /// if the record there has another id); `v` is the new position's
+    /// unit vector. The caller holds its stripe.
+    fn apply_known(
+        &self,
+        u: &DriverUpdate,
+        status: Option<Status>,
+        (ts, now, v): (Timestamp, Timestamp, [f64; 3]),
+        (loc, place, h): (Loc, Place, u64),
+        stripe: &mut StripeMap,
+    ) -> Option<Applied> {
         let shard = self.shard(loc.shard);
         // Most moves stay well inside their cell: skip the H3 lookup then.
         let cell = if shard.inner.contains(&v) {
@@ -767,8 +856,11 @@ impl Engine {
         let Some(current) = old.record(loc.slot) else {
             unreachable!("driver map points at an empty slot");
         };
+        if current.id != u.id {
+            return None;
+        }
         if ts < current.ts {
-            return Ok(Applied::Stale {
+            return Some(Applied::Stale {
                 current_ts: current.ts,
             });
         }
@@ -777,7 +869,7 @@ impl Engine {
                 update_rec(rec);
                 rec.to_driver()
             });
-            return Ok(Applied::Applied(driver.unwrap_or_else(|| unreachable!())));
+            return Some(Applied::Applied(driver.unwrap_or_else(|| unreachable!())));
         }
         // Crossing into another cell: take it out, then put it in the new
         // shard (never holding two shard locks).
@@ -789,14 +881,16 @@ impl Engine {
         let driver = rec.to_driver();
         let shard = self.shard_for(cell);
         let slot = shard.data.write().insert(rec, v);
-        stripe.insert(
-            u.id.clone(),
+        stripe.set(
+            place,
+            &u.id,
+            h,
             Loc {
                 shard: shard.idx,
                 slot,
             },
         );
-        Ok(Applied::Applied(driver))
+        Some(Applied::Applied(driver))
     }
 
     /// Changes a driver's status if it is currently `from`, keeping the
@@ -835,11 +929,12 @@ impl Engine {
         cond: impl Fn(&Record) -> bool,
         to: Status,
     ) -> Option<Position> {
-        let stripe = self.stripe(id).lock();
-        let loc = stripe.get(id)?;
+        let (h, stripe) = self.id_hash(id);
+        let stripe = stripe.lock();
+        let (loc, _) = stripe.find(id, h)?;
         let mut data = self.shard(loc.shard).data.write();
         let rec = data.record(loc.slot)?;
-        if !cond(rec) {
+        if rec.id != *id || !cond(rec) {
             return None;
         }
         data.modify(loc.slot, None, |rec| {
@@ -851,10 +946,15 @@ impl Engine {
     /// The driver as the engine knows it, or `None` if unknown.
     pub fn driver(&self, id: &DriverId) -> Option<Driver> {
         let d = {
-            let stripe = self.stripe(id).lock();
-            let loc = stripe.get(id)?;
+            let (h, stripe) = self.id_hash(id);
+            let stripe = stripe.lock();
+            let (loc, _) = stripe.find(id, h)?;
             let data = self.shard(loc.shard).data.read();
-            data.record(loc.slot)?.to_driver()
+            let rec = data.record(loc.slot)?;
+            if rec.id != *id {
+                return None;
+            }
+            rec.to_driver()
         };
         Some(self.with_match(d))
     }
@@ -871,16 +971,18 @@ impl Engine {
         cond: impl Fn(&Record) -> bool,
     ) -> Option<(Driver, Option<MatchEvent>)> {
         let mut book = self.book.lock();
-        let mut stripe = self.stripe(id).lock();
-        let loc = *stripe.get(id)?;
+        let (h, stripe) = self.id_hash(id);
+        let mut stripe = stripe.lock();
+        let (loc, place) = stripe.find(id, h)?;
         let rec = {
             let mut data = self.shard(loc.shard).data.write();
-            if !cond(data.record(loc.slot)?) {
+            let rec = data.record(loc.slot)?;
+            if rec.id != *id || !cond(rec) {
                 return None;
             }
             data.take(loc.slot)?
         };
-        stripe.remove(id);
+        stripe.remove(place, id, h);
         drop(stripe);
         let now = self.clock.now();
         let event = book.finish_for_driver(
@@ -993,7 +1095,7 @@ impl Engine {
             ));
         }
         let now = self.clock.now();
-        let found = self.cells_and_stripes(&drivers);
+        let found = self.cells_and_hashes(&drivers);
 
         // Group the drivers by cell (input order within each), and give each
         // its shard and slot.
@@ -1016,32 +1118,12 @@ impl Engine {
             })
             .collect();
 
-        // The driver map, one stripe per task, in input order: a later
-        // duplicate replaces an earlier one, which is removed below.
-        let mut by_stripe: Vec<Vec<u32>> = vec![Vec::new(); STRIPES];
-        for (i, (_, stripe)) in found.iter().enumerate() {
-            by_stripe[usize::from(*stripe)].push(i as u32);
-        }
-        drop(found);
-        let jobs: Vec<(usize, Vec<u32>)> = by_stripe.into_iter().enumerate().collect();
-        let replaced: Vec<Loc> = crate::par::par_map(&jobs, 2, |(s, members)| {
-            let mut map = self.stripes[*s].lock();
-            map.reserve(members.len());
-            members
-                .iter()
-                .filter_map(|&i| {
-                    let i = i as usize;
-                    map.insert(drivers[i].id.clone(), locs[i])
-                })
-                .collect::<Vec<Loc>>()
-        })
-        .into_iter()
-        .flatten()
-        .collect();
+        let replaced = self.fill_driver_map(&drivers, &found, &locs, &groups);
 
         // The shards, by shard: records (copied: moving them out of
         // `drivers` would be a pass on one core) into exact-size slabs,
         // then the trees.
+        drop(found);
         crate::par::par_for_each_vec(groups, |(shard, members)| {
             let mut data = ShardData::default();
             let available = members
@@ -1077,8 +1159,60 @@ impl Engine {
         Ok(locs.len() - replaced.len())
     }
 
-    /// Each driver's partition cell and driver-map stripe, on both cores.
-    fn cells_and_stripes(&self, drivers: &[Driver]) -> Vec<(CellIndex, u8)> {
+    /// Bulk load: enters every driver in the (empty) driver map, one
+    /// stripe per task. `found` holds each driver's id hash, `locs` its
+    /// place, `groups` each shard's drivers.
+    fn fill_driver_map(
+        &self,
+        drivers: &[Driver],
+        found: &[(CellIndex, u64)],
+        locs: &[Loc],
+        groups: &[(Arc<Shard>, Vec<u32>)],
+    ) -> Vec<Loc> {
+        // The driver map, one stripe per task, in input order: a later
+        // duplicate replaces an earlier one. Returns the replaced locations.
+        let mut by_stripe: Vec<Vec<u32>> = vec![Vec::new(); STRIPES];
+        for (i, (_, h)) in found.iter().enumerate() {
+            by_stripe[Self::stripe_of(*h)].push(i as u32);
+        }
+        // Which input driver a location holds (to tell a duplicate id from
+        // another id of the same hash).
+        let group_of_shard: HashMap<u32, usize, FixedState> = groups
+            .iter()
+            .enumerate()
+            .map(|(g, (shard, _))| (shard.idx, g))
+            .collect();
+        let driver_at = |loc: Loc| groups[group_of_shard[&loc.shard]].1[loc.slot as usize] as usize;
+        let jobs: Vec<(usize, Vec<u32>)> = by_stripe.into_iter().enumerate().collect();
+        crate::par::par_map(&jobs, 2, |(s, members)| {
+            let mut map = self.stripes[*s].lock();
+            map.by_hash.reserve(members.len());
+            let mut replaced = Vec::new();
+            for &i in members {
+                let (i, h) = (i as usize, found[i as usize].1);
+                let id = &drivers[i].id;
+                match map.by_hash.entry(h) {
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(locs[i]);
+                    }
+                    std::collections::hash_map::Entry::Occupied(mut e) => {
+                        if drivers[driver_at(*e.get())].id == *id {
+                            replaced.push(e.insert(locs[i]));
+                        } else if let Some(old) = map.collided.insert(id.clone(), locs[i]) {
+                            replaced.push(old);
+                        }
+                    }
+                }
+            }
+            replaced
+        })
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// Each driver's partition cell and id hash, on both cores.
+    fn cells_and_hashes(&self, drivers: &[Driver]) -> Vec<(CellIndex, u64)> {
         let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let parts: Vec<&[Driver]> = drivers
             .chunks(drivers.len().div_ceil(threads).max(4096))
@@ -1086,7 +1220,7 @@ impl Engine {
         crate::par::par_map(&parts, 2, |part| {
             let mut finder = CellFinder::new(self.resolution);
             part.iter()
-                .map(|d| (finder.cell(d.pos), self.stripe_index(&d.id) as u8))
+                .map(|d| (finder.cell(d.pos), self.id_hash(&d.id).0))
                 .collect::<Vec<_>>()
         })
         .into_iter()
@@ -1358,6 +1492,78 @@ mod tests {
                 .nearest(&crate::NearestQuery::new(*p, 1).unwrap())
                 .unwrap();
             assert!(near[0].distance_m.abs() < 1e-9, "d{i}");
+        }
+    }
+
+    #[test]
+    fn driver_map_survives_hash_collisions() {
+        // Four distinct hashes for all ids: nearly every id collides.
+        for bulk in [false, true] {
+            let mut e = Engine::new(EngineConfig::default()).unwrap();
+            e.id_hash_mask = 0x3;
+            let mut model: HashMap<String, (Position, Status)> = HashMap::new();
+            let at = |x: u32| {
+                let f = f64::from(x);
+                pos(
+                    41.0 + (f * 0.618_034).fract() * 1.5,
+                    -88.0 + (f * 0.414_214).fract() * 1.5,
+                )
+            };
+            if bulk {
+                // Duplicates of d5 and d17: the later ones win.
+                let drivers: Vec<Driver> = (0..200)
+                    .chain([5, 17])
+                    .enumerate()
+                    .map(|(n, i)| {
+                        Driver::available(id(&format!("d{i}")), at(n as u32), Timestamp::EPOCH)
+                    })
+                    .collect();
+                assert_eq!(e.bulk_load(drivers.clone()).unwrap(), 200);
+                for d in drivers {
+                    model.insert(d.id.to_string(), (d.pos, Status::Available));
+                }
+            }
+            for step in 0..4000u32 {
+                let name = format!("d{}", step * 7919 % 300);
+                let key = id(&name);
+                match step % 7 {
+                    0 => {
+                        let gone = e.remove(&key).map(|(d, _)| d.id.to_string());
+                        assert_eq!(gone, model.remove(&name).map(|_| name.clone()));
+                    }
+                    1 => {
+                        let status = if step % 2 == 0 {
+                            Status::Busy
+                        } else {
+                            Status::Available
+                        };
+                        let mut u = DriverUpdate::location(key.clone(), at(step), None);
+                        u.status = Some(status);
+                        e.upsert(&u).unwrap();
+                        model.insert(name.clone(), (at(step), status));
+                    }
+                    _ => {
+                        let p = at(step);
+                        e.upsert(&DriverUpdate::location(key.clone(), p, None))
+                            .unwrap();
+                        let status = model.get(&name).map_or(Status::Available, |m| m.1);
+                        model.insert(name.clone(), (p, status));
+                    }
+                }
+                assert_eq!(e.len(), model.len(), "step {step}");
+                if step % 200 == 0 || step == 3999 {
+                    for i in 0..300 {
+                        let name = format!("d{i}");
+                        let got = e.driver(&id(&name)).map(|d| (d.pos, d.status));
+                        assert_eq!(got, model.get(&name).copied(), "{name} at step {step}");
+                    }
+                }
+            }
+            let available = model.values().filter(|m| m.1 == Status::Available).count();
+            assert_eq!(e.counts().available, available);
+            assert_eq!(e.counts().total(), model.len());
+            let q = crate::NearestQuery::new(pos(41.7, -87.2), 1000).unwrap();
+            assert_eq!(e.nearest(&q).unwrap().len(), available);
         }
     }
 
