@@ -1131,7 +1131,11 @@ impl Engine {
                 .filter(|&&i| drivers[i as usize].status == Status::Available)
                 .count();
             let mut items = Vec::with_capacity(available);
-            data.slots.reserve_exact(members.len());
+            // A little headroom: the first drivers to move in would
+            // otherwise copy the whole slab (the pages stay untouched, so
+            // resident memory does not grow until they are used).
+            data.slots
+                .reserve_exact(members.len() + members.len() / 16 + 16);
             for (slot, &i) in members.iter().enumerate() {
                 let d = &drivers[i as usize];
                 *data.counts.slot(d.status) += 1;
