@@ -452,7 +452,9 @@ fn spawn_sweeper(state: &Arc<Shared>) -> JoinHandle<()> {
     let ttl_on = state.config.driver_ttl_s > 0;
     let every = Duration::from_millis(state.config.sweep_interval_ms.max(1));
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
+        // The first sweep comes one interval after start, not at once: a
+        // test on a manual clock must not race a sweep it did not ask for.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
