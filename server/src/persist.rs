@@ -480,11 +480,11 @@ impl Persistence {
         Ok(out)
     }
 
-    /// Restores one region taken over from node `prev` (cluster mode): the
+    /// Restores regions taken over from node `prev` (cluster mode): the
     /// drivers of `prev`'s latest good snapshot and the live matches of its
-    /// records that lie in the region (`in_region`), loaded into a running
-    /// engine; the matches are then copied to this node's records. Returns
-    /// (drivers, matches) restored.
+    /// records whose position `region_of` maps to a region being taken,
+    /// loaded into a running engine; the matches are then copied to this
+    /// node's records. Returns (drivers, matches) restored per region.
     ///
     /// # Errors
     /// Redis cannot be read, or both of `prev`'s snapshots are corrupt.
@@ -492,8 +492,8 @@ impl Persistence {
         &self,
         engine: &Arc<Engine>,
         prev: &str,
-        in_region: &(dyn Fn(hexmatch::Position) -> bool + Sync),
-    ) -> Result<(usize, usize), String> {
+        region_of: &(dyn Fn(hexmatch::Position) -> Option<String> + Sync),
+    ) -> Result<HashMap<String, (usize, usize)>, String> {
         let mut drivers = None;
         let mut problems = Vec::new();
         for suffix in ["snap:manifest", "snap:manifest:prev"] {
@@ -514,40 +514,53 @@ impl Persistence {
         if drivers.is_none() && !problems.is_empty() {
             return Err(problems.join("; "));
         }
+        let mut counts: HashMap<String, (usize, usize)> = HashMap::new();
         let mine: Vec<hexmatch::Driver> = drivers
             .unwrap_or_default()
             .into_iter()
-            .filter(|d| in_region(d.pos))
+            .filter(|d| match region_of(d.pos) {
+                Some(r) => {
+                    counts.entry(r).or_default().0 += 1;
+                    true
+                }
+                None => false,
+            })
             .collect();
         let e = Arc::clone(engine);
-        let loaded = tokio::task::spawn_blocking(move || crate::cluster::upsert_drivers(&e, mine))
+        tokio::task::spawn_blocking(move || crate::cluster::upsert_drivers(&e, mine))
             .await
             .map_err(|e| e.to_string())?;
         let mut conn = self.conn.clone();
         let raw: HashMap<String, Vec<u8>> = self
             .note(conn.hgetall(self.key_of(prev, "matches")).await)
             .map_err(|e| e.to_string())?;
-        let records: Vec<DurableMatch> = raw
+        let records: Vec<(String, DurableMatch)> = raw
             .values()
             .filter_map(|b| DurableMatch::decode(b).ok())
-            .filter(|r| r.m.state.is_live() && in_region(r.driver_pos))
+            .filter(|r| r.m.state.is_live())
+            .filter_map(|r| region_of(r.driver_pos).map(|region| (region, r)))
             .collect();
-        let report = engine.restore_matches(records.clone());
+        let report = engine.restore_matches(records.iter().map(|(_, r)| r.clone()));
         for (order, why) in &report.skipped {
             tracing::warn!(%order, why, "match not restored in takeover");
         }
-        // Ours now: written unfenced, as the lease is not served yet.
+        for (region, r) in &records {
+            if !report.skipped.iter().any(|(o, _)| *o == r.m.order_id) {
+                counts.entry(region.clone()).or_default().1 += 1;
+            }
+        }
+        // Ours now: written unfenced, as the leases are not served yet.
         if !records.is_empty() {
             let key = self.key("matches");
             let mut pipe = redis::pipe();
-            for rec in &records {
+            for (_, rec) in &records {
                 pipe.hset(&key, rec.m.order_id.as_str(), rec.encode())
                     .ignore();
             }
             self.note(pipe.query_async::<()>(&mut conn).await)
                 .map_err(|e| e.to_string())?;
         }
-        Ok((loaded, report.restored))
+        Ok(counts)
     }
 
     /// Pings Redis; on recovery, runs a pending resync.

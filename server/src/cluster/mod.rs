@@ -500,57 +500,82 @@ impl Cluster {
             .collect())
     }
 
-    /// Takes `region` if it is free and restores it into `engine` from its
-    /// previous owner's snapshot and match records. `Ok(None)`: another
-    /// node holds it.
-    ///
-    /// # Errors
-    /// Redis errors, or the region's data could not be read.
+    /// Takes those of `regions` that are free and restores them into
+    /// `engine` from their previous owners' snapshots and match records:
+    /// each previous owner's snapshot is read once for all the regions
+    /// taken from it. Regions another node holds are skipped; a region
+    /// whose restore fails is handed back and reported as an error.
     pub async fn take(
         &self,
-        region: &str,
+        regions: &[String],
         engine: &Arc<Engine>,
         persist: &Persistence,
-    ) -> Result<Option<Takeover>, String> {
-        let Some((held, previous)) = self.acquire(region).await.map_err(|e| e.to_string())? else {
-            return Ok(None);
-        };
-        let mut out = Takeover {
-            region: region.to_owned(),
-            epoch: held.epoch,
-            previous: previous.clone(),
-            drivers: 0,
-            matches: 0,
-        };
-        // Restore before serving: until the lease is recorded below, this
-        // node forwards or refuses the region's requests.
-        if let Some(prev) = previous {
-            let in_region = |p: Position| {
-                self.regions
-                    .region_of(p)
-                    .is_ok_and(|r| r.as_str() == region)
-            };
-            match persist.restore_region(engine, &prev, &in_region).await {
-                Ok((drivers, matches)) => {
-                    out.drivers = drivers;
-                    out.matches = matches;
-                }
-                Err(e) => {
-                    // Serve nothing half-restored: hand the lease back.
-                    self.give_up_one(region, &held.token).await;
-                    return Err(format!("restoring {region} from {prev}: {e}"));
-                }
+    ) -> Vec<Result<Takeover, String>> {
+        let mut out = Vec::new();
+        let mut got: Vec<(String, Held, Option<String>)> = Vec::new();
+        for region in regions {
+            match self.acquire(region).await {
+                Ok(Some((held, previous))) => got.push((region.clone(), held, previous)),
+                Ok(None) => {}
+                Err(e) => out.push(Err(format!("taking {region}: {e}"))),
             }
         }
-        if held.deadline <= Instant::now() {
-            self.give_up_one(region, &held.token).await;
-            return Err(format!(
-                "restoring {region} outlasted its lease; handed it back"
-            ));
+        let mut by_previous: HashMap<Option<String>, Vec<(String, Held)>> = HashMap::new();
+        for (region, held, previous) in got {
+            by_previous
+                .entry(previous)
+                .or_default()
+                .push((region, held));
         }
-        self.held.write().insert(region.to_owned(), held);
-        let _ = self.refresh_map().await;
-        Ok(Some(out))
+        for (previous, group) in by_previous {
+            // Restore before serving: until the lease is recorded below,
+            // this node forwards or refuses the region's requests.
+            let mut counts: HashMap<String, (usize, usize)> = HashMap::new();
+            if let Some(prev) = &previous {
+                let wanted: std::collections::HashSet<&str> =
+                    group.iter().map(|(r, _)| r.as_str()).collect();
+                let region_of = |p: Position| {
+                    self.regions
+                        .region_of(p)
+                        .ok()
+                        .filter(|r| wanted.contains(r.as_str()))
+                        .map(|r| r.to_string())
+                };
+                match persist.restore_region(engine, prev, &region_of).await {
+                    Ok(c) => counts = c,
+                    Err(e) => {
+                        // Serve nothing half-restored: hand the leases back.
+                        for (region, held) in &group {
+                            self.give_up_one(region, &held.token).await;
+                            out.push(Err(format!("restoring {region} from {prev}: {e}")));
+                        }
+                        continue;
+                    }
+                }
+            }
+            for (region, held) in group {
+                if held.deadline <= Instant::now() {
+                    self.give_up_one(&region, &held.token).await;
+                    out.push(Err(format!(
+                        "restoring {region} outlasted its lease; handed it back"
+                    )));
+                    continue;
+                }
+                let (drivers, matches) = counts.get(&region).copied().unwrap_or_default();
+                out.push(Ok(Takeover {
+                    region: region.clone(),
+                    epoch: held.epoch,
+                    previous: previous.clone(),
+                    drivers,
+                    matches,
+                }));
+                self.held.write().insert(region, held);
+            }
+        }
+        if !out.is_empty() {
+            let _ = self.refresh_map().await;
+        }
+        out
     }
 
     /// Takes `region` on first use when nobody has ever owned it (regions
@@ -568,8 +593,8 @@ impl Cluster {
         if self.map().owners.contains_key(region) {
             return false;
         }
-        match self.take(region, engine, persist).await {
-            Ok(Some(t)) => {
+        match self.take(&[region.to_owned()], engine, persist).await.pop() {
+            Some(Ok(t)) => {
                 tracing::info!(
                     region,
                     epoch = t.epoch,
@@ -577,11 +602,11 @@ impl Cluster {
                 );
                 true
             }
-            Ok(None) => {
+            None => {
                 let _ = self.refresh_map().await;
                 false
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::warn!(region, error = %e, "could not take an unowned region");
                 false
             }
@@ -608,13 +633,12 @@ impl Cluster {
             }
         };
         let mut taken = Vec::new();
-        for region in wanted {
-            match self.take(&region, engine, persist).await {
-                Ok(Some(t)) => {
+        for result in self.take(&wanted, engine, persist).await {
+            match result {
+                Ok(t) => {
                     tracing::info!(region = %t.region, epoch = t.epoch, previous = ?t.previous, drivers = t.drivers, matches = t.matches, "took region");
                     taken.push(t);
                 }
-                Ok(None) => {}
                 Err(e) => tracing::error!(error = %e, "takeover failed"),
             }
         }
