@@ -353,18 +353,36 @@ pub(crate) struct Shard {
     inner: InnerDisk,
 }
 
-/// A disk inside a cell, as its centre's unit vector and squared chord.
+/// Most boundary vertices of an H3 cell (a pentagon crossing icosahedron
+/// edges).
+const MAX_EDGES: usize = 10;
+
+/// A region inside a cell (the "inner region"): a disk around its centre (one chord
+/// comparison), and the cell shrunk by the same margin (one plane test per
+/// edge), for points outside the disk.
 #[derive(Debug, Clone, Copy)]
 struct InnerDisk {
     center: [f64; 3],
     chord2: f64,
+    /// Unit normals of the edges' great circles, pointing inwards.
+    edges: [[f64; 3]; MAX_EDGES],
+    n_edges: usize,
+    /// The sine of the margin: 5 % of the centre's distance to the nearest
+    /// edge great circle.
+    min_sin: f64,
 }
 
 impl InnerDisk {
-    /// The disk of radius 95 % of the angular distance from the cell's
+    /// The disk of radius 95 % of the angular distance `a` from the cell's
     /// centre to the nearest great circle through one of its edges. A cell
     /// is convex, so that distance is a lower bound of the distance to its
     /// boundary; the 5 % covers h3o's rounding along the edges.
+    ///
+    /// Every point of that disk is on the centre's side of every edge's
+    /// great circle, at least `0.05·a` from it; and that is all the disk's
+    /// guarantee rests on. So the set of all such points (the cell shrunk
+    /// by `0.05·a`) is as safe, and larger: ~90 % of a hexagon's area
+    /// against the disk's ~82 %.
     fn of(cell: CellIndex) -> Self {
         let to_vec = |ll: LatLng| {
             Position::new(ll.lat(), ll.lng()).map_or([1.0, 0.0, 0.0], Position::to_unit_vector)
@@ -372,6 +390,8 @@ impl InnerDisk {
         let center = to_vec(LatLng::from(cell));
         let vertices: Vec<[f64; 3]> = cell.boundary().iter().map(|ll| to_vec(*ll)).collect();
         let mut angle = f64::INFINITY;
+        let mut edges = [[0.0; 3]; MAX_EDGES];
+        let mut n_edges = 0;
         for (i, a) in vertices.iter().enumerate() {
             let b = vertices[(i + 1) % vertices.len()];
             let n = [
@@ -381,20 +401,39 @@ impl InnerDisk {
             ];
             let len = (n[0] * n[0] + n[1] * n[1] + n[2] * n[2]).sqrt();
             if len > 0.0 {
-                let sin = ((center[0] * n[0] + center[1] * n[1] + center[2] * n[2]) / len).abs();
-                angle = angle.min(sin.min(1.0).asin());
+                let signed = (center[0] * n[0] + center[1] * n[1] + center[2] * n[2]) / len;
+                angle = angle.min(signed.abs().min(1.0).asin());
+                if n_edges < MAX_EDGES {
+                    let inward = signed.signum() / len;
+                    edges[n_edges] = n.map(|x| x * inward);
+                    n_edges += 1;
+                }
             }
         }
         let radius = if angle.is_finite() { angle * 0.95 } else { 0.0 };
         let chord = 2.0 * (radius / 2.0).sin();
+        // A cell with more edges than expected gets no plane test (the disk
+        // alone is still exact).
+        let n_edges = if vertices.len() <= MAX_EDGES && angle.is_finite() {
+            n_edges
+        } else {
+            0
+        };
         Self {
             center,
             chord2: chord * chord,
+            edges,
+            n_edges,
+            min_sin: (angle * 0.05).sin(),
         }
     }
 
     fn contains(&self, v: &[f64; 3]) -> bool {
         chord2(&self.center, v) < self.chord2
+            || (self.n_edges > 0
+                && self.edges[..self.n_edges]
+                    .iter()
+                    .all(|n| n[0] * v[0] + n[1] * v[1] + n[2] * v[2] > self.min_sin))
     }
 }
 
@@ -1569,6 +1608,45 @@ mod tests {
             let q = crate::NearestQuery::new(pos(41.7, -87.2), 1000).unwrap();
             assert_eq!(e.nearest(&q).unwrap().len(), available);
         }
+    }
+
+    #[test]
+    fn shrunk_cells_lie_inside_their_cells() {
+        // Points scattered over each cell and a little beyond: wherever the
+        // inner region says "inside", h3o must agree.
+        let mut inside_only_by_planes = 0;
+        for res in [0u8, 2, 6, 9] {
+            let r = Resolution::try_from(res).unwrap();
+            for i in 0..300 {
+                let lat = -89.0 + 178.0 * f64::from(i * 7919 % 300) / 299.0;
+                let lon = -180.0 + 360.0 * f64::from(i * 104_729 % 300) / 299.0;
+                let cell = pos(lat, lon).cell(r);
+                let region = InnerDisk::of(cell);
+                let c = LatLng::from(cell);
+                let ll_radius = cell
+                    .boundary()
+                    .iter()
+                    .map(|v| (v.lat() - c.lat()).abs().max((v.lng() - c.lng()).abs()))
+                    .fold(0.0, f64::max)
+                    .min(20.0);
+                for k in 0..400 {
+                    let f = f64::from(k);
+                    let dlat = ((f * 0.618_034).fract() * 2.0 - 1.0) * ll_radius;
+                    let dlon = ((f * 0.414_214).fract() * 2.0 - 1.0) * ll_radius;
+                    let Ok(p) = Position::new(c.lat() + dlat, c.lng() + dlon) else {
+                        continue;
+                    };
+                    let v = p.to_unit_vector();
+                    if region.contains(&v) {
+                        assert_eq!(p.cell(r), cell, "res {res}: {p:?}");
+                        if chord2(&region.center, &v) >= region.chord2 {
+                            inside_only_by_planes += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(inside_only_by_planes > 1000, "{inside_only_by_planes}");
     }
 
     #[test]
