@@ -223,15 +223,23 @@ impl Timestamp {
 impl fmt::Display for Timestamp {
     /// RFC 3339 in UTC with millisecond precision: `2026-11-25T10:00:00.250Z`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(text) = self.rfc3339() {
-            return f.write_str(text.as_str());
+        match self.rfc3339() {
+            Some(text) => f.write_str(text.as_str()),
+            None => self.write_general(f),
         }
+    }
+}
+
+impl Timestamp {
+    /// The same text through `fmt`, for any year (the fast writer's
+    /// reference in tests).
+    fn write_general(self, w: &mut impl fmt::Write) -> fmt::Result {
         let secs = self.0.div_euclid(1000);
         let ms = self.0.rem_euclid(1000);
         let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
         let sod = secs.rem_euclid(86_400);
         write!(
-            f,
+            w,
             "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
             sod / 3600,
             sod / 60 % 60,
@@ -300,16 +308,9 @@ mod tests {
 
     /// The general formatting the fast writer replaces.
     fn reference(t: Timestamp) -> String {
-        let secs = t.0.div_euclid(1000);
-        let ms = t.0.rem_euclid(1000);
-        let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
-        let sod = secs.rem_euclid(86_400);
-        format!(
-            "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-            sod / 3600,
-            sod / 60 % 60,
-            sod % 60
-        )
+        let mut out = String::new();
+        t.write_general(&mut out).unwrap();
+        out
     }
 
     proptest::proptest! {
