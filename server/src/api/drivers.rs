@@ -5,8 +5,6 @@ use axum::Json;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-
-use crate::cluster::route::{ask_peers, scope_local};
 use hexmatch::{Applied, DriverId, Engine};
 use metrics::counter;
 use serde_json::Value;
@@ -17,6 +15,7 @@ use super::extract::{IdPath, JsonBody, body_bytes, media_type, parse_json, unsup
 use super::model::{
     BatchTally, DriverOut, DriverPut, DriverPutOut, LocationIn, LocationItem, LocationOut, Rejected,
 };
+use crate::cluster::route::{ask_peers, scope_local};
 
 pub(crate) fn count_update(applied: &Applied) {
     let result = match applied {
