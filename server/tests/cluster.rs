@@ -31,15 +31,7 @@ const LEASE_TTL_MS: u64 = 1500;
 
 /// Region ids as the server names them (file stem prefix).
 fn region_ids() -> Vec<String> {
-    let text = std::fs::read_to_string(REGIONS).expect("regions file");
-    let map = hexmatch::RegionMap::from_geojson(
-        &text,
-        RESOLUTION,
-        "chicago-community-areas",
-        hexmatch::Outside::DefaultRegion,
-    )
-    .expect("valid regions");
-    let mut ids: Vec<String> = map
+    let mut ids: Vec<String> = region_map()
         .regions()
         .iter()
         .filter(|r| !r.cells.is_empty())
@@ -96,8 +88,9 @@ fn http() -> reqwest::blocking::Client {
         .expect("client")
 }
 
-fn get(http: &reqwest::blocking::Client, url: &str) -> (u16, Value, String) {
-    let r = http.get(url).send().expect("request sent");
+/// Status, JSON body and `x-hexmatch-served-by` of a request.
+fn send(rb: reqwest::blocking::RequestBuilder) -> (u16, Value, String) {
+    let r = rb.send().expect("request sent");
     let status = r.status().as_u16();
     let by = r
         .headers()
@@ -107,15 +100,12 @@ fn get(http: &reqwest::blocking::Client, url: &str) -> (u16, Value, String) {
     (status, r.json().unwrap_or(Value::Null), by)
 }
 
+fn get(http: &reqwest::blocking::Client, url: &str) -> (u16, Value, String) {
+    send(http.get(url))
+}
+
 fn post(http: &reqwest::blocking::Client, url: &str, body: &Value) -> (u16, Value, String) {
-    let r = http.post(url).json(body).send().expect("request sent");
-    let status = r.status().as_u16();
-    let by = r
-        .headers()
-        .get("x-hexmatch-served-by")
-        .map(|v| v.to_str().expect("ascii").to_owned())
-        .unwrap_or_default();
-    (status, r.json().unwrap_or(Value::Null), by)
+    send(http.post(url).json(body))
 }
 
 /// Regions a node serves now.

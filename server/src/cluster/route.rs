@@ -111,10 +111,9 @@ pub(crate) async fn layer(State(state): State<AppState>, req: Request, next: Nex
     let region = match classify(req.method(), req.uri().path()) {
         Kind::Here => None,
         Kind::Position => {
-            let (parts, body) = req.into_parts();
-            let Ok(bytes) = axum::body::to_bytes(body, state.config.body_limit_bytes).await else {
-                return ApiError::new("payload_too_large", "request body too large")
-                    .into_response();
+            let (parts, bytes) = match buffered(&state, req).await {
+                Ok(x) => x,
+                Err(resp) => return resp,
             };
             let region = position_in(&bytes)
                 .and_then(|p| cluster.region_of(p).ok())
@@ -130,6 +129,18 @@ pub(crate) async fn layer(State(state): State<AppState>, req: Request, next: Nex
     match region {
         Some(region) => dispatch(&state, &cluster, &region, req, forwarded, next).await,
         None => served_by(next.run(req).await, &node),
+    }
+}
+
+/// The request's head and its whole body, within the body limit.
+async fn buffered(
+    state: &AppState,
+    req: Request,
+) -> Result<(axum::http::request::Parts, Bytes), Response> {
+    let (parts, body) = req.into_parts();
+    match axum::body::to_bytes(body, state.config.body_limit_bytes).await {
+        Ok(bytes) => Ok((parts, bytes)),
+        Err(_) => Err(ApiError::new("payload_too_large", "request body too large").into_response()),
     }
 }
 
@@ -162,10 +173,9 @@ async fn dispatch(
         .into_response(),
         Owner::Nobody => no_owner(region),
         Owner::Remote { url, .. } => {
-            let (parts, body) = req.into_parts();
-            let Ok(bytes) = axum::body::to_bytes(body, state.config.body_limit_bytes).await else {
-                return ApiError::new("payload_too_large", "request body too large")
-                    .into_response();
+            let (parts, bytes) = match buffered(state, req).await {
+                Ok(x) => x,
+                Err(resp) => return resp,
             };
             let path = parts
                 .uri
