@@ -50,6 +50,11 @@ pub struct EngineConfig {
     /// How long released, expired and completed matches stay readable
     /// (default 1 h).
     pub match_retention_ms: u64,
+    /// At most this many ended matches are kept readable (default 1M,
+    /// a few hundred MB): past it, the oldest are forgotten before their
+    /// retention ends (in runs of 8192), so a high claim rate cannot grow
+    /// memory without bound.
+    pub max_ended_matches: usize,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +64,7 @@ impl Default for EngineConfig {
             max_radius_m: 500_000.0,
             driver_ttl_ms: 120_000,
             match_retention_ms: 3_600_000,
+            max_ended_matches: 1_000_000,
         }
     }
 }
@@ -766,7 +772,7 @@ impl Engine {
         let (effective, transition) = book.status_request(&update.id, wanted);
         let applied = self.apply(update, effective, true)?;
         if let (Applied::Applied(_), Some(t)) = (&applied, transition) {
-            let ev = book.finish_for_driver(&update.id, t, now, self.config.match_retention_ms);
+            let ev = book.finish_for_driver(&update.id, t, now, self.config.max_ended_matches);
             debug_assert!(ev.is_some());
         }
         drop(book);
@@ -1028,7 +1034,7 @@ impl Engine {
             id,
             crate::matching::DriverEnd::Removed,
             now,
-            self.config.match_retention_ms,
+            self.config.max_ended_matches,
         );
         Some((rec.to_driver(), event))
     }

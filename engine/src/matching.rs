@@ -167,19 +167,102 @@ struct Entry {
 /// All match state. Guarded by the engine's book mutex.
 #[derive(Debug, Default)]
 pub(crate) struct MatchBook {
-    by_order: HashMap<OrderId, Entry, FixedState>,
-    /// Live matches only.
+    /// Live (reserved or confirmed) matches by order.
+    live: HashMap<OrderId, Entry, FixedState>,
+    /// Live matches by driver.
     by_driver: HashMap<DriverId, OrderId, FixedState>,
     /// Reserved matches by deadline.
     deadlines: BTreeSet<(Timestamp, OrderId)>,
-    /// Ended matches by the time they may be forgotten.
-    retired: VecDeque<(Timestamp, OrderId)>,
+    /// Ended matches, readable until their retention passes.
+    ended: EndedLog,
+}
+
+/// Ended matches in the order they ended, in segments of at most
+/// [`SEGMENT_LEN`] entries.
+///
+/// One table of every ended match would rehash all of them, under the
+/// book's lock, each time it doubled: at 30k claims/s and an hour's
+/// retention that is a stall of tens of milliseconds for every claim (the
+/// 105 ms p99 of the HTTP claim load, benches/README.md), and memory
+/// without bound. Segments bound the work of one insert to rehashing one
+/// segment, forgetting is dropping whole segments from the front, and
+/// [`EngineConfig::max_ended_matches`](crate::EngineConfig::max_ended_matches)
+/// bounds the memory: past it, the oldest segment is forgotten early.
+#[derive(Debug, Default)]
+struct EndedLog {
+    segments: VecDeque<Segment>,
+    len: usize,
+}
+
+/// A run of ended matches.
+#[derive(Debug, Default)]
+struct Segment {
+    /// The latest `ended_at` in it.
+    newest: Timestamp,
+    matches: HashMap<OrderId, Entry, FixedState>,
+}
+
+/// Entries per segment of the [`EndedLog`]: small enough that growing one
+/// is cheap (tens of microseconds), large enough that a lookup scans few.
+const SEGMENT_LEN: usize = 8192;
+
+impl EndedLog {
+    /// Appends an ended match; past `max` entries, forgets the oldest
+    /// segment and returns it (for the caller to drop outside the lock).
+    fn push(&mut self, e: Entry, max: usize) -> Option<Segment> {
+        let start_new = self
+            .segments
+            .back()
+            .is_none_or(|s| s.matches.len() >= SEGMENT_LEN);
+        if start_new {
+            self.segments.push_back(Segment::default());
+        }
+        let seg = self.segments.back_mut()?;
+        seg.newest = seg.newest.max(e.m.ended_at.unwrap_or_default());
+        let before = seg.matches.len();
+        seg.matches.insert(e.m.order_id.clone(), e);
+        self.len += seg.matches.len() - before;
+        if self.len > max && self.segments.len() > 1 {
+            let old = self.segments.pop_front()?;
+            self.len -= old.matches.len();
+            return Some(old);
+        }
+        None
+    }
+
+    /// The latest ended match of an order still within its retention.
+    fn get(&self, order: &OrderId, now: Timestamp, retention_ms: u64) -> Option<&Entry> {
+        self.segments
+            .iter()
+            .rev()
+            .find_map(|s| s.matches.get(order))
+            .filter(|e| {
+                e.m.ended_at
+                    .is_some_and(|t| t.plus_millis(retention_ms) > now)
+            })
+    }
+
+    /// Takes the segments whose every match is past its retention.
+    fn take_forgotten(&mut self, now: Timestamp, retention_ms: u64) -> Vec<Segment> {
+        let mut out = Vec::new();
+        while self
+            .segments
+            .front()
+            .is_some_and(|s| s.newest.plus_millis(retention_ms) <= now)
+        {
+            if let Some(old) = self.segments.pop_front() {
+                self.len -= old.matches.len();
+                out.push(old);
+            }
+        }
+        out
+    }
 }
 
 impl MatchBook {
     pub(crate) fn live_match_of(&self, driver: &DriverId) -> Option<&Match> {
         let order = self.by_driver.get(driver)?;
-        self.by_order.get(order).map(|e| &e.m)
+        self.live.get(order).map(|e| &e.m)
     }
 
     /// Decides what a client's status request means for a driver that may
@@ -211,7 +294,7 @@ impl MatchBook {
         driver: &DriverId,
         why: DriverEnd,
         now: Timestamp,
-        retention_ms: u64,
+        max_ended: usize,
     ) -> Option<MatchEvent> {
         let order = self.by_driver.get(driver)?.clone();
         let (state, reason) = match why {
@@ -220,20 +303,21 @@ impl MatchBook {
             DriverEnd::Busy => (MatchState::Released, "driver_busy"),
             DriverEnd::Completed => (MatchState::Completed, "completed"),
         };
-        let m = self.end(&order, state, Some(reason), now, retention_ms)?;
+        let m = self.end(&order, state, Some(reason), now, max_ended)?;
         Some(MatchEvent { m })
     }
 
-    /// Moves a live match to a final state and forgets its driver link.
+    /// Moves a live match to a final state, forgets its driver link and
+    /// files it with the ended matches (keeping at most `max_ended`).
     fn end(
         &mut self,
         order: &OrderId,
         state: MatchState,
         reason: Option<&str>,
         now: Timestamp,
-        retention_ms: u64,
+        max_ended: usize,
     ) -> Option<Match> {
-        let e = self.by_order.get_mut(order)?;
+        let mut e = self.live.remove(order)?;
         if e.m.state == MatchState::Reserved {
             self.deadlines.remove(&(e.m.reserved_until, order.clone()));
         }
@@ -241,9 +325,11 @@ impl MatchBook {
         e.m.ended_at = Some(now);
         e.m.reason = reason.map(str::to_owned);
         self.by_driver.remove(&e.m.driver_id);
-        self.retired
-            .push_back((now.plus_millis(retention_ms), order.clone()));
-        Some(e.m.clone())
+        let m = e.m.clone();
+        // A forgotten segment is dropped here, under the book: at most
+        // SEGMENT_LEN entries, once per SEGMENT_LEN ends past the cap.
+        drop(self.ended.push(e, max_ended));
+        Some(m)
     }
 
     fn insert(&mut self, m: Match, request: ClaimRequest) {
@@ -251,33 +337,20 @@ impl MatchBook {
             .insert((m.reserved_until, m.order_id.clone()));
         self.by_driver
             .insert(m.driver_id.clone(), m.order_id.clone());
-        self.by_order
-            .insert(m.order_id.clone(), Entry { m, request });
+        self.live.insert(m.order_id.clone(), Entry { m, request });
     }
 
-    /// Forgets ended matches whose retention has passed.
-    fn purge(&mut self, now: Timestamp) {
-        while let Some((at, order)) = self.retired.front() {
-            if *at > now {
-                break;
-            }
-            if self
-                .by_order
-                .get(order)
-                .is_some_and(|e| !e.m.state.is_live())
-            {
-                self.by_order.remove(order);
-            }
-            self.retired.pop_front();
-        }
+    /// An order's live match, or else its latest ended one within the
+    /// retention.
+    fn find(&self, order: &OrderId, now: Timestamp, retention_ms: u64) -> Option<&Entry> {
+        self.live
+            .get(order)
+            .or_else(|| self.ended.get(order, now, retention_ms))
     }
 
     /// The existing match for an order that a new claim must return, or a conflict.
     fn existing(&self, order: &OrderId, req: &ClaimRequest) -> Option<Result<Match>> {
-        let e = self.by_order.get(order)?;
-        if !e.m.state.is_live() {
-            return None;
-        }
+        let e = self.live.get(order)?;
         if e.request == *req {
             Some(Ok(e.m.clone()))
         } else {
@@ -323,7 +396,7 @@ impl Engine {
     pub fn durable_match(&self, order: &OrderId) -> Option<DurableMatch> {
         let (m, request) = {
             let book = self.book.lock();
-            let e = book.by_order.get(order)?;
+            let e = book.find(order, self.clock.now(), self.config.match_retention_ms)?;
             (e.m.clone(), e.request.clone())
         };
         let driver_pos = self.driver(&m.driver_id).map_or(m.pickup, |d| d.pos);
@@ -511,7 +584,9 @@ impl Engine {
 
     /// The match of an order, live or recently ended.
     pub fn get_match(&self, order: &OrderId) -> Option<Match> {
-        self.book.lock().by_order.get(order).map(|e| e.m.clone())
+        let book = self.book.lock();
+        book.find(order, self.clock.now(), self.config.match_retention_ms)
+            .map(|e| e.m.clone())
     }
 
     /// Confirms a reservation: the driver becomes busy with the order.
@@ -532,7 +607,7 @@ impl Engine {
         }
         book.deadlines.remove(&(m.reserved_until, order.clone()));
         let e = book
-            .by_order
+            .live
             .get_mut(order)
             .ok_or_else(|| Error::UnknownOrder(order.to_string()))?;
         e.m.state = MatchState::Confirmed;
@@ -547,8 +622,7 @@ impl Engine {
         now: Timestamp,
     ) -> Result<Match> {
         let m = book
-            .by_order
-            .get(order)
+            .find(order, now, self.config.match_retention_ms)
             .map(|e| e.m.clone())
             .ok_or_else(|| Error::UnknownOrder(order.to_string()))?;
         if m.state == MatchState::Reserved && m.reserved_until <= now {
@@ -588,8 +662,7 @@ impl Engine {
         let mut book = self.book.lock();
         let now = self.clock.now();
         let m = book
-            .by_order
-            .get(order)
+            .find(order, now, self.config.match_retention_ms)
             .map(|e| e.m.clone())
             .ok_or_else(|| Error::UnknownOrder(order.to_string()))?;
         if m.state == MatchState::Reserved && m.reserved_until <= now {
@@ -608,19 +681,19 @@ impl Engine {
             }
         };
         self.transition(&m.driver_id, from, Status::Available);
-        book.end(order, to, reason, now, self.config.match_retention_ms)
+        book.end(order, to, reason, now, self.config.max_ended_matches)
             .ok_or_else(|| Error::UnknownOrder(order.to_string()))
     }
 
     fn expire_one(&self, book: &mut MatchBook, order: &OrderId, now: Timestamp) -> Option<Match> {
-        let driver = book.by_order.get(order)?.m.driver_id.clone();
+        let driver = book.live.get(order)?.m.driver_id.clone();
         self.transition(&driver, Status::Reserved, Status::Available);
         book.end(
             order,
             MatchState::Expired,
             None,
             now,
-            self.config.match_retention_ms,
+            self.config.max_ended_matches,
         )
     }
 
@@ -640,7 +713,11 @@ impl Engine {
             .filter_map(|o| self.expire_one(&mut book, o, now))
             .map(|m| MatchEvent { m })
             .collect();
-        book.purge(now);
+        let forgotten = book
+            .ended
+            .take_forgotten(now, self.config.match_retention_ms);
+        drop(book);
+        drop(forgotten);
         events
     }
 
@@ -1024,6 +1101,65 @@ mod tests {
         f.clock.advance(f.engine.config().match_retention_ms);
         f.engine.expire_matches();
         assert!(f.engine.get_match(&oid("a")).is_none());
+    }
+
+    #[test]
+    fn ended_matches_stay_readable_up_to_the_cap_and_a_new_claim_wins() {
+        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_000_000).unwrap()));
+        let config = EngineConfig {
+            max_ended_matches: SEGMENT_LEN,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::with_clock(config, clock.clone()).unwrap();
+        engine
+            .upsert(&DriverUpdate::location(did("d"), pos(41.88, -87.63), None))
+            .unwrap();
+        let n = 2 * SEGMENT_LEN + 100;
+        for i in 0..n {
+            let o = oid(&format!("o{i}"));
+            engine.claim(&o, &pickup()).unwrap();
+            engine.release(&o, None).unwrap();
+            clock.advance(1);
+        }
+        let book = engine.book.lock();
+        assert!(book.live.is_empty());
+        assert!(
+            book.ended.len <= SEGMENT_LEN,
+            "{} ended kept",
+            book.ended.len
+        );
+        assert!(book.ended.len >= 100);
+        drop(book);
+        // The newest are readable, with the error an ended match gives;
+        // the oldest were forgotten early, as the cap says.
+        let last = oid(&format!("o{}", n - 1));
+        assert_eq!(
+            engine.get_match(&last).map(|m| m.state),
+            Some(MatchState::Released)
+        );
+        assert!(matches!(
+            engine.release(&last, None),
+            Err(Error::OrderConflict(_))
+        ));
+        assert!(engine.get_match(&oid("o0")).is_none());
+        assert!(matches!(
+            engine.release(&oid("o0"), None),
+            Err(Error::UnknownOrder(_))
+        ));
+        // An ended order claimed again: the new live match is what reads.
+        let (again, created) = engine.claim(&last, &pickup()).unwrap();
+        assert!(created);
+        assert_eq!(engine.get_match(&last), Some(again.clone()));
+        engine.release(&last, None).unwrap();
+        assert_eq!(
+            engine.get_match(&last).map(|m| m.created_at),
+            Some(again.created_at)
+        );
+        // Past the retention every segment goes.
+        clock.advance(engine.config().match_retention_ms);
+        engine.expire_matches();
+        assert_eq!(engine.book.lock().ended.len, 0);
+        assert!(engine.get_match(&last).is_none());
     }
 
     #[test]

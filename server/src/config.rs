@@ -63,6 +63,13 @@ pub struct ServeConfig {
     pub own_regions: Vec<String>,
     /// How long a region lease lasts without renewal (renewed every third).
     pub lease_ttl_ms: u64,
+    /// Threads serving requests; 0 = one per core.
+    pub workers: usize,
+    /// How long ended matches stay readable (`GET /v1/matches/{id}`).
+    pub match_retention_s: u64,
+    /// At most this many ended matches are kept; past it the oldest are
+    /// forgotten before their retention ends.
+    pub max_ended_matches: usize,
 }
 
 impl Default for ServeConfig {
@@ -91,6 +98,9 @@ impl Default for ServeConfig {
             advertise_url: None,
             own_regions: Vec::new(),
             lease_ttl_ms: 5_000,
+            workers: 0,
+            match_retention_s: 3_600,
+            max_ended_matches: 1_000_000,
         }
     }
 }
@@ -171,6 +181,15 @@ pub struct ServeArgs {
     /// Region lease time-to-live in ms [default: 5000].
     #[arg(long, env = "HEXMATCH_LEASE_TTL_MS")]
     pub lease_ttl_ms: Option<u64>,
+    /// Threads serving requests; 0 = one per core [default: 0].
+    #[arg(long, env = "HEXMATCH_WORKERS")]
+    pub workers: Option<usize>,
+    /// How long ended matches stay readable, seconds [default: 3600].
+    #[arg(long, env = "HEXMATCH_MATCH_RETENTION_S")]
+    pub match_retention_s: Option<u64>,
+    /// Most ended matches kept readable [default: 1000000].
+    #[arg(long, env = "HEXMATCH_MAX_ENDED_MATCHES")]
+    pub max_ended_matches: Option<usize>,
 }
 
 impl ServeArgs {
@@ -205,6 +224,7 @@ impl ServeArgs {
         );
         take!(redis_prefix, snapshot_interval_ms, ingest_stream);
         take!(cluster, own_regions, lease_ttl_ms);
+        take!(workers, match_retention_s, max_ended_matches);
         if self.advertise_url.is_some() {
             c.advertise_url = self.advertise_url;
         }

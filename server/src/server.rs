@@ -117,7 +117,8 @@ pub async fn start_with_clock(
         max_radius_m: config.max_radius_m,
         // 0 disables the sweep; the engine itself wants a positive TTL.
         driver_ttl_ms: config.driver_ttl_s.max(1).saturating_mul(1000),
-        ..EngineConfig::default()
+        match_retention_ms: config.match_retention_s.saturating_mul(1000),
+        max_ended_matches: config.max_ended_matches,
     };
     let engine = Arc::new(
         Engine::with_clock(engine_config, clock).map_err(|e| ServerError::Config(e.to_string()))?,
