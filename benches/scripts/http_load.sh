@@ -27,6 +27,7 @@ WARMUP="${WARMUP:-3s}"
 THREADS="${THREADS:-2}"
 CONNS="${CONNS:-32}"
 K="${K:-10}"
+WORKERS="${WORKERS:-0}"   # the server's request threads; 0 = one per core
 OUT=target/http-load
 
 if ! command -v wrk >/dev/null; then
@@ -61,7 +62,7 @@ done
 base="http://127.0.0.1:$port"
 
 target/release/hexmatch serve --bind "127.0.0.1:$port" --load-drivers "$csv" --driver-ttl-s 0 \
-    >"$OUT/server.log" 2>&1 &
+    --workers "$WORKERS" >"$OUT/server.log" 2>&1 &
 server=$!
 stop_server() {
     if kill -0 "$server" 2>/dev/null; then
@@ -114,7 +115,7 @@ run() {
             (a - b) / t, (a - b) / t * 1e6 / v["requests"], (a - b) / t / v["duration_s"] }'
 }
 
-echo "wrk -t$THREADS -c$CONNS -d$DURATION, keep-alive, $DRIVERS drivers, k=$K"
+echo "wrk -t$THREADS -c$CONNS -d$DURATION, keep-alive, $DRIVERS drivers, k=$K, server workers $WORKERS (0 = one per core)"
 run nearest benches/scripts/wrk/nearest.lua
 run matches benches/scripts/wrk/matches.lua
 echo "full wrk output: $OUT/nearest.txt $OUT/matches.txt; server log: $OUT/server.log"

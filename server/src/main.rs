@@ -68,7 +68,13 @@ fn main() -> ExitCode {
 fn serve(args: hexmatch_server::ServeArgs) -> Result<(), CliError> {
     hexmatch_server::telemetry::init_logging();
     let config = args.resolve().map_err(CliError::Input)?;
-    let runtime = tokio::runtime::Runtime::new()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if config.workers > 0 {
+        builder.worker_threads(config.workers);
+    }
+    let runtime = builder
+        .build()
         .map_err(|e| CliError::Other(format!("tokio runtime: {e}")))?;
     runtime
         .block_on(hexmatch_server::run(config))
