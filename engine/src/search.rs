@@ -4,11 +4,12 @@
 //! Best-first over two levels. The top-level R-tree yields shards in
 //! increasing order of the distance from the query to their cell's box,
 //! which is a lower bound for every driver in that shard. Each shard's
-//! R-tree yields its available drivers in increasing chord distance. Both
-//! walks stop as soon as the next lower bound exceeds the current k-th best
-//! (or the radius). So the search visits only the cells that could still
-//! hold a better answer: one or two in a dense city, however many it
-//! takes in a sparse country, with no cost for empty cells in between.
+//! R-tree is walked nearest box first, opening only boxes within the
+//! current k-th best (`Walk::shard`). Both walks stop as soon as the next
+//! lower bound exceeds the current k-th best (or the radius). So the
+//! search visits only the cells that could still hold a better answer: one
+//! or two in a dense city, however many it takes in a sparse country, with
+//! no cost for empty cells in between.
 //!
 //! Chord order equals great-circle order, so the result is exact. To agree
 //! to the last bit with a haversine oracle, the walk keeps every candidate
@@ -16,13 +17,18 @@
 //! ranks the survivors by haversine metres and driver id.
 //!
 //! Cost: O(c·log n) for c visited cells of n drivers each; no allocation
-//! beyond the candidate list and the result.
+//! beyond the candidate list, one node queue per visited cell and the
+//! result.
+
+use std::collections::BinaryHeap;
+
+use rstar::{AABB, ParentNode, RTreeNode};
 
 use crate::driver::{Capabilities, Vehicle};
 use crate::error::{Error, Result};
 use crate::ids::DriverId;
-use crate::index::Engine;
-use crate::position::{EARTH_RADIUS_M, Position, chord_of_metres};
+use crate::index::{CellEntry, Cells, Engine, Item, ShardData};
+use crate::position::{EARTH_RADIUS_M, Position, chord_of_metres, chord2};
 use crate::time::Timestamp;
 
 /// The largest `k` the engine accepts (the HTTP API allows 1..=100).
@@ -116,11 +122,20 @@ pub struct Neighbor {
     pub ts: Timestamp,
 }
 
-/// A candidate during the walk: the squared chord and the record's fields.
+/// A candidate during the walk: its squared chord, its slot in the shard
+/// being walked, and, once that shard's walk ends, the index of its
+/// record's fields in [`Walk::found`] (most candidates are dropped before
+/// that and never cost a record read). Small, because candidates shift
+/// on every sorted insert.
+#[derive(Clone, Copy)]
 struct Candidate {
     d2: f64,
-    n: Neighbor,
+    slot: u32,
+    found: u32,
 }
+
+/// [`Candidate::found`] of a candidate whose record is not read yet.
+const UNREAD: u32 = u32::MAX;
 
 /// The squared chord below which a candidate must be kept, given the
 /// squared chord of the current k-th best.
@@ -128,6 +143,182 @@ struct Candidate {
 fn keep_below(d2: f64) -> f64 {
     let c = d2.sqrt() * (1.0 + 1e-9) + 1e-12;
     c * c
+}
+
+/// The squared distance from `q` to the nearest point of the box (0
+/// inside it). rstar's `AABB::distance_2` computes the same through its
+/// generic per-component folds, which did not inline: they were a sixth
+/// of a query's instructions (callgrind).
+#[inline]
+fn box_d2(b: &AABB<[f64; 3]>, q: &[f64; 3]) -> f64 {
+    let (lo, hi) = (b.lower(), b.upper());
+    let mut s = 0.0;
+    for i in 0..3 {
+        let d = (lo[i] - q[i]).max(q[i] - hi[i]).max(0.0);
+        s += d * d;
+    }
+    s
+}
+
+/// An entry of a best-first queue, nearest first: a tree node, or (in the
+/// walk over cells) a cell.
+struct Pending<N> {
+    d2: f64,
+    next: N,
+}
+
+impl<N> PartialEq for Pending<N> {
+    fn eq(&self, other: &Self) -> bool {
+        self.d2.total_cmp(&other.d2).is_eq()
+    }
+}
+
+impl<N> Eq for Pending<N> {}
+
+impl<N> PartialOrd for Pending<N> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<N> Ord for Pending<N> {
+    /// Reversed: `BinaryHeap` is a max-heap, the walk wants the nearest.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.d2.total_cmp(&self.d2)
+    }
+}
+
+/// What the walk over cells queues: a node of the top-level tree, or a cell.
+enum CellStep<'a> {
+    Node(&'a ParentNode<CellEntry>),
+    Cell(&'a CellEntry),
+}
+
+/// The state of one query's walk.
+struct Walk<'q> {
+    q: &'q NearestQuery,
+    qv: [f64; 3],
+    cands: Vec<Candidate>,
+    /// The records' fields of candidates that survived their shard's walk.
+    found: Vec<Neighbor>,
+    /// Nothing farther than this (squared chord) can still be in the answer.
+    cut2: f64,
+}
+
+impl Walk<'_> {
+    /// Walks the cells nearest box first, and each cell's shard as its
+    /// turn comes: a cell's box bounds every driver in it from below, so
+    /// the walk ends at the first cell beyond the cut.
+    fn cells(&mut self, cells: &Cells) {
+        let root = cells.tree.root();
+        let mut queue = BinaryHeap::with_capacity(64);
+        queue.push(Pending {
+            d2: box_d2(&root.envelope(), &self.qv),
+            next: CellStep::Node(root),
+        });
+        while let Some(Pending { d2, next }) = queue.pop() {
+            if d2 > self.cut2 {
+                break;
+            }
+            match next {
+                CellStep::Cell(entry) => self.shard(&entry.shard.data.read()),
+                CellStep::Node(node) => {
+                    for child in node.children() {
+                        let (d2, next) = match child {
+                            RTreeNode::Leaf(entry) => {
+                                (box_d2(&entry.bbox, &self.qv), CellStep::Cell(entry))
+                            }
+                            RTreeNode::Parent(p) => {
+                                (box_d2(&p.envelope(), &self.qv), CellStep::Node(p))
+                            }
+                        };
+                        if d2 <= self.cut2 {
+                            queue.push(Pending { d2, next });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Offers one tree item: kept if near enough and eligible.
+    #[inline]
+    fn offer(&mut self, item: &Item) {
+        let d2 = chord2(&item.v, &self.qv);
+        if d2 > self.cut2
+            || self.q.vehicle.is_some_and(|v| v != item.vehicle)
+            || !item.caps.contains(self.q.capabilities)
+        {
+            return;
+        }
+        let at = self.cands.partition_point(|c| c.d2 <= d2);
+        self.cands.insert(
+            at,
+            Candidate {
+                d2,
+                slot: item.slot,
+                found: UNREAD,
+            },
+        );
+        let k = self.q.k;
+        if self.cands.len() >= k {
+            self.cut2 = self.cut2.min(keep_below(self.cands[k - 1].d2));
+            let keep = self.cands.partition_point(|c| c.d2 <= self.cut2);
+            self.cands.truncate(keep);
+        }
+    }
+
+    /// Walks one shard's tree best-first, nearest box first. Unlike
+    /// rstar's nearest-neighbour iterator, which queues every child of
+    /// every node it opens, it reads the items of an opened leaf-level node
+    /// at once and queues only child nodes whose box is within the cut.
+    /// Exact: an item within the final cut lies in boxes that were within
+    /// every earlier cut (the cut only shrinks), so all of them were opened.
+    fn shard(&mut self, data: &ShardData) {
+        let mut queue = BinaryHeap::with_capacity(32);
+        let root = data.tree.root();
+        queue.push(Pending {
+            d2: box_d2(&root.envelope(), &self.qv),
+            next: root,
+        });
+        while let Some(Pending { d2, next: node }) = queue.pop() {
+            if d2 > self.cut2 {
+                break;
+            }
+            for child in node.children() {
+                match child {
+                    RTreeNode::Leaf(item) => self.offer(item),
+                    RTreeNode::Parent(p) => {
+                        let d2 = box_d2(&p.envelope(), &self.qv);
+                        if d2 <= self.cut2 {
+                            queue.push(Pending { d2, next: p });
+                        }
+                    }
+                }
+            }
+        }
+        // The survivors found in this shard read their records now, under
+        // the same read lock that the walk held.
+        let found = &mut self.found;
+        self.cands.retain_mut(|c| {
+            if c.found != UNREAD {
+                return true;
+            }
+            let Some(rec) = data.record(c.slot) else {
+                return false;
+            };
+            c.found = u32::try_from(found.len()).unwrap_or(UNREAD);
+            found.push(Neighbor {
+                id: rec.id.clone(),
+                pos: rec.pos,
+                distance_m: 0.0,
+                vehicle: rec.vehicle,
+                capabilities: rec.caps,
+                ts: rec.ts,
+            });
+            c.found != UNREAD
+        });
+    }
 }
 
 impl Engine {
@@ -148,61 +339,33 @@ impl Engine {
             validate_radius(r)?;
         }
         let limit_m = q.radius_m.unwrap_or(self.config.max_radius_m);
-        let qv = q.pos.to_unit_vector();
-        let limit2 = keep_below(chord_of_metres(limit_m).powi(2));
-        let mut cands: Vec<Candidate> = Vec::with_capacity(q.k + 4);
-        let mut cut2 = limit2;
+        let mut walk = Walk {
+            q,
+            qv: q.pos.to_unit_vector(),
+            cands: Vec::with_capacity(q.k + 4),
+            found: Vec::with_capacity(q.k + 4),
+            cut2: keep_below(chord_of_metres(limit_m).powi(2)),
+        };
+        walk.cells(&self.cells.read());
 
-        let cells = self.cells.read();
-        for (entry, cell_d2) in cells.tree.nearest_neighbor_iter_with_distance_2(qv) {
-            if cell_d2 > cut2 {
-                break;
+        // A read record belongs to one candidate still standing, or to
+        // none (a later shard pushed its candidate out). The order does not
+        // matter: the survivors are ranked by metres below.
+        let mut wanted = vec![false; walk.found.len()];
+        for c in &walk.cands {
+            if let Some(w) = wanted.get_mut(c.found as usize) {
+                *w = true;
             }
-            let data = entry.shard.data.read();
-            for (item, d2) in data.tree.nearest_neighbor_iter_with_distance_2(qv) {
-                if d2 > cut2 {
-                    break;
-                }
-                if q.vehicle.is_some_and(|v| v != item.vehicle)
-                    || !item.caps.contains(q.capabilities)
-                {
-                    continue;
-                }
-                let Some(rec) = data.record(item.slot) else {
-                    continue;
-                };
-                let at = cands.partition_point(|c| c.d2 <= d2);
-                cands.insert(
-                    at,
-                    Candidate {
-                        d2,
-                        n: Neighbor {
-                            id: rec.id.clone(),
-                            pos: rec.pos,
-                            distance_m: 0.0,
-                            vehicle: rec.vehicle,
-                            capabilities: rec.caps,
-                            ts: rec.ts,
-                        },
-                    },
-                );
-                if cands.len() >= q.k {
-                    cut2 = cut2.min(keep_below(cands[q.k - 1].d2));
-                    let keep = cands.partition_point(|c| c.d2 <= cut2);
-                    cands.truncate(keep);
+        }
+        let mut out = Vec::with_capacity(walk.cands.len());
+        for (mut n, w) in walk.found.into_iter().zip(wanted) {
+            if w {
+                n.distance_m = q.pos.distance_m(n.pos);
+                if n.distance_m <= limit_m {
+                    out.push(n);
                 }
             }
         }
-        drop(cells);
-
-        let mut out: Vec<Neighbor> = cands
-            .into_iter()
-            .map(|mut c| {
-                c.n.distance_m = q.pos.distance_m(c.n.pos);
-                c.n
-            })
-            .filter(|n| n.distance_m <= limit_m)
-            .collect();
         out.sort_unstable_by(|a, b| {
             a.distance_m
                 .total_cmp(&b.distance_m)
