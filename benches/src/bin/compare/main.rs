@@ -10,8 +10,10 @@
 //!   keep-alive HTTP/1.1 client ([`http`]);
 //! - Redis: a private `redis-server` the harness starts (no persistence),
 //!   GEOADD, then `GEOSEARCH … BYRADIUS r m ASC COUNT k WITHDIST`, with the
-//!   radius from hexmatch's k-th distance ("oracle", Redis's best case) or
-//!   doubled from a start radius until k are found ("expand") ([`redis_peer`]);
+//!   radius from hexmatch's k-th distance ("oracle", Redis's best case),
+//!   one radius for the whole query set (its largest oracle radius:
+//!   "fixed", what a one-round-trip client sends), or doubled from a start
+//!   radius until k are found ("expand") ([`redis_peer`]);
 //! - PostGIS, when the local PostgreSQL has it: a scratch database with a
 //!   GiST index on a geography column, `ORDER BY geog <-> point LIMIT k`
 //!   ([`pg`]).
@@ -86,7 +88,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "hexmatch,http,redis,redis-expand,postgis"
+        default_value = "hexmatch,http,redis,redis-fixed,redis-expand,postgis"
     )]
     systems: Vec<System>,
     /// Worker threads of the client runtime (the server runtime has one
@@ -135,6 +137,9 @@ enum System {
     Http,
     /// Redis GEOSEARCH with the "oracle" radius (one round trip).
     Redis,
+    /// Redis GEOSEARCH with one radius for all queries: the largest
+    /// oracle radius of the set (one round trip).
+    RedisFixed,
     /// Redis GEOSEARCH with an expanding radius.
     RedisExpand,
     /// PostGIS KNN.
@@ -412,11 +417,25 @@ fn redis_runs(
             Some(after.saturating_sub(before)),
             load_s,
         ));
+        // The smallest single radius that gives every query of the set its
+        // k drivers (queries with fewer than k in reach excluded).
+        let fixed_m = cases
+            .iter()
+            .map(|c| c.oracle_radius_m)
+            .filter(|&r| r < max_radius_m)
+            .fold(0.0_f64, f64::max);
+        println!("redis: one radius for all queries (redis-fixed): {fixed_m:.0} m");
+        let fixed_name = format!("Redis GEOSEARCH (fixed radius {fixed_m:.0} m)");
         let modes = [
             (
                 System::Redis,
                 "Redis GEOSEARCH (oracle radius)",
                 redis_peer::Radius::Oracle,
+            ),
+            (
+                System::RedisFixed,
+                fixed_name.as_str(),
+                redis_peer::Radius::Fixed(fixed_m),
             ),
             (
                 System::RedisExpand,

@@ -164,6 +164,11 @@ pub(crate) enum Radius {
     /// smallest radius that holds the k nearest — Redis's best case, a
     /// radius no real client knows in advance.
     Oracle,
+    /// One radius for every query: the largest oracle radius of the query
+    /// set, so every query of the set gets its k in one round trip. What a
+    /// client that must answer in one round trip uses: the radius sized
+    /// for the sparsest pickup it serves, sent everywhere.
+    Fixed(f64),
     /// What a client does without an oracle: start at this radius and
     /// double it until k drivers are found (or the max radius is reached).
     Expand {
@@ -206,6 +211,7 @@ impl Client {
     pub(crate) async fn nearest(&mut self, case: &Case) -> Result<Answer, String> {
         match self.radius {
             Radius::Oracle => self.geosearch(case, case.oracle_radius_m).await,
+            Radius::Fixed(r) => self.geosearch(case, r).await,
             Radius::Expand { from_m, max_m } => {
                 let mut r = from_m.min(max_m);
                 loop {
