@@ -6,10 +6,14 @@
 //! - `move_1m` — location updates of existing drivers;
 //! - `nearest_1m_with_writer` — nearest k = 10 while another thread moves
 //!   drivers as fast as it can (its rate is printed);
-//! - `nearest_k10_by_size` — city 10k / 100k / 1M and country 10k / 100k;
+//! - `nearest_k10_by_size` — city 10k / 100k / 1M and country 10k / 100k /
+//!   1M; with `HEXMATCH_BENCH_10M=1` also both at 10M (about 4 GB of RAM
+//!   and a few more minutes);
 //! - `claim_1m` — claim + release of a fresh order;
 //! - `batch_1m` — `claim_batch` of 1000 orders × 10 candidates, and the
-//!   assignment alone on the same graph.
+//!   assignment alone on the same graph;
+//! - `region_lookup` — the region of a position (H3 cell, then the cell →
+//!   region table) for the 77 Chicago community areas, at resolutions 6 and 8.
 //!
 //! The 1M engine is built once (bulk load) and shared by every group.
 
@@ -22,7 +26,8 @@ use criterion::{
 };
 use hexmatch::{
     Applied, BatchOrder, Capabilities, ClaimRequest, Engine, EngineConfig, ManualClock,
-    NearestQuery, OrderId, Position, Status, Vehicle, assign_greedy, assign_min_cost,
+    NearestQuery, OrderId, Outside, Position, RegionMap, Status, Vehicle, assign_greedy,
+    assign_min_cost,
 };
 use hexmatch_benches::{
     Mover, US_BOUNDS, build_engine, candidate_graph, chicago_bounds, chicago_pickups, city_drivers,
@@ -197,10 +202,46 @@ fn by_size(c: &mut Criterion) {
         .into_iter()
         .map(|p| NearestQuery::new(p, 10).expect("valid k"))
         .collect();
-    for n in [10_000, 100_000] {
+    for n in [10_000, 100_000, BIG] {
         let (engine, _clock) = build_engine(country_drivers(n, SEED));
         group.bench_with_input(BenchmarkId::new("country", n), &engine, |b, e| {
             bench_queries(b, e, &country_queries);
+        });
+    }
+    if std::env::var_os("HEXMATCH_BENCH_10M").is_some() {
+        const HUGE: usize = 10_000_000;
+        // One 10M engine at a time: each is about 2 GB.
+        let (engine, _clock) = build_engine(city_drivers(HUGE, SEED));
+        group.bench_with_input(BenchmarkId::new("city", HUGE), &engine, |b, e| {
+            bench_queries(b, e, &city_queries);
+        });
+        drop(engine);
+        let (engine, _clock) = build_engine(country_drivers(HUGE, SEED));
+        group.bench_with_input(BenchmarkId::new("country", HUGE), &engine, |b, e| {
+            bench_queries(b, e, &country_queries);
+        });
+    }
+    group.finish();
+}
+
+fn region_lookup(c: &mut Criterion) {
+    let geojson = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../data/chicago_community_areas.geojson"),
+    )
+    .expect("data/chicago_community_areas.geojson is part of the repository");
+    let pickups = chicago_pickups();
+    let mut group = c.benchmark_group("region_lookup");
+    group.throughput(Throughput::Elements(1));
+    for res in [6, 8] {
+        let map = RegionMap::from_geojson(&geojson, res, "chi", Outside::DefaultRegion)
+            .expect("the bundled GeoJSON is valid");
+        group.bench_with_input(BenchmarkId::new("region_of", res), &map, |b, map| {
+            let mut points = pickups.iter().cycle();
+            b.iter(|| {
+                let p = *points.next().expect("cycle never ends");
+                black_box(map.region_of(p))
+            });
         });
     }
     group.finish();
@@ -331,6 +372,6 @@ criterion_group! {
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = nearest, moves, nearest_with_writer, by_size, claim, batch
+    targets = nearest, moves, nearest_with_writer, by_size, claim, batch, region_lookup
 }
 criterion_main!(benches);
