@@ -208,7 +208,7 @@ const SEGMENT_LEN: usize = 8192;
 
 impl EndedLog {
     /// Appends an ended match; past `max` entries, forgets the oldest
-    /// segment and returns it (for the caller to drop outside the lock).
+    /// segment and returns it.
     fn push(&mut self, e: Entry, max: usize) -> Option<Segment> {
         let start_new = self
             .segments
