@@ -4,7 +4,7 @@
 
 use axum::Json;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hexmatch::{BatchOrder, Capabilities, DriverId, NearestQuery, OrderId, Position};
 use metrics::counter;
@@ -94,10 +94,11 @@ pub(crate) async fn nearest(
         return crate::cluster::route::nearest(&state, cluster, &q, &headers).await;
     }
     let found = state.engine.nearest(&q)?;
-    Ok(Json(NearestOut {
-        drivers: found.into_iter().map(Into::into).collect(),
-    })
-    .into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        NearestOut::json(&found),
+    )
+        .into_response())
 }
 
 /// Reserves the nearest eligible driver for an order, atomically.

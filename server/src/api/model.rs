@@ -372,6 +372,57 @@ pub(crate) struct NearestOut {
     pub(crate) drivers: Vec<NeighborOut>,
 }
 
+impl NearestOut {
+    /// The JSON of a nearest answer, byte for byte what `serde_json` writes
+    /// for a `NearestOut` (a property test checks it), written directly:
+    /// the keys are literals and the ids, vehicles and times need no
+    /// escaping (ids are `[A-Za-z0-9_.:-]`), so only the numbers go
+    /// through `serde_json`. Through the derived `Serialize` this was ~3k
+    /// instructions per driver, a quarter of a k = 10 request (callgrind).
+    pub(crate) fn json(found: &[Neighbor]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + found.len() * 150);
+        out.extend_from_slice(b"{\"drivers\":[");
+        for (i, n) in found.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"driver_id\":\"");
+            out.extend_from_slice(n.id.as_str().as_bytes());
+            out.extend_from_slice(b"\",\"lat\":");
+            number(&mut out, n.pos.lat());
+            out.extend_from_slice(b",\"lon\":");
+            number(&mut out, n.pos.lon());
+            out.extend_from_slice(b",\"distance_m\":");
+            number(&mut out, n.distance_m);
+            out.extend_from_slice(b",\"vehicle\":\"");
+            out.extend_from_slice(n.vehicle.as_str().as_bytes());
+            out.extend_from_slice(b"\",\"ts\":");
+            match n.ts.rfc3339() {
+                Some(text) => {
+                    out.push(b'"');
+                    out.extend_from_slice(text.as_str().as_bytes());
+                    out.push(b'"');
+                }
+                None => string(&mut out, &n.ts.to_string()),
+            }
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"]}");
+        out
+    }
+}
+
+/// Appends a number as `serde_json` writes it.
+fn number(out: &mut Vec<u8>, x: f64) {
+    // Writing to a Vec cannot fail, and an f64 always serialises.
+    let _ = serde_json::to_writer(&mut *out, &x);
+}
+
+/// Appends a string as `serde_json` writes it (quoted, escaped).
+fn string(out: &mut Vec<u8>, text: &str) {
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
 /// An order: body of `POST /v1/matches` and item of a batch.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -528,4 +579,45 @@ pub(crate) struct NodeOut {
     pub(crate) node_id: String,
     /// Where it listens.
     pub(crate) url: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn neighbor() -> impl Strategy<Value = Neighbor> {
+        (
+            "[A-Za-z0-9_.:-]{1,64}",
+            -90.0..=90.0_f64,
+            -180.0..=180.0_f64,
+            prop_oneof![Just(0.0), 0.0..1.0_f64, 0.0..2.1e7_f64],
+            0..Vehicle::ALL.len(),
+            prop_oneof![0..=4_102_444_800_000_i64, 0..=253_402_300_799_999_i64],
+        )
+            .prop_map(|(id, lat, lon, distance_m, v, ts)| Neighbor {
+                id: DriverId::new(&id).unwrap(),
+                pos: Position::new(lat, lon).unwrap(),
+                distance_m,
+                vehicle: Vehicle::ALL[v],
+                capabilities: Capabilities::NONE,
+                ts: Timestamp::from_millis(ts).unwrap(),
+            })
+    }
+
+    proptest! {
+        /// The hand-written nearest body is exactly `serde_json`'s.
+        #[test]
+        fn nearest_json_is_serde_json(found in prop::collection::vec(neighbor(), 0..12)) {
+            let derived = serde_json::to_vec(&NearestOut {
+                drivers: found.iter().cloned().map(Into::into).collect(),
+            })
+            .unwrap();
+            prop_assert_eq!(
+                String::from_utf8(NearestOut::json(&found)).unwrap(),
+                String::from_utf8(derived).unwrap()
+            );
+        }
+    }
 }
