@@ -160,14 +160,18 @@ pub(crate) struct Item {
     pub(crate) caps: Capabilities,
 }
 
+// `#[inline]` on these small trait methods lets them inline into rstar's
+// generic code (bulk-load sorting, insertion, removal) in every codegen unit.
 impl RTreeObject for Item {
     type Envelope = AABB<[f64; 3]>;
+    #[inline]
     fn envelope(&self) -> Self::Envelope {
         AABB::from_point(self.v)
     }
 }
 
 impl PointDistance for Item {
+    #[inline]
     fn distance_2(&self, p: &[f64; 3]) -> f64 {
         chord2(&self.v, p)
     }
