@@ -1358,46 +1358,55 @@ mod tests {
         }
     }
 
-    #[test]
-    fn inner_disks_lie_inside_their_cells() {
-        // Points on (just inside) the disk's rim, in 24 directions, for cells
-        // all over the globe: h3o must put every one in the same cell.
+    /// 300 cells scattered over the globe, poles to antimeridian, at each
+    /// of resolutions 0, 2, 6 and 9.
+    fn globe_cells() -> Vec<(Resolution, CellIndex)> {
+        let mut out = Vec::new();
         for res in [0u8, 2, 6, 9] {
             let r = Resolution::try_from(res).unwrap();
             for i in 0..300 {
                 let lat = -89.0 + 178.0 * f64::from(i * 7919 % 300) / 299.0;
                 let lon = -180.0 + 360.0 * f64::from(i * 104_729 % 300) / 299.0;
-                let cell = pos(lat, lon).cell(r);
-                let disk = InnerDisk::of(cell);
-                let c = disk.center;
-                // Two unit tangents at the centre.
-                let any = if c[2].abs() < 0.9 {
-                    [0.0, 0.0, 1.0]
-                } else {
-                    [1.0, 0.0, 0.0]
-                };
-                let cross = |a: [f64; 3], b: [f64; 3]| {
-                    [
-                        a[1] * b[2] - a[2] * b[1],
-                        a[2] * b[0] - a[0] * b[2],
-                        a[0] * b[1] - a[1] * b[0],
-                    ]
-                };
-                let norm = |v: [f64; 3]| {
-                    let l = (v[0] * v[0] + v[1] * v[1] + v[2] * v[2]).sqrt();
-                    [v[0] / l, v[1] / l, v[2] / l]
-                };
-                let t1 = norm(cross(c, any));
-                let t2 = cross(c, t1);
-                let angle = 2.0 * (disk.chord2.sqrt() / 2.0).asin() * 0.999;
-                for k in 0..24 {
-                    let phi = f64::from(k) * std::f64::consts::TAU / 24.0;
-                    let dir = [0, 1, 2].map(|j| t1[j] * phi.cos() + t2[j] * phi.sin());
-                    let p = norm([0, 1, 2].map(|j| c[j] * angle.cos() + dir[j] * angle.sin()));
-                    assert!(disk.contains(&p));
-                    let ll = pos(p[2].asin().to_degrees(), p[1].atan2(p[0]).to_degrees());
-                    assert_eq!(ll.cell(r), cell, "res {res}: {ll:?} left {cell}");
-                }
+                out.push((r, pos(lat, lon).cell(r)));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn inner_disks_lie_inside_their_cells() {
+        // Points on (just inside) the disk's rim, in 24 directions, for cells
+        // all over the globe: h3o must put every one in the same cell.
+        for (r, cell) in globe_cells() {
+            let disk = InnerDisk::of(cell);
+            let c = disk.center;
+            // Two unit tangents at the centre.
+            let any = if c[2].abs() < 0.9 {
+                [0.0, 0.0, 1.0]
+            } else {
+                [1.0, 0.0, 0.0]
+            };
+            let cross = |a: [f64; 3], b: [f64; 3]| {
+                [
+                    a[1] * b[2] - a[2] * b[1],
+                    a[2] * b[0] - a[0] * b[2],
+                    a[0] * b[1] - a[1] * b[0],
+                ]
+            };
+            let norm = |v: [f64; 3]| {
+                let l = (v[0] * v[0] + v[1] * v[1] + v[2] * v[2]).sqrt();
+                [v[0] / l, v[1] / l, v[2] / l]
+            };
+            let t1 = norm(cross(c, any));
+            let t2 = cross(c, t1);
+            let angle = 2.0 * (disk.chord2.sqrt() / 2.0).asin() * 0.999;
+            for k in 0..24 {
+                let phi = f64::from(k) * std::f64::consts::TAU / 24.0;
+                let dir = [0, 1, 2].map(|j| t1[j] * phi.cos() + t2[j] * phi.sin());
+                let p = norm([0, 1, 2].map(|j| c[j] * angle.cos() + dir[j] * angle.sin()));
+                assert!(disk.contains(&p));
+                let ll = pos(p[2].asin().to_degrees(), p[1].atan2(p[0]).to_degrees());
+                assert_eq!(ll.cell(r), cell, "res {r}: {ll:?} left {cell}");
             }
         }
     }
@@ -1625,33 +1634,27 @@ mod tests {
         // Points scattered over each cell and a little beyond: wherever the
         // inner region says "inside", h3o must agree.
         let mut inside_only_by_planes = 0;
-        for res in [0u8, 2, 6, 9] {
-            let r = Resolution::try_from(res).unwrap();
-            for i in 0..300 {
-                let lat = -89.0 + 178.0 * f64::from(i * 7919 % 300) / 299.0;
-                let lon = -180.0 + 360.0 * f64::from(i * 104_729 % 300) / 299.0;
-                let cell = pos(lat, lon).cell(r);
-                let region = InnerDisk::of(cell);
-                let c = LatLng::from(cell);
-                let ll_radius = cell
-                    .boundary()
-                    .iter()
-                    .map(|v| (v.lat() - c.lat()).abs().max((v.lng() - c.lng()).abs()))
-                    .fold(0.0, f64::max)
-                    .min(20.0);
-                for k in 0..400 {
-                    let f = f64::from(k);
-                    let dlat = ((f * 0.618_034).fract() * 2.0 - 1.0) * ll_radius;
-                    let dlon = ((f * 0.414_214).fract() * 2.0 - 1.0) * ll_radius;
-                    let Ok(p) = Position::new(c.lat() + dlat, c.lng() + dlon) else {
-                        continue;
-                    };
-                    let v = p.to_unit_vector();
-                    if region.contains(&v) {
-                        assert_eq!(p.cell(r), cell, "res {res}: {p:?}");
-                        if chord2(&region.center, &v) >= region.chord2 {
-                            inside_only_by_planes += 1;
-                        }
+        for (r, cell) in globe_cells() {
+            let region = InnerDisk::of(cell);
+            let c = LatLng::from(cell);
+            let ll_radius = cell
+                .boundary()
+                .iter()
+                .map(|v| (v.lat() - c.lat()).abs().max((v.lng() - c.lng()).abs()))
+                .fold(0.0, f64::max)
+                .min(20.0);
+            for k in 0..400 {
+                let f = f64::from(k);
+                let dlat = ((f * 0.618_034).fract() * 2.0 - 1.0) * ll_radius;
+                let dlon = ((f * 0.414_214).fract() * 2.0 - 1.0) * ll_radius;
+                let Ok(p) = Position::new(c.lat() + dlat, c.lng() + dlon) else {
+                    continue;
+                };
+                let v = p.to_unit_vector();
+                if region.contains(&v) {
+                    assert_eq!(p.cell(r), cell, "res {r}: {p:?}");
+                    if chord2(&region.center, &v) >= region.chord2 {
+                        inside_only_by_planes += 1;
                     }
                 }
             }
