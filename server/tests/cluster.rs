@@ -729,18 +729,7 @@ fn stream_updates_reach_the_owner_of_their_region() {
     let drivers = common::chicago_drivers(1500, true);
     let mut conn = common::RedisServer::conn(&url);
     let mut pipe = redis::pipe();
-    for d in &drivers {
-        pipe.cmd("XADD")
-            .arg(format!("{prefix}:locations"))
-            .arg("*")
-            .arg("driver_id")
-            .arg(d["driver_id"].as_str().expect("id"))
-            .arg("lat")
-            .arg(d["lat"].to_string())
-            .arg("lon")
-            .arg(d["lon"].to_string())
-            .ignore();
-    }
+    common::xadd_drivers(&mut pipe, &format!("{prefix}:locations"), &drivers, &[]);
     // One invalid entry goes to the dead letters, not to a node.
     pipe.cmd("XADD")
         .arg(format!("{prefix}:locations"))

@@ -326,20 +326,12 @@ async fn stream_updates_are_applied_acknowledged_or_dead_lettered() {
     let stream = format!("{prefix}:locations");
     let mut conn = RedisServer::conn(&url);
     let mut pipe = redis::pipe();
-    for d in common::chicago_drivers(1500, true) {
-        pipe.cmd("XADD")
-            .arg(&stream)
-            .arg("*")
-            .arg("driver_id")
-            .arg(d["driver_id"].as_str().expect("id"))
-            .arg("lat")
-            .arg(d["lat"].to_string())
-            .arg("lon")
-            .arg(d["lon"].to_string())
-            .arg("capabilities")
-            .arg("cash,pets")
-            .ignore();
-    }
+    common::xadd_drivers(
+        &mut pipe,
+        &stream,
+        &common::chicago_drivers(1500, true),
+        &[("capabilities", "cash,pets")],
+    );
     pipe.cmd("XADD")
         .arg(&stream)
         .arg("*")

@@ -149,6 +149,32 @@ pub fn chicago_drivers(n: usize, dropoff: bool) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Queues one `XADD stream * driver_id … lat … lon …` per driver of
+/// [`chicago_drivers`] on `pipe`, with `extra` field pairs appended to each.
+pub fn xadd_drivers(
+    pipe: &mut redis::Pipeline,
+    stream: &str,
+    drivers: &[serde_json::Value],
+    extra: &[(&str, &str)],
+) {
+    for d in drivers {
+        let cmd = pipe
+            .cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("driver_id")
+            .arg(d["driver_id"].as_str().expect("id"))
+            .arg("lat")
+            .arg(d["lat"].to_string())
+            .arg("lon")
+            .arg(d["lon"].to_string());
+        for (k, v) in extra {
+            cmd.arg(*k).arg(*v);
+        }
+        cmd.ignore();
+    }
+}
+
 /// `hexmatch serve` as a child process (bound to 127.0.0.1:0), killed on drop.
 pub struct Node {
     child: std::process::Child,
