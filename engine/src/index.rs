@@ -3,8 +3,8 @@
 //! # Layout
 //! - Every H3 cell at the partition resolution that has ever held a driver
 //!   is a [`Shard`]: a slab of driver records plus an R-tree of the
-//!   **available** ones, behind its own `RwLock`.
-//! - A small top-level R-tree holds each shard's cell as a 3D bounding box;
+//!   **available** ones (`rtree::ShardTree`), behind its own `RwLock`.
+//! - A small top-level rstar R-tree holds each shard's cell as a 3D bounding box;
 //!   the search walks it best-first (see `search`). It changes only when a
 //!   cell gets its first driver.
 //! - A striped map `hash(DriverId) → (shard index, slot)` finds a driver
@@ -25,6 +25,9 @@ use foldhash::fast::FixedState;
 use h3o::{CellIndex, LatLng, Resolution};
 use parking_lot::{Mutex, RwLock};
 use rstar::{AABB, PointDistance, RTree, RTreeObject};
+
+pub(crate) use crate::rtree::Item;
+use crate::rtree::ShardTree;
 
 use crate::driver::{Capabilities, Driver, DriverUpdate, Status, Vehicle};
 use crate::error::{Error, Result};
@@ -133,74 +136,6 @@ impl StatusCounts {
     }
 }
 
-/// Node sizes of the shard R-trees: wider than rstar's default (3..=6):
-/// 6..=16 measured 6.2k instructions per move and 26.6k per k=10 query at
-/// 100k drivers, against 7.1k and 30.6k for the default (callgrind,
-/// `benches/src/bin/icount.rs`).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ShardTreeParams;
-
-impl rstar::RTreeParams for ShardTreeParams {
-    const MIN_SIZE: usize = MIN_NODE;
-    const MAX_SIZE: usize = MAX_NODE;
-    const REINSERTION_COUNT: usize = REINSERT;
-    type DefaultInsertionStrategy = rstar::RStarInsertionStrategy;
-}
-
-const MIN_NODE: usize = 6;
-const MAX_NODE: usize = 16;
-const REINSERT: usize = 4;
-
-/// A point in a shard's R-tree: an available driver.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Item {
-    pub(crate) v: [f64; 3],
-    pub(crate) slot: u32,
-    pub(crate) vehicle: Vehicle,
-    pub(crate) caps: Capabilities,
-}
-
-// `#[inline]` on these small trait methods lets them inline into rstar's
-// generic code (bulk-load sorting, insertion, removal) in every codegen unit.
-impl RTreeObject for Item {
-    type Envelope = AABB<[f64; 3]>;
-    #[inline]
-    fn envelope(&self) -> Self::Envelope {
-        AABB::from_point(self.v)
-    }
-}
-
-impl PointDistance for Item {
-    #[inline]
-    fn distance_2(&self, p: &[f64; 3]) -> f64 {
-        chord2(&self.v, p)
-    }
-}
-
-/// Finds a tree item by slot, descending only into nodes whose boxes
-/// contain both its old and its new point. An item found this way can be
-/// moved to the new point in place: every box above it already contains
-/// the new point, so the tree stays valid (its boxes stay supersets, which
-/// is all that insertion, removal and search need), with no remove and
-/// re-insert.
-struct MoveInPlace {
-    from: [f64; 3],
-    to: [f64; 3],
-    slot: u32,
-}
-
-impl rstar::SelectionFunction<Item> for MoveInPlace {
-    fn should_unpack_parent(&self, envelope: &AABB<[f64; 3]>) -> bool {
-        use rstar::Envelope;
-        envelope.contains_point(&self.from) && envelope.contains_point(&self.to)
-    }
-
-    fn should_unpack_leaf(&self, leaf: &Item) -> bool {
-        // One item per slot: the slot alone identifies it.
-        leaf.slot == self.slot
-    }
-}
-
 /// One driver as stored in its shard.
 #[derive(Debug, Clone)]
 pub(crate) struct Record {
@@ -243,7 +178,7 @@ impl Record {
 pub(crate) struct ShardData {
     slots: Vec<Option<Record>>,
     free: Vec<u32>,
-    pub(crate) tree: RTree<Item, ShardTreeParams>,
+    pub(crate) tree: ShardTree,
     counts: StatusCounts,
 }
 
@@ -277,7 +212,7 @@ impl ShardData {
     fn take(&mut self, slot: u32) -> Option<Record> {
         let rec = self.slots.get_mut(slot as usize)?.take()?;
         if rec.status == Status::Available {
-            self.tree.remove(&rec.item(slot));
+            self.tree.remove(slot);
         }
         *self.counts.slot(rec.status) -= 1;
         self.free.push(slot);
@@ -305,40 +240,23 @@ impl ShardData {
                 vehicle: rec.vehicle,
                 caps: rec.caps,
             },
-            _ => rec.item(slot),
-        };
-        // The tree entry as it was: the same vector, computed the same way.
-        let before = || Item {
-            v: pos.to_unit_vector(),
-            slot,
-            vehicle,
-            caps,
+            _ if now == Status::Available => rec.item(slot),
+            // Not in the tree after this: no vector needed.
+            _ => Item {
+                v: [0.0; 3],
+                slot,
+                vehicle: rec.vehicle,
+                caps: rec.caps,
+            },
         };
         if was != now {
             *self.counts.slot(was) -= 1;
             *self.counts.slot(now) += 1;
         }
         match (was == Status::Available, now == Status::Available) {
-            (true, true) if changed => {
-                let before = before();
-                let in_place = MoveInPlace {
-                    from: before.v,
-                    to: after.v,
-                    slot,
-                };
-                if let Some(item) = self
-                    .tree
-                    .locate_with_selection_function_mut(in_place)
-                    .next()
-                {
-                    *item = after;
-                } else {
-                    self.tree.remove(&before);
-                    self.tree.insert(after);
-                }
-            }
+            (true, true) if changed => self.tree.update(after),
             (true, false) => {
-                self.tree.remove(&before());
+                self.tree.remove(slot);
             }
             (false, true) => self.tree.insert(after),
             _ => {}
@@ -1114,7 +1032,7 @@ impl Engine {
     }
 
     /// Loads many drivers into an empty engine at once, building each
-    /// shard's R-tree with rstar's bulk loading (much faster than inserting
+    /// shard's R-tree with its bulk loading (much faster than inserting
     /// one by one). Later duplicates of an id replace earlier ones.
     ///
     /// Both cores share the work: the H3 cells (most of them found without
@@ -1202,7 +1120,7 @@ impl Engine {
                 }
                 data.slots.push(Some(rec));
             }
-            data.tree = RTree::bulk_load_with_params(items);
+            data.tree = ShardTree::bulk_load(items);
             *shard.data.write() = data;
         });
         drop(drivers);
@@ -1530,7 +1448,8 @@ mod tests {
         let mut in_trees = 0;
         for shard in &shards {
             let data = shard.data.read();
-            for item in &data.tree {
+            data.tree.check();
+            for item in data.tree.iter() {
                 let rec = data.record(item.slot).unwrap();
                 // Bit-exact: the item's vector is computed from the record's position.
                 assert!(
@@ -1539,12 +1458,7 @@ mod tests {
                         .zip(rec.pos.to_unit_vector())
                         .all(|(a, b)| a.to_bits() == b.to_bits())
                 );
-                // Found by a descent through boxes that contain its point.
-                assert!(
-                    data.tree
-                        .locate_all_at_point(item.v)
-                        .any(|x| x.slot == item.slot)
-                );
+                assert_eq!(data.tree.get(item.slot), Some(item));
                 in_trees += 1;
             }
         }

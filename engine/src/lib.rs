@@ -43,6 +43,7 @@ mod matching;
 mod par;
 mod position;
 mod region;
+mod rtree;
 mod search;
 pub mod sim;
 mod snapshot;

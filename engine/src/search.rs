@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::ids::DriverId;
 use crate::index::{CellEntry, Cells, Engine, Item, ShardData};
 use crate::position::{EARTH_RADIUS_M, Position, chord_of_metres, chord2};
+use crate::rtree::NodeRef;
 use crate::time::Timestamp;
 
 /// The largest `k` the engine accepts (the HTTP API allows 1..=100).
@@ -151,13 +152,11 @@ fn keep_below(d2: f64) -> f64 {
 /// of a query's instructions (callgrind).
 #[inline]
 fn box_d2(b: &AABB<[f64; 3]>, q: &[f64; 3]) -> f64 {
-    let (lo, hi) = (b.lower(), b.upper());
-    let mut s = 0.0;
-    for i in 0..3 {
-        let d = (lo[i] - q[i]).max(q[i] - hi[i]).max(0.0);
-        s += d * d;
+    crate::rtree::Aabb {
+        lo: b.lower(),
+        hi: b.upper(),
     }
-    s
+    .d2(q)
 }
 
 /// An entry of a best-first queue, nearest first: a tree node, or (in the
@@ -268,30 +267,33 @@ impl Walk<'_> {
         }
     }
 
-    /// Walks one shard's tree best-first, nearest box first. Unlike
-    /// rstar's nearest-neighbour iterator, which queues every child of
-    /// every node it opens, it reads the items of an opened leaf-level node
-    /// at once and queues only child nodes whose box is within the cut.
+    /// Walks one shard's tree best-first, nearest box first, queueing only
+    /// nodes whose box is within the cut (an inner node holds its
+    /// children's boxes, so ranking them reads no child).
     /// Exact: an item within the final cut lies in boxes that were within
     /// every earlier cut (the cut only shrinks), so all of them were opened.
     fn shard(&mut self, data: &ShardData) {
         let mut queue = BinaryHeap::with_capacity(32);
-        let root = data.tree.root();
+        let (root, bbox) = data.tree.root();
         queue.push(Pending {
-            d2: box_d2(&root.envelope(), &self.qv),
+            d2: bbox.d2(&self.qv),
             next: root,
         });
         while let Some(Pending { d2, next: node }) = queue.pop() {
             if d2 > self.cut2 {
                 break;
             }
-            for child in node.children() {
-                match child {
-                    RTreeNode::Leaf(item) => self.offer(item),
-                    RTreeNode::Parent(p) => {
-                        let d2 = box_d2(&p.envelope(), &self.qv);
+            match node {
+                NodeRef::Leaf(leaf) => {
+                    for item in data.tree.items(leaf) {
+                        self.offer(item);
+                    }
+                }
+                NodeRef::Inner(inner) => {
+                    for (child, b) in data.tree.children(inner) {
+                        let d2 = b.d2(&self.qv);
                         if d2 <= self.cut2 {
-                            queue.push(Pending { d2, next: p });
+                            queue.push(Pending { d2, next: child });
                         }
                     }
                 }

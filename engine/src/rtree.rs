@@ -1,0 +1,941 @@
+//! The R-tree of one shard's available drivers.
+//!
+//! A point R-tree on the drivers' unit vectors, built for what a shard
+//! does most: move one driver a few metres. It replaced an `rstar` tree
+//! whose R* insertion (`choose_subtree`'s overlap sums, forced
+//! reinsertion) and descent-based removal were three quarters of a move
+//! (see `benches/README.md`); `rstar` still holds the small top-level tree
+//! of cells, which changes only when a cell gets its first driver.
+//!
+//! # Layout
+//! - Nodes live in two arenas, leaves and inner nodes, and refer to each
+//!   other by index. A leaf holds up to [`M`] items inline; an inner node
+//!   holds up to [`M`] children **and their boxes**, so a search reads one
+//!   node to rank all of its children.
+//! - `leaf_of[slot]` is the leaf holding the item of that slot: a move or
+//!   removal finds its item with no descent.
+//!
+//! # Invariants (checked by `check` in the tests)
+//! - Every box in an inner node contains every point below that child
+//!   (boxes may be loose, never short); `root_box` contains every point.
+//! - Every node but the root has between 1 and [`M`] entries; leaves below
+//!   [`MIN_LEAF`] after a removal are dissolved and their items reinserted.
+//! - All leaves are at the same depth (`height` levels below the root).
+//! - `leaf_of` and the nodes' `parent` links agree with the arenas.
+//!
+//! # Algorithms
+//! Insertion descends by least box enlargement (volume, then margin, then
+//! the smaller box); an overflowing node splits R*-style (the axis of least
+//! total margin, then the cut of least overlap). A move that stays inside
+//! its leaf's box rewrites the item in place; any other move is a removal
+//! and an insertion. Bulk loading partitions k-d style, always cutting the
+//! longest axis, into nodes filled to [`BULK_FILL`].
+
+use crate::driver::{Capabilities, Vehicle};
+
+/// Most entries of a node.
+pub(crate) const M: usize = 16;
+/// A leaf left with fewer items than this by a removal is dissolved.
+const MIN_LEAF: usize = 4;
+/// The smallest side of a split.
+const MIN_SPLIT: usize = 6;
+/// Entries per node in a bulk load: room for a few insertions before the
+/// first split.
+const BULK_FILL: usize = 14;
+/// No node / not in the tree.
+const NONE: u32 = u32::MAX;
+
+/// A point in the tree: an available driver.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Item {
+    /// The driver's position as a unit vector.
+    pub(crate) v: [f64; 3],
+    /// Its slot in the shard.
+    pub(crate) slot: u32,
+    pub(crate) vehicle: Vehicle,
+    pub(crate) caps: Capabilities,
+}
+
+const NO_ITEM: Item = Item {
+    v: [0.0; 3],
+    slot: NONE,
+    vehicle: Vehicle::Car,
+    caps: Capabilities::NONE,
+};
+
+/// An axis-aligned box in 3D.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Aabb {
+    pub(crate) lo: [f64; 3],
+    pub(crate) hi: [f64; 3],
+}
+
+impl Aabb {
+    /// Contains nothing; grows into the first point merged into it.
+    const EMPTY: Self = Self {
+        lo: [f64::INFINITY; 3],
+        hi: [f64::NEG_INFINITY; 3],
+    };
+
+    fn point(v: [f64; 3]) -> Self {
+        Self { lo: v, hi: v }
+    }
+
+    #[inline]
+    fn contains(&self, v: &[f64; 3]) -> bool {
+        (0..3).all(|i| self.lo[i] <= v[i] && v[i] <= self.hi[i])
+    }
+
+    #[inline]
+    fn grow(&mut self, v: &[f64; 3]) {
+        for ((lo, hi), x) in self.lo.iter_mut().zip(&mut self.hi).zip(v) {
+            *lo = lo.min(*x);
+            *hi = hi.max(*x);
+        }
+    }
+
+    fn merge(&mut self, b: &Self) {
+        for i in 0..3 {
+            self.lo[i] = self.lo[i].min(b.lo[i]);
+            self.hi[i] = self.hi[i].max(b.hi[i]);
+        }
+    }
+
+    fn merged(mut self, b: &Self) -> Self {
+        self.merge(b);
+        self
+    }
+
+    fn extent(&self, i: usize) -> f64 {
+        (self.hi[i] - self.lo[i]).max(0.0)
+    }
+
+    fn volume(&self) -> f64 {
+        self.extent(0) * self.extent(1) * self.extent(2)
+    }
+
+    fn margin(&self) -> f64 {
+        self.extent(0) + self.extent(1) + self.extent(2)
+    }
+
+    fn center(&self, i: usize) -> f64 {
+        0.5 * (self.lo[i] + self.hi[i])
+    }
+
+    fn overlap(&self, b: &Self) -> f64 {
+        (0..3)
+            .map(|i| (self.hi[i].min(b.hi[i]) - self.lo[i].max(b.lo[i])).max(0.0))
+            .product()
+    }
+
+    /// The squared distance from `q` to the nearest point of the box (0
+    /// inside it).
+    #[inline]
+    pub(crate) fn d2(&self, q: &[f64; 3]) -> f64 {
+        let mut s = 0.0;
+        for ((lo, hi), x) in self.lo.iter().zip(&self.hi).zip(q) {
+            let d = (lo - x).max(x - hi).max(0.0);
+            s += d * d;
+        }
+        s
+    }
+
+    fn of_items(items: &[Item]) -> Self {
+        let mut b = Self::EMPTY;
+        for it in items {
+            b.grow(&it.v);
+        }
+        b
+    }
+
+    fn of_boxes(boxes: &[Aabb]) -> Self {
+        boxes.iter().fold(Self::EMPTY, Aabb::merged)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Leaf {
+    parent: u32,
+    len: u8,
+    items: [Item; M],
+}
+
+impl Leaf {
+    fn items(&self) -> &[Item] {
+        &self.items[..usize::from(self.len)]
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Inner {
+    parent: u32,
+    len: u8,
+    /// 1: the children are leaves; otherwise inner nodes one lower.
+    height: u8,
+    boxes: [Aabb; M],
+    children: [u32; M],
+}
+
+/// A node of the tree, for a walk: a leaf or an inner node, by index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NodeRef {
+    /// A leaf: read its items with [`ShardTree::items`].
+    Leaf(u32),
+    /// An inner node: read its children with [`ShardTree::children`].
+    Inner(u32),
+}
+
+/// The R-tree of one shard (see the module docs).
+#[derive(Debug, Clone)]
+pub(crate) struct ShardTree {
+    leaves: Vec<Leaf>,
+    inners: Vec<Inner>,
+    free_leaves: Vec<u32>,
+    free_inners: Vec<u32>,
+    root: u32,
+    /// 0: the root is a leaf.
+    height: u8,
+    root_box: Aabb,
+    /// slot → the leaf holding its item, or `NONE`.
+    leaf_of: Vec<u32>,
+    len: usize,
+}
+
+impl Default for ShardTree {
+    fn default() -> Self {
+        Self {
+            leaves: vec![Leaf {
+                parent: NONE,
+                len: 0,
+                items: [NO_ITEM; M],
+            }],
+            inners: Vec::new(),
+            free_leaves: Vec::new(),
+            free_inners: Vec::new(),
+            root: 0,
+            height: 0,
+            root_box: Aabb::EMPTY,
+            leaf_of: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+/// An entry of an inner node being split: a child and its box.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    bbox: Aabb,
+    child: u32,
+}
+
+impl ShardTree {
+    /// Number of items.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The root and a box containing every item (empty when there are none).
+    pub(crate) fn root(&self) -> (NodeRef, Aabb) {
+        let node = if self.height == 0 {
+            NodeRef::Leaf(self.root)
+        } else {
+            NodeRef::Inner(self.root)
+        };
+        (node, self.root_box)
+    }
+
+    /// The items of a leaf.
+    #[inline]
+    pub(crate) fn items(&self, leaf: u32) -> &[Item] {
+        self.leaves[leaf as usize].items()
+    }
+
+    /// The children of an inner node, with their boxes.
+    #[inline]
+    pub(crate) fn children(&self, inner: u32) -> impl Iterator<Item = (NodeRef, &Aabb)> {
+        let n = &self.inners[inner as usize];
+        let len = usize::from(n.len);
+        let leaves = n.height == 1;
+        n.children[..len]
+            .iter()
+            .zip(&n.boxes[..len])
+            .map(move |(&c, b)| {
+                let node = if leaves {
+                    NodeRef::Leaf(c)
+                } else {
+                    NodeRef::Inner(c)
+                };
+                (node, b)
+            })
+    }
+
+    /// Every item, in no particular order.
+    #[cfg(test)]
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Item> {
+        // Freed leaves have no items, so the arena can be read whole.
+        self.leaves.iter().flat_map(Leaf::items)
+    }
+
+    /// The item of `slot`, if it is in the tree.
+    #[cfg(test)]
+    pub(crate) fn get(&self, slot: u32) -> Option<&Item> {
+        let leaf = *self.leaf_of.get(slot as usize)?;
+        if leaf == NONE {
+            return None;
+        }
+        self.items(leaf).iter().find(|it| it.slot == slot)
+    }
+
+    /// Builds a tree of `items` (whose slots must be distinct) at once.
+    pub(crate) fn bulk_load(mut items: Vec<Item>) -> Self {
+        let mut t = Self {
+            leaves: Vec::with_capacity(items.len() / (BULK_FILL - 2) + 1),
+            ..Self::default()
+        };
+        let max_slot = items.iter().map(|it| it.slot as usize + 1).max();
+        t.leaf_of = vec![NONE; max_slot.unwrap_or(0)];
+        t.len = items.len();
+        let mut height = 0u8;
+        let mut cap = BULK_FILL;
+        while cap < items.len() {
+            cap = cap.saturating_mul(BULK_FILL);
+            height += 1;
+        }
+        let (root, bbox) = t.build(&mut items, height, NONE);
+        t.root = root;
+        t.height = height;
+        t.root_box = bbox;
+        t
+    }
+
+    /// Builds the subtree of `items` at `height`; returns it and its box.
+    fn build(&mut self, items: &mut [Item], height: u8, parent: u32) -> (u32, Aabb) {
+        if height == 0 {
+            let idx = self.leaves.len() as u32;
+            let mut leaf = Leaf {
+                parent,
+                len: items.len() as u8,
+                items: [NO_ITEM; M],
+            };
+            leaf.items[..items.len()].copy_from_slice(items);
+            for it in &*items {
+                self.leaf_of[it.slot as usize] = idx;
+            }
+            self.leaves.push(leaf);
+            return (idx, Aabb::of_items(items));
+        }
+        let cap = BULK_FILL.pow(u32::from(height));
+        let groups = items.len().div_ceil(cap);
+        let idx = self.inners.len() as u32;
+        self.inners.push(Inner {
+            parent,
+            len: 0,
+            height,
+            boxes: [Aabb::EMPTY; M],
+            children: [NONE; M],
+        });
+        let mut bounds = Vec::with_capacity(groups + 1);
+        bounds.push(0);
+        kd_partition(items, 0, groups, &mut bounds);
+        let mut bbox = Aabb::EMPTY;
+        for w in bounds.windows(2) {
+            let (child, b) = self.build(&mut items[w[0]..w[1]], height - 1, idx);
+            let n = &mut self.inners[idx as usize];
+            let at = usize::from(n.len);
+            n.children[at] = child;
+            n.boxes[at] = b;
+            n.len += 1;
+            bbox.merge(&b);
+        }
+        (idx, bbox)
+    }
+
+    /// Adds an item; its slot must not be in the tree.
+    pub(crate) fn insert(&mut self, item: Item) {
+        let slot = item.slot as usize;
+        if self.leaf_of.len() <= slot {
+            self.leaf_of.resize(slot + 1, NONE);
+        }
+        self.len += 1;
+        self.root_box.grow(&item.v);
+        let mut node = self.root;
+        for _ in 0..self.height {
+            let n = &mut self.inners[node as usize];
+            let i = choose_child(&n.boxes[..usize::from(n.len)], &item.v);
+            n.boxes[i].grow(&item.v);
+            node = n.children[i];
+        }
+        self.push_item(node, item);
+    }
+
+    /// Removes the item of `slot`; returns it, or `None` if it is not in
+    /// the tree.
+    pub(crate) fn remove(&mut self, slot: u32) -> Option<Item> {
+        let leaf = *self.leaf_of.get(slot as usize)?;
+        if leaf == NONE {
+            return None;
+        }
+        let l = &mut self.leaves[leaf as usize];
+        let len = usize::from(l.len);
+        let at = l.items[..len].iter().position(|it| it.slot == slot)?;
+        self.leaf_of[slot as usize] = NONE;
+        self.len -= 1;
+        let item = l.items[at];
+        l.items[at] = l.items[len - 1];
+        l.len -= 1;
+        if leaf != self.root && usize::from(l.len) < MIN_LEAF {
+            let orphans: Vec<Item> = l.items().to_vec();
+            self.detach(leaf, 0);
+            for it in orphans {
+                self.len -= 1;
+                self.insert(it);
+            }
+        } else {
+            self.shrink_up(leaf, 0);
+        }
+        Some(item)
+    }
+
+    /// Replaces the item of `item.slot` (which must be in the tree) with
+    /// `item`: in place when its leaf's box holds the new point, else by a
+    /// removal and an insertion.
+    pub(crate) fn update(&mut self, item: Item) {
+        let slot = item.slot;
+        let Some(&leaf) = self.leaf_of.get(slot as usize) else {
+            return self.insert(item);
+        };
+        if leaf == NONE {
+            return self.insert(item);
+        }
+        let inside = match self.parent_slot(leaf, 0) {
+            Some((p, i)) => self.inners[p as usize].boxes[i].contains(&item.v),
+            None => self.root_box.contains(&item.v),
+        };
+        if inside {
+            let l = &mut self.leaves[leaf as usize];
+            let len = usize::from(l.len);
+            if let Some(it) = l.items[..len].iter_mut().find(|it| it.slot == slot) {
+                *it = item;
+                return;
+            }
+        }
+        self.remove(slot);
+        self.insert(item);
+    }
+
+    /// The parent of a node at `height` and the node's index in it, or
+    /// `None` for the root.
+    fn parent_slot(&self, node: u32, height: u8) -> Option<(u32, usize)> {
+        let parent = if height == 0 {
+            self.leaves[node as usize].parent
+        } else {
+            self.inners[node as usize].parent
+        };
+        if parent == NONE {
+            return None;
+        }
+        let p = &self.inners[parent as usize];
+        let at = p.children[..usize::from(p.len)]
+            .iter()
+            .position(|&c| c == node)?;
+        Some((parent, at))
+    }
+
+    fn set_parent(&mut self, node: u32, height: u8, parent: u32) {
+        if height == 0 {
+            self.leaves[node as usize].parent = parent;
+        } else {
+            self.inners[node as usize].parent = parent;
+        }
+    }
+
+    fn box_of(&self, node: u32, height: u8) -> Aabb {
+        if height == 0 {
+            Aabb::of_items(self.items(node))
+        } else {
+            let n = &self.inners[node as usize];
+            Aabb::of_boxes(&n.boxes[..usize::from(n.len)])
+        }
+    }
+
+    /// Tightens the boxes above a node that lost an entry, up to the first
+    /// one that does not change.
+    fn shrink_up(&mut self, mut node: u32, mut height: u8) {
+        loop {
+            let b = self.box_of(node, height);
+            match self.parent_slot(node, height) {
+                None => {
+                    self.root_box = b;
+                    return;
+                }
+                Some((p, i)) => {
+                    let slot = &mut self.inners[p as usize].boxes[i];
+                    if *slot == b {
+                        return;
+                    }
+                    *slot = b;
+                    node = p;
+                    height += 1;
+                }
+            }
+        }
+    }
+
+    /// Unlinks a node (not the root) from its parent and frees it; a parent
+    /// left empty goes too, and a root left with one child hands over to it.
+    fn detach(&mut self, node: u32, height: u8) {
+        let Some((p, i)) = self.parent_slot(node, height) else {
+            return;
+        };
+        self.free(node, height);
+        let n = &mut self.inners[p as usize];
+        let last = usize::from(n.len) - 1;
+        n.children[i] = n.children[last];
+        n.boxes[i] = n.boxes[last];
+        n.len -= 1;
+        if n.len == 0 && p != self.root {
+            self.detach(p, height + 1);
+        } else {
+            self.shrink_up(p, height + 1);
+        }
+        while self.height > 0 && self.inners[self.root as usize].len == 1 {
+            let old = self.root;
+            self.root = self.inners[old as usize].children[0];
+            self.root_box = self.inners[old as usize].boxes[0];
+            self.height -= 1;
+            self.set_parent(self.root, self.height, NONE);
+            self.free(old, self.height + 1);
+        }
+    }
+
+    fn free(&mut self, node: u32, height: u8) {
+        if height == 0 {
+            let l = &mut self.leaves[node as usize];
+            l.len = 0;
+            l.parent = NONE;
+            self.free_leaves.push(node);
+        } else {
+            let n = &mut self.inners[node as usize];
+            n.len = 0;
+            n.parent = NONE;
+            self.free_inners.push(node);
+        }
+    }
+
+    fn new_leaf(&mut self, parent: u32) -> u32 {
+        let leaf = Leaf {
+            parent,
+            len: 0,
+            items: [NO_ITEM; M],
+        };
+        if let Some(i) = self.free_leaves.pop() {
+            self.leaves[i as usize] = leaf;
+            i
+        } else {
+            self.leaves.push(leaf);
+            (self.leaves.len() - 1) as u32
+        }
+    }
+
+    fn new_inner(&mut self, parent: u32, height: u8) -> u32 {
+        let n = Inner {
+            parent,
+            len: 0,
+            height,
+            boxes: [Aabb::EMPTY; M],
+            children: [NONE; M],
+        };
+        if let Some(i) = self.free_inners.pop() {
+            self.inners[i as usize] = n;
+            i
+        } else {
+            self.inners.push(n);
+            (self.inners.len() - 1) as u32
+        }
+    }
+
+    /// Puts an item in a leaf whose ancestors' boxes already hold it,
+    /// splitting the leaf if it is full.
+    fn push_item(&mut self, leaf: u32, item: Item) {
+        let l = &mut self.leaves[leaf as usize];
+        let len = usize::from(l.len);
+        self.leaf_of[item.slot as usize] = leaf;
+        if len < M {
+            l.items[len] = item;
+            l.len += 1;
+            return;
+        }
+        let mut all = [NO_ITEM; M + 1];
+        all[..M].copy_from_slice(&l.items);
+        all[M] = item;
+        let cut = split(&mut all, |it| Aabb::point(it.v));
+        let (a, b) = all.split_at(cut);
+        let l = &mut self.leaves[leaf as usize];
+        l.items[..a.len()].copy_from_slice(a);
+        l.len = a.len() as u8;
+        let parent = l.parent;
+        let new = self.new_leaf(parent);
+        let n = &mut self.leaves[new as usize];
+        n.items[..b.len()].copy_from_slice(b);
+        n.len = b.len() as u8;
+        for it in b {
+            self.leaf_of[it.slot as usize] = new;
+        }
+        self.attach(leaf, Aabb::of_items(a), new, Aabb::of_items(b), 0);
+    }
+
+    /// After `old` (at `height`) split: sets its box in its parent and adds
+    /// `new` beside it, splitting upwards as needed.
+    fn attach(&mut self, old: u32, old_box: Aabb, new: u32, new_box: Aabb, height: u8) {
+        let Some((p, i)) = self.parent_slot(old, height) else {
+            let root = self.new_inner(NONE, height + 1);
+            let r = &mut self.inners[root as usize];
+            r.children[..2].copy_from_slice(&[old, new]);
+            r.boxes[..2].copy_from_slice(&[old_box, new_box]);
+            r.len = 2;
+            self.set_parent(old, height, root);
+            self.set_parent(new, height, root);
+            self.root = root;
+            self.height = height + 1;
+            self.root_box = old_box.merged(&new_box);
+            return;
+        };
+        let n = &mut self.inners[p as usize];
+        n.boxes[i] = old_box;
+        let len = usize::from(n.len);
+        if len < M {
+            n.children[len] = new;
+            n.boxes[len] = new_box;
+            n.len += 1;
+            self.set_parent(new, height, p);
+            return;
+        }
+        let mut all = [Entry {
+            bbox: Aabb::EMPTY,
+            child: NONE,
+        }; M + 1];
+        for (e, (&child, &bbox)) in all.iter_mut().zip(n.children.iter().zip(&n.boxes)) {
+            *e = Entry { bbox, child };
+        }
+        all[M] = Entry {
+            bbox: new_box,
+            child: new,
+        };
+        let cut = split(&mut all, |e| e.bbox);
+        let (a, b) = all.split_at(cut);
+        let grand = n.parent;
+        let sibling = self.new_inner(grand, height + 1);
+        for (node, part) in [(p, a), (sibling, b)] {
+            let n = &mut self.inners[node as usize];
+            for (j, e) in part.iter().enumerate() {
+                n.children[j] = e.child;
+                n.boxes[j] = e.bbox;
+            }
+            n.len = part.len() as u8;
+            for e in part {
+                self.set_parent(e.child, height, node);
+            }
+        }
+        let a_box = Aabb::of_boxes(&self.inners[p as usize].boxes[..a.len()]);
+        let b_box = Aabb::of_boxes(&self.inners[sibling as usize].boxes[..b.len()]);
+        self.attach(p, a_box, sibling, b_box, height + 1);
+    }
+
+    /// Checks every invariant of the module docs; panics on a broken one.
+    #[cfg(test)]
+    pub(crate) fn check(&self) {
+        let mut seen = 0;
+        self.check_node(self.root, self.height, &self.root_box, NONE, &mut seen);
+        assert_eq!(seen, self.len, "item count");
+        for (slot, &leaf) in self.leaf_of.iter().enumerate() {
+            if leaf != NONE {
+                assert!(
+                    self.items(leaf).iter().any(|it| it.slot as usize == slot),
+                    "leaf_of[{slot}]"
+                );
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn check_node(&self, node: u32, height: u8, bbox: &Aabb, parent: u32, seen: &mut usize) {
+        if height == 0 {
+            let l = &self.leaves[node as usize];
+            assert_eq!(l.parent, parent, "leaf {node}'s parent");
+            assert!(node == self.root || l.len > 0, "empty leaf {node}");
+            for it in l.items() {
+                assert!(bbox.contains(&it.v), "item {} outside its box", it.slot);
+                assert_eq!(self.leaf_of[it.slot as usize], node, "leaf_of {}", it.slot);
+                *seen += 1;
+            }
+        } else {
+            let n = &self.inners[node as usize];
+            assert_eq!(n.parent, parent, "inner {node}'s parent");
+            assert_eq!(n.height, height, "inner {node}'s height");
+            assert!(n.len > 0, "empty inner node {node}");
+            assert!(node != self.root || n.len > 1, "root with one child");
+            for j in 0..usize::from(n.len) {
+                let b = &n.boxes[j];
+                assert!(
+                    (0..3).all(|i| bbox.lo[i] <= b.lo[i] && b.hi[i] <= bbox.hi[i]),
+                    "inner {node}'s child box outside its own"
+                );
+                self.check_node(n.children[j], height - 1, b, node, seen);
+            }
+        }
+    }
+}
+
+/// The child to descend into for a point: least volume enlargement, then
+/// least margin enlargement (boxes of points on a line have no volume),
+/// then the smaller box.
+#[inline]
+fn choose_child(boxes: &[Aabb], v: &[f64; 3]) -> usize {
+    let mut best = 0;
+    let mut best_key = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+    for (i, b) in boxes.iter().enumerate() {
+        let key = if b.contains(v) {
+            (0.0, 0.0, b.volume())
+        } else {
+            let mut g = *b;
+            g.grow(v);
+            let vol = g.volume();
+            (vol - b.volume(), g.margin() - b.margin(), vol)
+        };
+        if key < best_key {
+            best_key = key;
+            best = i;
+        }
+    }
+    best
+}
+
+/// Orders `entries` (M + 1 of them) for an R* split and returns where to
+/// cut: the axis whose sorted cuts have the least total margin, then the
+/// cut on it with the least overlap, then the least total volume.
+fn split<T: Copy>(entries: &mut [T], bbox: impl Fn(&T) -> Aabb) -> usize {
+    let n = entries.len();
+    let cuts = MIN_SPLIT..=n - MIN_SPLIT;
+    let sort = |entries: &mut [T], axis: usize| {
+        entries.sort_unstable_by(|a, b| bbox(a).center(axis).total_cmp(&bbox(b).center(axis)));
+    };
+    // Boxes of every prefix and suffix of the sorted entries.
+    let sides = |entries: &[T]| {
+        let mut pre = [Aabb::EMPTY; M + 2];
+        let mut suf = [Aabb::EMPTY; M + 2];
+        for i in 0..n {
+            pre[i + 1] = pre[i].merged(&bbox(&entries[i]));
+        }
+        for i in (0..n).rev() {
+            suf[i] = suf[i + 1].merged(&bbox(&entries[i]));
+        }
+        (pre, suf)
+    };
+    let mut best_axis = 0;
+    let mut best_margin = f64::INFINITY;
+    for axis in 0..3 {
+        sort(entries, axis);
+        let (pre, suf) = sides(entries);
+        let margin: f64 = cuts
+            .clone()
+            .map(|k| pre[k].margin() + suf[k].margin())
+            .sum();
+        if margin < best_margin {
+            best_margin = margin;
+            best_axis = axis;
+        }
+    }
+    sort(entries, best_axis);
+    let (pre, suf) = sides(entries);
+    let mut best = MIN_SPLIT;
+    let mut best_key = (f64::INFINITY, f64::INFINITY);
+    for k in cuts {
+        let key = (pre[k].overlap(&suf[k]), pre[k].volume() + suf[k].volume());
+        if key < best_key {
+            best_key = key;
+            best = k;
+        }
+    }
+    best
+}
+
+/// Splits `items` into `groups` runs of near-equal size, k-d style: each
+/// cut is on the longest axis of the items' box. Pushes each run's end
+/// (offset by `base`) onto `bounds`.
+fn kd_partition(items: &mut [Item], base: usize, groups: usize, bounds: &mut Vec<usize>) {
+    if groups <= 1 {
+        bounds.push(base + items.len());
+        return;
+    }
+    let left = groups / 2;
+    // Rounded up: each side then needs at most its share of nodes.
+    let at = (items.len() * left).div_ceil(groups);
+    let b = Aabb::of_items(items);
+    let axis = (0..3)
+        .max_by(|&i, &j| b.extent(i).total_cmp(&b.extent(j)))
+        .unwrap_or(0);
+    items.select_nth_unstable_by(at, |a, b| a.v[axis].total_cmp(&b.v[axis]));
+    let (l, r) = items.split_at_mut(at);
+    kd_partition(l, base, left, bounds);
+    kd_partition(r, base + at, groups - left, bounds);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn item(slot: u32, v: [f64; 3]) -> Item {
+        Item {
+            v,
+            slot,
+            vehicle: Vehicle::Car,
+            caps: Capabilities::NONE,
+        }
+    }
+
+    /// A point of a small patch, as in a city: coordinates from a grid so
+    /// that duplicates and shared coordinates happen.
+    fn point() -> impl Strategy<Value = [f64; 3]> {
+        (0u32..40, 0u32..40, 0u32..3).prop_map(|(a, b, c)| {
+            [
+                0.6 + f64::from(a) * 1e-4,
+                0.7 + f64::from(b) * 1e-4,
+                0.3 + f64::from(c) * 1e-5,
+            ]
+        })
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Put(u32, [f64; 3]),
+        Remove(u32),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0u32..300, point()).prop_map(|(s, v)| Op::Put(s, v)),
+            1 => (0u32..300).prop_map(Op::Remove),
+        ]
+    }
+
+    /// The items within `d2` of `q`, by a walk that opens only boxes
+    /// within it (what the search relies on), as a sorted slot list.
+    fn within(t: &ShardTree, q: &[f64; 3], d2: f64) -> Vec<u32> {
+        let mut out = Vec::new();
+        let (root, b) = t.root();
+        let mut stack = vec![(root, b)];
+        while let Some((node, b)) = stack.pop() {
+            if b.d2(q) > d2 {
+                continue;
+            }
+            match node {
+                NodeRef::Leaf(l) => out.extend(
+                    t.items(l)
+                        .iter()
+                        .filter(|it| crate::position::chord2(&it.v, q) <= d2)
+                        .map(|it| it.slot),
+                ),
+                NodeRef::Inner(n) => stack.extend(t.children(n).map(|(c, b)| (c, *b))),
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    fn model_within(m: &BTreeMap<u32, [f64; 3]>, q: &[f64; 3], d2: f64) -> Vec<u32> {
+        m.iter()
+            .filter(|(_, v)| crate::position::chord2(v, q) <= d2)
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Random insertions, moves and removals against a map: the
+        /// invariants hold after every step, and box-pruned range walks
+        /// find exactly what a scan of the map finds.
+        #[test]
+        fn matches_a_map(
+            start in prop::collection::vec(point(), 0..200),
+            ops in prop::collection::vec(op(), 1..400),
+            q in point(),
+            r in 0.0f64..3e-3,
+        ) {
+            let mut model: BTreeMap<u32, [f64; 3]> = BTreeMap::new();
+            for (s, v) in start.iter().enumerate() {
+                model.insert(s as u32, *v);
+            }
+            let mut t = ShardTree::bulk_load(
+                model.iter().map(|(&s, &v)| item(s, v)).collect(),
+            );
+            t.check();
+            for op in ops {
+                match op {
+                    Op::Put(s, v) => {
+                        if model.insert(s, v).is_some() {
+                            t.update(item(s, v));
+                        } else {
+                            t.insert(item(s, v));
+                        }
+                    }
+                    Op::Remove(s) => {
+                        let got = t.remove(s).map(|it| it.v);
+                        prop_assert_eq!(got, model.remove(&s));
+                    }
+                }
+                t.check();
+                prop_assert_eq!(t.len(), model.len());
+            }
+            for (s, v) in &model {
+                prop_assert_eq!(t.get(*s).map(|it| it.v), Some(*v));
+            }
+            let mut all: Vec<u32> = t.iter().map(|it| it.slot).collect();
+            all.sort_unstable();
+            prop_assert_eq!(&all, &model.keys().copied().collect::<Vec<_>>());
+            prop_assert_eq!(within(&t, &q, r * r), model_within(&model, &q, r * r));
+        }
+    }
+
+    #[test]
+    fn bulk_load_sizes_and_emptying() {
+        for n in [0usize, 1, 13, 14, 15, 16, 17, 196, 197, 3000, 20_000] {
+            let items: Vec<Item> = (0..n)
+                .map(|i| {
+                    let f = i as f64;
+                    item(
+                        i as u32,
+                        [
+                            0.6 + (f * 0.37).sin() * 1e-3,
+                            0.7 + (f * 0.11).cos() * 1e-3,
+                            0.3,
+                        ],
+                    )
+                })
+                .collect();
+            let mut t = ShardTree::bulk_load(items.clone());
+            t.check();
+            assert_eq!(t.len(), n);
+            // Remove everything, half of it by moving first.
+            for it in &items {
+                if it.slot % 2 == 0 {
+                    t.update(Item {
+                        v: [0.61, 0.69, 0.3],
+                        ..*it
+                    });
+                }
+            }
+            t.check();
+            for it in &items {
+                assert!(t.remove(it.slot).is_some());
+            }
+            t.check();
+            assert_eq!(t.len(), 0);
+            assert!(t.remove(0).is_none());
+            assert_eq!(t.iter().count(), 0);
+        }
+    }
+}
