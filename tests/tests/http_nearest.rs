@@ -254,6 +254,9 @@ async fn nearest_rejects_bad_parameters_without_changing_state() {
             "lat=41.88&lon=-87.63&capabilities=cash,teleport",
             &["invalid_parameter"],
         ),
+        ("lat=41.88&lon=-87.63&kk=3", &["invalid_parameter"]),
+        ("lat=41.88&lon=-87.63&lat=41.89", &["invalid_parameter"]),
+        ("lat=41.88&lon=-87.63&k=1&k=2", &["invalid_parameter"]),
     ];
     let before = srv.snapshot(&[]);
     for (query, codes) in cases {
@@ -262,6 +265,11 @@ async fn nearest_rejects_bad_parameters_without_changing_state() {
         r.expect_error_in(400, codes);
         assert_eq!(srv.snapshot(&[]), before, "{query} changed state");
     }
+    // Values are percent-decoded (`%2D` is `-`, `%63ar` is `car`, `+` a space).
+    let got = srv
+        .nearest("lat=41.88&lon=%2D87.63&vehicle=%63ar&k=+3")
+        .await;
+    assert_eq!(got.len(), 1);
     // The limits themselves are valid.
     for k in [1, 100] {
         let got = srv.nearest(&format!("lat=41.88&lon=-87.63&k={k}")).await;

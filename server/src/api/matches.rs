@@ -3,12 +3,13 @@
 //! `POST /v1/matches/batch`.
 
 use axum::Json;
-use axum::extract::{Query, State};
+use std::borrow::Cow;
+
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hexmatch::{BatchOrder, Capabilities, DriverId, NearestQuery, OrderId, Position};
 use metrics::counter;
-use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::AppState;
@@ -24,21 +25,20 @@ const BATCH_CANDIDATES: usize = 16;
 
 /// Query of `GET /v1/drivers/nearest`. Parameters arrive as text and are
 /// parsed here, so each bad one gets its own error.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct NearestParams {
+#[derive(Debug, Default, IntoParams)]
+pub(crate) struct NearestParams<'a> {
     /// Latitude of the query point.
-    lat: Option<String>,
+    lat: Option<Cow<'a, str>>,
     /// Longitude of the query point.
-    lon: Option<String>,
+    lon: Option<Cow<'a, str>>,
     /// How many drivers, 1..=100 (default 10).
-    k: Option<String>,
+    k: Option<Cow<'a, str>>,
     /// Search radius in metres (default: the server's max radius).
-    radius_m: Option<String>,
+    radius_m: Option<Cow<'a, str>>,
     /// Only this vehicle class.
-    vehicle: Option<String>,
+    vehicle: Option<Cow<'a, str>>,
     /// Comma-separated capabilities every driver must have.
-    capabilities: Option<String>,
+    capabilities: Option<Cow<'a, str>>,
 }
 
 fn number<T: std::str::FromStr>(name: &str, raw: Option<&str>) -> ApiResult<Option<T>> {
@@ -50,7 +50,35 @@ fn number<T: std::str::FromStr>(name: &str, raw: Option<&str>) -> ApiResult<Opti
     .transpose()
 }
 
-impl NearestParams {
+impl<'a> NearestParams<'a> {
+    /// Reads a raw query string (`application/x-www-form-urlencoded`, as
+    /// axum's `Query` would, without copying values that need no
+    /// decoding). An unknown or repeated parameter is an error.
+    fn from_query(query: Option<&'a str>) -> ApiResult<Self> {
+        let mut p = Self::default();
+        for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            let slot = match &*key {
+                "lat" => &mut p.lat,
+                "lon" => &mut p.lon,
+                "k" => &mut p.k,
+                "radius_m" => &mut p.radius_m,
+                "vehicle" => &mut p.vehicle,
+                "capabilities" => &mut p.capabilities,
+                other => {
+                    return Err(ApiError::invalid_parameter(format!(
+                        "unknown query parameter {other:?}; expected lat, lon, k, radius_m, vehicle, capabilities"
+                    )));
+                }
+            };
+            if slot.replace(value).is_some() {
+                return Err(ApiError::invalid_parameter(format!(
+                    "query parameter {key:?} is given more than once"
+                )));
+            }
+        }
+        Ok(p)
+    }
+
     fn parse(&self) -> ApiResult<NearestQuery> {
         let lat: f64 = number("lat", self.lat.as_deref())?
             .ok_or_else(|| ApiError::invalid_parameter("lat is required"))?;
@@ -81,17 +109,15 @@ impl NearestParams {
         (status = 200, description = "Nearest first; ties by driver_id", body = NearestOut),
         (status = 400, description = "invalid_parameter, invalid_position", body = ErrorBody),
     ))]
-pub(crate) async fn nearest(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    params: Result<Query<NearestParams>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Response> {
-    let Query(params) = params.map_err(|e| ApiError::invalid_parameter(e.body_text()))?;
-    let q = params.parse()?;
+pub(crate) async fn nearest(State(state): State<AppState>, req: Request) -> ApiResult<Response> {
+    // The whole request rather than `Query` and `HeaderMap` extractors:
+    // they would copy every parameter and every header.
+    let q = NearestParams::from_query(req.uri().query())?.parse()?;
+    let headers = req.headers();
     if let Some(cluster) = state.cluster.get()
-        && !crate::cluster::route::scope_local(&headers)
+        && !crate::cluster::route::scope_local(headers)
     {
-        return crate::cluster::route::nearest(&state, cluster, &q, &headers).await;
+        return crate::cluster::route::nearest(&state, cluster, &q, headers).await;
     }
     let found = state.engine.nearest(&q)?;
     Ok((
