@@ -15,6 +15,9 @@ mod ops;
 mod peer;
 mod stream;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +29,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{BoxError, Router};
+use foldhash::fast::FixedState;
 use hexmatch::Engine;
 use metrics::{counter, histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -234,33 +238,36 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn app(state: AppState) -> Router {
     // One semaphore for all of /v1: `Router::layer` wraps each route on its
     // own, so a plain concurrency limit would count per route.
-    let shed = ServiceBuilder::new()
-        .layer(HandleErrorLayer::new(shed_error))
-        .load_shed()
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            state.config.max_in_flight.max(1),
-        ))
-        .timeout(Duration::from_millis(
-            state.config.request_timeout_ms.max(1),
-        ));
-    let mut v1 = v1_routes().layer(shed);
-    if let Some(limiter) = &state.limiter {
-        v1 = v1.layer(
-            GovernorLayer::new(Arc::clone(limiter)).error_handler(|e| match e {
-                tower_governor::GovernorError::TooManyRequests { wait_time, .. } => {
-                    ApiError::rate_limited(wait_time).into_response()
-                }
-                other => ApiError::new("internal", other.to_string()).into_response(),
-            }),
-        );
-    }
-    let v1 = v1
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            crate::cluster::route::layer,
-        ))
-        .layer(middleware::from_fn_with_state(state.clone(), require_ready))
-        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    // Layers are grouped with `ServiceBuilder`, one `Router::layer` call
+    // per group: every such call boxes each route once more, which costs
+    // an allocation and a boxed future per request.
+    //
+    // `/v1`, outermost first: token, readiness and cluster routing (one
+    // middleware), the per-client rate limit when configured, then one
+    // semaphore for all of /v1 with load shedding and the request timeout
+    // (`Router::layer` wraps each route on its own, so a plain concurrency
+    // limit would count per route).
+    let limiter = state.limiter.as_ref().map(|limiter| {
+        GovernorLayer::new(Arc::clone(limiter)).error_handler(|e| match e {
+            tower_governor::GovernorError::TooManyRequests { wait_time, .. } => {
+                ApiError::rate_limited(wait_time).into_response()
+            }
+            other => ApiError::new("internal", other.to_string()).into_response(),
+        })
+    });
+    let v1 = v1_routes().layer(
+        ServiceBuilder::new()
+            .layer(middleware::from_fn_with_state(state.clone(), v1_gate))
+            .option_layer(limiter)
+            .layer(HandleErrorLayer::new(shed_error))
+            .load_shed()
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                state.config.max_in_flight.max(1),
+            ))
+            .timeout(Duration::from_millis(
+                state.config.request_timeout_ms.max(1),
+            )),
+    );
     let (router, _) = v1.merge(ops_routes()).split_for_parts();
     let compress = SizeAbove::new(1024).and(NotForContentType::const_new("text/event-stream"));
     router
@@ -272,19 +279,23 @@ pub fn app(state: AppState) -> Router {
                 "method not allowed on this route; see /openapi.json",
             )
         })
-        .layer(DefaultBodyLimit::max(state.config.body_limit_bytes))
-        .layer(CompressionLayer::new().compress_when(compress))
-        .layer(middleware::from_fn(track_http))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let id = req
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-");
-            tracing::debug_span!("http", method = %req.method(), uri = %req.uri(), request_id = %id)
-        }))
-        .layer(SetRequestIdLayer::x_request_id(Sequential::default()))
+        // Every route, outermost first.
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(Sequential::default()))
+                .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    tracing::debug_span!("http", method = %req.method(), uri = %req.uri(), request_id = %id)
+                }))
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(middleware::from_fn(track_http))
+                .layer(CompressionLayer::new().compress_when(compress))
+                .layer(DefaultBodyLimit::max(state.config.body_limit_bytes)),
+        )
         .with_state(state)
 }
 
@@ -338,56 +349,118 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Bearer-token check on `/v1` when tokens are configured.
-async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let tokens = &state.config.api_tokens;
-    if tokens.is_empty() {
-        return next.run(req).await;
+/// What every `/v1` request passes first, in this order: the bearer token
+/// (when tokens are configured), readiness (503 `not_ready` until start-up,
+/// the snapshot restore, is done, so no update races it), then the cluster
+/// router. One middleware rather than three: each layer costs an
+/// allocation and a boxed future per request.
+async fn v1_gate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(refused) = check_token(&state.config.api_tokens, req.headers()) {
+        return refused;
     }
-    match bearer(req.headers()) {
+    if !state.ready.load(Ordering::Acquire) {
+        return ApiError::new(
+            "not_ready",
+            "start-up is not finished (restoring the snapshot)",
+        )
+        .into_response();
+    }
+    crate::cluster::route::route(&state, req, next).await
+}
+
+/// The 401 for a request without a valid bearer token, when tokens are
+/// configured.
+fn check_token(tokens: &[String], headers: &HeaderMap) -> Option<Response> {
+    if tokens.is_empty() {
+        return None;
+    }
+    match bearer(headers) {
         Some(t)
             if tokens
                 .iter()
                 .any(|k| constant_time_eq(k.as_bytes(), t.as_bytes())) =>
         {
-            next.run(req).await
+            None
         }
-        Some(_) => ApiError::new("unauthorized", "the bearer token is not valid").into_response(),
-        None => {
-            ApiError::new("unauthorized", "missing Authorization: Bearer <token>").into_response()
+        Some(_) => {
+            Some(ApiError::new("unauthorized", "the bearer token is not valid").into_response())
         }
+        None => Some(
+            ApiError::new("unauthorized", "missing Authorization: Bearer <token>").into_response(),
+        ),
     }
 }
 
-/// `/v1` answers 503 `not_ready` until start-up (restore) is done, so no
-/// update races the restore.
-async fn require_ready(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if state.ready.load(Ordering::Acquire) {
-        next.run(req).await
-    } else {
-        ApiError::new(
-            "not_ready",
-            "start-up is not finished (restoring the snapshot)",
-        )
-        .into_response()
+/// One route's metric handles, for one method and status.
+struct RouteMetrics {
+    route: Box<str>,
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+thread_local! {
+    /// Metric handles by (hash of the route, method, status), per request
+    /// thread: registering a labelled metric allocates its labels and
+    /// looks it up in the recorder's registry, on every request. Bounded:
+    /// routes are templates, methods outside the standard ones share one
+    /// label, statuses are few.
+    static ROUTE_METRICS: RefCell<
+        HashMap<(u64, &'static str, u16), RouteMetrics, FixedState>,
+    > = RefCell::default();
+}
+
+/// The `method` label: standard methods by name, any other as `other`, so
+/// a client cannot create label values.
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
     }
 }
 
 /// Per-route request counts and latency histograms.
 async fn track_http(req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().as_str().to_owned();
+    // A clone of the matched path is a reference count, not a copy.
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let method = method_label(req.method());
     let resp = next.run(req).await;
-    let status = resp.status().as_u16().to_string();
-    counter!("hexmatch_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
-        .increment(1);
-    histogram!("hexmatch_http_request_duration_seconds", "route" => route, "method" => method)
-        .record(started.elapsed().as_secs_f64());
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let status = resp.status().as_u16();
+    let elapsed = started.elapsed().as_secs_f64();
+    let record = |m: &RouteMetrics| {
+        m.requests.increment(1);
+        m.duration.record(elapsed);
+    };
+    ROUTE_METRICS.with_borrow_mut(|cache| {
+        let hash = BuildHasher::hash_one(&FixedState::default(), route);
+        match cache.get(&(hash, method, status)) {
+            Some(m) if *m.route == *route => record(m),
+            // Two routes whose hashes collide: the second goes uncached.
+            Some(_) => record(&route_metrics(route, method, status)),
+            None => {
+                let m = route_metrics(route, method, status);
+                record(&m);
+                cache.insert((hash, method, status), m);
+            }
+        }
+    });
     resp
+}
+
+fn route_metrics(route: &str, method: &'static str, status: u16) -> RouteMetrics {
+    RouteMetrics {
+        route: route.into(),
+        requests: counter!("hexmatch_http_requests_total", "route" => route.to_owned(), "method" => method, "status" => status.to_string()),
+        duration: histogram!("hexmatch_http_request_duration_seconds", "route" => route.to_owned(), "method" => method),
+    }
 }
 
 /// Request ids `1`, `2`, … per process (a client's own `x-request-id` header is kept).

@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -100,9 +100,10 @@ fn position_in(bytes: &[u8]) -> Option<Position> {
     Position::new(lat, lon).ok()
 }
 
-/// The routing layer over `/v1`: serves here what this node owns, forwards
-/// the rest to the owner.
-pub(crate) async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// The routing step of every `/v1` request (run by the API's gate
+/// middleware): serves here what this node owns, forwards the rest to the
+/// owner.
+pub(crate) async fn route(state: &AppState, req: Request, next: Next) -> Response {
     let Some(cluster) = state.cluster.get().cloned() else {
         return next.run(req).await;
     };
@@ -111,7 +112,7 @@ pub(crate) async fn layer(State(state): State<AppState>, req: Request, next: Nex
     let region = match classify(req.method(), req.uri().path()) {
         Kind::Here => None,
         Kind::Position => {
-            let (parts, bytes) = match buffered(&state, req).await {
+            let (parts, bytes) = match buffered(state, req).await {
                 Ok(x) => x,
                 Err(resp) => return resp,
             };
@@ -120,14 +121,14 @@ pub(crate) async fn layer(State(state): State<AppState>, req: Request, next: Nex
                 .map(|r| r.to_string());
             let req = Request::from_parts(parts, Body::from(bytes));
             return match region {
-                Some(region) => dispatch(&state, &cluster, &region, req, forwarded, next).await,
+                Some(region) => dispatch(state, &cluster, &region, req, forwarded, next).await,
                 None => served_by(next.run(req).await, &node),
             };
         }
-        Kind::Order(order) => order_region(&state, &cluster, &order).await,
+        Kind::Order(order) => order_region(state, &cluster, &order).await,
     };
     match region {
-        Some(region) => dispatch(&state, &cluster, &region, req, forwarded, next).await,
+        Some(region) => dispatch(state, &cluster, &region, req, forwarded, next).await,
         None => served_by(next.run(req).await, &node),
     }
 }
