@@ -40,9 +40,18 @@ async fn metrics_expose_the_documented_series() {
     srv.claim(&json!({"order_id": "o1", "pickup": {"lat": 41.88, "lon": -87.63}}))
         .await
         .expect(201);
-    srv.get("/v1/drivers/nearest?lat=41.88&lon=-87.63")
-        .await
-        .expect(200);
+    for _ in 0..3 {
+        srv.get("/v1/drivers/nearest?lat=41.88&lon=-87.63")
+            .await
+            .expect(200);
+    }
+    // A method of the client's own invention is counted as `other`, so
+    // clients cannot create label values.
+    let brew = reqwest::Method::from_bytes(b"BREW").unwrap();
+    let r = srv
+        .send(srv.request(brew, "/v1/drivers/nearest?lat=41.88&lon=-87.63"))
+        .await;
+    assert_eq!(r.status.as_u16(), 405, "{}", r.body);
 
     // Gauges may be refreshed by the background task: poll until they agree.
     let text = poll_until("metrics to reflect the drivers", async || {
@@ -76,6 +85,23 @@ async fn metrics_expose_the_documented_series() {
     assert!(applied.is_some_and(|n| n >= 1.0), "{applied:?}");
     let requests = metric_sum(body, "hexmatch_http_requests_total", &[]);
     assert!(requests.is_some_and(|n| n >= 6.0), "{requests:?}");
+    let route = ("route", "/v1/drivers/nearest");
+    let nearest_ok = metric_sum(
+        body,
+        "hexmatch_http_requests_total",
+        &[route, ("method", "GET"), ("status", "200")],
+    );
+    assert!(nearest_ok.is_some_and(|n| n >= 3.0), "{nearest_ok:?}");
+    let other = metric_sum(
+        body,
+        "hexmatch_http_requests_total",
+        &[("method", "other"), ("status", "405")],
+    );
+    assert!(other.is_some_and(|n| n >= 1.0), "{other:?}\n{body}");
+    assert!(
+        !body.contains("BREW"),
+        "a client-made method label:\n{body}"
+    );
     let matches = metric_sum(body, "hexmatch_matches_total", &[]);
     assert!(matches.is_some_and(|n| n >= 1.0), "{matches:?}");
     // Latency histogram (per route).
