@@ -529,13 +529,7 @@ impl ShardTree {
             len: 0,
             items: [NO_ITEM; M],
         };
-        if let Some(i) = self.free_leaves.pop() {
-            self.leaves[i as usize] = leaf;
-            i
-        } else {
-            self.leaves.push(leaf);
-            (self.leaves.len() - 1) as u32
-        }
+        alloc(&mut self.leaves, &mut self.free_leaves, leaf)
     }
 
     fn new_inner(&mut self, parent: u32, height: u8) -> u32 {
@@ -546,13 +540,7 @@ impl ShardTree {
             boxes: [Aabb::EMPTY; M],
             children: [NONE; M],
         };
-        if let Some(i) = self.free_inners.pop() {
-            self.inners[i as usize] = n;
-            i
-        } else {
-            self.inners.push(n);
-            (self.inners.len() - 1) as u32
-        }
+        alloc(&mut self.inners, &mut self.free_inners, n)
     }
 
     /// Puts an item in a leaf whose ancestors' boxes already hold it,
@@ -684,6 +672,17 @@ impl ShardTree {
                 self.check_node(n.children[j], height - 1, b, node, seen);
             }
         }
+    }
+}
+
+/// Stores a node in a free place of its arena, or at the end; returns its index.
+fn alloc<T>(arena: &mut Vec<T>, free: &mut Vec<u32>, node: T) -> u32 {
+    if let Some(i) = free.pop() {
+        arena[i as usize] = node;
+        i
+    } else {
+        arena.push(node);
+        (arena.len() - 1) as u32
     }
 }
 
