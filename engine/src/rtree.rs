@@ -337,7 +337,7 @@ impl ShardTree {
         });
         let mut bounds = Vec::with_capacity(groups + 1);
         bounds.push(0);
-        kd_partition(items, 0, groups, &mut bounds);
+        kd_partition(items, Aabb::of_items(items), 0, groups, &mut bounds);
         let mut bbox = Aabb::EMPTY;
         for w in bounds.windows(2) {
             let (child, b) = self.build(&mut items[w[0]..w[1]], height - 1, idx);
@@ -760,24 +760,36 @@ fn split<T: Copy>(entries: &mut [T], bbox: impl Fn(&T) -> Aabb) -> usize {
 }
 
 /// Splits `items` into `groups` runs of near-equal size, k-d style: each
-/// cut is on the longest axis of the items' box. Pushes each run's end
-/// (offset by `base`) onto `bounds`.
-fn kd_partition(items: &mut [Item], base: usize, groups: usize, bounds: &mut Vec<usize>) {
+/// cut is on the longest axis of `bbox`, a box around the items (the
+/// parent's box cut at the parent's cut: no pass over the items to
+/// measure them). Pushes each run's end (offset by `base`) onto `bounds`.
+fn kd_partition(
+    items: &mut [Item],
+    bbox: Aabb,
+    base: usize,
+    groups: usize,
+    bounds: &mut Vec<usize>,
+) {
     if groups <= 1 {
         bounds.push(base + items.len());
         return;
     }
     let left = groups / 2;
-    // Rounded up: each side then needs at most its share of nodes.
+    // Rounded up: each side then needs at most its share of nodes. As
+    // `items.len() >= groups`, `at < items.len()` and each side has at
+    // least one item per group.
     let at = (items.len() * left).div_ceil(groups);
-    let b = Aabb::of_items(items);
     let axis = (0..3)
-        .max_by(|&i, &j| b.extent(i).total_cmp(&b.extent(j)))
+        .max_by(|&i, &j| bbox.extent(i).total_cmp(&bbox.extent(j)))
         .unwrap_or(0);
     items.select_nth_unstable_by(at, |a, b| a.v[axis].total_cmp(&b.v[axis]));
+    let cut = items[at].v[axis];
+    let (mut lb, mut rb) = (bbox, bbox);
+    lb.hi[axis] = cut;
+    rb.lo[axis] = cut;
     let (l, r) = items.split_at_mut(at);
-    kd_partition(l, base, left, bounds);
-    kd_partition(r, base + at, groups - left, bounds);
+    kd_partition(l, lb, base, left, bounds);
+    kd_partition(r, rb, base + at, groups - left, bounds);
 }
 
 #[cfg(test)]
