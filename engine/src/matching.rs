@@ -12,8 +12,10 @@
 //! section, not of a protocol between several.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::BuildHasher;
 
 use foldhash::fast::FixedState;
+use hashbrown::HashTable;
 
 use crate::DriverUpdate;
 use crate::assign::{Assignment, assign_min_cost};
@@ -194,37 +196,84 @@ struct EndedLog {
     len: usize,
 }
 
-/// A run of ended matches.
-#[derive(Debug, Default)]
+/// A run of ended matches: the entries in the order they ended (an order
+/// that ends again within the run replaces its entry), and an index of
+/// them by order id holding only 4-byte positions. A table of whole
+/// entries would copy them on every doubling (a 1.6 MB move at the last
+/// one) and keep a second copy of each order id.
+#[derive(Debug)]
 struct Segment {
     /// The latest `ended_at` in it.
     newest: Timestamp,
-    matches: HashMap<OrderId, Entry, FixedState>,
+    /// Reserved whole at creation: never reallocated.
+    entries: Vec<Entry>,
+    /// Positions in `entries`, hashed by their entry's order id.
+    index: HashTable<u32>,
 }
 
-/// Entries per segment of the [`EndedLog`]: small enough that growing one
-/// is cheap (tens of microseconds), large enough that a lookup scans few.
+/// Entries per segment of the [`EndedLog`]: small enough that a segment's
+/// index grows cheaply, large enough that a lookup scans few segments.
 const SEGMENT_LEN: usize = 8192;
+
+fn order_hash(order: &OrderId) -> u64 {
+    FixedState::default().hash_one(order)
+}
+
+impl Segment {
+    fn new() -> Self {
+        Self {
+            newest: Timestamp::default(),
+            entries: Vec::with_capacity(SEGMENT_LEN),
+            index: HashTable::with_capacity(SEGMENT_LEN),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn get(&self, order: &OrderId) -> Option<&Entry> {
+        let i = self.index.find(order_hash(order), |&i| {
+            self.entries[i as usize].m.order_id == *order
+        })?;
+        self.entries.get(*i as usize)
+    }
+
+    /// Adds an ended match, or replaces the entry of its order.
+    fn put(&mut self, e: Entry) {
+        let Self { entries, index, .. } = self;
+        let found = index.entry(
+            order_hash(&e.m.order_id),
+            |&i| entries[i as usize].m.order_id == e.m.order_id,
+            |&i| order_hash(&entries[i as usize].m.order_id),
+        );
+        match found {
+            hashbrown::hash_table::Entry::Occupied(at) => entries[*at.get() as usize] = e,
+            hashbrown::hash_table::Entry::Vacant(slot) => {
+                // A segment holds at most SEGMENT_LEN entries.
+                slot.insert(entries.len() as u32);
+                entries.push(e);
+            }
+        }
+    }
+}
 
 impl EndedLog {
     /// Appends an ended match; past `max` entries, forgets the oldest
     /// segment and returns it.
     fn push(&mut self, e: Entry, max: usize) -> Option<Segment> {
-        let start_new = self
-            .segments
-            .back()
-            .is_none_or(|s| s.matches.len() >= SEGMENT_LEN);
+        let start_new = self.segments.back().is_none_or(|s| s.len() >= SEGMENT_LEN);
         if start_new {
-            self.segments.push_back(Segment::default());
+            self.segments.push_back(Segment::new());
         }
         let seg = self.segments.back_mut()?;
         seg.newest = seg.newest.max(e.m.ended_at.unwrap_or_default());
-        let before = seg.matches.len();
-        seg.matches.insert(e.m.order_id.clone(), e);
-        self.len += seg.matches.len() - before;
+        let before = seg.len();
+        seg.put(e);
+        self.len += seg.len() - before;
         if self.len > max && self.segments.len() > 1 {
             let old = self.segments.pop_front()?;
-            self.len -= old.matches.len();
+            self.len -= old.len();
             return Some(old);
         }
         None
@@ -235,7 +284,7 @@ impl EndedLog {
         self.segments
             .iter()
             .rev()
-            .find_map(|s| s.matches.get(order))
+            .find_map(|s| s.get(order))
             .filter(|e| {
                 e.m.ended_at
                     .is_some_and(|t| t.plus_millis(retention_ms) > now)
@@ -251,7 +300,7 @@ impl EndedLog {
             .is_some_and(|s| s.newest.plus_millis(retention_ms) <= now)
         {
             if let Some(old) = self.segments.pop_front() {
-                self.len -= old.matches.len();
+                self.len -= old.len();
                 out.push(old);
             }
         }
@@ -1147,6 +1196,7 @@ mod tests {
             Err(Error::UnknownOrder(_))
         ));
         // An ended order claimed again: the new live match is what reads.
+        let ended_before = engine.book.lock().ended.len;
         let (again, created) = engine.claim(&last, &pickup()).unwrap();
         assert!(created);
         assert_eq!(engine.get_match(&last), Some(again.clone()));
@@ -1155,6 +1205,8 @@ mod tests {
             engine.get_match(&last).map(|m| m.created_at),
             Some(again.created_at)
         );
+        // Ending again in the same segment replaces the order's entry.
+        assert_eq!(engine.book.lock().ended.len, ended_before);
         // Past the retention every segment goes.
         clock.advance(engine.config().match_retention_ms);
         engine.expire_matches();
