@@ -2,9 +2,9 @@
 //! `POST /v1/matches`, `GET /v1/matches/{id}`, confirm / release / complete,
 //! `POST /v1/matches/batch`.
 
-use axum::Json;
 use std::borrow::Cow;
 
+use axum::Json;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};

@@ -236,8 +236,6 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// Builds the router for `state`.
 pub fn app(state: AppState) -> Router {
-    // One semaphore for all of /v1: `Router::layer` wraps each route on its
-    // own, so a plain concurrency limit would count per route.
     // Layers are grouped with `ServiceBuilder`, one `Router::layer` call
     // per group: every such call boxes each route once more, which costs
     // an allocation and a boxed future per request.
