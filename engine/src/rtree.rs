@@ -280,11 +280,16 @@ impl ShardTree {
     /// The item of `slot`, if it is in the tree.
     #[cfg(test)]
     pub(crate) fn get(&self, slot: u32) -> Option<&Item> {
-        let leaf = *self.leaf_of.get(slot as usize)?;
-        if leaf == NONE {
-            return None;
-        }
+        let leaf = self.leaf_holding(slot)?;
         self.items(leaf).iter().find(|it| it.slot == slot)
+    }
+
+    /// The leaf holding the item of `slot`, if it is in the tree.
+    fn leaf_holding(&self, slot: u32) -> Option<u32> {
+        self.leaf_of
+            .get(slot as usize)
+            .copied()
+            .filter(|&leaf| leaf != NONE)
     }
 
     /// Builds a tree of `items` (whose slots must be distinct) at once.
@@ -353,11 +358,17 @@ impl ShardTree {
 
     /// Adds an item; its slot must not be in the tree.
     pub(crate) fn insert(&mut self, item: Item) {
+        self.len += 1;
+        self.place(item);
+    }
+
+    /// Puts an item where insertion's descent leads (the item count is
+    /// the caller's to keep).
+    fn place(&mut self, item: Item) {
         let slot = item.slot as usize;
         if self.leaf_of.len() <= slot {
             self.leaf_of.resize(slot + 1, NONE);
         }
-        self.len += 1;
         self.root_box.grow(&item.v);
         let mut node = self.root;
         for _ in 0..self.height {
@@ -372,10 +383,7 @@ impl ShardTree {
     /// Removes the item of `slot`; returns it, or `None` if it is not in
     /// the tree.
     pub(crate) fn remove(&mut self, slot: u32) -> Option<Item> {
-        let leaf = *self.leaf_of.get(slot as usize)?;
-        if leaf == NONE {
-            return None;
-        }
+        let leaf = self.leaf_holding(slot)?;
         let l = &mut self.leaves[leaf as usize];
         let len = usize::from(l.len);
         let at = l.items[..len].iter().position(|it| it.slot == slot)?;
@@ -385,11 +393,12 @@ impl ShardTree {
         l.items[at] = l.items[len - 1];
         l.len -= 1;
         if leaf != self.root && usize::from(l.len) < MIN_LEAF {
-            let orphans: Vec<Item> = l.items().to_vec();
+            let mut orphans = [NO_ITEM; MIN_LEAF];
+            let n = usize::from(l.len);
+            orphans[..n].copy_from_slice(l.items());
             self.detach(leaf, 0);
-            for it in orphans {
-                self.len -= 1;
-                self.insert(it);
+            for it in &orphans[..n] {
+                self.place(*it);
             }
         } else {
             self.shrink_up(leaf, 0);
@@ -397,17 +406,14 @@ impl ShardTree {
         Some(item)
     }
 
-    /// Replaces the item of `item.slot` (which must be in the tree) with
-    /// `item`: in place when its leaf's box holds the new point, else by a
-    /// removal and an insertion.
+    /// Replaces the item of `item.slot` with `item`: in place when its
+    /// leaf's box holds the new point, else by a removal and an insertion
+    /// (only an insertion if the slot is not in the tree).
     pub(crate) fn update(&mut self, item: Item) {
         let slot = item.slot;
-        let Some(&leaf) = self.leaf_of.get(slot as usize) else {
+        let Some(leaf) = self.leaf_holding(slot) else {
             return self.insert(item);
         };
-        if leaf == NONE {
-            return self.insert(item);
-        }
         let inside = match self.parent_slot(leaf, 0) {
             Some((p, i)) => self.inners[p as usize].boxes[i].contains(&item.v),
             None => self.root_box.contains(&item.v),
