@@ -233,32 +233,27 @@ impl ShardData {
         let out = f(rec);
         let now = rec.status;
         let changed = rec.pos != pos || rec.vehicle != vehicle || rec.caps != caps;
-        let after = match moved_to {
+        // The tree entry as the record now is, built only when the tree
+        // needs it (the vector costs a sine and a cosine).
+        let after = |rec: &Record| match moved_to {
             Some((p, v)) if p == rec.pos => Item {
                 v,
                 slot,
                 vehicle: rec.vehicle,
                 caps: rec.caps,
             },
-            _ if now == Status::Available => rec.item(slot),
-            // Not in the tree after this: no vector needed.
-            _ => Item {
-                v: [0.0; 3],
-                slot,
-                vehicle: rec.vehicle,
-                caps: rec.caps,
-            },
+            _ => rec.item(slot),
         };
         if was != now {
             *self.counts.slot(was) -= 1;
             *self.counts.slot(now) += 1;
         }
         match (was == Status::Available, now == Status::Available) {
-            (true, true) if changed => self.tree.update(after),
+            (true, true) if changed => self.tree.update(after(rec)),
             (true, false) => {
                 self.tree.remove(slot);
             }
-            (false, true) => self.tree.insert(after),
+            (false, true) => self.tree.insert(after(rec)),
             _ => {}
         }
         Some(out)
