@@ -10,6 +10,11 @@
 //!   to a second order.
 //! - A stale owner (stopped with `SIGSTOP` until its lease went elsewhere) cannot
 //!   acknowledge a reservation, and Redis refuses its fenced writes.
+//! - A driver that moves into another node's region is handed over, never
+//!   held by two nodes, and a client token opens no node-to-node call.
+//!
+//! Every node runs in the production configuration: client tokens
+//! (`--api-tokens`) and the cluster secret (`HEXMATCH_CLUSTER_SECRET`) on.
 
 mod common;
 
@@ -28,6 +33,10 @@ const REGIONS: &str = concat!(
 /// each of them cells of its own.
 const RESOLUTION: u8 = 8;
 const LEASE_TTL_MS: u64 = 1500;
+/// The client token every test request carries.
+const TOKEN: &str = "client-token-1";
+/// The secret the nodes share; never a client's.
+const SECRET: &str = "cluster-secret-for-tests-0123456789";
 
 /// Region ids as the server names them (file stem prefix).
 fn region_ids() -> Vec<String> {
@@ -54,6 +63,8 @@ fn start_with(redis: &str, prefix: &str, node: &str, own: &[String], ingest: boo
     let resolution = RESOLUTION.to_string();
     let ttl = LEASE_TTL_MS.to_string();
     let mut args = vec![
+        "--api-tokens",
+        TOKEN,
         "--cluster",
         "true",
         "--node-id",
@@ -78,12 +89,25 @@ fn start_with(redis: &str, prefix: &str, node: &str, own: &[String], ingest: boo
     if !own.is_empty() {
         args.extend(["--own-regions", &own]);
     }
-    Node::spawn(&args)
+    Node::spawn_with_env(&args, &[("HEXMATCH_CLUSTER_SECRET", SECRET)])
 }
 
+/// A client that sends the client token.
 fn http() -> reqwest::blocking::Client {
+    client_with(Some(TOKEN))
+}
+
+fn client_with(token: Option<&str>) -> reqwest::blocking::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = token {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {t}").parse().expect("header"),
+        );
+    }
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(20))
+        .default_headers(headers)
         .build()
         .expect("client")
 }
@@ -779,4 +803,182 @@ fn stream_updates_reach_the_owner_of_their_region() {
         .query(&mut conn)
         .expect("xlen");
     assert_eq!(dead, 1);
+}
+
+/// A position of the trips data in one of `regions`, at least `apart_m`
+/// from `avoid`.
+fn position_in(
+    map: &hexmatch::RegionMap,
+    regions: &[String],
+    avoid: Option<Position>,
+    apart_m: f64,
+) -> Position {
+    common::chicago_drivers(3000, false)
+        .iter()
+        .map(|d| {
+            Position::new(
+                d["lat"].as_f64().expect("lat"),
+                d["lon"].as_f64().expect("lon"),
+            )
+            .expect("valid")
+        })
+        .find(|p| {
+            map.region_of(*p)
+                .is_ok_and(|r| regions.iter().any(|x| x == r.as_str()))
+                && avoid.is_none_or(|a| a.distance_m(*p) >= apart_m)
+        })
+        .expect("a trip pickup in those regions")
+}
+
+/// A driver moved into a region another node owns, with client tokens
+/// and the cluster secret on: the old node stops offering it, so two
+/// orders, one at each position, never both get it.
+#[test]
+fn a_driver_moved_across_nodes_is_never_offered_twice() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("handoff");
+    let regions = region_ids();
+    let own = spread(&regions, 3);
+    let a = start(&url, &prefix, "a", &own[&0]);
+    let b = start(&url, &prefix, "b", &own[&1]);
+    let c = start(&url, &prefix, "c", &own[&2]);
+    let http = &http();
+    wait_settled(http, &[&a, &b, &c], &own);
+    let map = region_map();
+    let old = position_in(&map, &own[&0], None, 0.0);
+    let new = position_in(&map, &own[&1], Some(old), 3000.0);
+
+    // Created on a's region, then moved into b's; both sent through c.
+    for (p, ts) in [(old, 1_000), (new, 2_000)] {
+        let (status, body, _) = send(
+            http.put(format!("{}/v1/drivers/mover", c.base))
+                .json(&json!({"lat": p.lat(), "lon": p.lon(), "ts": ts})),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    // Every node sees it where it went.
+    for n in [&a, &b, &c] {
+        let (status, d, _) = get(http, &format!("{}/v1/drivers/mover", n.base));
+        assert_eq!(status, 200, "{d}");
+        assert_eq!((d["lat"].as_f64(), d["lon"].as_f64()), (Some(new.lat()), Some(new.lon())), "{d}");
+    }
+    // One order at each position, each within 500 m of it only.
+    let mut won = Vec::new();
+    for (order, p, via) in [("o-old", old, &a), ("o-new", new, &b)] {
+        let (status, m, by) = post(
+            http,
+            &format!("{}/v1/matches", via.base),
+            &json!({"order_id": order, "pickup": {"lat": p.lat(), "lon": p.lon()}, "radius_m": 500}),
+        );
+        if status == 201 {
+            assert_eq!(m["driver_id"], "mover", "{m}");
+            won.push((order, by));
+        } else {
+            assert_eq!((status, m["error"]["code"].as_str()), (409, Some("no_driver_available")), "{m}");
+        }
+    }
+    assert_eq!(won.len(), 1, "the driver was reserved for {won:?}");
+    assert_eq!(won[0].0, "o-new", "reserved at its old position: {won:?}");
+    let confirmed = ["o-old", "o-new"]
+        .iter()
+        .filter(|o| {
+            let (status, _, _) = post(http, &format!("{}/v1/matches/{o}/confirm", c.base), &json!({}));
+            status == 200
+        })
+        .count();
+    assert_eq!(confirmed, 1);
+}
+
+/// Node-to-node operations answer to the cluster secret only: a client
+/// token, a made-up secret or a client's copy of the peer headers opens
+/// none of them, on a cluster node or on a single node.
+#[test]
+fn a_client_token_opens_no_node_to_node_call() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("peerauth");
+    let regions = region_ids();
+    let own = spread(&regions, 2);
+    let a = start(&url, &prefix, "a", &own[&0]);
+    let b = start(&url, &prefix, "b", &own[&1]);
+    let single = Node::spawn(&["--api-tokens", TOKEN]);
+    let http = &http();
+    wait_settled(http, &[&a, &b], &own);
+    let fleet = load(http, &[&a, &b], 300);
+    let single_fleet: Vec<Value> = common::chicago_drivers(300, false);
+    let (status, tally, _) = post(http, &format!("{}/v1/locations", single.base), &Value::Array(single_fleet));
+    assert_eq!(status, 200, "{tally}");
+
+    let ids: Vec<&str> = fleet.iter().map(|(id, _)| id.as_str()).collect();
+    let map = region_map();
+    // A driver a holds: b's own answer alone would not have it.
+    let (far_id, far) = fleet
+        .iter()
+        .find(|(_, p)| map.region_of(*p).is_ok_and(|r| own[&0].iter().any(|x| x == r.as_str())))
+        .cloned()
+        .expect("a driver in a's regions");
+    let pickup = fleet[0].1;
+    let order = json!({"order_id": "sneaky", "pickup": {"lat": pickup.lat(), "lon": pickup.lon()}});
+    let count = |node: &Node| -> u64 {
+        let (_, regions, _) = get(http, &format!("{}/v1/regions", node.base));
+        regions
+            .as_array()
+            .expect("regions")
+            .iter()
+            .filter_map(|r| r["drivers"].as_u64())
+            .sum()
+    };
+    let before: Vec<u64> = [&a, &b, &single].iter().map(|n| count(n)).collect();
+    let calls = [
+        ("/v1/cluster/handoff", json!({"driver_ids": ids})),
+        ("/v1/cluster/reserve", json!({"driver_id": far_id, "order": order})),
+        ("/internal/v1/handoff", json!({"driver_ids": ids})),
+        ("/internal/v1/reserve", json!({"driver_id": far_id, "order": order})),
+    ];
+    let wrong_secret = client_with(None);
+    for node in [&a, &b, &single] {
+        for (path, body) in &calls {
+            let target = format!("{}{path}", node.base);
+            let (status, answer, _) = post(http, &target, body);
+            assert!(
+                [403, 404].contains(&status),
+                "{path} answered {status} to a client token: {answer}"
+            );
+            if path.starts_with("/internal") {
+                assert_eq!((status, answer["error"]["code"].as_str()), (403, Some("forbidden")), "{path}: {answer}");
+            }
+            let (status, answer, _) = send(
+                wrong_secret
+                    .post(&target)
+                    .header("x-hexmatch-cluster-auth", "guess")
+                    .json(body),
+            );
+            assert!([401, 404].contains(&status), "{path} answered {status} to a made-up secret: {answer}");
+        }
+    }
+    let after: Vec<u64> = [&a, &b, &single].iter().map(|n| count(n)).collect();
+    assert_eq!(before, after, "drivers were removed by client calls");
+    let (status, m, _) = get(http, &format!("{}/v1/matches/sneaky", a.base));
+    assert_eq!(status, 404, "a client reserved a driver of its choice: {m}");
+
+    // Peer headers copied by a client change nothing: a position in b's
+    // regions sent to a with `x-hexmatch-forwarded` is still forwarded,
+    // and `x-hexmatch-scope: local` still gets the whole cluster's answer.
+    let in_b = position_in(&map, &own[&1], None, 0.0);
+    let (status, body, by) = send(
+        http.put(format!("{}/v1/drivers/fwd", a.base))
+            .header("x-hexmatch-forwarded", "1")
+            .json(&json!({"lat": in_b.lat(), "lon": in_b.lon()})),
+    );
+    assert_eq!((status, by.as_str()), (200, "b"), "{body}");
+    let (status, near, _) = send(
+        http.get(format!(
+            "{}/v1/drivers/nearest?lat={}&lon={}&k=1",
+            b.base,
+            far.lat(),
+            far.lon()
+        ))
+        .header("x-hexmatch-scope", "local"),
+    );
+    assert_eq!(status, 200, "{near}");
+    assert_eq!(near["drivers"][0]["driver_id"], far_id.as_str(), "{near}");
 }

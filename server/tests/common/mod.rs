@@ -186,10 +186,16 @@ impl Node {
     /// Starts the binary with `serve --bind 127.0.0.1:0` and `args`, waits
     /// for its address in the log and for `/readyz`.
     pub fn spawn(args: &[&str]) -> Self {
+        Self::spawn_with_env(args, &[])
+    }
+
+    /// [`Node::spawn`] with extra environment variables.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         use std::io::{BufRead, BufReader};
         let mut child = Command::new(env!("CARGO_BIN_EXE_hexmatch"))
             .args(["serve", "--bind", "127.0.0.1:0"])
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
