@@ -1,4 +1,4 @@
-//! The cost of a forwarded request against a local one (issue 7), on
+//! The cost of a forwarded request against a local one, on
 //! loopback: two `hexmatch serve --cluster` processes on one private
 //! Redis; node `a` owns every Chicago community area, node `b` none. The
 //! same sequential requests (one keep-alive connection) go to `a`
@@ -21,8 +21,15 @@ const REGIONS: &str = concat!(
     "/../data/chicago_community_areas.geojson"
 );
 
+/// The client token, and the secret the nodes share (the production
+/// configuration: both on).
+const TOKEN: &str = "bench-token";
+const SECRET: &str = "bench-cluster-secret-0123456789";
+
 fn node(redis: &str, id: &str, own: &str) -> common::Node {
     let mut args = vec![
+        "--api-tokens",
+        TOKEN,
         "--cluster",
         "true",
         "--node-id",
@@ -43,7 +50,7 @@ fn node(redis: &str, id: &str, own: &str) -> common::Node {
     if !own.is_empty() {
         args.extend(["--own-regions", own]);
     }
-    common::Node::spawn(&args)
+    common::Node::spawn_with_env(&args, &[("HEXMATCH_CLUSTER_SECRET", SECRET)])
 }
 
 /// Sorted latencies of `n` calls of `f`, in microseconds.
@@ -69,8 +76,14 @@ fn main() {
     let redis = common::RedisServer::start();
     let a = node(&redis.url, "a", "*");
     let b = node(&redis.url, "b", "");
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {TOKEN}").parse().expect("header"),
+    );
     let http = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(10))
+        .default_headers(headers)
         .build()
         .expect("client");
     common::poll(30, "b to see a", || {

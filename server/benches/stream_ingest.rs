@@ -1,4 +1,4 @@
-//! Throughput of location ingestion from a Redis Stream (issue 6 target:
+//! Throughput of location ingestion from a Redis Stream (target:
 //! ≥ 200 000 updates/s): a private redis-server, N entries added with
 //! pipelined XADD, then drained through `Persistence::ingest_once`
 //! (XREADGROUP COUNT 2000, read ahead of one ordered applier thread, acks in the background) into an engine.
@@ -56,7 +56,12 @@ fn main() {
     let started = Instant::now();
     let p2 = std::sync::Arc::clone(&p);
     let done = runtime
-        .block_on(p2.ingest(&engine, Some(n), std::time::Duration::from_secs(3600)))
+        .block_on(p2.ingest(
+            &engine,
+            hexmatch_server::service::apply_stream_entries,
+            Some(n),
+            std::time::Duration::from_secs(3600),
+        ))
         .expect("ingest");
     assert_eq!(done, n);
     let secs = started.elapsed().as_secs_f64();

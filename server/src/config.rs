@@ -70,6 +70,39 @@ pub struct ServeConfig {
     /// At most this many ended matches are kept; past it the oldest are
     /// forgotten before their retention ends.
     pub max_ended_matches: usize,
+    /// The secret nodes of a cluster present to each other (never a client
+    /// token). Required in cluster mode unless `insecure_cluster`.
+    pub cluster_secret: Option<Secret>,
+    /// Runs a cluster without a secret: any caller that names itself a
+    /// node reaches the node-only operations. For a laptop, never for a
+    /// network.
+    pub insecure_cluster: bool,
+}
+
+/// A secret setting: compared, sent, never printed.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The shortest secret accepted.
+    pub const MIN_LEN: usize = 16;
+
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself, for comparing and sending.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
 }
 
 impl Default for ServeConfig {
@@ -101,6 +134,8 @@ impl Default for ServeConfig {
             workers: 0,
             match_retention_s: 3_600,
             max_ended_matches: 1_000_000,
+            cluster_secret: None,
+            insecure_cluster: false,
         }
     }
 }
@@ -190,14 +225,32 @@ pub struct ServeArgs {
     /// Most ended matches kept readable [default: 1000000].
     #[arg(long, env = "HEXMATCH_MAX_ENDED_MATCHES")]
     pub max_ended_matches: Option<usize>,
+    /// The secret cluster nodes present to each other (at least 16
+    /// characters, never a client token); required with --cluster. Prefer
+    /// the environment variable or --cluster-secret-file to a flag, which
+    /// other users of the machine can read.
+    #[arg(long, env = "HEXMATCH_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// A file holding the cluster secret (surrounding whitespace ignored).
+    #[arg(
+        long,
+        env = "HEXMATCH_CLUSTER_SECRET_FILE",
+        conflicts_with = "cluster_secret"
+    )]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Runs a cluster with no secret: anyone who names themselves a node
+    /// reaches the node-only operations. For a laptop only.
+    #[arg(long, env = "HEXMATCH_INSECURE_CLUSTER")]
+    pub insecure_cluster: bool,
 }
 
 impl ServeArgs {
     /// Resolves the settings: defaults < file < environment and flags.
     ///
     /// # Errors
-    /// A message naming the config file when it cannot be read or parsed.
-    pub fn resolve(self) -> Result<ServeConfig, String> {
+    /// [`ConfigError::File`] when a file cannot be read or parsed,
+    /// [`ConfigError::Invalid`] for settings that do not go together.
+    pub fn resolve(self) -> Result<ServeConfig, ConfigError> {
         let mut c = match &self.config {
             Some(path) => read_file(path)?,
             None => ServeConfig::default(),
@@ -237,24 +290,97 @@ impl ServeArgs {
         if self.regions.is_some() {
             c.regions = self.regions;
         }
+        if let Some(s) = self.cluster_secret {
+            c.cluster_secret = Some(Secret(s));
+        }
+        if let Some(path) = &self.cluster_secret_file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            c.cluster_secret = Some(Secret(text.trim().to_owned()));
+        }
+        c.insecure_cluster |= self.insecure_cluster;
         c.api_tokens.retain(|t| !t.is_empty());
         c.own_regions.retain(|r| !r.trim().is_empty());
-        if c.cluster && (c.redis_url.is_none() || c.regions.is_none()) {
-            return Err("--cluster needs --redis-url and --regions".to_owned());
-        }
-        if c.cluster && c.lease_ttl_ms < 300 {
-            return Err(format!(
-                "lease_ttl_ms {} is too short; at least 300",
-                c.lease_ttl_ms
-            ));
-        }
+        c.check().map_err(ConfigError::Invalid)?;
         Ok(c)
     }
 }
 
-fn read_file(path: &Path) -> Result<ServeConfig, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+impl ServeConfig {
+    /// Checks that the settings go together.
+    ///
+    /// # Errors
+    /// A message saying which settings conflict and what to do.
+    pub fn check(&self) -> Result<(), String> {
+        if self.cluster && (self.redis_url.is_none() || self.regions.is_none()) {
+            return Err("--cluster needs --redis-url and --regions".to_owned());
+        }
+        if self.cluster && self.lease_ttl_ms < 300 {
+            return Err(format!(
+                "lease_ttl_ms {} is too short; at least 300",
+                self.lease_ttl_ms
+            ));
+        }
+        match &self.cluster_secret {
+            None if self.cluster && !self.insecure_cluster => {
+                return Err("--cluster needs a cluster secret (--cluster-secret-file, HEXMATCH_CLUSTER_SECRET or --cluster-secret); --insecure-cluster runs without one, on a laptop only".to_owned());
+            }
+            Some(s) if s.0.len() < Secret::MIN_LEN => {
+                return Err(format!(
+                    "the cluster secret is {} characters; at least {}",
+                    s.0.len(),
+                    Secret::MIN_LEN
+                ));
+            }
+            Some(s) if !s.0.bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err(
+                    "the cluster secret must be visible ASCII (no spaces or control characters)"
+                        .to_owned(),
+                );
+            }
+            Some(s) if self.api_tokens.contains(&s.0) => {
+                return Err("the cluster secret is also a client token; it must not be".to_owned());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Why the settings could not be resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A file (the config file, the secret file) cannot be read or parsed.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Settings that do not go together.
+    Invalid(String),
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File { path, message } => write!(f, "{}: {message}", path.display()),
+            Self::Invalid(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn read_file(path: &Path) -> Result<ServeConfig, ConfigError> {
+    let file = |message: String| ConfigError::File {
+        path: path.to_owned(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
+    toml::from_str(&text).map_err(|e| file(e.to_string()))
 }
 
 #[cfg(test)]
@@ -284,11 +410,77 @@ mod tests {
         assert_eq!(c.max_in_flight, ServeConfig::default().max_in_flight);
         std::fs::write(&file, "resoluton = 7\n").unwrap();
         let err = ServeArgs {
-            config: Some(file),
+            config: Some(file.clone()),
             ..ServeArgs::default()
         }
         .resolve()
         .unwrap_err();
-        assert!(err.contains("c.toml") && err.contains("resoluton"), "{err}");
+        assert!(
+            matches!(&err, ConfigError::File { path, message }
+                if *path == file && message.lines().any(|l| l.starts_with("unknown field `resoluton`"))),
+            "{err:?}"
+        );
+    }
+
+    fn cluster() -> ServeConfig {
+        ServeConfig {
+            cluster: true,
+            redis_url: Some("redis://127.0.0.1:1".into()),
+            regions: Some("regions.geojson".into()),
+            ..ServeConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_cluster_needs_a_secret_that_is_no_client_token() {
+        assert!(cluster().check().is_err(), "no secret");
+        let insecure = ServeConfig {
+            insecure_cluster: true,
+            ..cluster()
+        };
+        assert_eq!(insecure.check(), Ok(()));
+        let short = ServeConfig {
+            cluster_secret: Some(Secret::new("short")),
+            ..cluster()
+        };
+        assert!(short.check().is_err());
+        let secret = "a-long-enough-cluster-secret";
+        let shared = ServeConfig {
+            cluster_secret: Some(Secret::new(secret)),
+            api_tokens: vec![secret.into()],
+            ..cluster()
+        };
+        assert!(shared.check().is_err(), "a client token as the secret");
+        let good = ServeConfig {
+            cluster_secret: Some(Secret::new(secret)),
+            api_tokens: vec!["client".into()],
+            ..cluster()
+        };
+        assert_eq!(good.check(), Ok(()));
+        assert_eq!(format!("{:?}", good.cluster_secret), "Some(Secret(…))");
+    }
+
+    #[test]
+    fn the_secret_file_is_read_and_trimmed() {
+        let dir = std::env::temp_dir().join(format!("hexmatch-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, "  from-a-file-0123456789\n").unwrap();
+        let c = ServeArgs {
+            cluster_secret_file: Some(file),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            c.cluster_secret,
+            Some(Secret::new("from-a-file-0123456789"))
+        );
+        let missing = ServeArgs {
+            cluster_secret_file: Some(dir.join("nope")),
+            ..ServeArgs::default()
+        }
+        .resolve();
+        assert!(matches!(missing, Err(ConfigError::File { .. })));
     }
 }

@@ -148,7 +148,7 @@ impl Sink {
                 Ok(())
             }
             Self::Remote { batch, .. } => {
-                batch.push((line, LocationItem::from_update(update)));
+                batch.push((line, LocationItem::from(update)));
                 if batch.len() >= LOCATION_CHUNK {
                     self.flush(tally, errors, path)?;
                 }
@@ -275,7 +275,7 @@ pub(crate) fn positions(args: &PositionsArgs) -> Result<(), CliError> {
                 http.nearest(q.pos, q.k.min(100))
                     .map(|near| {
                         near.into_iter()
-                            .map(|n| (n.driver_id, n.distance_m, n.ts))
+                            .map(|n| (n.driver_id.to_string(), n.distance_m, n.ts.to_string()))
                             .collect()
                     })
                     .map_err(|e| CliError::Other(format!("GET /v1/drivers/nearest: {e}")))

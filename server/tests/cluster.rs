@@ -55,13 +55,24 @@ fn start(redis: &str, prefix: &str, node: &str, own: &[String]) -> Node {
 }
 
 fn start_with(redis: &str, prefix: &str, node: &str, own: &[String], ingest: bool) -> Node {
+    start_leased(redis, prefix, node, own, ingest, LEASE_TTL_MS)
+}
+
+fn start_leased(
+    redis: &str,
+    prefix: &str,
+    node: &str,
+    own: &[String],
+    ingest: bool,
+    lease_ttl_ms: u64,
+) -> Node {
     let own = if own.is_empty() {
         String::new()
     } else {
         own.join(",")
     };
     let resolution = RESOLUTION.to_string();
-    let ttl = LEASE_TTL_MS.to_string();
+    let ttl = lease_ttl_ms.to_string();
     let mut args = vec![
         "--api-tokens",
         TOKEN,
@@ -634,6 +645,7 @@ fn a_stale_owner_cannot_acknowledge_reservations() {
 /// good) has every match write refused by Redis, and the new owner
 /// restored what the old one had acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn redis_refuses_writes_of_a_fenced_off_owner() {
     use hexmatch::{ClaimRequest, DriverId, DriverUpdate, Engine, EngineConfig, OrderId};
     use hexmatch_server::cluster::Cluster;
@@ -670,13 +682,22 @@ async fn redis_refuses_writes_of_a_fenced_off_owner() {
     let join = |node: &'static str| {
         let (url, prefix, map, own) = (url.clone(), prefix.clone(), map.clone(), own.clone());
         async move {
-            let c = Cluster::connect(&url, &prefix, node, "http://127.0.0.1:9", map, &own, ttl)
-                .await
-                .expect("cluster");
+            let c = Cluster::connect(
+                &url,
+                &prefix,
+                node,
+                "http://127.0.0.1:9",
+                map,
+                &own,
+                ttl,
+                Some(SECRET),
+            )
+            .await
+            .expect("cluster");
             let p = Persistence::connect(&url, &prefix, node, node)
                 .await
                 .expect("redis");
-            p.set_fence(Arc::clone(&c));
+            p.set_fence(Arc::clone(&c) as Arc<dyn hexmatch_server::persist::Fence>);
             (c, p)
         }
     };
@@ -721,7 +742,10 @@ async fn redis_refuses_writes_of_a_fenced_off_owner() {
     assert!(x.serves(region.id.as_str()));
     let second = reserve(&ex, "o2");
     let err = px.put_match(&second).await.expect_err("fenced");
-    assert!(err.to_string().contains("not_owner"), "{err}");
+    assert!(
+        matches!(&err, hexmatch_server::persist::WriteError::NotOwner { region: r } if *r == region.id.as_str()),
+        "{err}"
+    );
     let stored: Option<Vec<u8>> = conn
         .hget(format!("{prefix}:x:matches"), "o2")
         .await
@@ -860,7 +884,11 @@ fn a_driver_moved_across_nodes_is_never_offered_twice() {
     for n in [&a, &b, &c] {
         let (status, d, _) = get(http, &format!("{}/v1/drivers/mover", n.base));
         assert_eq!(status, 200, "{d}");
-        assert_eq!((d["lat"].as_f64(), d["lon"].as_f64()), (Some(new.lat()), Some(new.lon())), "{d}");
+        assert_eq!(
+            (d["lat"].as_f64(), d["lon"].as_f64()),
+            (Some(new.lat()), Some(new.lon())),
+            "{d}"
+        );
     }
     // One order at each position, each within 500 m of it only.
     let mut won = Vec::new();
@@ -874,7 +902,11 @@ fn a_driver_moved_across_nodes_is_never_offered_twice() {
             assert_eq!(m["driver_id"], "mover", "{m}");
             won.push((order, by));
         } else {
-            assert_eq!((status, m["error"]["code"].as_str()), (409, Some("no_driver_available")), "{m}");
+            assert_eq!(
+                (status, m["error"]["code"].as_str()),
+                (409, Some("no_driver_available")),
+                "{m}"
+            );
         }
     }
     assert_eq!(won.len(), 1, "the driver was reserved for {won:?}");
@@ -882,7 +914,11 @@ fn a_driver_moved_across_nodes_is_never_offered_twice() {
     let confirmed = ["o-old", "o-new"]
         .iter()
         .filter(|o| {
-            let (status, _, _) = post(http, &format!("{}/v1/matches/{o}/confirm", c.base), &json!({}));
+            let (status, _, _) = post(
+                http,
+                &format!("{}/v1/matches/{o}/confirm", c.base),
+                &json!({}),
+            );
             status == 200
         })
         .count();
@@ -893,6 +929,7 @@ fn a_driver_moved_across_nodes_is_never_offered_twice() {
 /// token, a made-up secret or a client's copy of the peer headers opens
 /// none of them, on a cluster node or on a single node.
 #[test]
+#[allow(clippy::too_many_lines)]
 fn a_client_token_opens_no_node_to_node_call() {
     let (_redis, url) = RedisServer::from_env_or_start();
     let prefix = unique_prefix("peerauth");
@@ -905,7 +942,11 @@ fn a_client_token_opens_no_node_to_node_call() {
     wait_settled(http, &[&a, &b], &own);
     let fleet = load(http, &[&a, &b], 300);
     let single_fleet: Vec<Value> = common::chicago_drivers(300, false);
-    let (status, tally, _) = post(http, &format!("{}/v1/locations", single.base), &Value::Array(single_fleet));
+    let (status, tally, _) = post(
+        http,
+        &format!("{}/v1/locations", single.base),
+        &Value::Array(single_fleet),
+    );
     assert_eq!(status, 200, "{tally}");
 
     let ids: Vec<&str> = fleet.iter().map(|(id, _)| id.as_str()).collect();
@@ -913,7 +954,10 @@ fn a_client_token_opens_no_node_to_node_call() {
     // A driver a holds: b's own answer alone would not have it.
     let (far_id, far) = fleet
         .iter()
-        .find(|(_, p)| map.region_of(*p).is_ok_and(|r| own[&0].iter().any(|x| x == r.as_str())))
+        .find(|(_, p)| {
+            map.region_of(*p)
+                .is_ok_and(|r| own[&0].iter().any(|x| x == r.as_str()))
+        })
         .cloned()
         .expect("a driver in a's regions");
     let pickup = fleet[0].1;
@@ -930,9 +974,15 @@ fn a_client_token_opens_no_node_to_node_call() {
     let before: Vec<u64> = [&a, &b, &single].iter().map(|n| count(n)).collect();
     let calls = [
         ("/v1/cluster/handoff", json!({"driver_ids": ids})),
-        ("/v1/cluster/reserve", json!({"driver_id": far_id, "order": order})),
+        (
+            "/v1/cluster/reserve",
+            json!({"driver_id": far_id, "order": order}),
+        ),
         ("/internal/v1/handoff", json!({"driver_ids": ids})),
-        ("/internal/v1/reserve", json!({"driver_id": far_id, "order": order})),
+        (
+            "/internal/v1/reserve",
+            json!({"driver_id": far_id, "order": order}),
+        ),
     ];
     let wrong_secret = client_with(None);
     for node in [&a, &b, &single] {
@@ -944,7 +994,11 @@ fn a_client_token_opens_no_node_to_node_call() {
                 "{path} answered {status} to a client token: {answer}"
             );
             if path.starts_with("/internal") {
-                assert_eq!((status, answer["error"]["code"].as_str()), (403, Some("forbidden")), "{path}: {answer}");
+                assert_eq!(
+                    (status, answer["error"]["code"].as_str()),
+                    (403, Some("forbidden")),
+                    "{path}: {answer}"
+                );
             }
             let (status, answer, _) = send(
                 wrong_secret
@@ -952,7 +1006,10 @@ fn a_client_token_opens_no_node_to_node_call() {
                     .header("x-hexmatch-cluster-auth", "guess")
                     .json(body),
             );
-            assert!([401, 404].contains(&status), "{path} answered {status} to a made-up secret: {answer}");
+            assert!(
+                [401, 404].contains(&status),
+                "{path} answered {status} to a made-up secret: {answer}"
+            );
         }
     }
     let after: Vec<u64> = [&a, &b, &single].iter().map(|n| count(n)).collect();
@@ -981,4 +1038,80 @@ fn a_client_token_opens_no_node_to_node_call() {
     );
     assert_eq!(status, 200, "{near}");
     assert_eq!(near["drivers"][0]["driver_id"], far_id.as_str(), "{near}");
+}
+
+/// A handoff that fails leaves no second copy: while the node holding a
+/// driver does not answer (paused, its lease still live), the node the
+/// driver moved to refuses the update with `unavailable`, counts it, and
+/// holds no copy; once the holder answers again, the same update hands
+/// the driver over.
+#[test]
+fn a_failed_handoff_refuses_the_update_and_leaves_one_copy() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("handoff-fail");
+    let regions = region_ids();
+    let own = spread(&regions, 2);
+    // Leases outlive the peer timeout (5 s), so the paused node still owns
+    // its regions when the handoff gives up.
+    let mut a = start_leased(&url, &prefix, "a", &own[&0], false, 20_000);
+    let b = start_leased(&url, &prefix, "b", &own[&1], false, 20_000);
+    let http = &http();
+    wait_settled(http, &[&a, &b], &own);
+    let map = region_map();
+    let old = position_in(&map, &own[&0], None, 0.0);
+    let new = position_in(&map, &own[&1], Some(old), 3000.0);
+    let put = |p: Position, ts: i64| {
+        send(
+            http.put(format!("{}/v1/drivers/mover", b.base))
+                .json(&json!({"lat": p.lat(), "lon": p.lon(), "ts": ts})),
+        )
+    };
+    let (status, body, by) = put(old, 1_000);
+    assert_eq!((status, by.as_str()), (200, "a"), "{body}");
+
+    a.signal("STOP");
+    let (status, body, _) = put(new, 2_000);
+    a.signal("CONT");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("unavailable")),
+        "{body}"
+    );
+    // b holds no copy; a still has the driver where it was.
+    // Drivers in b's regions, as b counts them.
+    let in_b = || {
+        let (_, regions, _) = get(http, &format!("{}/v1/regions", b.base));
+        regions
+            .as_array()
+            .expect("regions")
+            .iter()
+            .filter(|r| r["owner"] == "b")
+            .filter_map(|r| r["drivers"].as_u64())
+            .sum::<u64>()
+    };
+    assert_eq!(in_b(), 0, "b took a copy of a driver a still offers");
+    let (status, d, by) = get(http, &format!("{}/v1/drivers/mover", a.base));
+    assert_eq!((status, by.as_str()), (200, "a"), "{d}");
+    assert_eq!(d["lat"].as_f64(), Some(old.lat()), "{d}");
+    let metrics = http
+        .get(format!("{}/metrics", b.base))
+        .send()
+        .expect("metrics")
+        .text()
+        .expect("text");
+    let failures: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("hexmatch_handoff_failures_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(failures >= 1.0, "no handoff failure counted:\n{metrics}");
+
+    // The holder answers again: the same update now hands the driver over.
+    let (status, body, by) = put(new, 2_000);
+    assert_eq!((status, by.as_str()), (200, "b"), "{body}");
+    assert_eq!(in_b(), 1);
+    let (status, d, _) = get(http, &format!("{}/v1/drivers/mover", a.base));
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["lat"].as_f64(), Some(new.lat()), "{d}");
 }

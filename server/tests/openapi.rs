@@ -2,7 +2,7 @@
 //! (oas3), every operation resolves its schema references, and its content
 //! is pinned by a snapshot, so any change to the contract shows in review.
 
-use hexmatch_server::api::openapi;
+use hexmatch_server::http::openapi;
 
 fn document() -> String {
     openapi().to_pretty_json().expect("serialisable")
@@ -26,8 +26,6 @@ fn openapi_is_a_valid_3_1_document_with_resolvable_references() {
         "GET /v1/locations/stream",
         "GET /v1/matches/{order_id}",
         "GET /v1/regions",
-        "POST /v1/cluster/handoff",
-        "POST /v1/cluster/reserve",
         "POST /v1/drivers/{driver_id}/location",
         "POST /v1/locations",
         "POST /v1/matches",

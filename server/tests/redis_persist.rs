@@ -442,16 +442,28 @@ async fn entries_of_a_dead_consumer_are_reclaimed() {
         .expect("read");
     let engine = Arc::new(Engine::new(EngineConfig::default()).expect("engine"));
     assert_eq!(
-        p.ingest_once(&engine, 100, 10, None)
-            .await
-            .expect("read new"),
+        p.ingest_once(
+            &engine,
+            hexmatch_server::service::apply_stream_entries,
+            100,
+            10,
+            None
+        )
+        .await
+        .expect("read new"),
         0,
         "nothing new for us"
     );
     assert_eq!(
-        p.ingest_once(&engine, 100, 10, Some(Duration::ZERO))
-            .await
-            .expect("reclaim"),
+        p.ingest_once(
+            &engine,
+            hexmatch_server::service::apply_stream_entries,
+            100,
+            10,
+            Some(Duration::ZERO)
+        )
+        .await
+        .expect("reclaim"),
         20
     );
     assert_eq!(engine.len(), 20);

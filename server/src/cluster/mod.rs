@@ -1,6 +1,7 @@
 //! Regions owned by nodes: leases and fencing in Redis, the versioned
-//! region → node map, and (in [`route`]) forwarding, border fan-out and
-//! cross-node reservations.
+//! region → node map, routing decisions ([`Cluster::owner`],
+//! [`Cluster::resolve_owner`], `remote_owners_within`) and the
+//! typed peer channel between nodes ([`peer`]).
 //!
 //! # Keys (prefix `p`)
 //! | key | what |
@@ -18,7 +19,8 @@
 //!   `t` counts until `t + ttl − ttl/10`, before Redis drops it at
 //!   `t' + ttl` (`t' ≥ t`).
 //! - Every match write goes through a script that checks the lease value
-//!   `node|epoch` first ([`crate::persist::Persistence::put_match`]). A
+//!   `node|epoch` first ([`crate::persist::Persistence::put_match`], with
+//!   this cluster as its [`crate::persist::Fence`]). A
 //!   paused owner that lost its lease therefore cannot acknowledge a
 //!   reservation, even if its clock has not noticed yet.
 //! - A taker restores a region from its previous owner's snapshot and
@@ -26,21 +28,19 @@
 //!   the old owner acknowledged is in what the taker reads.
 
 pub(crate) mod geo;
-pub mod route;
+pub mod peer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hexmatch::{Driver, DriverUpdate, Engine, Position, RegionId, RegionMap, Status};
+use hexmatch::{Driver, Engine, Position, RegionId, RegionMap};
 use parking_lot::RwLock;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, RedisResult, Script};
 
-use crate::persist::Persistence;
-
-/// How long an order's region record outlives its last write.
-pub(crate) const ORDER_KEY_TTL_MS: u64 = 24 * 3600 * 1000;
+use self::peer::PeerClient;
+use crate::persist::{Fence, Lease, Persistence};
 
 const ACQUIRE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
@@ -63,20 +63,6 @@ return 0
 const GIVE_UP: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-";
-
-/// Writes (or deletes) a match record only while the lease is ours.
-/// KEYS: lease, matches hash, order key. ARGV: token, order, record (empty
-/// = delete), region, order key TTL.
-pub(crate) const FENCED_PUT: &str = r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[3] == '' then
-  redis.call('HDEL', KEYS[2], ARGV[2])
-else
-  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
-end
-return 1
 ";
 
 /// A lease this node holds.
@@ -142,7 +128,7 @@ pub struct Cluster {
     ttl: Duration,
     held: RwLock<HashMap<String, Held>>,
     map: RwLock<Arc<ClusterMap>>,
-    http: reqwest::Client,
+    peer: PeerClient,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -160,10 +146,12 @@ fn split_token(token: &str) -> Option<(String, u64)> {
 }
 
 impl Cluster {
-    /// Connects to Redis and registers this node (`node` reachable at `url`).
+    /// Connects to Redis and registers this node (`node` reachable at
+    /// `url`, presenting `secret` to the other nodes).
     ///
     /// # Errors
     /// Redis cannot be reached, or the URL is bad.
+    #[allow(clippy::too_many_arguments)]
     pub async fn connect(
         redis_url: &str,
         prefix: &str,
@@ -172,6 +160,7 @@ impl Cluster {
         regions: RegionMap,
         own: &[String],
         ttl: Duration,
+        secret: Option<&str>,
     ) -> Result<Arc<Self>, String> {
         let client =
             redis::Client::open(redis_url).map_err(|e| format!("redis url {redis_url:?}: {e}"))?;
@@ -187,13 +176,7 @@ impl Cluster {
         } else {
             own.to_vec()
         };
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .connect_timeout(Duration::from_secs(1))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| format!("http client: {e}"))?;
+        let peer = PeerClient::new(node, secret, Duration::from_secs(5))?;
         let this = Arc::new(Self {
             node: node.to_owned(),
             url: url.trim_end_matches('/').to_owned(),
@@ -205,7 +188,7 @@ impl Cluster {
             ttl,
             held: RwLock::default(),
             map: RwLock::default(),
-            http,
+            peer,
         });
         let mut conn = this.conn.clone();
         conn.hset::<_, _, _, ()>(this.key("cluster:nodes"), node, &this.url)
@@ -224,7 +207,7 @@ impl Cluster {
     }
 
     /// The Redis key recording which region holds an order's match.
-    pub(crate) fn order_key(&self, order: &str) -> String {
+    fn order_key(&self, order: &str) -> String {
         self.key(&format!("order:{order}"))
     }
 
@@ -238,9 +221,9 @@ impl Cluster {
         &self.regions
     }
 
-    /// The HTTP client used to reach other nodes.
-    pub(crate) fn http(&self) -> &reqwest::Client {
-        &self.http
+    /// The typed client of the peer channel.
+    pub fn peer(&self) -> &PeerClient {
+        &self.peer
     }
 
     /// The map as last read.
@@ -282,11 +265,6 @@ impl Cluster {
         self.token(region).is_some()
     }
 
-    /// The prefix of every cluster key in Redis.
-    pub(crate) fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
     /// Who serves `region`, from the cached map.
     pub fn owner(&self, region: &str) -> Owner {
         if self.serves(region) {
@@ -303,6 +281,54 @@ impl Cluster {
             },
             _ => Owner::Nobody,
         }
+    }
+
+    /// The owner of `region`; a region nobody has ever owned is taken by
+    /// this node on first use (if another node beat it to it, the re-read
+    /// map names that node). Without Redis persistence nothing is taken.
+    pub async fn resolve_owner(
+        &self,
+        region: &str,
+        engine: &Arc<Engine>,
+        persist: Option<&Persistence>,
+    ) -> Owner {
+        let owner = self.owner(region);
+        if owner != Owner::Nobody {
+            return owner;
+        }
+        if let Some(p) = persist
+            && self.take_unowned(region, engine, p).await
+        {
+            return Owner::Local;
+        }
+        self.owner(region)
+    }
+
+    /// Whether `node` holds any region's lease now, by Redis (the map's
+    /// owners of record are checked against their live leases).
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn holds_any_lease(&self, node: &str) -> RedisResult<bool> {
+        let regions: Vec<String> = self
+            .map()
+            .owners
+            .iter()
+            .filter(|(_, (n, _))| n == node)
+            .map(|(r, _)| r.clone())
+            .collect();
+        if regions.is_empty() {
+            return Ok(false);
+        }
+        let keys: Vec<String> = regions.iter().map(|r| self.lease_key(r)).collect();
+        let mut conn = self.conn.clone();
+        let tokens: Vec<Option<String>> =
+            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+        Ok(tokens
+            .iter()
+            .flatten()
+            .filter_map(|t| split_token(t))
+            .any(|(n, _)| n == node))
     }
 
     /// URLs of every other registered node.
@@ -581,7 +607,7 @@ impl Cluster {
     /// Takes `region` on first use when nobody has ever owned it (regions
     /// outside every polygon, or regions no node lists). Returns whether
     /// this node serves it now.
-    pub(crate) async fn take_unowned(
+    async fn take_unowned(
         &self,
         region: &str,
         engine: &Arc<Engine>,
@@ -666,27 +692,19 @@ fn drop_region(engine: &Engine, regions: &RegionMap, region: &str) -> usize {
     gone.len()
 }
 
-/// Loads restored drivers into a running engine one by one (it may already
-/// hold other regions, so bulk loading does not apply). Reserved drivers
-/// come back available; their matches set them reserved again.
-pub(crate) fn upsert_drivers(engine: &Engine, drivers: Vec<Driver>) -> usize {
-    let mut n = 0;
-    for d in drivers {
-        let status = match d.status {
-            Status::Reserved => Status::Available,
-            s => s,
-        };
-        let u = DriverUpdate {
-            id: d.id,
-            pos: d.pos,
-            ts: Some(d.ts),
-            status: Some(status),
-            vehicle: Some(d.vehicle),
-            capabilities: Some(d.capabilities),
-        };
-        if engine.upsert(&u).is_ok() {
-            n += 1;
-        }
+impl Fence for Cluster {
+    fn lease(&self, pos: Position) -> Result<Lease, String> {
+        let region = self.region_of(pos).map_err(|e| e.to_string())?;
+        let region = region.as_str();
+        let token = self.token(region).ok_or_else(|| region.to_owned())?;
+        Ok(Lease {
+            key: self.lease_key(region),
+            token,
+            region: region.to_owned(),
+        })
     }
-    n
+
+    fn order_key(&self, order: &str) -> String {
+        Cluster::order_key(self, order)
+    }
 }

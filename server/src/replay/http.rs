@@ -8,13 +8,18 @@ use std::time::Duration;
 
 use hexmatch::sim::{Backend, SimError};
 use hexmatch::{
-    BatchOrder, BatchOutcome, ClaimRequest, DriverUpdate, Error, Match, MatchEvent, MatchState,
-    OrderId, Position, Status, Timestamp,
+    BatchOrder, BatchOutcome, ClaimRequest, DriverUpdate, Error, Match, MatchEvent, OrderId,
+    Position, Status, Timestamp,
+};
+use hexmatch_server::ErrorCode;
+use hexmatch_server::error::ErrorBody;
+pub(crate) use hexmatch_server::wire::LocationItem;
+use hexmatch_server::wire::{
+    BatchIn, BatchOut, BatchTally, MatchOut, NearestOut, NeighborOut, OrderIn,
 };
 use reqwest::Method;
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
 /// Most items per `POST /v1/locations` (the server accepts 10 000).
 pub(crate) const LOCATION_CHUNK: usize = 1000;
@@ -27,168 +32,13 @@ pub(crate) struct Http {
     token: Option<String>,
 }
 
-/// One item of `POST /v1/locations`.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct LocationItem {
-    pub(crate) driver_id: String,
-    pub(crate) lat: f64,
-    pub(crate) lon: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) ts: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) status: Option<&'static str>,
-}
-
-impl LocationItem {
-    pub(crate) fn from_update(u: &DriverUpdate) -> Self {
-        Self {
-            driver_id: u.id.to_string(),
-            lat: u.pos.lat(),
-            lon: u.pos.lon(),
-            ts: u.ts.map(Timestamp::as_millis),
-            status: u.status.map(Status::as_str),
-        }
-    }
-}
-
-/// Response of `POST /v1/locations`.
-#[derive(Debug, Default, Deserialize)]
-pub(crate) struct Tally {
-    pub(crate) applied: usize,
-    pub(crate) stale: usize,
-    pub(crate) rejected: Vec<RejectedItem>,
-}
-
-/// A rejected item of `POST /v1/locations`.
-#[derive(Debug, Deserialize)]
-pub(crate) struct RejectedItem {
-    pub(crate) index: usize,
-    pub(crate) error: ErrorDetail,
-}
-
-/// The `error` of an error body.
-#[derive(Debug, Deserialize)]
-pub(crate) struct ErrorDetail {
-    pub(crate) code: String,
-    pub(crate) message: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct ErrorBody {
-    error: ErrorDetail,
-}
-
-/// One driver of `GET /v1/drivers/nearest`.
-#[derive(Debug, Deserialize)]
-pub(crate) struct NearestDriver {
-    pub(crate) driver_id: String,
-    pub(crate) distance_m: f64,
-    pub(crate) ts: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct NearestOut {
-    drivers: Vec<NearestDriver>,
-}
-
-#[derive(Debug, Serialize)]
-struct LatLon {
-    lat: f64,
-    lon: f64,
-}
-
-#[derive(Debug, Serialize)]
-struct OrderIn<'a> {
-    order_id: &'a str,
-    pickup: LatLon,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    vehicle: Option<&'static str>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    capabilities: Vec<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    radius_m: Option<f64>,
-    hold_ms: u64,
-}
-
-impl<'a> OrderIn<'a> {
-    fn new(order: &'a OrderId, r: &ClaimRequest) -> Self {
-        Self {
-            order_id: order.as_str(),
-            pickup: LatLon {
-                lat: r.pickup.lat(),
-                lon: r.pickup.lon(),
-            },
-            vehicle: r.vehicle.map(hexmatch::Vehicle::as_str),
-            capabilities: r.capabilities.names().collect(),
-            radius_m: r.radius_m,
-            hold_ms: r.hold_ms,
-        }
-    }
-}
-
-#[derive(Debug, Serialize)]
-struct BatchIn<'a> {
-    orders: Vec<OrderIn<'a>>,
-    candidates: usize,
-}
-
-#[derive(Debug, Deserialize)]
-struct MatchOut {
-    order_id: String,
-    driver_id: String,
-    distance_m: f64,
-    state: String,
-    reserved_until: String,
-    created_at: String,
-    pickup: MatchPickup,
-    ended_at: Option<String>,
-    reason: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct MatchPickup {
-    lat: f64,
-    lon: f64,
-}
-
-#[derive(Debug, Deserialize)]
-struct BatchOut {
-    matches: Vec<MatchOut>,
-    unmatched: Vec<String>,
-}
-
-impl MatchOut {
-    fn into_match(self) -> Result<Match, String> {
-        let time = |s: &str| Timestamp::parse(s).map_err(|e| e.to_string());
-        let state = match self.state.as_str() {
-            "reserved" => MatchState::Reserved,
-            "confirmed" => MatchState::Confirmed,
-            "released" => MatchState::Released,
-            "expired" => MatchState::Expired,
-            "completed" => MatchState::Completed,
-            other => return Err(format!("unknown match state {other:?}")),
-        };
-        Ok(Match {
-            order_id: OrderId::new(&self.order_id).map_err(|e| e.to_string())?,
-            driver_id: hexmatch::DriverId::new(&self.driver_id).map_err(|e| e.to_string())?,
-            pickup: Position::new(self.pickup.lat, self.pickup.lon).map_err(|e| e.to_string())?,
-            distance_m: self.distance_m,
-            state,
-            created_at: time(&self.created_at)?,
-            reserved_until: time(&self.reserved_until)?,
-            ended_at: self.ended_at.as_deref().map(time).transpose()?,
-            reason: self.reason,
-        })
-    }
-}
-
 /// What went wrong with a request.
 #[derive(Debug)]
 pub(crate) enum Failure {
     /// The server answered with an error body.
     Api {
         status: u16,
-        code: String,
+        code: ErrorCode,
         message: String,
     },
     /// No usable answer (connection refused, timeout, unreadable body, …).
@@ -213,13 +63,15 @@ impl Failure {
     /// must tell it apart; anything else is a backend failure.
     fn into_sim_error(self, what: &str) -> SimError {
         match self {
-            Self::Api { code, message, .. } => match code.as_str() {
-                "no_driver_available" => SimError::Engine(Error::NoDriverAvailable),
-                "reservation_expired" => SimError::Engine(Error::ReservationExpired(message)),
-                "order_conflict" => SimError::Engine(Error::OrderConflict(message)),
-                "unknown_order" => SimError::Engine(Error::UnknownOrder(message)),
-                "unknown_driver" => SimError::Engine(Error::UnknownDriver(message)),
-                "invalid_parameter" => SimError::Engine(Error::InvalidParameter(message)),
+            Self::Api { code, message, .. } => match code {
+                ErrorCode::NoDriverAvailable => SimError::Engine(Error::NoDriverAvailable),
+                ErrorCode::ReservationExpired => {
+                    SimError::Engine(Error::ReservationExpired(message))
+                }
+                ErrorCode::OrderConflict => SimError::Engine(Error::OrderConflict(message)),
+                ErrorCode::UnknownOrder => SimError::Engine(Error::UnknownOrder(message)),
+                ErrorCode::UnknownDriver => SimError::Engine(Error::UnknownDriver(message)),
+                ErrorCode::InvalidParameter => SimError::Engine(Error::InvalidParameter(message)),
                 _ => SimError::Backend(format!("{what}: {code}: {message}")),
             },
             Self::Transport(m) => SimError::Backend(format!("{what}: {m}")),
@@ -297,7 +149,7 @@ impl Http {
     }
 
     /// `POST /v1/locations` with one JSON array.
-    pub(crate) fn post_locations(&self, items: &[LocationItem]) -> Result<Tally, Failure> {
+    pub(crate) fn post_locations(&self, items: &[LocationItem]) -> Result<BatchTally, Failure> {
         Self::send(self.request(Method::POST, "/v1/locations").json(items))
     }
 
@@ -315,7 +167,7 @@ impl Http {
     }
 
     /// `GET /v1/drivers/nearest`.
-    pub(crate) fn nearest(&self, pos: Position, k: usize) -> Result<Vec<NearestDriver>, Failure> {
+    pub(crate) fn nearest(&self, pos: Position, k: usize) -> Result<Vec<NeighborOut>, Failure> {
         // Numbers only: nothing to escape.
         let path = format!(
             "/v1/drivers/nearest?lat={}&lon={}&k={k}",
@@ -351,7 +203,7 @@ impl HttpBackend {
 
     fn post_updates(&self, updates: &[DriverUpdate]) -> Result<(), SimError> {
         for chunk in updates.chunks(LOCATION_CHUNK) {
-            let items: Vec<LocationItem> = chunk.iter().map(LocationItem::from_update).collect();
+            let items: Vec<LocationItem> = chunk.iter().map(LocationItem::from).collect();
             let tally = self
                 .http
                 .post_locations(&items)
@@ -395,12 +247,12 @@ impl Backend for HttpBackend {
     }
 
     fn claim(&mut self, order: &OrderId, request: &ClaimRequest) -> Result<Match, SimError> {
-        let out: MatchOut = Http::send(
-            self.http
-                .request(Method::POST, "/v1/matches")
-                .json(&OrderIn::new(order, request)),
-        )
-        .map_err(|f| f.into_sim_error("POST /v1/matches"))?;
+        let body = OrderIn::from(&BatchOrder {
+            order_id: order.clone(),
+            request: request.clone(),
+        });
+        let out: MatchOut = Http::send(self.http.request(Method::POST, "/v1/matches").json(&body))
+            .map_err(|f| f.into_sim_error("POST /v1/matches"))?;
         out.into_match()
             .map_err(|e| SimError::Backend(format!("POST /v1/matches: {e}")))
     }
@@ -411,11 +263,9 @@ impl Backend for HttpBackend {
         candidates: usize,
     ) -> Result<BatchOutcome, SimError> {
         let body = BatchIn {
-            orders: orders
-                .iter()
-                .map(|o| OrderIn::new(&o.order_id, &o.request))
-                .collect(),
-            candidates,
+            orders: orders.iter().map(OrderIn::from).collect(),
+            objective: None,
+            candidates: Some(candidates),
         };
         let out: BatchOut = Http::send(
             self.http
@@ -428,7 +278,7 @@ impl Backend for HttpBackend {
             matches: out
                 .matches
                 .into_iter()
-                .map(|m| m.into_match().map_err(bad))
+                .map(|m| m.into_match().map_err(|e| bad(e.to_string())))
                 .collect::<Result<_, _>>()?,
             unmatched: out
                 .unmatched
@@ -478,21 +328,23 @@ mod tests {
 
     #[test]
     fn api_codes_map_back_to_engine_errors() {
-        let api = |code: &str| Failure::Api {
+        let api = |code: ErrorCode| Failure::Api {
             status: 409,
-            code: code.into(),
+            code,
             message: "m".into(),
         };
         assert_eq!(
-            api("no_driver_available").into_sim_error("x"),
+            api(ErrorCode::NoDriverAvailable).into_sim_error("x"),
             SimError::Engine(Error::NoDriverAvailable)
         );
         assert_eq!(
-            api("reservation_expired").into_sim_error("x").code(),
+            api(ErrorCode::ReservationExpired)
+                .into_sim_error("x")
+                .code(),
             "reservation_expired"
         );
         assert_eq!(
-            api("overloaded").into_sim_error("x").code(),
+            api(ErrorCode::Overloaded).into_sim_error("x").code(),
             "backend_error"
         );
         assert_eq!(

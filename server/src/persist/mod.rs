@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hexmatch::{DurableMatch, Engine, Manifest, OrderId};
+use hexmatch::{Driver, DriverUpdate, DurableMatch, Engine, Manifest, OrderId, Position, Status};
 use metrics::{counter, gauge, histogram};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, RedisResult, Value};
@@ -59,23 +59,99 @@ pub struct Persistence {
     needs_resync: AtomicBool,
     order_locks: Box<[Mutex<()>]>,
     /// In a cluster, match writes are fenced by region leases.
-    fence: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    fence: std::sync::OnceLock<Arc<dyn Fence>>,
 }
 
-/// The error a fenced write fails with when this node does not hold the
-/// lease of the match's region (any more).
-pub(crate) fn not_owner(region: &str) -> redis::RedisError {
-    redis::RedisError::from((
-        redis::ErrorKind::Client,
-        "not_owner",
-        format!("this node does not hold the lease of region {region}"),
-    ))
+/// How long an order's region record outlives its last write.
+const ORDER_KEY_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// Writes (or deletes) a match record only while the lease is ours.
+/// KEYS: lease, matches hash, order key. ARGV: token, order, record (empty
+/// = delete), region, order key TTL. Returns 1 when written, 0 when the
+/// lease is not (or no longer) the token's.
+const FENCED_PUT: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[2], ARGV[2])
+else
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+end
+return 1
+";
+
+/// The lease a fenced write must still hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The lease's Redis key.
+    pub key: String,
+    /// Its value while this node holds it (`node|epoch`).
+    pub token: String,
+    /// The region it is the lease of.
+    pub region: String,
 }
 
-/// Whether `e` is a fenced write refused for want of a lease.
-pub(crate) fn is_not_owner(e: &redis::RedisError) -> bool {
-    e.to_string().contains("not_owner")
+/// Region leases that fence match writes in a cluster (implemented by
+/// the cluster layer above, which owns the leases).
+pub trait Fence: Send + Sync + std::fmt::Debug {
+    /// The lease of the region of `pos` if this node serves it now, else
+    /// the region's name (or why there is none).
+    ///
+    /// # Errors
+    /// The region, when this node does not hold its lease.
+    fn lease(&self, pos: Position) -> Result<Lease, String>;
+
+    /// The Redis key recording which region holds an order's match.
+    fn order_key(&self, order: &str) -> String;
 }
+
+/// Why a match write was not made.
+#[derive(Debug)]
+pub enum WriteError {
+    /// This node does not hold the lease of the match's region (any more).
+    NotOwner {
+        /// The region.
+        region: String,
+    },
+    /// Redis refused or did not answer.
+    Redis(redis::RedisError),
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotOwner { region } => {
+                write!(f, "this node does not hold the lease of region {region}")
+            }
+            Self::Redis(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for WriteError {}
+
+impl From<redis::RedisError> for WriteError {
+    fn from(e: redis::RedisError) -> Self {
+        Self::Redis(e)
+    }
+}
+
+/// A stream entry that failed validation, for the dead-letter stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The entry's id.
+    pub id: String,
+    /// Its fields.
+    pub fields: Vec<(String, String)>,
+    /// Why it was rejected.
+    pub code: crate::error::ErrorCode,
+    /// The human explanation.
+    pub message: String,
+}
+
+/// How stream entries are applied: entry ids to acknowledge, and the
+/// invalid entries to dead-letter (given by the service layer above).
+pub type ApplyEntries = fn(&Engine, Vec<StreamEntry>) -> (Vec<String>, Vec<DeadLetter>);
 
 impl std::fmt::Debug for Persistence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -152,9 +228,9 @@ impl Persistence {
         self.key_of(ns, &format!("snap:g{generation}:{i}"))
     }
 
-    /// Fences every later match write with `cluster`'s leases.
-    pub fn set_fence(&self, cluster: Arc<crate::cluster::Cluster>) {
-        let _ = self.fence.set(cluster);
+    /// Fences every later match write with `fence`'s leases.
+    pub fn set_fence(&self, fence: Arc<dyn Fence>) {
+        let _ = self.fence.set(fence);
     }
 
     /// The stream location updates are read from.
@@ -197,10 +273,11 @@ impl Persistence {
     /// Writes an order's durable record (a live match) or deletes it (ended).
     ///
     /// # Errors
-    /// Redis errors; the caller decides whether to undo or answer 503.
-    pub async fn put_match(&self, rec: &DurableMatch) -> RedisResult<()> {
-        if let Some(cluster) = self.fence.get() {
-            return self.put_match_fenced(cluster, rec).await;
+    /// Redis errors, or a lease lost; the caller decides whether to undo
+    /// or answer 503.
+    pub async fn put_match(&self, rec: &DurableMatch) -> Result<(), WriteError> {
+        if let Some(fence) = self.fence.get() {
+            return self.put_match_fenced(fence.as_ref(), rec).await;
         }
         let mut conn = self.conn.clone();
         let key = self.key("matches");
@@ -210,7 +287,7 @@ impl Persistence {
         } else {
             conn.hdel::<_, _, ()>(key, rec.m.order_id.as_str()).await
         };
-        self.note(r)
+        Ok(self.note(r)?)
     }
 
     /// In a cluster: writes the record only if this node still holds the
@@ -218,14 +295,12 @@ impl Persistence {
     /// that writes, and records the order's region for routing.
     async fn put_match_fenced(
         &self,
-        cluster: &crate::cluster::Cluster,
+        fence: &dyn Fence,
         rec: &DurableMatch,
-    ) -> RedisResult<()> {
-        let region = cluster
-            .region_of(rec.driver_pos)
-            .map_err(|e| not_owner(&e.to_string()))?;
-        let region = region.as_str();
-        let token = cluster.token(region).ok_or_else(|| not_owner(region))?;
+    ) -> Result<(), WriteError> {
+        let lease = fence
+            .lease(rec.driver_pos)
+            .map_err(|region| WriteError::NotOwner { region })?;
         let record = if rec.m.state.is_live() {
             rec.encode()
         } else {
@@ -233,30 +308,32 @@ impl Persistence {
         };
         let mut conn = self.conn.clone();
         let done: i64 = self.note(
-            redis::Script::new(crate::cluster::FENCED_PUT)
-                .key(format!("{}:lease:{region}", cluster.prefix()))
+            redis::Script::new(FENCED_PUT)
+                .key(&lease.key)
                 .key(self.key("matches"))
-                .key(cluster.order_key(rec.m.order_id.as_str()))
-                .arg(token)
+                .key(fence.order_key(rec.m.order_id.as_str()))
+                .arg(&lease.token)
                 .arg(rec.m.order_id.as_str())
                 .arg(record)
-                .arg(region)
-                .arg(crate::cluster::ORDER_KEY_TTL_MS)
+                .arg(&lease.region)
+                .arg(ORDER_KEY_TTL_MS)
                 .invoke_async(&mut conn)
                 .await,
         )?;
         if done == 1 {
             Ok(())
         } else {
-            Err(not_owner(region))
+            Err(WriteError::NotOwner {
+                region: lease.region,
+            })
         }
     }
 
     /// Writes many live records in one pipelined round trip.
     ///
     /// # Errors
-    /// Redis errors.
-    pub async fn put_matches(&self, recs: &[DurableMatch]) -> RedisResult<()> {
+    /// Redis errors, or a lease lost.
+    pub async fn put_matches(&self, recs: &[DurableMatch]) -> Result<(), WriteError> {
         if recs.is_empty() {
             return Ok(());
         }
@@ -273,7 +350,7 @@ impl Persistence {
                 .ignore();
         }
         let mut conn = self.conn.clone();
-        self.note(pipe.query_async::<()>(&mut conn).await)
+        Ok(self.note(pipe.query_async::<()>(&mut conn).await)?)
     }
 
     /// Deletes an order's durable record.
@@ -293,7 +370,7 @@ impl Persistence {
     pub async fn sync_order(&self, engine: &Engine, order: &OrderId) {
         let r = match engine.durable_match(order) {
             Some(rec) => self.put_match(&rec).await,
-            None => self.del_match(order).await,
+            None => self.del_match(order).await.map_err(WriteError::Redis),
         };
         if r.is_err() {
             self.needs_resync.store(true, Ordering::Release);
@@ -393,13 +470,13 @@ impl Persistence {
         &self,
         ns: &str,
         manifest_key: &str,
-    ) -> Result<Option<(Manifest, Vec<Vec<u8>>)>, String> {
+    ) -> Result<Option<(Manifest, Vec<Vec<u8>>)>, ReadError> {
+        let redis = |e: redis::RedisError| ReadError::Redis(e.to_string());
         let mut conn = self.conn.clone();
-        let raw: Option<Vec<u8>> = self
-            .note(conn.get(manifest_key).await)
-            .map_err(|e| e.to_string())?;
+        let raw: Option<Vec<u8>> = self.note(conn.get(manifest_key).await).map_err(redis)?;
         let Some(raw) = raw else { return Ok(None) };
-        let manifest = Manifest::decode(&raw).map_err(|e| format!("{manifest_key}: {e}"))?;
+        let manifest = Manifest::decode(&raw)
+            .map_err(|e| ReadError::Damaged(format!("{manifest_key}: {e}")))?;
         let keys: Vec<String> = (0..manifest.chunks.len())
             .map(|i| self.chunk_key_of(ns, manifest.generation, i))
             .collect();
@@ -407,17 +484,17 @@ impl Persistence {
             Vec::new()
         } else {
             self.note(redis::cmd("MGET").arg(&keys).query_async(&mut conn).await)
-                .map_err(|e| e.to_string())?
+                .map_err(redis)?
         };
         let chunks = chunks
             .into_iter()
             .enumerate()
             .map(|(i, c)| {
                 c.ok_or_else(|| {
-                    format!(
+                    ReadError::Damaged(format!(
                         "{manifest_key}: chunk {i} of generation {} is missing",
                         manifest.generation
-                    )
+                    ))
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -451,8 +528,8 @@ impl Persistence {
                         Err(e) => out.warnings.push(format!("{key}: {e}")),
                     }
                 }
-                Err(e) if e.contains("corrupt") || e.contains("missing") => out.warnings.push(e),
-                Err(e) => return Err(e),
+                Err(ReadError::Damaged(e)) => out.warnings.push(e),
+                Err(ReadError::Redis(e)) => return Err(e),
             }
         }
         let mut conn = self.conn.clone();
@@ -508,7 +585,7 @@ impl Persistence {
                     }
                     Err(e) => problems.push(format!("{key}: {e}")),
                 },
-                Err(e) => problems.push(e),
+                Err(ReadError::Damaged(e) | ReadError::Redis(e)) => problems.push(e),
             }
         }
         if drivers.is_none() && !problems.is_empty() {
@@ -527,7 +604,7 @@ impl Persistence {
             })
             .collect();
         let e = Arc::clone(engine);
-        tokio::task::spawn_blocking(move || crate::cluster::upsert_drivers(&e, mine))
+        tokio::task::spawn_blocking(move || upsert_drivers(&e, mine))
             .await
             .map_err(|e| e.to_string())?;
         let mut conn = self.conn.clone();
@@ -639,17 +716,23 @@ impl Persistence {
     /// background on the shared connection so the reader does not wait. A
     /// lost ack leaves entries pending; XAUTOCLAIM re-delivers them, and
     /// re-applying a position is harmless (an older `ts` is ignored).
-    pub(crate) fn ack_in_background(&self, ids: &[String], dead: Vec<crate::api::DeadLetter>) {
+    pub fn ack_in_background(&self, ids: &[String], dead: Vec<DeadLetter>) {
         let stream = self.stream_key();
         let mut pipe = redis::pipe();
-        for (id, fields, code, message) in dead {
+        for DeadLetter {
+            id,
+            fields,
+            code,
+            message,
+        } in dead
+        {
             let mut cmd = redis::cmd("XADD");
             cmd.arg(format!("{stream}:dead"))
                 .arg("*")
                 .arg("source_id")
                 .arg(id)
                 .arg("error_code")
-                .arg(code)
+                .arg(code.as_str())
                 .arg("error")
                 .arg(message);
             for (k, v) in fields {
@@ -680,6 +763,7 @@ impl Persistence {
     pub async fn ingest_once(
         &self,
         engine: &Arc<Engine>,
+        apply: ApplyEntries,
         count: usize,
         block_ms: u64,
         reclaim_idle: Option<Duration>,
@@ -688,16 +772,15 @@ impl Persistence {
         let n = entries.len();
         if n > 0 {
             let e = Arc::clone(engine);
-            let (ids, dead) =
-                tokio::task::spawn_blocking(move || crate::api::apply_stream_entries(&e, entries))
-                    .await
-                    .map_err(|e| {
-                        redis::RedisError::from((
-                            redis::ErrorKind::Client,
-                            "ingest task failed",
-                            e.to_string(),
-                        ))
-                    })?;
+            let (ids, dead) = tokio::task::spawn_blocking(move || apply(&e, entries))
+                .await
+                .map_err(|e| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "ingest task failed",
+                        e.to_string(),
+                    ))
+                })?;
             self.ack_in_background(&ids, dead);
             counter!("hexmatch_stream_entries_total").increment(n as u64);
         }
@@ -715,6 +798,7 @@ impl Persistence {
     pub async fn ingest(
         self: &Arc<Self>,
         engine: &Arc<Engine>,
+        apply: ApplyEntries,
         limit: Option<usize>,
         reclaim_every: Duration,
     ) -> RedisResult<usize> {
@@ -724,7 +808,7 @@ impl Persistence {
         let worker = std::thread::spawn(move || {
             while let Some(batch) = rx.blocking_recv() {
                 let n = batch.len();
-                let (ids, dead) = crate::api::apply_stream_entries(&e, batch);
+                let (ids, dead) = apply(&e, batch);
                 let _guard = runtime.enter();
                 me.ack_in_background(&ids, dead);
                 counter!("hexmatch_stream_entries_total").increment(n as u64);
@@ -778,7 +862,41 @@ impl Persistence {
 }
 
 /// One stream entry: its id and its fields as strings.
-pub(crate) type StreamEntry = (String, Vec<(String, String)>);
+pub type StreamEntry = (String, Vec<(String, String)>);
+
+/// Why a stored snapshot could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ReadError {
+    /// Redis did not answer.
+    Redis(String),
+    /// The data is there but damaged (bad manifest, missing chunk).
+    Damaged(String),
+}
+
+/// Loads restored drivers into a running engine one by one (it may already
+/// hold other regions, so bulk loading does not apply). Reserved drivers
+/// come back available; their matches set them reserved again.
+pub fn upsert_drivers(engine: &Engine, drivers: Vec<Driver>) -> usize {
+    let mut n = 0;
+    for d in drivers {
+        let status = match d.status {
+            Status::Reserved => Status::Available,
+            s => s,
+        };
+        let u = DriverUpdate {
+            id: d.id,
+            pos: d.pos,
+            ts: Some(d.ts),
+            status: Some(status),
+            vehicle: Some(d.vehicle),
+            capabilities: Some(d.capabilities),
+        };
+        if engine.upsert(&u).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
 
 fn bulk_string(v: Value) -> Option<String> {
     match v {

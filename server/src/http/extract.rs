@@ -7,14 +7,14 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use serde::de::DeserializeOwned;
 
-use super::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 
 /// Reads the body under the configured limit: 413 `payload_too_large` past it.
-pub(crate) async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+pub(super) async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
     Bytes::from_request(req, state).await.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
-                "payload_too_large",
+                ErrorCode::PayloadTooLarge,
                 "request body exceeds the configured limit",
             )
         } else {
@@ -24,7 +24,7 @@ pub(crate) async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Resul
 }
 
 /// The request's media type, lower-cased, without parameters.
-pub(crate) fn media_type(req: &Request) -> Option<String> {
+pub(super) fn media_type(req: &Request) -> Option<String> {
     let ct = req.headers().get(header::CONTENT_TYPE)?.to_str().ok()?;
     Some(
         ct.split(';')
@@ -35,9 +35,9 @@ pub(crate) fn media_type(req: &Request) -> Option<String> {
     )
 }
 
-pub(crate) fn unsupported(found: Option<&str>, expected: &str) -> ApiError {
+pub(super) fn unsupported(found: Option<&str>, expected: &str) -> ApiError {
     ApiError::new(
-        "unsupported_media_type",
+        ErrorCode::UnsupportedMediaType,
         format!(
             "Content-Type {} is not supported; send {expected}",
             found.unwrap_or("(none)")
@@ -46,14 +46,14 @@ pub(crate) fn unsupported(found: Option<&str>, expected: &str) -> ApiError {
 }
 
 /// Parses JSON text, naming the line and column of a syntax error.
-pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError::invalid_json(format!("body is not valid: {e}")))
 }
 
 /// A JSON body (`Content-Type: application/json`), or the API error.
 #[derive(Debug)]
-pub(crate) struct JsonBody<T>(pub T);
+pub(super) struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
@@ -70,7 +70,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 
 /// A body that may be empty (then `T::default()`), else JSON.
 #[derive(Debug)]
-pub(crate) struct OptionalJsonBody<T>(pub T);
+pub(super) struct OptionalJsonBody<T>(pub T);
 
 impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJsonBody<T> {
     type Rejection = ApiError;
@@ -91,7 +91,7 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
 /// The single `{id}` segment of a path, validated by `T`'s `FromStr`
 /// (400 `invalid_id` when it does not parse).
 #[derive(Debug)]
-pub(crate) struct IdPath<T>(pub T);
+pub(super) struct IdPath<T>(pub T);
 
 impl<T, S> FromRequestParts<S> for IdPath<T>
 where
@@ -103,7 +103,7 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let Path(raw) = Path::<String>::from_request_parts(parts, state)
             .await
-            .map_err(|e| ApiError::new("invalid_id", format!("bad path parameter: {e}")))?;
+            .map_err(|e| ApiError::new(ErrorCode::InvalidId, format!("bad path parameter: {e}")))?;
         raw.parse().map(Self).map_err(ApiError::from)
     }
 }

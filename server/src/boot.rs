@@ -1,8 +1,10 @@
-//! Starting, running and stopping `hexmatch serve`.
+//! Starting, running and stopping `hexmatch serve`: builds the engine and
+//! the [`Service`], loads or restores the drivers, binds the HTTP
+//! listener, and runs the background loops (expiry sweep, metrics
+//! upkeep, Redis health, snapshots, stream ingestion, cluster leases).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hexmatch::{Clock, Engine, EngineConfig, SystemClock};
@@ -11,9 +13,10 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::api::{self, Shared};
 use crate::config::ServeConfig;
-use crate::persist::Persistence;
+use crate::http::{self, HttpState};
+use crate::persist::{Fence, Persistence};
+use crate::service::{Service, apply_stream_entries};
 use crate::telemetry;
 
 /// Why the server could not start.
@@ -54,7 +57,7 @@ impl std::error::Error for ServerError {}
 pub struct Server {
     addr: SocketAddr,
     engine: Arc<Engine>,
-    state: Arc<Shared>,
+    state: Arc<HttpState>,
     stop: Option<oneshot::Sender<()>>,
     serving: JoinHandle<std::io::Result<()>>,
     background: Vec<JoinHandle<()>>,
@@ -83,14 +86,14 @@ impl Server {
         for task in &self.background {
             task.abort();
         }
-        if let Some(p) = self.state.persist.get() {
+        if let Some(p) = self.state.svc.persist() {
             match p.write_snapshot(&self.engine).await {
                 Ok(bytes) => tracing::info!(bytes, "final snapshot written"),
                 Err(e) => tracing::error!(error = %e, "final snapshot failed"),
             }
         }
         // Hand the regions back so another node takes them at once.
-        if let Some(c) = self.state.cluster.get() {
+        if let Some(c) = self.state.svc.cluster() {
             c.give_up().await;
         }
     }
@@ -123,33 +126,16 @@ pub async fn start_with_clock(
     let engine = Arc::new(
         Engine::with_clock(engine_config, clock).map_err(|e| ServerError::Config(e.to_string()))?,
     );
-    let mut shared = Shared::new(
-        Arc::clone(&engine),
-        config.clone(),
+    config.check().map_err(ServerError::Config)?;
+    let regions = match &config.regions {
+        None => None,
+        Some(path) => Some(read_regions(path, config.resolution)?),
+    };
+    let svc = Arc::new(Service::new(Arc::clone(&engine), config.clone(), regions));
+    let state = Arc::new(HttpState::new(
+        Arc::clone(&svc),
         telemetry::metrics_handle(),
-    );
-    if let Some(path) = &config.regions {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ServerError::Input(format!("{}: {e}", path.display())))?;
-        let prefix = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("region")
-            .replace(|c: char| !c.is_ascii_alphanumeric(), "-");
-        let map = hexmatch::RegionMap::from_geojson(
-            &text,
-            config.resolution,
-            &prefix,
-            hexmatch::Outside::DefaultRegion,
-        )
-        .map_err(|e| ServerError::Input(format!("{}: {e}", path.display())))?;
-        for r in map.empty_regions() {
-            tracing::warn!(region = %r.id, name = %r.name, resolution = config.resolution, "region is smaller than a partition cell and owns none");
-        }
-        tracing::info!(regions = map.regions().len(), file = %path.display(), "loaded regions");
-        shared.regions = Some(map);
-    }
-    let state = Arc::new(shared);
+    ));
     // Read the driver file before binding, so a bad file fails the start.
     let initial = match &config.load_drivers {
         Some(path) => Some((
@@ -167,23 +153,23 @@ pub async fn start_with_clock(
         .await
         .map_err(ServerError::Io)?;
     let addr = listener.local_addr().map_err(ServerError::Io)?;
-    let mut background = vec![spawn_sweeper(&state), spawn_upkeep(&state)];
+    let mut background = vec![spawn_sweeper(&svc), spawn_upkeep(&state)];
     match config.redis_url.clone() {
-        None => state.ready.store(true, Ordering::Release),
+        None => svc.set_ready(),
         Some(url) if config.cluster => background.push(tokio::spawn(boot_cluster(
-            Arc::clone(&state),
+            Arc::clone(&svc),
             url,
             addr,
             initial,
         ))),
         Some(url) => background.push(tokio::spawn(boot_with_redis(
-            Arc::clone(&state),
+            Arc::clone(&svc),
             url,
             initial,
         ))),
     }
     let (stop, stopped) = oneshot::channel::<()>();
-    let app = api::app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
+    let app = http::app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
     let serving = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
@@ -206,6 +192,32 @@ pub async fn start_with_clock(
     })
 }
 
+/// Reads the region polygons of `--regions`.
+fn read_regions(
+    path: &std::path::Path,
+    resolution: u8,
+) -> Result<hexmatch::RegionMap, ServerError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ServerError::Input(format!("{}: {e}", path.display())))?;
+    let prefix = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("region")
+        .replace(|c: char| !c.is_ascii_alphanumeric(), "-");
+    let map = hexmatch::RegionMap::from_geojson(
+        &text,
+        resolution,
+        &prefix,
+        hexmatch::Outside::DefaultRegion,
+    )
+    .map_err(|e| ServerError::Input(format!("{}: {e}", path.display())))?;
+    for r in map.empty_regions() {
+        tracing::warn!(region = %r.id, name = %r.name, resolution, "region is smaller than a partition cell and owns none");
+    }
+    tracing::info!(regions = map.regions().len(), file = %path.display(), "loaded regions");
+    Ok(map)
+}
+
 fn load_initial(
     engine: &Engine,
     path: &std::path::Path,
@@ -222,14 +234,14 @@ fn load_initial(
 /// the live matches, loads `--load-drivers` only on a fresh start, then
 /// marks the node ready and starts the persistence loops.
 async fn boot_with_redis(
-    state: Arc<Shared>,
+    svc: Arc<Service>,
     url: String,
     initial: Option<(std::path::PathBuf, Vec<hexmatch::Driver>)>,
 ) {
-    let c = &state.config;
+    let c = &svc.config;
     let p = loop {
         match Persistence::connect(&url, &c.redis_prefix, "default", &c.node_id).await {
-            Ok(p) => match p.restore(&state.engine).await {
+            Ok(p) => match p.restore(&svc.engine).await {
                 Ok(r) => {
                     for w in &r.warnings {
                         tracing::error!(warning = %w, "restore problem (the data was skipped, not half-loaded)");
@@ -238,7 +250,7 @@ async fn boot_with_redis(
                     if r.generation.is_none()
                         && r.matches == 0
                         && let Some((path, drivers)) = initial
-                        && let Err(e) = load_initial(&state.engine, &path, drivers)
+                        && let Err(e) = load_initial(&svc.engine, &path, drivers)
                     {
                         tracing::error!(error = %e, "could not load drivers");
                     }
@@ -253,11 +265,11 @@ async fn boot_with_redis(
     if let Err(e) = p.ensure_group().await {
         tracing::warn!(error = %e, "could not create the stream consumer group");
     }
-    let _ = state.persist.set(Arc::clone(&p));
-    state.ready.store(true, Ordering::Release);
-    let mut tasks = vec![spawn_health(&state, &p), spawn_snapshots(&state, &p)];
+    svc.set_persist(Arc::clone(&p));
+    svc.set_ready();
+    let mut tasks = vec![spawn_health(&svc, &p), spawn_snapshots(&svc, &p)];
     if c.ingest_stream {
-        tasks.push(spawn_ingest(&state, &p));
+        tasks.push(spawn_ingest(&svc, &p));
     }
     // Tie the loops' lifetime to this task: aborting it (shutdown) stops them.
     let _guard = AbortOnDrop(tasks);
@@ -269,13 +281,13 @@ async fn boot_with_redis(
 /// `--load-drivers` into the regions it serves when none had data, marks
 /// the node ready, then keeps leases, map and takeovers up to date.
 async fn boot_cluster(
-    state: Arc<Shared>,
+    svc: Arc<Service>,
     url: String,
     addr: SocketAddr,
     initial: Option<(std::path::PathBuf, Vec<hexmatch::Driver>)>,
 ) {
-    let c = &state.config;
-    let Some(regions) = state.regions.clone() else {
+    let c = &svc.config;
+    let Some(regions) = svc.regions.clone() else {
         tracing::error!("cluster mode needs --regions");
         return;
     };
@@ -295,6 +307,7 @@ async fn boot_cluster(
                 regions.clone(),
                 &c.own_regions,
                 ttl,
+                c.cluster_secret.as_ref().map(crate::config::Secret::expose),
             )
             .await?;
             Ok::<_, String>((p, cluster))
@@ -305,10 +318,10 @@ async fn boot_cluster(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    p.set_fence(Arc::clone(&cluster));
-    let _ = state.persist.set(Arc::clone(&p));
-    let _ = state.cluster.set(Arc::clone(&cluster));
-    let taken = cluster.tick(&state.engine, &p).await;
+    p.set_fence(Arc::clone(&cluster) as Arc<dyn Fence>);
+    svc.set_persist(Arc::clone(&p));
+    svc.set_cluster(Arc::clone(&cluster));
+    let taken = cluster.tick(&svc.engine, &p).await;
     let restored: usize = taken.iter().map(|t| t.drivers + t.matches).sum();
     if restored == 0
         && let Some((path, drivers)) = initial
@@ -321,20 +334,20 @@ async fn boot_cluster(
                     .is_ok_and(|r| cluster.serves(r.as_str()))
             })
             .collect();
-        let n = crate::cluster::upsert_drivers(&state.engine, mine);
+        let n = crate::persist::upsert_drivers(&svc.engine, mine);
         tracing::info!(drivers = n, file = %path.display(), "loaded the drivers of this node's regions");
     }
-    after_takeover(&state, &p, taken.len()).await;
+    after_takeover(&svc, &p, taken.len()).await;
     tracing::info!(node = %c.node_id, url = %advertise, serving = ?cluster.held(), "joined the cluster");
-    state.ready.store(true, Ordering::Release);
-    let mut tasks = vec![spawn_health(&state, &p), spawn_snapshots(&state, &p)];
+    svc.set_ready();
+    let mut tasks = vec![spawn_health(&svc, &p), spawn_snapshots(&svc, &p)];
     if c.ingest_stream {
         if let Err(e) = p.ensure_group().await {
             tracing::warn!(error = %e, "could not create the stream consumer group");
         }
-        tasks.push(spawn_cluster_ingest(&state, &p));
+        tasks.push(spawn_cluster_ingest(&svc, &p));
     }
-    let (s2, p2, c2) = (Arc::clone(&state), Arc::clone(&p), Arc::clone(&cluster));
+    let (s2, p2, c2) = (Arc::clone(&svc), Arc::clone(&p), Arc::clone(&cluster));
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(c2.tick_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -350,8 +363,8 @@ async fn boot_cluster(
 
 /// Cluster mode: every node reads the shared stream in the shared consumer
 /// group; each batch is split by region owner like an HTTP batch.
-fn spawn_cluster_ingest(state: &Arc<Shared>, p: &Arc<Persistence>) -> JoinHandle<()> {
-    let (state, p) = (Arc::clone(state), Arc::clone(p));
+fn spawn_cluster_ingest(svc: &Arc<Service>, p: &Arc<Persistence>) -> JoinHandle<()> {
+    let (svc, p) = (Arc::clone(svc), Arc::clone(p));
     tokio::spawn(async move {
         let reclaim_every = Duration::from_secs(30);
         let mut last_reclaim = std::time::Instant::now();
@@ -366,7 +379,7 @@ fn spawn_cluster_ingest(state: &Arc<Shared>, p: &Arc<Persistence>) -> JoinHandle
             });
             match p.read_batch(2000, 1000, reclaim).await {
                 Ok(batch) if batch.is_empty() => {}
-                Ok(batch) => api::ingest_cluster_entries(&state, &p, batch).await,
+                Ok(batch) => svc.ingest_cluster_entries(&p, batch).await,
                 Err(e) => {
                     tracing::warn!(error = %e, "stream ingestion failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -378,12 +391,12 @@ fn spawn_cluster_ingest(state: &Arc<Shared>, p: &Arc<Persistence>) -> JoinHandle
 
 /// After taking regions: this node's records and snapshot must hold them
 /// at once, so that if it dies next, the node after it finds them.
-async fn after_takeover(state: &Arc<Shared>, p: &Arc<Persistence>, taken: usize) {
+async fn after_takeover(svc: &Arc<Service>, p: &Arc<Persistence>, taken: usize) {
     if taken == 0 {
         return;
     }
     counter!("hexmatch_region_takeovers_total").increment(taken as u64);
-    if let Err(e) = p.write_snapshot(&state.engine).await {
+    if let Err(e) = p.write_snapshot(&svc.engine).await {
         tracing::warn!(error = %e, "snapshot after takeover failed");
     }
 }
@@ -398,20 +411,20 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn spawn_health(state: &Arc<Shared>, p: &Arc<Persistence>) -> JoinHandle<()> {
-    let (state, p) = (Arc::clone(state), Arc::clone(p));
+fn spawn_health(svc: &Arc<Service>, p: &Arc<Persistence>) -> JoinHandle<()> {
+    let (svc, p) = (Arc::clone(svc), Arc::clone(p));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            p.check_health(&state.engine).await;
+            p.check_health(&svc.engine).await;
         }
     })
 }
 
-fn spawn_snapshots(state: &Arc<Shared>, p: &Arc<Persistence>) -> JoinHandle<()> {
-    let (state, p) = (Arc::clone(state), Arc::clone(p));
-    let every = Duration::from_millis(state.config.snapshot_interval_ms.max(10));
+fn spawn_snapshots(svc: &Arc<Service>, p: &Arc<Persistence>) -> JoinHandle<()> {
+    let (svc, p) = (Arc::clone(svc), Arc::clone(p));
+    let every = Duration::from_millis(svc.config.snapshot_interval_ms.max(10));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -420,7 +433,7 @@ fn spawn_snapshots(state: &Arc<Shared>, p: &Arc<Persistence>) -> JoinHandle<()> 
             if !p.is_up() {
                 continue;
             }
-            match p.write_snapshot(&state.engine).await {
+            match p.write_snapshot(&svc.engine).await {
                 Ok(bytes) => tracing::debug!(bytes, "snapshot written"),
                 Err(e) => {
                     tracing::warn!(error = %e, "snapshot failed; the previous one stays current");
@@ -430,15 +443,23 @@ fn spawn_snapshots(state: &Arc<Shared>, p: &Arc<Persistence>) -> JoinHandle<()> 
     })
 }
 
-fn spawn_ingest(state: &Arc<Shared>, p: &Arc<Persistence>) -> JoinHandle<()> {
-    let (state, p) = (Arc::clone(state), Arc::clone(p));
+fn spawn_ingest(svc: &Arc<Service>, p: &Arc<Persistence>) -> JoinHandle<()> {
+    let (svc, p) = (Arc::clone(svc), Arc::clone(p));
     tokio::spawn(async move {
         loop {
             if !p.is_up() {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
-            if let Err(e) = p.ingest(&state.engine, None, Duration::from_secs(30)).await {
+            if let Err(e) = p
+                .ingest(
+                    &svc.engine,
+                    apply_stream_entries,
+                    None,
+                    Duration::from_secs(30),
+                )
+                .await
+            {
                 tracing::warn!(error = %e, "stream ingestion failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -447,11 +468,9 @@ fn spawn_ingest(state: &Arc<Shared>, p: &Arc<Persistence>) -> JoinHandle<()> {
 }
 
 /// Expires reservations (and silent drivers, if a TTL is set) periodically.
-fn spawn_sweeper(state: &Arc<Shared>) -> JoinHandle<()> {
-    let engine = Arc::clone(&state.engine);
-    let shared = Arc::clone(state);
-    let ttl_on = state.config.driver_ttl_s > 0;
-    let every = Duration::from_millis(state.config.sweep_interval_ms.max(1));
+fn spawn_sweeper(svc: &Arc<Service>) -> JoinHandle<()> {
+    let svc = Arc::clone(svc);
+    let every = Duration::from_millis(svc.config.sweep_interval_ms.max(1));
     tokio::spawn(async move {
         // The first sweep comes one interval after start, not at once: a
         // test on a manual clock must not race a sweep it did not ask for.
@@ -459,46 +478,13 @@ fn spawn_sweeper(state: &Arc<Shared>) -> JoinHandle<()> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let engine = Arc::clone(&engine);
-            // The driver scan is O(drivers): keep it off the async workers.
-            let swept = tokio::task::spawn_blocking(move || {
-                let mut ended: Vec<hexmatch::OrderId> = engine
-                    .expire_matches()
-                    .into_iter()
-                    .map(|e| e.m.order_id)
-                    .collect();
-                let expired = ended.len();
-                let drivers = if ttl_on {
-                    engine.expire_drivers()
-                } else {
-                    Vec::new()
-                };
-                ended.extend(
-                    drivers
-                        .iter()
-                        .filter_map(|(_, ev)| ev.as_ref().map(|e| e.m.order_id.clone())),
-                );
-                (expired, drivers.len(), ended)
-            })
-            .await;
-            if let Ok((expired, drivers, ended)) = swept {
-                counter!("hexmatch_match_ends_total", "state" => "expired")
-                    .increment(expired as u64);
-                counter!("hexmatch_drivers_expired_total").increment(drivers as u64);
-                if let Some(p) = shared.persist.get() {
-                    for order in &ended {
-                        if p.del_match(order).await.is_err() {
-                            p.schedule_resync();
-                        }
-                    }
-                }
-            }
+            svc.sweep().await;
         }
     })
 }
 
 /// Keeps the metrics histograms and the rate limiter's memory bounded.
-fn spawn_upkeep(state: &Arc<Shared>) -> JoinHandle<()> {
+fn spawn_upkeep(state: &Arc<HttpState>) -> JoinHandle<()> {
     let state = Arc::clone(state);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -506,7 +492,7 @@ fn spawn_upkeep(state: &Arc<Shared>) -> JoinHandle<()> {
             tick.tick().await;
             state.metrics.run_upkeep();
             if let Some(limiter) = &state.limiter {
-                limiter.limiter().retain_recent();
+                limiter.retain_recent();
             }
         }
     })

@@ -10,14 +10,14 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::AppState;
-use super::drivers::apply_item;
-use super::error::{ApiError, ApiResult, ErrorBody};
-use super::model::BatchTally;
+use super::drivers::decode_item;
+use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
+use crate::wire::BatchTally;
 
 /// Query of the stream.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct StreamParams {
+pub(super) struct StreamParams {
     /// Send an ack after this many updates (1..=10000, default 100); an ack
     /// also goes out at least once a second while updates arrive.
     ack_every: Option<usize>,
@@ -30,7 +30,7 @@ pub(crate) struct StreamParams {
         (status = 400, description = "invalid_parameter", body = ErrorBody),
         (status = 426, description = "upgrade_required (not a WebSocket handshake)", body = ErrorBody),
     ))]
-pub(crate) async fn stream(
+pub(super) async fn stream(
     State(state): State<AppState>,
     params: Result<Query<StreamParams>, axum::extract::rejection::QueryRejection>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
@@ -38,7 +38,7 @@ pub(crate) async fn stream(
     let Query(params) = params.map_err(|e| ApiError::invalid_parameter(e.body_text()))?;
     let ws = ws.map_err(|e| {
         ApiError::new(
-            "upgrade_required",
+            ErrorCode::UpgradeRequired,
             format!("this endpoint is a WebSocket: {}", e.body_text()),
         )
     })?;
@@ -62,14 +62,21 @@ async fn run(state: AppState, mut socket: WebSocket, ack_every: usize) {
         tokio::select! {
             msg = socket.recv() => {
                 let item = match msg {
-                    Some(Ok(Message::Text(t))) => {
-                        serde_json::from_str(&t).map_err(|e| ApiError::invalid_json(e.to_string()))
-                    }
+                    Some(Ok(Message::Text(t))) => decode_item(&t),
                     Some(Ok(Message::Binary(_))) => Err(ApiError::invalid_json("binary frame; send each update as a text frame")),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     Some(Ok(Message::Close(_)) | Err(_)) | None => break,
                 };
-                apply_item(&state.engine, index, item, &mut tally);
+                match state.svc.apply_items(vec![item]).await {
+                    Ok(one) => {
+                        tally.applied += one.applied;
+                        tally.stale += one.stale;
+                        if let Some(r) = one.rejected.into_iter().next() {
+                            tally.reject(index, &r.error.into());
+                        }
+                    }
+                    Err(e) => tally.reject(index, &e),
+                }
                 index += 1;
                 pending += 1;
                 if pending >= ack_every && !send_ack(&mut socket, &mut tally, &mut pending).await {

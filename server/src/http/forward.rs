@@ -1,0 +1,259 @@
+//! Cluster routing of client requests, the last step of the `/v1` gate:
+//! a request that names a position (driver PUT, location, claim) goes to
+//! the owner of its region; one that names an order goes to the owner of
+//! the region recorded for the order. The rest is served here.
+//!
+//! A forwarded request travels over the peer channel
+//! ([`PeerClient::forward`](crate::cluster::peer::PeerClient::forward)):
+//! the node's secret instead of the client's token, plus `FORWARDED`. It
+//! is never forwarded twice: a node that does not own the region (any
+//! more) answers 421 `not_owner`, and the sender re-reads the map and
+//! tries once more. Every response of a cluster node says who answered
+//! in `x-hexmatch-served-by`.
+
+use axum::body::{Body, Bytes};
+use axum::extract::Request;
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hexmatch::{OrderId, Position};
+use serde::Deserialize;
+
+use super::AppState;
+use crate::cluster::peer::{FORWARDED, Forward, Forwarded, SERVED_BY};
+use crate::cluster::{Cluster, Owner};
+use crate::error::{ApiError, ErrorCode};
+
+/// What the router needs to know about a request to route it.
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    /// Carries a position (`lat`/`lon`, or `pickup`): goes to its region's owner.
+    Position,
+    /// Names an order: goes to the owner of the order's match.
+    Order(String),
+    /// Served here.
+    Here,
+}
+
+fn classify(method: &Method, path: &str) -> Kind {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, parts.as_slice()) {
+        (&Method::PUT, ["v1", "drivers", _])
+        | (&Method::POST, ["v1", "drivers", _, "location"] | ["v1", "matches"]) => Kind::Position,
+        (&Method::GET, ["v1", "matches", order])
+        | (&Method::POST, ["v1", "matches", order, "confirm" | "release" | "complete"]) => {
+            Kind::Order((*order).to_owned())
+        }
+        _ => Kind::Here,
+    }
+}
+
+/// The position a body names, if it parses: `lat`/`lon` at the top, or
+/// `pickup.lat`/`pickup.lon`. Anything else is left to the handler, which
+/// gives the precise error.
+fn position_in(bytes: &[u8]) -> Option<Position> {
+    #[derive(Deserialize)]
+    struct LatLon {
+        lat: f64,
+        lon: f64,
+    }
+    #[derive(Deserialize)]
+    struct Probe {
+        lat: Option<f64>,
+        lon: Option<f64>,
+        pickup: Option<LatLon>,
+    }
+    let p: Probe = serde_json::from_slice(bytes).ok()?;
+    let ((Some(lat), Some(lon), _) | (_, _, Some(LatLon { lat, lon }))) = (p.lat, p.lon, p.pickup)
+    else {
+        return None;
+    };
+    Position::new(lat, lon).ok()
+}
+
+fn served_by(mut resp: Response, node: &str) -> Response {
+    if !resp.headers().contains_key(SERVED_BY)
+        && let Ok(v) = HeaderValue::from_str(node)
+    {
+        resp.headers_mut().insert(SERVED_BY, v);
+    }
+    resp
+}
+
+/// Serves here what this node owns, forwards the rest to the owner.
+pub(super) async fn route(state: &AppState, req: Request, next: Next) -> Response {
+    let Some(cluster) = state.svc.cluster().cloned() else {
+        return next.run(req).await;
+    };
+    let region = match classify(req.method(), req.uri().path()) {
+        Kind::Here => None,
+        Kind::Position => {
+            let (parts, bytes) = match buffered(state, req).await {
+                Ok(x) => x,
+                Err(resp) => return resp,
+            };
+            let region = position_in(&bytes)
+                .and_then(|p| cluster.region_of(p).ok())
+                .map(|r| r.to_string());
+            let req = Request::from_parts(parts, Body::from(bytes));
+            return match region {
+                Some(region) => dispatch(state, &cluster, &region, req, next).await,
+                None => served_by(next.run(req).await, cluster.node()),
+            };
+        }
+        Kind::Order(order) => order_region(state, &cluster, &order).await,
+    };
+    match region {
+        Some(region) => dispatch(state, &cluster, &region, req, next).await,
+        None => served_by(next.run(req).await, cluster.node()),
+    }
+}
+
+/// The request's head and its whole body, within the body limit.
+async fn buffered(
+    state: &AppState,
+    req: Request,
+) -> Result<(axum::http::request::Parts, Bytes), Response> {
+    let (parts, body) = req.into_parts();
+    match axum::body::to_bytes(body, state.svc.config.body_limit_bytes).await {
+        Ok(bytes) => Ok((parts, bytes)),
+        Err(_) => {
+            Err(ApiError::new(ErrorCode::PayloadTooLarge, "request body too large").into_response())
+        }
+    }
+}
+
+/// The region of an order held by another node, from Redis; `None` when
+/// this node holds it or nobody does (then the handler answers).
+async fn order_region(state: &AppState, cluster: &Cluster, order: &str) -> Option<String> {
+    let id = OrderId::new(order).ok()?;
+    if state.svc.engine.get_match(&id).is_some() {
+        return None;
+    }
+    cluster.order_region(order).await
+}
+
+/// Serves `req` here if this node owns `region`, else forwards it.
+async fn dispatch(
+    state: &AppState,
+    cluster: &Cluster,
+    region: &str,
+    req: Request,
+    next: Next,
+) -> Response {
+    let node = cluster.node();
+    // Only a node can have set this: the gate drops it from clients.
+    let forwarded = req.headers().contains_key(FORWARDED);
+    let persist = state.svc.persist().map(AsRef::as_ref);
+    match cluster
+        .resolve_owner(region, &state.svc.engine, persist)
+        .await
+    {
+        Owner::Local => served_by(next.run(req).await, node),
+        _ if forwarded => ApiError::new(
+            ErrorCode::NotOwner,
+            format!("node {node} does not own region {region}"),
+        )
+        .into_response(),
+        Owner::Nobody => no_owner(region),
+        Owner::Remote { url, .. } => {
+            let (parts, bytes) = match buffered(state, req).await {
+                Ok(x) => x,
+                Err(resp) => return resp,
+            };
+            let path = parts
+                .uri
+                .path_and_query()
+                .map_or("/", axum::http::uri::PathAndQuery::as_str);
+            let send = |url: String| {
+                let f = Forward {
+                    method: &parts.method,
+                    path,
+                    headers: &parts.headers,
+                    map_version: cluster.map().version,
+                    body: &bytes,
+                };
+                async move { cluster.peer().forward(&url, f).await }
+            };
+            match send(url).await {
+                Ok(resp) if resp.status != StatusCode::MISDIRECTED_REQUEST => response_of(resp),
+                _ => {
+                    // Stale map or a dead owner: re-read it and try once more.
+                    let _ = cluster.refresh_map().await;
+                    match cluster.owner(region) {
+                        Owner::Local => {
+                            let req = Request::from_parts(parts, Body::from(bytes));
+                            served_by(next.run(req).await, node)
+                        }
+                        Owner::Remote { url, .. } => match send(url).await {
+                            Ok(resp) => response_of(resp),
+                            Err(e) => e.into_response(),
+                        },
+                        Owner::Nobody => no_owner(region),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The owner's answer as ours.
+fn response_of(f: Forwarded) -> Response {
+    let mut resp = Response::new(Body::from(f.body));
+    *resp.status_mut() = f.status;
+    resp.headers_mut().extend(f.headers);
+    resp
+}
+
+fn no_owner(region: &str) -> Response {
+    let mut resp = ApiError::unavailable(format!(
+        "region {region} has no live owner now (a takeover is in progress); retry"
+    ))
+    .into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_routed_by_what_they_name() {
+        assert_eq!(classify(&Method::PUT, "/v1/drivers/d1"), Kind::Position);
+        assert_eq!(
+            classify(&Method::POST, "/v1/drivers/d1/location"),
+            Kind::Position
+        );
+        assert_eq!(classify(&Method::POST, "/v1/matches"), Kind::Position);
+        assert_eq!(
+            classify(&Method::GET, "/v1/matches/o1"),
+            Kind::Order("o1".into())
+        );
+        assert_eq!(
+            classify(&Method::POST, "/v1/matches/o1/confirm"),
+            Kind::Order("o1".into())
+        );
+        for (m, p) in [
+            (Method::POST, "/v1/matches/batch"),
+            (Method::GET, "/v1/drivers/nearest"),
+            (Method::GET, "/v1/drivers/d1"),
+            (Method::POST, "/v1/locations"),
+            (Method::GET, "/v1/cluster"),
+        ] {
+            assert_eq!(classify(&m, p), Kind::Here, "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn positions_are_found_at_the_top_or_in_the_pickup() {
+        let p = position_in(br#"{"lat": 41.9, "lon": -87.6, "ts": 5}"#).unwrap();
+        assert_eq!((p.lat(), p.lon()), (41.9, -87.6));
+        let p = position_in(br#"{"order_id":"o","pickup":{"lat":1,"lon":2}}"#).unwrap();
+        assert_eq!((p.lat(), p.lon()), (1.0, 2.0));
+        assert!(position_in(br#"{"lat": 91, "lon": 0}"#).is_none());
+        assert!(position_in(b"not json").is_none());
+        assert!(position_in(br#"{"lat": 1}"#).is_none());
+    }
+}

@@ -1,0 +1,505 @@
+//! Drivers and locations: upserts, moves, batches (HTTP, WebSocket, Redis
+//! stream, other nodes), removal, and the handoff of drivers that cross
+//! into a region another node owns.
+//!
+//! # Handoff
+//! A node that receives an update for a driver it does not know asks
+//! every other node to hand the driver over first. A node that holds it
+//! returns it and stops offering it (a driver in a match stays there,
+//! held, until the match ends). The update applies only once every node
+//! that could hold the driver has answered; a node that does not answer
+//! counts only while it still holds a lease. Until then the update is
+//! refused with `unavailable`, logged and counted
+//! (`hexmatch_handoff_failures_total`), so a driver is never offered by
+//! two nodes.
+
+use std::collections::HashMap;
+
+use hexmatch::{Applied, DriverId, DriverUpdate, Engine};
+use metrics::counter;
+
+use super::{Scope, Service};
+use crate::cluster::{Cluster, Owner};
+use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::persist::{DeadLetter, Persistence, StreamEntry};
+use crate::wire::{
+    BatchTally, DriverOut, DriverPut, DriverPutOut, HandoffAnswer, HandoffRequest, LocationIn,
+    LocationItem, LocationOut, NotApplied, PeerUpdate, PeerUpdates,
+};
+
+/// Batches up to this many updates apply on the calling task; larger
+/// ones on a blocking thread.
+const INLINE_UPDATES: usize = 64;
+
+/// Counts one applied or stale update.
+fn count_update(applied: &Applied) {
+    let result = match applied {
+        Applied::Applied(_) => "applied",
+        Applied::Stale { .. } => "stale",
+    };
+    counter!("hexmatch_location_updates_total", "result" => result).increment(1);
+}
+
+/// Validates and applies one update with its count: the same rules for a
+/// batch, the WebSocket and the Redis stream.
+fn apply_one(engine: &Engine, update: ApiResult<DriverUpdate>) -> ApiResult<Applied> {
+    let outcome = update.and_then(|u| engine.upsert(&u).map_err(ApiError::from));
+    match &outcome {
+        Ok(applied) => count_update(applied),
+        Err(_) => counter!("hexmatch_location_updates_total", "result" => "rejected").increment(1),
+    }
+    outcome
+}
+
+/// Tallies one item's outcome.
+fn tally_one(tally: &mut BatchTally, index: usize, outcome: ApiResult<Applied>) {
+    match outcome {
+        Ok(Applied::Applied(_)) => tally.applied += 1,
+        Ok(Applied::Stale { .. }) => tally.stale += 1,
+        Err(e) => tally.reject(index, &e),
+    }
+}
+
+/// Applies Redis stream entries (one field per API field, all strings;
+/// `capabilities` comma-separated) on a single node, with the same
+/// validation as HTTP. Returns every entry id (to acknowledge) and the
+/// invalid entries (for the dead-letter stream).
+pub fn apply_stream_entries(
+    engine: &Engine,
+    entries: Vec<StreamEntry>,
+) -> (Vec<String>, Vec<DeadLetter>) {
+    let mut ids = Vec::with_capacity(entries.len());
+    let mut dead = Vec::new();
+    for (id, fields) in entries {
+        let update = LocationItem::from_stream_fields(&fields).and_then(LocationItem::into_update);
+        if let Err(e) = apply_one(engine, update) {
+            dead.push(DeadLetter {
+                id: id.clone(),
+                fields,
+                code: e.code(),
+                message: e.message().to_owned(),
+            });
+        }
+        ids.push(id);
+    }
+    (ids, dead)
+}
+
+impl Service {
+    /// Creates or replaces a driver (`PUT /v1/drivers/{id}`).
+    ///
+    /// # Errors
+    /// Invalid fields; `unavailable` when a handoff from another node failed.
+    pub async fn put_driver(&self, id: DriverId, body: DriverPut) -> ApiResult<DriverPutOut> {
+        let update = body.into_update(id.clone())?;
+        self.adopt_one(&id).await?;
+        // A status change may end the driver's match: keep Redis in step.
+        let held = update
+            .status
+            .and_then(|_| self.engine.driver(&id))
+            .and_then(|d| d.order_id);
+        let applied = self.engine.upsert(&update)?;
+        count_update(&applied);
+        if let (Some(order), Some(p)) = (held, self.persist()) {
+            p.sync_order(&self.engine, &order).await;
+        }
+        Ok(match applied {
+            Applied::Applied(d) => DriverPutOut {
+                driver: d.into(),
+                applied: true,
+                reason: None,
+            },
+            Applied::Stale { .. } => DriverPutOut {
+                driver: self
+                    .engine
+                    .driver(&id)
+                    .ok_or_else(|| ApiError::from(hexmatch::Error::UnknownDriver(id.to_string())))?
+                    .into(),
+                applied: false,
+                reason: Some(NotApplied::Stale),
+            },
+        })
+    }
+
+    /// Moves a known driver (`POST /v1/drivers/{id}/location`).
+    ///
+    /// # Errors
+    /// Invalid fields, `unknown_driver`; `unavailable` when a handoff failed.
+    pub async fn post_location(&self, id: DriverId, body: LocationIn) -> ApiResult<LocationOut> {
+        let u = body.into_update(id)?;
+        self.adopt_one(&u.id).await?;
+        let applied = self.engine.update_location(&u.id, u.pos, u.ts)?;
+        count_update(&applied);
+        Ok(match applied {
+            Applied::Applied(_) => LocationOut {
+                applied: true,
+                reason: None,
+            },
+            Applied::Stale { .. } => LocationOut {
+                applied: false,
+                reason: Some(NotApplied::Stale),
+            },
+        })
+    }
+
+    /// A driver, from this node or (with [`Scope::Cluster`]) any node.
+    ///
+    /// # Errors
+    /// `unknown_driver`.
+    pub async fn driver(&self, id: &DriverId, scope: Scope) -> ApiResult<DriverOut> {
+        if let Some(d) = self.engine.driver(id) {
+            return Ok(d.into());
+        }
+        if let (Some(cluster), Scope::Cluster) = (self.cluster(), scope) {
+            let peer = cluster.peer();
+            let calls = cluster
+                .peers()
+                .into_iter()
+                .map(|(_, url)| async move { peer.driver(&url, id).await });
+            for found in futures_util::future::join_all(calls).await {
+                if let Ok(Some(d)) = found {
+                    return Ok(d);
+                }
+            }
+        }
+        Err(hexmatch::Error::UnknownDriver(id.to_string()).into())
+    }
+
+    /// Removes a driver; an active match is released.
+    ///
+    /// # Errors
+    /// `unknown_driver`.
+    pub async fn remove_driver(&self, id: &DriverId, scope: Scope) -> ApiResult<()> {
+        if let Some((_, event)) = self.engine.remove(id) {
+            if let Some(ev) = event {
+                counter!("hexmatch_match_ends_total", "state" => "released").increment(1);
+                if let Some(p) = self.persist() {
+                    p.sync_order(&self.engine, &ev.m.order_id).await;
+                }
+            }
+            return Ok(());
+        }
+        if let (Some(cluster), Scope::Cluster) = (self.cluster(), scope) {
+            let peer = cluster.peer();
+            let calls = cluster
+                .peers()
+                .into_iter()
+                .map(|(_, url)| async move { peer.remove_driver(&url, id).await });
+            let removed = futures_util::future::join_all(calls)
+                .await
+                .into_iter()
+                .any(|r| matches!(r, Ok(true)));
+            if removed {
+                return Ok(());
+            }
+        }
+        Err(hexmatch::Error::UnknownDriver(id.to_string()).into())
+    }
+
+    /// Applies a batch of update items (`POST /v1/locations`, the
+    /// WebSocket, the Redis stream). On a cluster node, items of regions
+    /// other nodes own go to their owners, one call per owner, and drivers
+    /// new here are handed over first. Rejected items come back sorted by
+    /// index.
+    ///
+    /// # Errors
+    /// Only when the apply task itself fails (a bug).
+    pub async fn apply_items(&self, items: Vec<ApiResult<LocationItem>>) -> ApiResult<BatchTally> {
+        let updates = items
+            .into_iter()
+            .map(|item| item.and_then(LocationItem::into_update))
+            .collect();
+        self.apply_updates(updates, Scope::Cluster).await
+    }
+
+    /// Applies updates another node sent: only those of regions this node
+    /// owns; the rest are rejected `not_owner` (never forwarded again).
+    ///
+    /// # Errors
+    /// As [`Service::apply_items`].
+    pub async fn apply_peer_updates(&self, body: PeerUpdates) -> ApiResult<BatchTally> {
+        let updates = body
+            .updates
+            .into_iter()
+            .map(PeerUpdate::into_update)
+            .collect();
+        self.apply_updates(updates, Scope::Local).await
+    }
+
+    async fn apply_updates(
+        &self,
+        updates: Vec<ApiResult<DriverUpdate>>,
+        scope: Scope,
+    ) -> ApiResult<BatchTally> {
+        let (mut local, tally) = match self.cluster() {
+            None => (
+                updates.into_iter().enumerate().collect(),
+                BatchTally::default(),
+            ),
+            Some(cluster) => self.split_by_owner(cluster, updates, scope).await,
+        };
+        let n_local = local.len();
+        if let Some(cluster) = self.cluster() {
+            let ids: Vec<DriverId> = local
+                .iter()
+                .filter_map(|(_, u)| u.as_ref().ok().map(|u| u.id.clone()))
+                .collect();
+            let failed = self.adopt(cluster, &ids).await;
+            if let Some(e) = failed {
+                for (_, u) in &mut local {
+                    if u.as_ref().is_ok_and(|u| e.ids.contains(&u.id)) {
+                        *u = Err(e.error.clone());
+                    }
+                }
+            }
+        }
+        let apply = move |engine: &Engine, mut tally: BatchTally| {
+            for (i, update) in local {
+                tally_one(&mut tally, i, apply_one(engine, update));
+            }
+            tally.rejected.sort_by_key(|r| r.index);
+            tally
+        };
+        // A few updates take microseconds: no thread hop for them (a
+        // WebSocket frame is one update).
+        if n_local <= INLINE_UPDATES {
+            return Ok(apply(&self.engine, tally));
+        }
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || apply(&engine, tally))
+            .await
+            .map_err(|e| ApiError::internal(format!("batch task failed: {e}")))
+    }
+
+    /// Splits updates by region owner: returns those to apply here (with
+    /// their index), and the tally of the rest, sent to their owners in one
+    /// call per owner (or rejected: `not_owner` for a node's batch,
+    /// `unavailable` when the owner is unknown or did not answer).
+    async fn split_by_owner(
+        &self,
+        cluster: &Cluster,
+        updates: Vec<ApiResult<DriverUpdate>>,
+        scope: Scope,
+    ) -> (Vec<(usize, ApiResult<DriverUpdate>)>, BatchTally) {
+        let mut local = Vec::new();
+        let mut remote: HashMap<String, (Vec<usize>, Vec<PeerUpdate>)> = HashMap::new();
+        let mut tally = BatchTally::default();
+        for (i, update) in updates.into_iter().enumerate() {
+            let u = match update {
+                Ok(u) => u,
+                Err(e) => {
+                    local.push((i, Err(e)));
+                    continue;
+                }
+            };
+            let Ok(region) = cluster.region_of(u.pos) else {
+                // The engine gives the precise error.
+                local.push((i, Ok(u)));
+                continue;
+            };
+            let region = region.to_string();
+            match cluster
+                .resolve_owner(&region, &self.engine, self.persist().map(AsRef::as_ref))
+                .await
+            {
+                Owner::Local => local.push((i, Ok(u))),
+                _ if scope == Scope::Local => tally.reject(
+                    i,
+                    &ApiError::new(
+                        ErrorCode::NotOwner,
+                        format!("node {} does not own region {region}", cluster.node()),
+                    ),
+                ),
+                Owner::Nobody => tally.reject(
+                    i,
+                    &ApiError::unavailable(format!("region {region} has no live owner now; retry")),
+                ),
+                Owner::Remote { url, .. } => {
+                    let e = remote.entry(url).or_default();
+                    e.0.push(i);
+                    e.1.push(PeerUpdate::from(&u));
+                }
+            }
+        }
+        let peer = cluster.peer();
+        let calls = remote
+            .into_iter()
+            .map(|(url, (indices, updates))| async move {
+                let answer = peer.locations(&url, &PeerUpdates { updates }).await;
+                (url, indices, answer)
+            });
+        for (url, indices, answer) in futures_util::future::join_all(calls).await {
+            match answer {
+                Ok(answer) => {
+                    tally.applied += answer.applied;
+                    tally.stale += answer.stale;
+                    for r in answer.rejected {
+                        if let Some(&i) = indices.get(r.index) {
+                            tally.reject(i, &ApiError::from(r.error));
+                        }
+                    }
+                }
+                Err(e) => {
+                    let e =
+                        ApiError::unavailable(format!("the owner at {url} did not answer: {e}"));
+                    for i in indices {
+                        tally.reject(i, &e);
+                    }
+                }
+            }
+        }
+        (local, tally)
+    }
+
+    /// Cluster mode: applies Redis stream entries like a batch (split by
+    /// region owner), then acknowledges them all and dead-letters the
+    /// invalid ones.
+    pub async fn ingest_cluster_entries(&self, p: &Persistence, entries: Vec<StreamEntry>) {
+        let items = entries
+            .iter()
+            .map(|(_, fields)| LocationItem::from_stream_fields(fields))
+            .collect();
+        let n = entries.len();
+        let tally = match self.apply_items(items).await {
+            Ok(t) => t,
+            Err(e) => {
+                // Not acknowledged: the entries are re-delivered later.
+                tracing::warn!(error = %e, "stream batch failed");
+                return;
+            }
+        };
+        let dead: Vec<DeadLetter> = tally
+            .rejected
+            .into_iter()
+            .filter_map(|r| {
+                let (id, fields) = entries.get(r.index)?;
+                Some(DeadLetter {
+                    id: id.clone(),
+                    fields: fields.clone(),
+                    code: r.error.code,
+                    message: r.error.message,
+                })
+            })
+            .collect();
+        let ids: Vec<String> = entries.into_iter().map(|(id, _)| id).collect();
+        p.ack_in_background(&ids, dead);
+        counter!("hexmatch_stream_entries_total").increment(n as u64);
+    }
+
+    /// [`Service::adopt`] for one driver, as an error for the request.
+    async fn adopt_one(&self, id: &DriverId) -> ApiResult<()> {
+        let Some(cluster) = self.cluster() else {
+            return Ok(());
+        };
+        match self.adopt(cluster, std::slice::from_ref(id)).await {
+            None => Ok(()),
+            Some(failed) => Err(failed.error),
+        }
+    }
+
+    /// Before this node applies updates of drivers it does not know, asks
+    /// every other node for them: they hand over what they hold (and stop
+    /// offering it), and the driver is recreated here with its vehicle,
+    /// capabilities and status before the update applies. Returns the
+    /// drivers whose handoff could not be confirmed (see the module doc).
+    async fn adopt(&self, cluster: &Cluster, ids: &[DriverId]) -> Option<HandoffFailed> {
+        let unknown: Vec<DriverId> = ids
+            .iter()
+            .filter(|id| self.engine.driver(id).is_none())
+            .cloned()
+            .collect();
+        if unknown.is_empty() {
+            return None;
+        }
+        let ask = HandoffRequest {
+            driver_ids: unknown.iter().map(ToString::to_string).collect(),
+        };
+        let peer = cluster.peer();
+        let calls = cluster.peers().into_iter().map(|(node, url)| {
+            let ask = &ask;
+            async move { (node, peer.handoff(&url, ask).await) }
+        });
+        let mut found: HashMap<DriverId, DriverOut> = HashMap::new();
+        let mut silent = Vec::new();
+        for (node, answer) in futures_util::future::join_all(calls).await {
+            match answer {
+                Ok(HandoffAnswer { drivers }) => {
+                    for d in drivers {
+                        let newer = found.get(&d.driver_id).is_none_or(|x| d.ts > x.ts);
+                        if newer {
+                            found.insert(d.driver_id.clone(), d);
+                        }
+                    }
+                }
+                Err(e) => silent.push((node, e)),
+            }
+        }
+        for d in found.values() {
+            match d.handed_over() {
+                Ok(u) if self.engine.driver(&u.id).is_none() => {
+                    let _ = self.engine.upsert(&u);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(driver_id = %d.driver_id, error = %e, "handed-over driver is invalid");
+                }
+            }
+        }
+        // A node that did not answer may still offer the drivers, unless
+        // it holds no lease any more (then nobody is served from its memory).
+        let mut blocking = Vec::new();
+        for (node, e) in silent {
+            if cluster.holds_any_lease(&node).await.unwrap_or(true) {
+                blocking.push((node, e));
+            }
+        }
+        if blocking.is_empty() {
+            return None;
+        }
+        let ids: Vec<DriverId> = unknown
+            .into_iter()
+            .filter(|id| !found.contains_key(id))
+            .collect();
+        if ids.is_empty() {
+            return None;
+        }
+        let nodes: Vec<&str> = blocking.iter().map(|(n, _)| n.as_str()).collect();
+        for (node, e) in &blocking {
+            tracing::warn!(node = %node, drivers = ids.len(), error = %e, "driver handoff failed; their updates are refused until it succeeds");
+        }
+        counter!("hexmatch_handoff_failures_total").increment(ids.len() as u64);
+        Some(HandoffFailed {
+            error: ApiError::unavailable(format!(
+                "the driver may still be offered by node(s) {}, which did not answer the handoff; retry",
+                nodes.join(", ")
+            )),
+            ids,
+        })
+    }
+
+    /// Hands over the drivers another node asks for: returns them and
+    /// removes those not in a match (a matched driver stays, held, until
+    /// its match ends).
+    pub fn hand_over(&self, ask: &HandoffRequest) -> HandoffAnswer {
+        let mut out = HandoffAnswer::default();
+        for id in &ask.driver_ids {
+            let Ok(id) = DriverId::new(id) else { continue };
+            let Some(d) = self.engine.driver(&id) else {
+                continue;
+            };
+            let matched = d.order_id.is_some();
+            out.drivers.push(d.into());
+            if !matched {
+                self.engine.remove(&id);
+            }
+        }
+        out
+    }
+}
+
+/// Drivers whose handoff could not be confirmed, and the error their
+/// updates get.
+struct HandoffFailed {
+    ids: Vec<DriverId>,
+    error: ApiError,
+}

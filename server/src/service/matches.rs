@@ -1,0 +1,467 @@
+//! Nearest drivers and matching: nearest queries, claims, confirm /
+//! release / complete, batches.
+//!
+//! # Across nodes
+//! - **Nearest** is exact over the cluster: this node answers from its
+//!   engine, then asks the owners of every region whose lower bound is
+//!   within its k-th distance (or the radius), and merges by
+//!   (distance, id), the engine's own ranking.
+//! - **A claim** is coordinated by the pickup's owner. If no other node
+//!   can hold a nearer driver, the engine's atomic claim is exact.
+//!   Otherwise it gathers candidates across nodes and reserves the first
+//!   on the node that holds it, trying the next when one was taken
+//!   meanwhile.
+
+use std::collections::HashSet;
+
+use hexmatch::{BatchOrder, DriverId, NearestQuery, Neighbor, OrderId};
+use metrics::counter;
+
+use super::{Scope, Service};
+use crate::cluster::{Cluster, Owner};
+use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::persist::{Persistence, WriteError};
+use crate::wire::{BatchIn, BatchOut, MatchOut, OrderIn, PeerOrder, ReserveRequest};
+
+/// Candidates gathered for a claim across nodes.
+const CLAIM_CANDIDATES: usize = 8;
+/// Gathers tried before a claim gives up.
+const CLAIM_ROUNDS: usize = 3;
+/// Candidate drivers per order of a batch, unless the request says.
+const BATCH_CANDIDATES: usize = 16;
+
+/// A nearest answer and the nodes that contributed to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nearest {
+    /// Nearest first; ties by driver id.
+    pub drivers: Vec<Neighbor>,
+    /// The nodes asked, this one first (empty outside a cluster).
+    pub asked: Vec<String>,
+}
+
+/// A claim's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    /// The match.
+    pub m: MatchOut,
+    /// Whether it was made now (false: the order already had it).
+    pub created: bool,
+    /// The node that holds it (in a cluster).
+    pub by: Option<String>,
+}
+
+/// A durable-write failure as the client sees it.
+fn unavailable(e: &WriteError) -> ApiError {
+    match e {
+        WriteError::NotOwner { region } => ApiError::new(
+            ErrorCode::NotOwner,
+            format!("this node no longer holds the lease of region {region}"),
+        ),
+        WriteError::Redis(e) => ApiError::unavailable(format!(
+            "the change could not be made durable in Redis: {e}"
+        )),
+    }
+}
+
+fn unknown(order: &OrderId) -> ApiError {
+    hexmatch::Error::UnknownOrder(order.to_string()).into()
+}
+
+fn count_end(state: &str) {
+    counter!("hexmatch_match_ends_total", "state" => state.to_owned()).increment(1);
+}
+
+impl Service {
+    /// The exact `k` nearest eligible drivers: over the whole cluster with
+    /// [`Scope::Cluster`], of this node's engine with [`Scope::Local`].
+    ///
+    /// # Errors
+    /// Invalid query; `unavailable` when a node within reach did not answer.
+    pub async fn nearest(&self, q: &NearestQuery, scope: Scope) -> ApiResult<Nearest> {
+        match (self.cluster(), scope) {
+            (Some(cluster), Scope::Cluster) => self.gather(cluster, q).await,
+            _ => Ok(Nearest {
+                drivers: self.engine.nearest(q)?,
+                asked: Vec::new(),
+            }),
+        }
+    }
+
+    /// The exact k nearest across the cluster: this node's answer first,
+    /// then the owners of every region whose lower bound is within the
+    /// k-th distance found (or the radius), asked in parallel and merged
+    /// by (distance, id). Each driver comes with the node that holds it.
+    async fn gather_held(
+        &self,
+        cluster: &Cluster,
+        q: &NearestQuery,
+    ) -> ApiResult<(Vec<(Neighbor, String)>, Vec<String>)> {
+        let local = self.engine.nearest(q)?;
+        let reach = q.radius_m.unwrap_or(self.config.max_radius_m);
+        let bound = if local.len() == q.k {
+            local.last().map_or(reach, |n| n.distance_m)
+        } else {
+            reach
+        };
+        let node = cluster.node().to_owned();
+        let mut all: Vec<(Neighbor, String)> =
+            local.into_iter().map(|n| (n, node.clone())).collect();
+        let mut asked = vec![node];
+        let remotes = cluster.remote_owners_within(q.pos, bound);
+        if remotes.is_empty() {
+            return Ok((all, asked));
+        }
+        // A driver exactly at the bound may still win its tie by id.
+        let radius = (bound * (1.0 + 1e-12) + 1e-6).min(reach);
+        let mut remote_q = q.clone();
+        remote_q.radius_m = Some(radius);
+        let peer = cluster.peer();
+        let calls = remotes.iter().map(|(n, url)| {
+            let remote_q = &remote_q;
+            async move {
+                let drivers = peer.nearest(url, remote_q).await.map_err(|e| {
+                    ApiError::unavailable(format!("node {n} did not answer a border search: {e}"))
+                })?;
+                Ok::<_, ApiError>((n.clone(), drivers))
+            }
+        });
+        for r in futures_util::future::join_all(calls).await {
+            let (n, drivers) = r?;
+            all.extend(drivers.into_iter().map(|d| (d, n.clone())));
+            asked.push(n);
+        }
+        // A driver handed off between nodes can briefly show on both: keep
+        // the newer fix.
+        all.sort_by(|a, b| a.0.id.cmp(&b.0.id).then_with(|| b.0.ts.cmp(&a.0.ts)));
+        all.dedup_by(|later, first| later.0.id == first.0.id);
+        all.sort_by(|a, b| {
+            a.0.distance_m
+                .total_cmp(&b.0.distance_m)
+                .then_with(|| a.0.id.cmp(&b.0.id))
+        });
+        all.truncate(q.k);
+        Ok((all, asked))
+    }
+
+    async fn gather(&self, cluster: &Cluster, q: &NearestQuery) -> ApiResult<Nearest> {
+        let (found, asked) = self.gather_held(cluster, q).await?;
+        Ok(Nearest {
+            drivers: found.into_iter().map(|(n, _)| n).collect(),
+            asked,
+        })
+    }
+
+    /// Reserves the nearest eligible driver for an order (`POST
+    /// /v1/matches`); repeating an order returns its match.
+    ///
+    /// # Errors
+    /// `no_driver_available`, `order_conflict`, invalid input; `unavailable`
+    /// when Redis or a node needed is down.
+    pub async fn claim(&self, body: OrderIn) -> ApiResult<Claimed> {
+        let order = body.parse()?;
+        if let Some(cluster) = self.cluster() {
+            return self.claim_across(cluster, &order).await;
+        }
+        let _serial = self.lock_order(&order.order_id).await?;
+        self.claim_here(&order, None).await
+    }
+
+    /// Another node's reserve call: `driver` (or this node's own nearest)
+    /// for `order`, here.
+    ///
+    /// # Errors
+    /// `driver_not_available`, `not_owner`, …
+    pub async fn reserve_for_peer(&self, req: ReserveRequest) -> ApiResult<Claimed> {
+        let order = req.order.into_order()?;
+        let _serial = self.lock_order(&order.order_id).await?;
+        self.claim_here(&order, req.driver_id.as_ref()).await
+    }
+
+    /// The per-order lock when Redis is configured (held across the claim
+    /// and its durable write).
+    async fn lock_order(
+        &self,
+        order: &OrderId,
+    ) -> ApiResult<Option<tokio::sync::MutexGuard<'_, ()>>> {
+        Ok(match self.durable()? {
+            Some(p) => Some(p.lock_order(order).await),
+            None => None,
+        })
+    }
+
+    /// Claims on this node's engine (the nearest, or `driver`), durable
+    /// before it returns.
+    async fn claim_here(
+        &self,
+        order: &BatchOrder,
+        driver: Option<&DriverId>,
+    ) -> ApiResult<Claimed> {
+        let durable = self.durable()?;
+        let result = match driver {
+            None => self.engine.claim(&order.order_id, &order.request),
+            Some(d) => self.engine.claim_driver(&order.order_id, &order.request, d),
+        };
+        let outcome = match &result {
+            Ok((_, true)) => "created",
+            Ok((_, false)) => "repeated",
+            Err(e) => e.code(),
+        };
+        counter!("hexmatch_matches_total", "result" => outcome).increment(1);
+        let (m, created) = result?;
+        if let (Some(p), true) = (durable, created) {
+            // Durable before the response; if Redis refuses, undo and say so.
+            if let Some(rec) = self.engine.durable_match(&m.order_id)
+                && let Err(e) = p.put_match(&rec).await
+            {
+                let _ = self.engine.release(&m.order_id, Some("persistence_failed"));
+                return Err(unavailable(&e));
+            }
+        }
+        Ok(Claimed {
+            m: self.match_out(m),
+            created,
+            by: self.cluster().map(|c| c.node().to_owned()),
+        })
+    }
+
+    /// A claim on the node that owns the pickup: searches the cluster,
+    /// then reserves the nearest candidate on the node that holds it.
+    async fn claim_across(&self, cluster: &Cluster, order: &BatchOrder) -> ApiResult<Claimed> {
+        let req = &order.request;
+        let mut q = NearestQuery::new(req.pickup, CLAIM_CANDIDATES)?;
+        q.radius_m = req.radius_m;
+        q.vehicle = req.vehicle;
+        q.capabilities = req.capabilities;
+        let _serial = self.lock_order(&order.order_id).await?;
+        let peer = cluster.peer();
+        // Idempotent by order id across nodes: an order held elsewhere is
+        // answered by its holder.
+        if self.engine.get_match(&order.order_id).is_none()
+            && let Some(region) = cluster.order_region(order.order_id.as_str()).await
+            && let Owner::Remote { url, node } = cluster.owner(&region)
+        {
+            let reserved = peer
+                .reserve(
+                    &url,
+                    &ReserveRequest {
+                        driver_id: None,
+                        order: PeerOrder::from(order),
+                    },
+                )
+                .await?;
+            return Ok(Claimed {
+                m: reserved.m,
+                created: reserved.created,
+                by: Some(node),
+            });
+        }
+        for _ in 0..CLAIM_ROUNDS {
+            let (candidates, asked) = self.gather_held(cluster, &q).await?;
+            if asked.len() == 1 {
+                // Nobody else can hold a nearer driver: the engine's own
+                // atomic claim is exact.
+                return self.claim_here(order, None).await;
+            }
+            if candidates.is_empty() {
+                break;
+            }
+            for (cand, holder) in &candidates {
+                if *holder == cluster.node() {
+                    match self.claim_here(order, Some(&cand.id)).await {
+                        Ok(c) => return Ok(c),
+                        Err(e) if e.code() == ErrorCode::DriverNotAvailable => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                let Some(url) = cluster.map().nodes.get(holder).cloned() else {
+                    continue;
+                };
+                let ask = ReserveRequest {
+                    driver_id: Some(cand.id.clone()),
+                    order: PeerOrder::from(order),
+                };
+                match peer.reserve(&url, &ask).await {
+                    Ok(r) => {
+                        return Ok(Claimed {
+                            m: r.m,
+                            created: r.created,
+                            by: Some(holder.clone()),
+                        });
+                    }
+                    // Taken meanwhile, or the holder lost the region: next one.
+                    Err(e)
+                        if matches!(
+                            e.code(),
+                            ErrorCode::DriverNotAvailable | ErrorCode::NotOwner
+                        ) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Err(hexmatch::Error::NoDriverAvailable.into())
+    }
+
+    /// A match by order id.
+    ///
+    /// # Errors
+    /// `unknown_order`.
+    pub fn get_match(&self, order: &OrderId) -> ApiResult<MatchOut> {
+        self.engine
+            .get_match(order)
+            .map(|m| self.match_out(m))
+            .ok_or_else(|| unknown(order))
+    }
+
+    /// Applies a match change durably: with Redis, the record is written
+    /// (by `durable_first`: the next record, or `None` to delete it) before
+    /// the engine acts, under the order's lock.
+    async fn transition(
+        &self,
+        order: &OrderId,
+        durable_first: impl FnOnce(hexmatch::DurableMatch) -> Option<hexmatch::DurableMatch>,
+        act: impl FnOnce(&hexmatch::Engine) -> hexmatch::Result<hexmatch::Match>,
+    ) -> ApiResult<MatchOut> {
+        let Some(p) = self.durable()? else {
+            return Ok(self.match_out(act(&self.engine)?));
+        };
+        let _serial = p.lock_order(order).await;
+        let current = self
+            .engine
+            .durable_match(order)
+            .ok_or_else(|| unknown(order))?;
+        if current.m.state.is_live() {
+            let written = match durable_first(current) {
+                Some(next) => p.put_match(&next).await,
+                None => p.del_match(order).await.map_err(WriteError::Redis),
+            };
+            written.map_err(|e| unavailable(&e))?;
+        }
+        let result = act(&self.engine);
+        if result.is_err() {
+            p.sync_order(&self.engine, order).await;
+        }
+        Ok(self.match_out(result?))
+    }
+
+    /// Confirms a reservation: the driver becomes busy.
+    ///
+    /// # Errors
+    /// `unknown_order`, `order_conflict`, `reservation_expired`, `unavailable`.
+    pub async fn confirm(&self, order: &OrderId) -> ApiResult<MatchOut> {
+        let now = self.engine.clock().now();
+        let confirmed = |mut rec: hexmatch::DurableMatch| {
+            if rec.m.state == hexmatch::MatchState::Reserved && rec.m.reserved_until > now {
+                rec.m.state = hexmatch::MatchState::Confirmed;
+            }
+            Some(rec)
+        };
+        let m = self
+            .transition(order, confirmed, |e| e.confirm(order))
+            .await?;
+        counter!("hexmatch_match_confirms_total").increment(1);
+        Ok(m)
+    }
+
+    /// Releases a match: the driver is available again.
+    ///
+    /// # Errors
+    /// `invalid_parameter` (reason too long), `unknown_order`,
+    /// `order_conflict`, `unavailable`.
+    pub async fn release(&self, order: &OrderId, reason: Option<&str>) -> ApiResult<MatchOut> {
+        if reason.is_some_and(|r| r.len() > 256) {
+            return Err(ApiError::invalid_parameter(
+                "reason is longer than 256 bytes",
+            ));
+        }
+        let m = self
+            .transition(order, |_| None, |e| e.release(order, reason))
+            .await?;
+        count_end("released");
+        Ok(m)
+    }
+
+    /// Completes a confirmed match: the driver is available again.
+    ///
+    /// # Errors
+    /// `unknown_order`, `order_conflict`, `unavailable`.
+    pub async fn complete(&self, order: &OrderId) -> ApiResult<MatchOut> {
+        let m = self
+            .transition(order, |_| None, |e| e.complete(order))
+            .await?;
+        count_end("completed");
+        Ok(m)
+    }
+
+    /// Serves a window of orders, minimising the summed pickup distance.
+    ///
+    /// # Errors
+    /// Invalid orders or objective, too many orders; `unavailable`.
+    pub async fn batch(&self, body: BatchIn) -> ApiResult<BatchOut> {
+        if let Some(o) = body.objective.as_deref().filter(|o| *o != "total_distance") {
+            return Err(ApiError::invalid_parameter(format!(
+                "objective {o:?} is not supported; use total_distance"
+            )));
+        }
+        let max = self.config.max_batch_items;
+        if body.orders.len() > max {
+            return Err(ApiError::invalid_parameter(format!(
+                "{} orders; at most {max} per batch",
+                body.orders.len()
+            )));
+        }
+        let orders = body
+            .orders
+            .into_iter()
+            .map(OrderIn::parse)
+            .collect::<ApiResult<Vec<_>>>()?;
+        let durable = self.durable()?;
+        let was_live: HashSet<OrderId> = orders
+            .iter()
+            .filter(|o| {
+                self.engine
+                    .get_match(&o.order_id)
+                    .is_some_and(|m| m.state.is_live())
+            })
+            .map(|o| o.order_id.clone())
+            .collect();
+        let engine = self.engine.clone();
+        let candidates = body.candidates.unwrap_or(BATCH_CANDIDATES);
+        let out = tokio::task::spawn_blocking(move || engine.claim_batch(&orders, candidates))
+            .await
+            .map_err(|e| ApiError::internal(format!("batch task failed: {e}")))??;
+        if let Some(p) = durable {
+            self.write_batch(p, &out.matches, &was_live).await?;
+        }
+        counter!("hexmatch_matches_total", "result" => "batch").increment(out.matches.len() as u64);
+        Ok(BatchOut {
+            matches: out.matches.into_iter().map(|m| self.match_out(m)).collect(),
+            unmatched: out.unmatched.into_iter().map(|o| o.to_string()).collect(),
+        })
+    }
+
+    /// Durable before the response: writes a batch's new matches in one
+    /// round trip; if Redis refuses, releases them and says so.
+    async fn write_batch(
+        &self,
+        p: &Persistence,
+        matches: &[hexmatch::Match],
+        was_live: &HashSet<OrderId>,
+    ) -> ApiResult<()> {
+        let fresh: Vec<&OrderId> = matches
+            .iter()
+            .map(|m| &m.order_id)
+            .filter(|o| !was_live.contains(*o))
+            .collect();
+        let records: Vec<_> = fresh
+            .iter()
+            .filter_map(|o| self.engine.durable_match(o))
+            .collect();
+        if let Err(e) = p.put_matches(&records).await {
+            for o in fresh {
+                let _ = self.engine.release(o, Some("persistence_failed"));
+            }
+            return Err(unavailable(&e));
+        }
+        Ok(())
+    }
+}

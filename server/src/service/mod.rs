@@ -1,0 +1,132 @@
+//! The service layer: the one place where a location update, a nearest
+//! query, a claim or a match change is validated and applied. HTTP, the
+//! WebSocket stream, the Redis stream and other nodes (through the peer
+//! routes) all call it; none of them touches the engine, Redis or the
+//! cluster directly.
+//!
+//! [`Service`] holds what every operation shares: the engine, the
+//! settings, the region map and, once connected, Redis persistence and
+//! this node's view of the cluster.
+//!
+//! - [`drivers`](Service::put_driver): driver upserts, moves, batches,
+//!   stream entries, and the handoff of drivers between nodes.
+//! - [`matches`](Service::claim): nearest, claims, confirm / release /
+//!   complete, batches, exact across regions and nodes.
+//! - [`ops`](Service::readiness): readiness, regions and the cluster view.
+
+mod drivers;
+mod matches;
+mod ops;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use hexmatch::{Engine, RegionMap};
+
+pub use self::drivers::apply_stream_entries;
+pub use self::matches::{Claimed, Nearest};
+pub use self::ops::Readiness;
+use crate::cluster::Cluster;
+use crate::config::ServeConfig;
+use crate::error::{ApiError, ErrorCode};
+use crate::persist::Persistence;
+use crate::wire::{DEFAULT_REGION, MatchOut};
+
+/// Whether an operation may reach other nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The whole cluster (a client's request).
+    Cluster,
+    /// This node only (another node's request, made on its own behalf).
+    Local,
+}
+
+/// What every operation shares.
+#[derive(Debug)]
+pub struct Service {
+    /// The engine.
+    pub engine: Arc<Engine>,
+    /// The server's settings.
+    pub config: ServeConfig,
+    /// Regions from `--regions` (a `GeoJSON` file), if configured.
+    pub regions: Option<RegionMap>,
+    ready: AtomicBool,
+    persist: OnceLock<Arc<Persistence>>,
+    cluster: OnceLock<Arc<Cluster>>,
+}
+
+impl Service {
+    /// A service for `engine` under `config`, not yet ready.
+    pub fn new(engine: Arc<Engine>, config: ServeConfig, regions: Option<RegionMap>) -> Self {
+        Self {
+            engine,
+            config,
+            regions,
+            ready: AtomicBool::new(false),
+            persist: OnceLock::new(),
+            cluster: OnceLock::new(),
+        }
+    }
+
+    /// Whether start-up (the snapshot restore) is done.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Marks start-up done: requests are served from now on.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Redis persistence, once connected and restored.
+    pub fn persist(&self) -> Option<&Arc<Persistence>> {
+        self.persist.get()
+    }
+
+    /// Sets Redis persistence (once).
+    pub fn set_persist(&self, p: Arc<Persistence>) {
+        let _ = self.persist.set(p);
+    }
+
+    /// This node's view of the cluster, once joined.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
+    }
+
+    /// Sets the cluster view (once).
+    pub fn set_cluster(&self, c: Arc<Cluster>) {
+        let _ = self.cluster.set(c);
+    }
+
+    /// The region a position belongs to: from the region map when one is
+    /// configured (cells in no polygon go to an `outside-<cell>` region),
+    /// else the single region `default`.
+    pub fn region_name(&self, pos: hexmatch::Position) -> String {
+        self.regions
+            .as_ref()
+            .and_then(|r| r.region_of(pos).ok())
+            .map_or_else(|| DEFAULT_REGION.to_owned(), |id| id.to_string())
+    }
+
+    /// A match as the API shows it, with its region.
+    pub fn match_out(&self, m: hexmatch::Match) -> MatchOut {
+        let region = self.region_name(m.pickup);
+        MatchOut { region, ..m.into() }
+    }
+
+    /// The persistence layer that match changes must go through: `Ok(None)`
+    /// when running memory-only, an error (503) while Redis is configured
+    /// but down, so no match changes without being durable.
+    fn durable(&self) -> Result<Option<&Arc<Persistence>>, ApiError> {
+        if self.config.redis_url.is_none() {
+            return Ok(None);
+        }
+        match self.persist.get() {
+            Some(p) if p.is_up() => Ok(Some(p)),
+            _ => Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "Redis is unreachable; match changes are refused until it returns",
+            )),
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Readiness, regions and the cluster view.
+
+use std::collections::BTreeMap;
+
+use super::Service;
+use crate::wire::{
+    ClusterOut, DEFAULT_REGION, NodeOut, ReadyOut, ReadyStatus, RedisStatus, RegionOut, RegionOwner,
+};
+
+/// Whether the node should receive traffic, and why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// The answer.
+    pub body: ReadyOut,
+}
+
+impl Readiness {
+    /// Whether it is ready.
+    pub fn is_ready(&self) -> bool {
+        self.body.status == ReadyStatus::Ready
+    }
+}
+
+impl Service {
+    /// Readiness: start-up done and Redis (when configured) reachable.
+    pub fn readiness(&self) -> Readiness {
+        let redis = match (&self.config.redis_url, self.persist()) {
+            (None, _) => RedisStatus::Disabled,
+            (Some(_), Some(p)) if p.is_up() => RedisStatus::Up,
+            (Some(_), _) => RedisStatus::Down,
+        };
+        let (status, reason) = if !self.is_ready() {
+            (
+                ReadyStatus::NotReady,
+                Some(
+                    "start-up is not finished (connecting to Redis, restoring the snapshot)"
+                        .to_owned(),
+                ),
+            )
+        } else if redis == RedisStatus::Down {
+            (
+                ReadyStatus::Degraded,
+                Some("Redis is unreachable: serving from memory, match changes refused".to_owned()),
+            )
+        } else {
+            (ReadyStatus::Ready, None)
+        };
+        Readiness {
+            body: ReadyOut {
+                status,
+                redis,
+                reason,
+            },
+        }
+    }
+
+    /// Every region this node knows, with its cells, drivers and owner.
+    pub fn regions(&self) -> Vec<RegionOut> {
+        let owner = self.config.node_id.clone();
+        let map_now = self.cluster().map(|c| c.map());
+        let owner_of = |region: &str| match &map_now {
+            Some(m) => m
+                .owners
+                .get(region)
+                .map_or_else(String::new, |(node, _)| node.clone()),
+            None => owner.clone(),
+        };
+        let occupied: Vec<_> = self
+            .engine
+            .cell_counts()
+            .into_iter()
+            .filter(|(_, c)| c.total() > 0)
+            .collect();
+        let Some(map) = &self.regions else {
+            let drivers = occupied.iter().map(|(_, c)| c.total()).sum();
+            return vec![RegionOut {
+                region: DEFAULT_REGION.to_owned(),
+                name: String::new(),
+                cells: occupied.len(),
+                drivers,
+                owner,
+            }];
+        };
+        // Drivers per region, and the occupied cells outside every polygon.
+        let mut drivers: BTreeMap<String, usize> = BTreeMap::new();
+        let mut outside_cells: BTreeMap<String, usize> = BTreeMap::new();
+        for (cell, counts) in &occupied {
+            let Ok(region) = map.region_of_cell(*cell) else {
+                continue;
+            };
+            let region = region.to_string();
+            *drivers.entry(region.clone()).or_default() += counts.total();
+            if region.starts_with("outside-") {
+                *outside_cells.entry(region).or_default() += 1;
+            }
+        }
+        let mut out: Vec<RegionOut> = map
+            .regions()
+            .iter()
+            .map(|r| RegionOut {
+                region: r.id.to_string(),
+                name: r.name.clone(),
+                cells: r.cells.len(),
+                drivers: drivers.get(r.id.as_str()).copied().unwrap_or(0),
+                owner: owner_of(r.id.as_str()),
+            })
+            .collect();
+        out.extend(outside_cells.into_iter().map(|(region, cells)| RegionOut {
+            drivers: drivers.get(&region).copied().unwrap_or(0),
+            owner: owner_of(&region),
+            region,
+            name: String::new(),
+            cells,
+        }));
+        out
+    }
+
+    /// This node, the region → node map and lease epochs.
+    pub fn cluster_view(&self) -> ClusterOut {
+        let node = self.config.node_id.clone();
+        if let Some(c) = self.cluster() {
+            let map = c.map();
+            let mut regions: Vec<RegionOwner> = map
+                .owners
+                .iter()
+                .map(|(region, (owner, epoch))| RegionOwner {
+                    region: region.clone(),
+                    owner: owner.clone(),
+                    epoch: *epoch,
+                })
+                .collect();
+            regions.sort_by(|a, b| a.region.cmp(&b.region));
+            let mut nodes: Vec<NodeOut> = map
+                .nodes
+                .iter()
+                .map(|(n, url)| NodeOut {
+                    node_id: n.clone(),
+                    url: url.clone(),
+                })
+                .collect();
+            nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+            return ClusterOut {
+                node_id: node,
+                map_version: map.version,
+                regions,
+                nodes,
+                serving: c.held().into_iter().map(|(r, _)| r).collect(),
+            };
+        }
+        let ids: Vec<String> = match &self.regions {
+            Some(map) => map.regions().iter().map(|r| r.id.to_string()).collect(),
+            None => vec![DEFAULT_REGION.to_owned()],
+        };
+        ClusterOut {
+            node_id: node.clone(),
+            map_version: 1,
+            regions: ids
+                .into_iter()
+                .map(|region| RegionOwner {
+                    region,
+                    owner: node.clone(),
+                    epoch: 1,
+                })
+                .collect(),
+            nodes: Vec::new(),
+            serving: Vec::new(),
+        }
+    }
+}
+
+impl Service {
+    /// Sets the gauges that are read from the engine rather than counted
+    /// (drivers per status, live matches, cells), before `/metrics` renders.
+    pub fn refresh_gauges(&self) {
+        use metrics::gauge;
+        let counts = self.engine.counts();
+        for (status, n) in [
+            ("available", counts.available),
+            ("reserved", counts.reserved),
+            ("busy", counts.busy),
+            ("offline", counts.offline),
+        ] {
+            gauge!("hexmatch_drivers", "status" => status).set(n as f64);
+        }
+        gauge!("hexmatch_matches_live").set(self.engine.live_matches() as f64);
+        gauge!("hexmatch_cells").set(self.engine.cell_count() as f64);
+    }
+}
+
+impl Service {
+    /// Expires reservations not confirmed in time and (with a driver TTL)
+    /// drivers that went silent, then brings Redis in step.
+    pub async fn sweep(&self) {
+        let engine = std::sync::Arc::clone(&self.engine);
+        let ttl_on = self.config.driver_ttl_s > 0;
+        // The driver scan is O(drivers): keep it off the async workers.
+        let swept = tokio::task::spawn_blocking(move || {
+            let mut ended: Vec<hexmatch::OrderId> = engine
+                .expire_matches()
+                .into_iter()
+                .map(|e| e.m.order_id)
+                .collect();
+            let expired = ended.len();
+            let drivers = if ttl_on {
+                engine.expire_drivers()
+            } else {
+                Vec::new()
+            };
+            ended.extend(
+                drivers
+                    .iter()
+                    .filter_map(|(_, ev)| ev.as_ref().map(|e| e.m.order_id.clone())),
+            );
+            (expired, drivers.len(), ended)
+        })
+        .await;
+        let Ok((expired, drivers, ended)) = swept else {
+            return;
+        };
+        metrics::counter!("hexmatch_match_ends_total", "state" => "expired")
+            .increment(expired as u64);
+        metrics::counter!("hexmatch_drivers_expired_total").increment(drivers as u64);
+        if let Some(p) = self.persist() {
+            for order in &ended {
+                if p.del_match(order).await.is_err() {
+                    p.schedule_resync();
+                }
+            }
+        }
+    }
+}
