@@ -7,7 +7,7 @@
 //! 3. single-thread move throughput (after one full cycle of warm-up
 //!    moves) and move percentiles;
 //! 4. nearest k = 10 again, quiet, on the now "lived-in" engine (the
-//!    number the issue 3 target is checked against);
+//!    number the nearest p50 target is checked against);
 //! 5. nearest k = 10 while a second thread moves drivers continuously,
 //!    with the writer's achieved moves/s;
 //! 6. claim latency (each claim timed, its release not);
@@ -215,25 +215,25 @@ fn report_targets(plan: Plan, r: &Results) {
         verdict(plan, name, &measured, target, met);
     };
     v(
-        "nearest k=10 p50, quiet (issue 3)",
+        "nearest k=10 p50, quiet",
         us(r.quiet.p50),
         "≤ 5 µs",
         r.quiet.p50 <= 5_000,
     );
     v(
-        "nearest k=10 p50, with writer (issue 9)",
+        "nearest k=10 p50, with writer",
         us(r.busy.p50),
         "≤ 3 µs",
         r.busy.p50 <= 3_000,
     );
     v(
-        "nearest k=10 p99, with writer (issue 9)",
+        "nearest k=10 p99, with writer",
         us(r.busy.p99),
         "≤ 15 µs",
         r.busy.p99 <= 15_000,
     );
     v(
-        "concurrent writer (issue 9)",
+        "concurrent writer",
         format!("{:.0}/s", r.writer_rate),
         "≥ 250k moves/s",
         r.writer_rate >= 250_000.0,

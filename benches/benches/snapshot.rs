@@ -1,4 +1,4 @@
-//! Snapshot encode and restore at 1M drivers (issue 6 target: ≤ 0.5 s each),
+//! Snapshot encode and restore at 1M drivers (target: ≤ 0.5 s each),
 //! in-process (no Redis: this is the engine's share of a snapshot).
 
 use std::hint::black_box;
