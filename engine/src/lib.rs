@@ -36,6 +36,7 @@
 
 mod assign;
 mod driver;
+mod engine;
 mod error;
 mod ids;
 mod index;
@@ -51,10 +52,11 @@ mod time;
 
 pub use assign::{Assignment, assign_greedy, assign_min_cost};
 pub use driver::{Capabilities, Driver, DriverUpdate, Status, Vehicle};
+pub use engine::Engine;
 pub use error::{Error, Result};
 pub use h3o::{CellIndex, Resolution};
 pub use ids::{DriverId, MAX_ID_LEN, OrderId, RegionId};
-pub use index::{Applied, Engine, EngineConfig, StatusCounts};
+pub use index::{Applied, EngineConfig, StatusCounts};
 pub use matching::{
     BatchOrder, BatchOutcome, ClaimRequest, MAX_HOLD_MS, Match, MatchEvent, MatchState,
     RestoreReport,

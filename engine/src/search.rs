@@ -27,9 +27,9 @@ use rstar::{AABB, ParentNode, RTreeNode};
 use crate::driver::{Capabilities, Vehicle};
 use crate::error::{Error, Result};
 use crate::ids::DriverId;
-use crate::index::{CellEntry, Cells, Engine, Item, ShardData};
+use crate::index::{CellEntry, Cells, Index, ShardData};
 use crate::position::{EARTH_RADIUS_M, Position, chord_of_metres, chord2};
-use crate::rtree::NodeRef;
+use crate::rtree::{Item, NodeRef};
 use crate::time::Timestamp;
 
 /// The largest `k` the engine accepts (the HTTP API allows 1..=100).
@@ -323,59 +323,58 @@ impl Walk<'_> {
     }
 }
 
-impl Engine {
-    /// The `k` nearest available drivers passing the query's filters, by
-    /// great-circle distance, ties broken by driver id.
-    ///
-    /// # Errors
-    /// [`Error::InvalidParameter`] for an invalid `k` or radius (only possible
-    /// when the query was built by hand rather than through its constructors).
-    pub fn nearest(&self, q: &NearestQuery) -> Result<Vec<Neighbor>> {
-        if !(1..=MAX_K).contains(&q.k) {
-            return Err(Error::InvalidParameter(format!(
-                "k = {} is not in 1..={MAX_K}",
-                q.k
-            )));
-        }
-        if let Some(r) = q.radius_m {
-            validate_radius(r)?;
-        }
-        let limit_m = q.radius_m.unwrap_or(self.config.max_radius_m);
-        let mut walk = Walk {
-            q,
-            qv: q.pos.to_unit_vector(),
-            cands: Vec::with_capacity(q.k + 4),
-            found: Vec::with_capacity(q.k + 4),
-            cut2: keep_below(chord_of_metres(limit_m).powi(2)),
-        };
-        walk.cells(&self.cells.read());
-
-        // A read record belongs to one candidate still standing, or to
-        // none (a later shard pushed its candidate out). The order does not
-        // matter: the survivors are ranked by metres below.
-        let mut wanted = vec![false; walk.found.len()];
-        for c in &walk.cands {
-            if let Some(w) = wanted.get_mut(c.found as usize) {
-                *w = true;
-            }
-        }
-        let mut out = Vec::with_capacity(walk.cands.len());
-        for (mut n, w) in walk.found.into_iter().zip(wanted) {
-            if w {
-                n.distance_m = q.pos.distance_m(n.pos);
-                if n.distance_m <= limit_m {
-                    out.push(n);
-                }
-            }
-        }
-        out.sort_unstable_by(|a, b| {
-            a.distance_m
-                .total_cmp(&b.distance_m)
-                .then_with(|| a.id.cmp(&b.id))
-        });
-        out.truncate(q.k);
-        Ok(out)
+/// The `k` nearest available drivers of `index` passing the query's
+/// filters, by great-circle distance, ties broken by driver id. A query
+/// without a radius searches as far as `max_radius_m`.
+///
+/// # Errors
+/// [`Error::InvalidParameter`] for an invalid `k` or radius (only possible
+/// when the query was built by hand rather than through its constructors).
+pub(crate) fn nearest(index: &Index, q: &NearestQuery, max_radius_m: f64) -> Result<Vec<Neighbor>> {
+    if !(1..=MAX_K).contains(&q.k) {
+        return Err(Error::InvalidParameter(format!(
+            "k = {} is not in 1..={MAX_K}",
+            q.k
+        )));
     }
+    if let Some(r) = q.radius_m {
+        validate_radius(r)?;
+    }
+    let limit_m = q.radius_m.unwrap_or(max_radius_m);
+    let mut walk = Walk {
+        q,
+        qv: q.pos.to_unit_vector(),
+        cands: Vec::with_capacity(q.k + 4),
+        found: Vec::with_capacity(q.k + 4),
+        cut2: keep_below(chord_of_metres(limit_m).powi(2)),
+    };
+    walk.cells(&index.read_cells());
+
+    // A read record belongs to one candidate still standing, or to
+    // none (a later shard pushed its candidate out). The order does not
+    // matter: the survivors are ranked by metres below.
+    let mut wanted = vec![false; walk.found.len()];
+    for c in &walk.cands {
+        if let Some(w) = wanted.get_mut(c.found as usize) {
+            *w = true;
+        }
+    }
+    let mut out = Vec::with_capacity(walk.cands.len());
+    for (mut n, w) in walk.found.into_iter().zip(wanted) {
+        if w {
+            n.distance_m = q.pos.distance_m(n.pos);
+            if n.distance_m <= limit_m {
+                out.push(n);
+            }
+        }
+    }
+    out.sort_unstable_by(|a, b| {
+        a.distance_m
+            .total_cmp(&b.distance_m)
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    out.truncate(q.k);
+    Ok(out)
 }
 
 /// Half the Earth's circumference: no two points are farther apart.

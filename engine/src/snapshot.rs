@@ -12,8 +12,9 @@
 //! decompressed size (capped, so a small chunk cannot expand into
 //! gigabytes) and every field (ids, positions, timestamps, enums) are
 //! checked, and every failure is an [`Error::CorruptSnapshot`] naming what
-//! failed — never a panic. [`Engine::restore_snapshot`] decodes *all*
-//! chunks before loading any, so a bad snapshot is never half-loaded.
+//! failed — never a panic.
+//! [`Engine::restore_snapshot`](crate::Engine::restore_snapshot) decodes
+//! *all* chunks before loading any, so a bad snapshot is never half-loaded.
 
 use std::borrow::Cow;
 
@@ -22,7 +23,6 @@ use serde::{Deserialize, Serialize};
 use crate::driver::{Capabilities, Driver, Status, Vehicle};
 use crate::error::{Error, Result};
 use crate::ids::{DriverId, OrderId};
-use crate::index::Engine;
 use crate::matching::{ClaimRequest, Match, MatchState};
 use crate::position::Position;
 use crate::time::Timestamp;
@@ -260,19 +260,35 @@ pub fn decode_snapshot(manifest: &Manifest, chunks: &[impl AsRef<[u8]>]) -> Resu
     Ok(out)
 }
 
-impl Engine {
-    /// Encodes every driver, shard by shard (one short read lock each), in
-    /// chunks of at most `drivers_per_chunk`.
-    pub fn snapshot(&self, generation: u64, drivers_per_chunk: usize) -> Snapshot {
+/// Where a snapshot comes from, as its manifest records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SnapshotOrigin {
+    /// Generation number chosen by the writer.
+    pub(crate) generation: u64,
+    /// When the snapshot was taken (Unix ms, engine clock).
+    pub(crate) taken_at_ms: i64,
+    /// The engine's H3 partition resolution.
+    pub(crate) resolution: u8,
+}
+
+/// The drivers of a snapshot being taken, gathered one by one and
+/// encoded at the end.
+#[derive(Debug, Default)]
+pub(crate) struct SnapshotWriter {
+    recs: Vec<DriverRec<'static>>,
+}
+
+impl SnapshotWriter {
+    /// Adds a driver.
+    pub(crate) fn push(&mut self, d: &Driver) {
+        self.recs.push(DriverRec::from_driver(d));
+    }
+
+    /// The snapshot of every driver added, in chunks of at most
+    /// `drivers_per_chunk`.
+    pub(crate) fn finish(self, origin: SnapshotOrigin, drivers_per_chunk: usize) -> Snapshot {
         let per = drivers_per_chunk.max(1);
-        let mut recs: Vec<DriverRec> = Vec::new();
-        for shard in self.shards() {
-            let data = shard.data.read();
-            recs.extend(
-                data.records()
-                    .map(|r| DriverRec::from_driver(&r.to_driver())),
-            );
-        }
+        let recs = self.recs;
         let parts: Vec<&[DriverRec]> = recs.chunks(per).collect();
         let chunks: Vec<Vec<u8>> = crate::par::par_map(&parts, 2, |p| encode_chunk(p));
         let infos = recs
@@ -287,36 +303,14 @@ impl Engine {
         Snapshot {
             manifest: Manifest {
                 format: SNAPSHOT_FORMAT,
-                generation,
-                taken_at_ms: self.clock.now().as_millis(),
-                resolution: self.config.resolution,
+                generation: origin.generation,
+                taken_at_ms: origin.taken_at_ms,
+                resolution: origin.resolution,
                 drivers: recs.len() as u64,
                 chunks: infos,
             },
             chunks,
         }
-    }
-
-    /// Loads a snapshot into an empty engine. Everything is decoded and
-    /// checked first; nothing is loaded unless all of it is good.
-    /// Drivers stored as `reserved` come back `available`: reservations are
-    /// restored from their durable records ([`Engine::restore_matches`]).
-    ///
-    /// # Errors
-    /// [`Error::CorruptSnapshot`]; [`Error::InvalidParameter`] if the engine
-    /// is not empty.
-    pub fn restore_snapshot(
-        &self,
-        manifest: &Manifest,
-        chunks: &[impl AsRef<[u8]>],
-    ) -> Result<usize> {
-        let mut drivers = decode_snapshot(manifest, chunks)?;
-        for d in &mut drivers {
-            if d.status == Status::Reserved {
-                d.status = Status::Available;
-            }
-        }
-        self.bulk_load(drivers)
     }
 }
 
@@ -431,78 +425,6 @@ impl DurableMatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DriverUpdate, EngineConfig};
-
-    fn engine_with(n: usize) -> Engine {
-        let e = Engine::new(EngineConfig::default()).unwrap();
-        for i in 0..n {
-            let mut u = DriverUpdate::location(
-                DriverId::new(&format!("d{i}")).unwrap(),
-                Position::new(
-                    41.6 + (i % 97) as f64 * 0.004,
-                    -87.9 + (i % 89) as f64 * 0.004,
-                )
-                .unwrap(),
-                Some(Timestamp::from_millis(1_000 + i as i64).unwrap()),
-            );
-            u.status = Some(STATUSES[i % 4]).filter(|s| *s != Status::Reserved);
-            u.vehicle = Some(Vehicle::ALL[i % 6]);
-            u.capabilities = Some(Capabilities::from_bits_truncate((i % 7) as u16));
-            e.upsert(&u).unwrap();
-        }
-        e
-    }
-
-    fn sorted(mut v: Vec<Driver>) -> Vec<Driver> {
-        v.sort_by(|a, b| a.id.cmp(&b.id));
-        v
-    }
-
-    #[test]
-    fn round_trip_is_exact() {
-        let e = engine_with(2_500);
-        let snap = e.snapshot(7, 1000);
-        assert_eq!(snap.chunks.len(), 3);
-        let manifest = Manifest::decode(&snap.manifest.encode()).unwrap();
-        assert_eq!(manifest, snap.manifest);
-        let back = Engine::new(EngineConfig::default()).unwrap();
-        assert_eq!(
-            back.restore_snapshot(&manifest, &snap.chunks).unwrap(),
-            2_500
-        );
-        assert_eq!(sorted(back.drivers()), sorted(e.drivers()));
-        assert_eq!(back.counts(), e.counts());
-    }
-
-    #[test]
-    fn every_corruption_is_reported_and_nothing_loads() {
-        let e = engine_with(300);
-        let snap = e.snapshot(1, 100);
-        let back = Engine::new(EngineConfig::default()).unwrap();
-        // Flip each byte of the second chunk in turn: always rejected.
-        for i in 0..snap.chunks[1].len() {
-            let mut chunks = snap.chunks.clone();
-            chunks[1][i] ^= 0x5a;
-            let err = back.restore_snapshot(&snap.manifest, &chunks).unwrap_err();
-            assert_eq!(err.code(), "corrupt_snapshot");
-        }
-        // Truncations of a chunk and of the manifest.
-        for cut in 0..snap.chunks[0].len() {
-            let mut chunks = snap.chunks.clone();
-            chunks[0].truncate(cut);
-            assert!(back.restore_snapshot(&snap.manifest, &chunks).is_err());
-        }
-        let m = snap.manifest.encode();
-        for cut in 0..m.len() {
-            assert!(Manifest::decode(&m[..cut]).is_err());
-        }
-        // A missing chunk.
-        assert!(
-            back.restore_snapshot(&snap.manifest, &snap.chunks[..2])
-                .is_err()
-        );
-        assert!(back.is_empty(), "nothing was half-loaded");
-    }
 
     /// Encodes one record as a chunk with a matching manifest entry, and decodes it.
     fn decode_one(rec: DriverRec) -> Result<Vec<Driver>> {

@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
+use crate::engine::Engine;
 use crate::error::Error;
 use crate::ids::OrderId;
-use crate::index::{Engine, EngineConfig};
+use crate::index::EngineConfig;
 use crate::matching::{BatchOrder, BatchOutcome, ClaimRequest, Match, MatchEvent};
 use crate::time::{ManualClock, Timestamp};
 use crate::{DriverUpdate, Status};

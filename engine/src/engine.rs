@@ -1,0 +1,633 @@
+//! The [`Engine`]: the front that owns the index and the matching book,
+//! and keeps the two in step.
+//!
+//! The index (`index`) holds the drivers and knows nothing of matches;
+//! the book (`matching`) holds the matches and knows nothing of where
+//! drivers are. The engine's methods decide under the book what a change
+//! means for a match, and apply it to the index. This file keeps positions
+//! current (upsert, remove, TTL sweep, bulk load) and answers reads and
+//! searches; `engine/matches.rs` claims, confirms, releases, completes and
+//! expires matches, and restores them; `engine/snapshots.rs` takes and
+//! loads snapshots of the drivers.
+//!
+//! # Locks and their order
+//! `matching book → driver stripe → cells → shard`. A thread may skip
+//! levels but never takes an earlier lock while holding a later one, and
+//! never holds two shard locks at once. Searches take `cells` (read) and one
+//! shard (read) at a time, so writers in one cell never stall readers in
+//! another. Every change of a driver's status by matching happens under
+//! the book.
+
+mod matches;
+mod snapshots;
+
+use std::sync::Arc;
+
+use h3o::CellIndex;
+use parking_lot::Mutex;
+
+use crate::driver::{Driver, DriverUpdate, Status};
+use crate::error::{Error, Result};
+use crate::ids::DriverId;
+use crate::index::{Applied, EngineConfig, Index, Record, StatusCounts};
+use crate::matching::{DriverEnd, MatchBook, MatchEvent, StatusRequest};
+use crate::position::Position;
+use crate::search::{self, NearestQuery, Neighbor};
+use crate::time::{Clock, SystemClock, Timestamp};
+
+/// The engine: the sharded index plus the matching book.
+///
+/// `Send + Sync` with a `&self` API: share one `Arc<Engine>` between
+/// threads, or own one in a simulation.
+///
+/// ```
+/// use hexmatch::{DriverId, DriverUpdate, Engine, NearestQuery, Position};
+///
+/// let engine = Engine::new(Default::default())?;
+/// for (id, lat, lon) in [("a", 41.88, -87.63), ("b", 41.91, -87.66), ("c", 41.70, -87.60)] {
+///     let pos = Position::new(lat, lon)?;
+///     engine.upsert(&DriverUpdate::location(DriverId::new(id)?, pos, None))?;
+/// }
+/// let near = engine.nearest(&NearestQuery::new(Position::new(41.89, -87.64)?, 2)?)?;
+/// let ids: Vec<_> = near.iter().map(|n| n.id.as_str()).collect();
+/// assert_eq!(ids, ["a", "b"]);
+/// # Ok::<(), hexmatch::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    clock: Arc<dyn Clock>,
+    /// The drivers; its locks come after the book.
+    index: Index,
+    /// Every match; the first lock of all.
+    book: Mutex<MatchBook>,
+}
+
+impl Engine {
+    /// An empty engine on the system clock.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for an invalid config.
+    pub fn new(config: EngineConfig) -> Result<Self> {
+        Self::with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// An empty engine reading time from `clock` (a [`ManualClock`](crate::ManualClock)
+    /// for simulations and replays).
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for an invalid config.
+    pub fn with_clock(config: EngineConfig, clock: Arc<dyn Clock>) -> Result<Self> {
+        let resolution = config.validate()?;
+        Ok(Self {
+            config,
+            clock,
+            index: Index::new(resolution),
+            book: Mutex::new(MatchBook::default()),
+        })
+    }
+
+    /// The engine's settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The engine's clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The H3 partition cell of a position.
+    pub fn cell_of(&self, pos: Position) -> CellIndex {
+        self.index.cell_of(pos)
+    }
+
+    /// Inserts or updates a driver (`PUT /v1/drivers/{id}`, location updates,
+    /// stream ingestion).
+    ///
+    /// A driver crossing a cell border moves between shards. An update whose
+    /// `ts` is older than the driver's last applied one is ignored and
+    /// reported as [`Applied::Stale`]. Setting `offline` or `busy` on a
+    /// reserved driver releases its reservation; setting `available` on a
+    /// driver busy with a confirmed match completes the match; `available`
+    /// on a reserved driver keeps the reservation.
+    ///
+    /// The returned driver's `order_id` and `reserved_until` are filled in
+    /// only for updates that set a status; a plain location update never
+    /// takes the matching lock. [`driver`](Self::driver) gives the full view.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] when the update asks for status `reserved`.
+    pub fn upsert(&self, update: &DriverUpdate) -> Result<Applied> {
+        if update.status == Some(Status::Reserved) {
+            return Err(Error::InvalidParameter(
+                "status reserved is set by matching, not by clients".into(),
+            ));
+        }
+        let Some(wanted) = update.status else {
+            // Plain location update: no matching state can change, and the
+            // book is not touched (it is the hot path).
+            return self.index.apply(update, None, true, self.clock.now());
+        };
+        let mut book = self.book.lock();
+        let now = self.clock.now();
+        let StatusRequest {
+            status: effective,
+            end: transition,
+        } = book.status_request(&update.id, wanted);
+        let applied = self.index.apply(update, effective, true, now)?;
+        if let (Applied::Applied(_), Some(t)) = (&applied, transition) {
+            let ev = book.finish_for_driver(&update.id, t, now, self.config.max_ended_matches);
+            debug_assert!(ev.is_some());
+        }
+        drop(book);
+        Ok(self.decorate(applied))
+    }
+
+    /// Moves a known driver (`POST /v1/drivers/{id}/location`): like
+    /// [`upsert`](Self::upsert) with only a position and `ts` (so it never
+    /// takes the matching lock), but an unknown driver is an error rather
+    /// than created.
+    ///
+    /// # Errors
+    /// [`Error::UnknownDriver`] if no driver has this id.
+    pub fn update_location(
+        &self,
+        id: &DriverId,
+        pos: Position,
+        ts: Option<Timestamp>,
+    ) -> Result<Applied> {
+        self.index.apply(
+            &DriverUpdate::location(id.clone(), pos, ts),
+            None,
+            false,
+            self.clock.now(),
+        )
+    }
+
+    fn decorate(&self, applied: Applied) -> Applied {
+        match applied {
+            Applied::Applied(d) => Applied::Applied(self.with_match(d)),
+            stale @ Applied::Stale { .. } => stale,
+        }
+    }
+
+    /// Fills in the driver's current order, if any.
+    fn with_match(&self, mut d: Driver) -> Driver {
+        if matches!(d.status, Status::Reserved | Status::Busy) {
+            let book = self.book.lock();
+            if let Some(m) = book.live_match_of(&d.id) {
+                d.order_id = Some(m.order_id.clone());
+                if m.state == crate::MatchState::Reserved {
+                    d.reserved_until = Some(m.reserved_until);
+                }
+            }
+        }
+        d
+    }
+
+    /// The driver as the engine knows it, or `None` if unknown.
+    pub fn driver(&self, id: &DriverId) -> Option<Driver> {
+        let d = self.index.driver(id)?;
+        Some(self.with_match(d))
+    }
+
+    /// Removes a driver, releasing its match if it has one. Returns the
+    /// driver as it was, or `None` if unknown.
+    pub fn remove(&self, id: &DriverId) -> Option<(Driver, Option<MatchEvent>)> {
+        self.remove_where(id, |_| true)
+    }
+
+    /// Removes a driver if `cond` holds for its record, ending its match
+    /// (under the book, taken first).
+    fn remove_where(
+        &self,
+        id: &DriverId,
+        cond: impl Fn(&Record) -> bool,
+    ) -> Option<(Driver, Option<MatchEvent>)> {
+        let mut book = self.book.lock();
+        let driver = self.index.remove_where(id, cond)?;
+        let now = self.clock.now();
+        let event =
+            book.finish_for_driver(id, DriverEnd::Removed, now, self.config.max_ended_matches);
+        Some((driver, event))
+    }
+
+    /// Removes every driver whose last update was applied more than
+    /// `driver_ttl_ms` before the clock's now, releasing their matches.
+    /// Returns what it removed.
+    pub fn expire_drivers(&self) -> Vec<(Driver, Option<MatchEvent>)> {
+        let cutoff = self.clock.now().minus_millis(self.config.driver_ttl_ms);
+        let stale_ids = self.index.ids_unseen_since(cutoff);
+        // Re-check under the lock: a fresh update may have arrived meanwhile.
+        stale_ids
+            .iter()
+            .filter_map(|id| self.remove_where(id, |r| r.seen < cutoff))
+            .collect()
+    }
+
+    /// Counts of drivers by status.
+    pub fn counts(&self) -> StatusCounts {
+        self.index.counts()
+    }
+
+    /// Number of drivers known.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether no driver is known.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Number of partition cells that have held drivers.
+    pub fn cell_count(&self) -> usize {
+        self.index.cell_count()
+    }
+
+    /// Per-cell driver counts (for region statistics).
+    pub fn cell_counts(&self) -> Vec<(CellIndex, StatusCounts)> {
+        self.index.cell_counts()
+    }
+
+    /// Every driver (in no particular order), read shard by shard.
+    pub fn drivers(&self) -> Vec<Driver> {
+        let mut out: Vec<Driver> = Vec::new();
+        self.index.for_each_driver(|d| out.push(d));
+        out.into_iter().map(|d| self.with_match(d)).collect()
+    }
+
+    /// Loads many drivers into an empty engine at once, building each
+    /// shard's R-tree with its bulk loading (much faster than inserting
+    /// one by one). Later duplicates of an id replace earlier ones.
+    ///
+    /// Both cores share the work: the H3 cells, the driver map (by stripe)
+    /// and the shards' trees (by shard). The maps and slabs are sized
+    /// exactly.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] if the engine already holds drivers or a
+    /// driver has status `reserved` (reservations are restored with their
+    /// matches, not here).
+    pub fn bulk_load(&self, drivers: impl IntoIterator<Item = Driver>) -> Result<usize> {
+        self.index.bulk_load(drivers, self.clock.now())
+    }
+
+    /// The `k` nearest available drivers passing the query's filters, by
+    /// great-circle distance, ties broken by driver id.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for an invalid `k` or radius (only possible
+    /// when the query was built by hand rather than through its constructors).
+    pub fn nearest(&self, q: &NearestQuery) -> Result<Vec<Neighbor>> {
+        search::nearest(&self.index, q, self.config.max_radius_m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::driver::{Capabilities, Vehicle};
+
+    fn id(s: &str) -> DriverId {
+        DriverId::new(s).unwrap()
+    }
+
+    fn pos(lat: f64, lon: f64) -> Position {
+        Position::new(lat, lon).unwrap()
+    }
+
+    #[test]
+    fn bulk_load_keeps_the_last_duplicate() {
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        let driver = |name: &str, lat: f64, status: Status| Driver {
+            id: id(name),
+            pos: pos(lat, -87.63),
+            ts: Timestamp::EPOCH,
+            status,
+            vehicle: Vehicle::Car,
+            capabilities: Capabilities::NONE,
+            order_id: None,
+            reserved_until: None,
+        };
+        let loaded = e
+            .bulk_load([
+                driver("a", 41.88, Status::Available),
+                driver("b", 41.89, Status::Available),
+                // Same cell, then another cell (30 km north).
+                driver("a", 41.881, Status::Busy),
+                driver("b", 42.15, Status::Available),
+            ])
+            .unwrap();
+        assert_eq!(loaded, 2);
+        assert_eq!(e.len(), 2);
+        assert_eq!(
+            e.counts(),
+            StatusCounts {
+                available: 1,
+                busy: 1,
+                ..Default::default()
+            }
+        );
+        assert_eq!(e.driver(&id("a")).unwrap().pos, pos(41.881, -87.63));
+        assert_eq!(e.driver(&id("b")).unwrap().pos, pos(42.15, -87.63));
+        let near = e
+            .nearest(&crate::NearestQuery::new(pos(41.88, -87.63), 5).unwrap())
+            .unwrap();
+        let ids: Vec<_> = near.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(ids, ["b"]);
+        // The freed slots are reused.
+        e.upsert(&DriverUpdate::location(id("c"), pos(41.88, -87.63), None))
+            .unwrap();
+        assert_eq!(e.len(), 3);
+    }
+
+    #[test]
+    fn small_moves_in_place_keep_the_tree_exact() {
+        // Many tiny moves (most stay inside their leaf's box, so they are
+        // made in place), then every available driver must be found where
+        // it now is, and nowhere else.
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        let n = 3000;
+        let start = |i: u32| {
+            let f = f64::from(i);
+            pos(
+                41.85 + (f * 0.618_034).fract() * 0.05,
+                -87.65 + (f * 0.414_214).fract() * 0.05,
+            )
+        };
+        let drivers =
+            (0..n).map(|i| Driver::available(id(&format!("d{i}")), start(i), Timestamp::EPOCH));
+        e.bulk_load(drivers).unwrap();
+        let mut at: Vec<Position> = (0..n).map(start).collect();
+        for step in 0..30_000u32 {
+            let i = step * 7919 % n;
+            let f = f64::from(step);
+            let p = at[i as usize];
+            let q = pos(
+                p.lat() + ((f * 0.3).sin()) * 2e-5,
+                p.lon() + ((f * 0.7).cos()) * 2e-5,
+            );
+            at[i as usize] = q;
+            e.upsert(&DriverUpdate::location(id(&format!("d{i}")), q, None))
+                .unwrap();
+        }
+        let shards = e.index.shards();
+        let mut in_trees = 0;
+        for shard in &shards {
+            let data = shard.data.read();
+            data.tree.check();
+            for item in data.tree.iter() {
+                let rec = data.record(item.slot).unwrap();
+                // Bit-exact: the item's vector is computed from the record's position.
+                assert!(
+                    item.v
+                        .iter()
+                        .zip(rec.pos.to_unit_vector())
+                        .all(|(a, b)| a.to_bits() == b.to_bits())
+                );
+                assert_eq!(data.tree.get(item.slot), Some(item));
+                in_trees += 1;
+            }
+        }
+        assert_eq!(in_trees, n as usize);
+        for (i, p) in at.iter().enumerate().step_by(97) {
+            let near = e
+                .nearest(&crate::NearestQuery::new(*p, 1).unwrap())
+                .unwrap();
+            assert!(near[0].distance_m.abs() < 1e-9, "d{i}");
+        }
+    }
+
+    #[test]
+    fn driver_map_survives_hash_collisions() {
+        // Four distinct hashes for all ids: nearly every id collides.
+        for bulk in [false, true] {
+            let mut e = Engine::new(EngineConfig::default()).unwrap();
+            e.index.set_id_hash_mask(0x3);
+            let mut model: HashMap<String, (Position, Status)> = HashMap::new();
+            let at = |x: u32| {
+                let f = f64::from(x);
+                pos(
+                    41.0 + (f * 0.618_034).fract() * 1.5,
+                    -88.0 + (f * 0.414_214).fract() * 1.5,
+                )
+            };
+            if bulk {
+                // Duplicates of d5 and d17: the later ones win.
+                let drivers: Vec<Driver> = (0..200)
+                    .chain([5, 17])
+                    .enumerate()
+                    .map(|(n, i)| {
+                        Driver::available(id(&format!("d{i}")), at(n as u32), Timestamp::EPOCH)
+                    })
+                    .collect();
+                assert_eq!(e.bulk_load(drivers.clone()).unwrap(), 200);
+                for d in drivers {
+                    model.insert(d.id.to_string(), (d.pos, Status::Available));
+                }
+            }
+            for step in 0..4000u32 {
+                let name = format!("d{}", step * 7919 % 300);
+                let key = id(&name);
+                match step % 7 {
+                    0 => {
+                        let gone = e.remove(&key).map(|(d, _)| d.id.to_string());
+                        assert_eq!(gone, model.remove(&name).map(|_| name.clone()));
+                    }
+                    1 => {
+                        let status = if step % 2 == 0 {
+                            Status::Busy
+                        } else {
+                            Status::Available
+                        };
+                        let mut u = DriverUpdate::location(key.clone(), at(step), None);
+                        u.status = Some(status);
+                        e.upsert(&u).unwrap();
+                        model.insert(name.clone(), (at(step), status));
+                    }
+                    _ => {
+                        let p = at(step);
+                        e.upsert(&DriverUpdate::location(key.clone(), p, None))
+                            .unwrap();
+                        let status = model.get(&name).map_or(Status::Available, |m| m.1);
+                        model.insert(name.clone(), (p, status));
+                    }
+                }
+                assert_eq!(e.len(), model.len(), "step {step}");
+                if step % 200 == 0 || step == 3999 {
+                    for i in 0..300 {
+                        let name = format!("d{i}");
+                        let got = e.driver(&id(&name)).map(|d| (d.pos, d.status));
+                        assert_eq!(got, model.get(&name).copied(), "{name} at step {step}");
+                    }
+                }
+            }
+            let available = model.values().filter(|m| m.1 == Status::Available).count();
+            assert_eq!(e.counts().available, available);
+            assert_eq!(e.counts().total(), model.len());
+            let q = crate::NearestQuery::new(pos(41.7, -87.2), 1000).unwrap();
+            assert_eq!(e.nearest(&q).unwrap().len(), available);
+        }
+    }
+
+    #[test]
+    fn config_is_validated() {
+        for bad in [
+            EngineConfig {
+                resolution: 16,
+                ..Default::default()
+            },
+            EngineConfig {
+                max_radius_m: f64::NAN,
+                ..Default::default()
+            },
+            EngineConfig {
+                max_radius_m: 0.0,
+                ..Default::default()
+            },
+            EngineConfig {
+                driver_ttl_ms: 0,
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(Engine::new(bad).unwrap_err().code(), "invalid_parameter");
+        }
+    }
+
+    #[test]
+    fn moves_across_cells_and_ignores_stale_updates() {
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        let t = |ms| Some(Timestamp::from_millis(ms).unwrap());
+        let a = id("a");
+        e.upsert(&DriverUpdate::location(
+            a.clone(),
+            pos(41.88, -87.63),
+            t(1000),
+        ))
+        .unwrap();
+        // 30 km away: a different res-6 cell.
+        let far = pos(42.15, -87.63);
+        assert!(matches!(
+            e.upsert(&DriverUpdate::location(a.clone(), far, t(2000)))
+                .unwrap(),
+            Applied::Applied(_)
+        ));
+        assert_eq!(e.cell_count(), 2);
+        let stale = e
+            .upsert(&DriverUpdate::location(
+                a.clone(),
+                pos(41.0, -87.0),
+                t(1500),
+            ))
+            .unwrap();
+        assert_eq!(
+            stale,
+            Applied::Stale {
+                current_ts: Timestamp::from_millis(2000).unwrap()
+            }
+        );
+        assert_eq!(e.driver(&a).unwrap().pos, far);
+        assert_eq!(e.counts().available, 1);
+        assert_eq!(e.len(), 1);
+        // Equal timestamps apply (a re-send is not older).
+        assert!(matches!(
+            e.upsert(&DriverUpdate::location(
+                a.clone(),
+                pos(42.0, -87.6),
+                t(2000)
+            ))
+            .unwrap(),
+            Applied::Applied(_)
+        ));
+        assert!(e.remove(&a).is_some());
+        assert!(e.driver(&a).is_none() && e.is_empty());
+        assert!(e.remove(&a).is_none());
+    }
+
+    #[test]
+    fn update_location_refuses_unknown_drivers() {
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        let err = e
+            .update_location(&id("ghost"), pos(1.0, 1.0), None)
+            .unwrap_err();
+        assert_eq!(err.code(), "unknown_driver");
+        assert!(e.is_empty());
+        e.upsert(&DriverUpdate::location(id("a"), pos(1.0, 1.0), None))
+            .unwrap();
+        let moved = e.update_location(&id("a"), pos(2.0, 2.0), None).unwrap();
+        assert!(matches!(moved, Applied::Applied(d) if d.pos == pos(2.0, 2.0)));
+    }
+
+    #[test]
+    fn clients_cannot_set_reserved() {
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        let mut u = DriverUpdate::location(id("a"), pos(0.0, 0.0), None);
+        u.status = Some(Status::Reserved);
+        assert_eq!(e.upsert(&u).unwrap_err().code(), "invalid_parameter");
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn ttl_sweep_removes_only_silent_drivers() {
+        let clock = Arc::new(crate::ManualClock::new(
+            Timestamp::from_millis(1_000_000).unwrap(),
+        ));
+        let e = Engine::with_clock(
+            EngineConfig {
+                driver_ttl_ms: 10_000,
+                ..Default::default()
+            },
+            clock.clone(),
+        )
+        .unwrap();
+        e.upsert(&DriverUpdate::location(id("old"), pos(1.0, 1.0), None))
+            .unwrap();
+        clock.advance(6_000);
+        e.upsert(&DriverUpdate::location(id("new"), pos(1.0, 1.001), None))
+            .unwrap();
+        clock.advance(6_000);
+        let removed: Vec<_> = e.expire_drivers().into_iter().map(|(d, _)| d.id).collect();
+        assert_eq!(removed, [id("old")]);
+        assert!(e.driver(&id("new")).is_some());
+        clock.advance(6_000);
+        assert_eq!(e.expire_drivers().len(), 1);
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn bulk_load_builds_searchable_shards() {
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        let drivers = (0..1000).map(|i| Driver {
+            id: id(&format!("d{i}")),
+            pos: pos(41.6 + f64::from(i) * 0.0004, -87.9 + f64::from(i) * 0.0003),
+            ts: Timestamp::EPOCH,
+            status: if i % 2 == 0 {
+                Status::Available
+            } else {
+                Status::Busy
+            },
+            vehicle: Vehicle::Car,
+            capabilities: Capabilities::NONE,
+            order_id: None,
+            reserved_until: None,
+        });
+        assert_eq!(e.bulk_load(drivers.clone()).unwrap(), 1000);
+        assert_eq!(
+            e.counts(),
+            StatusCounts {
+                available: 500,
+                busy: 500,
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            e.bulk_load(drivers).unwrap_err().code(),
+            "invalid_parameter"
+        );
+        assert_eq!(e.driver(&id("d7")).unwrap().status, Status::Busy);
+    }
+}
