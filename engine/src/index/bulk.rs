@@ -1,4 +1,4 @@
-//! Bulk load: many drivers into an empty index at once, on both cores.
+//! Bulk load: many drivers into an empty index at once, on every core.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -187,7 +187,7 @@ impl Index {
         .collect()
     }
 
-    /// Each driver's partition cell and id hash, on both cores.
+    /// Each driver's partition cell and id hash, on every core.
     fn cells_and_hashes(&self, drivers: &[Driver]) -> Vec<Placed> {
         let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let parts: Vec<&[Driver]> = drivers
