@@ -84,15 +84,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// (or, in an insecure cluster, when it names its node), `Some(false)`
 /// with a wrong one, `None` when it does not claim to be a node.
 fn node_credential(config: &ServeConfig, headers: &HeaderMap) -> Option<bool> {
+    if !config.cluster {
+        // No nodes to hear from: peer headers are a client's, and mean nothing.
+        return None;
+    }
     match (headers.get(PEER_AUTH), &config.cluster_secret) {
         (Some(sent), Some(secret)) => Some(constant_time_eq(
             sent.as_bytes(),
             secret.expose().as_bytes(),
         )),
         (Some(_), None) => Some(false),
-        (None, None) if config.cluster && config.insecure_cluster => {
-            headers.contains_key(PEER_NODE).then_some(true)
-        }
+        (None, None) if config.insecure_cluster => headers.contains_key(PEER_NODE).then_some(true),
         (None, _) => None,
     }
 }
@@ -147,7 +149,10 @@ pub(super) async fn v1_gate(
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             return ApiError::rate_limited(round_up_s(wait)).into_response();
         }
-        req.headers_mut().remove(FORWARDED);
+        // Only cluster routing reads it.
+        if config.cluster {
+            req.headers_mut().remove(FORWARDED);
+        }
     }
     if !state.svc.is_ready() {
         return ApiError::new(
