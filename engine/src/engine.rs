@@ -127,10 +127,13 @@ impl Engine {
         let Some(wanted) = update.status else {
             // Plain location update: no matching state can change, and the
             // book is not touched (it is the hot path).
-            return self.index.apply(update, None, true, self.clock.now());
+            let now = self.clock.now();
+            self.check_not_ahead(update.ts, now)?;
+            return self.index.apply(update, None, true, now);
         };
         let mut book = self.book.lock();
         let now = self.clock.now();
+        self.check_not_ahead(update.ts, now)?;
         let StatusRequest {
             status: effective,
             end: transition,
@@ -157,12 +160,28 @@ impl Engine {
         pos: Position,
         ts: Option<Timestamp>,
     ) -> Result<Applied> {
+        let now = self.clock.now();
+        self.check_not_ahead(ts, now)?;
         self.index.apply(
             &DriverUpdate::location(id.clone(), pos, ts),
             None,
             false,
-            self.clock.now(),
+            now,
         )
+    }
+
+    /// Refuses a fix stamped more than `max_future_ms` ahead of `now`.
+    fn check_not_ahead(&self, ts: Option<Timestamp>, now: Timestamp) -> Result<()> {
+        let Some(ts) = ts else { return Ok(()) };
+        let ahead_ms = ts.as_millis().saturating_sub(now.as_millis());
+        if ahead_ms <= 0 || ahead_ms.unsigned_abs() <= self.config.max_future_ms {
+            return Ok(());
+        }
+        Err(Error::InvalidTimestamp(format!(
+            "ts {ts} is {} ahead of the server's clock ({now}); at most {} ahead is accepted",
+            crate::time::span(ahead_ms.unsigned_abs()),
+            crate::time::span(self.config.max_future_ms),
+        )))
     }
 
     fn decorate(&self, applied: Applied) -> Applied {
@@ -270,8 +289,20 @@ impl Engine {
     /// [`Error::InvalidParameter`] if the engine already holds drivers or a
     /// driver has status `reserved` (reservations are restored with their
     /// matches, not here).
+    /// A driver stamped further ahead of the clock than `max_future_ms`
+    /// (a snapshot written by a node whose clock ran ahead, or data from
+    /// before this guard) is loaded as if stamped now, so its next correct
+    /// update is not stale.
     pub fn bulk_load(&self, drivers: impl IntoIterator<Item = Driver>) -> Result<usize> {
-        self.index.bulk_load(drivers, self.clock.now())
+        let now = self.clock.now();
+        let latest = now.plus_millis(self.config.max_future_ms);
+        let drivers = drivers.into_iter().map(move |mut d| {
+            if d.ts > latest {
+                d.ts = now;
+            }
+            d
+        });
+        self.index.bulk_load(drivers, now)
     }
 
     /// The `k` nearest available drivers passing the query's filters, by
@@ -629,5 +660,75 @@ mod tests {
             "invalid_parameter"
         );
         assert_eq!(e.driver(&id("d7")).unwrap().status, Status::Busy);
+    }
+
+    /// A fix stamped more than `max_future_ms` ahead of the clock is
+    /// refused and changes nothing; the driver keeps taking correct
+    /// updates. A bulk load (a restore) stamps such a driver now.
+    #[test]
+    fn fixes_from_the_future_are_refused_and_restored_as_now() {
+        let now = Timestamp::from_millis(1_795_600_800_000).unwrap();
+        let clock = Arc::new(crate::ManualClock::new(now));
+        let e = Engine::with_clock(EngineConfig::default(), clock).unwrap();
+        let at = |ms: u64| {
+            DriverUpdate::location(id("d"), pos(41.88, -87.63), Some(now.plus_millis(ms)))
+        };
+        let year_2100 = Timestamp::parse("2100-01-01T00:00:00Z").unwrap();
+        let far = DriverUpdate::location(id("d"), pos(41.88, -87.63), Some(year_2100));
+        let err = e.upsert(&far).unwrap_err();
+        assert_eq!(err.code(), "invalid_timestamp");
+        assert!(err.to_string().contains("73 years ahead"), "{err}");
+        assert!(e.driver(&id("d")).is_none());
+        assert!(matches!(
+            e.upsert(&at(300_000)).unwrap(),
+            Applied::Applied(_)
+        ));
+        assert_eq!(
+            e.upsert(&at(300_001)).unwrap_err().code(),
+            "invalid_timestamp"
+        );
+        assert_eq!(
+            e.update_location(&id("d"), pos(41.9, -87.6), Some(year_2100))
+                .unwrap_err()
+                .code(),
+            "invalid_timestamp"
+        );
+        let mut offline = at(300_000);
+        offline.status = Some(Status::Offline);
+        assert!(matches!(e.upsert(&offline).unwrap(), Applied::Applied(_)));
+
+        let fresh = Engine::with_clock(
+            EngineConfig::default(),
+            Arc::new(crate::ManualClock::new(now)),
+        )
+        .unwrap();
+        let driver = |name: &str, ts: Timestamp| Driver {
+            id: id(name),
+            pos: pos(41.88, -87.63),
+            ts,
+            status: Status::Available,
+            vehicle: Vehicle::Car,
+            capabilities: Capabilities::NONE,
+            order_id: None,
+            reserved_until: None,
+        };
+        fresh
+            .bulk_load([
+                driver("late", year_2100),
+                driver("ok", now.plus_millis(1000)),
+            ])
+            .unwrap();
+        assert_eq!(fresh.driver(&id("late")).unwrap().ts, now);
+        assert_eq!(fresh.driver(&id("ok")).unwrap().ts, now.plus_millis(1000));
+    }
+
+    #[test]
+    fn spans_read_as_people_say_them() {
+        use crate::time::span;
+        assert_eq!(span(1_500), "1.5 s");
+        assert_eq!(span(300_000), "5 min");
+        assert_eq!(span(7_200_000), "2 h");
+        assert_eq!(span(3 * 86_400_000), "3 days");
+        assert_eq!(span(74 * 31_557_600_000), "74 years");
     }
 }

@@ -220,6 +220,26 @@ impl Timestamp {
     }
 }
 
+/// A length of time for people: `45 s`, `12 min`, `5 h`, `3 days`,
+/// `74 years` (rounded down, from milliseconds).
+pub(crate) fn span(ms: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (31_557_600_000, "years"),
+        (86_400_000, "days"),
+        (3_600_000, "h"),
+        (60_000, "min"),
+    ];
+    if ms < 120_000 {
+        return format!("{:.1} s", ms as f64 / 1000.0);
+    }
+    // The largest unit of which it is at least two.
+    let (size, unit) = UNITS
+        .into_iter()
+        .find(|(size, _)| ms >= 2 * size)
+        .unwrap_or((60_000, "min"));
+    format!("{} {unit}", ms / size)
+}
+
 impl fmt::Display for Timestamp {
     /// RFC 3339 in UTC with millisecond precision: `2026-11-25T10:00:00.250Z`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

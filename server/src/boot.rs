@@ -122,6 +122,7 @@ pub async fn start_with_clock(
         driver_ttl_ms: config.driver_ttl_s.max(1).saturating_mul(1000),
         match_retention_ms: config.match_retention_s.saturating_mul(1000),
         max_ended_matches: config.max_ended_matches,
+        max_future_ms: config.max_clock_skew_ms,
     };
     let engine = Arc::new(
         Engine::with_clock(engine_config, clock).map_err(|e| ServerError::Config(e.to_string()))?,

@@ -70,6 +70,9 @@ pub struct ServeConfig {
     /// At most this many ended matches are kept; past it the oldest are
     /// forgotten before their retention ends.
     pub max_ended_matches: usize,
+    /// How far ahead of this server's clock a fix's `ts` may be; a later
+    /// one is refused with `invalid_timestamp`.
+    pub max_clock_skew_ms: u64,
     /// The secret nodes of a cluster present to each other (never a client
     /// token). Required in cluster mode unless `insecure_cluster`.
     pub cluster_secret: Option<Secret>,
@@ -134,6 +137,7 @@ impl Default for ServeConfig {
             workers: 0,
             match_retention_s: 3_600,
             max_ended_matches: 1_000_000,
+            max_clock_skew_ms: 300_000,
             cluster_secret: None,
             insecure_cluster: false,
         }
@@ -225,6 +229,10 @@ pub struct ServeArgs {
     /// Most ended matches kept readable [default: 1000000].
     #[arg(long, env = "HEXMATCH_MAX_ENDED_MATCHES")]
     pub max_ended_matches: Option<usize>,
+    /// How far ahead of the server's clock a location's `ts` may be, in ms;
+    /// a later one is refused with `invalid_timestamp` [default: 300000].
+    #[arg(long, env = "HEXMATCH_MAX_CLOCK_SKEW_MS")]
+    pub max_clock_skew_ms: Option<u64>,
     /// The secret cluster nodes present to each other (at least 16
     /// characters, never a client token); required with --cluster. Prefer
     /// the environment variable or --cluster-secret-file to a flag, which
@@ -277,7 +285,12 @@ impl ServeArgs {
         );
         take!(redis_prefix, snapshot_interval_ms, ingest_stream);
         take!(cluster, own_regions, lease_ttl_ms);
-        take!(workers, match_retention_s, max_ended_matches);
+        take!(
+            workers,
+            match_retention_s,
+            max_ended_matches,
+            max_clock_skew_ms
+        );
         if self.advertise_url.is_some() {
             c.advertise_url = self.advertise_url;
         }

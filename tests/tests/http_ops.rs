@@ -288,6 +288,39 @@ async fn rate_limit_by_peer_without_tokens() {
     srv.shutdown().await;
 }
 
+/// Without tokens a client is its address: a made-up bearer token per
+/// request never gets a bucket of its own (it used to, and 20 of 20
+/// requests went through at 1/s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_tokens_share_their_address_s_bucket() {
+    let srv = TestServer::start_manual(ServeConfig {
+        rate_limit_per_s: 1,
+        rate_limit_burst: 2,
+        ..test_config()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut passed = 0_u64;
+    for i in 0..20 {
+        let r = srv
+            .api_with_token(Some(&format!("made-up-{i}")))
+            .get("/v1/cluster")
+            .await;
+        match r.status.as_u16() {
+            200 => passed += 1,
+            429 => r.expect_error(429, "rate_limited"),
+            other => panic!("unexpected {other}: {}", r.body),
+        }
+    }
+    // The bucket holds 2 and refills 1 a second.
+    let allowed = 2 + started.elapsed().as_secs() + 1;
+    assert!(
+        passed <= allowed,
+        "{passed} of 20 passed; at most {allowed} may"
+    );
+    srv.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_limit_is_enforced_on_every_json_route() {
     let srv = TestServer::start_manual(ServeConfig {

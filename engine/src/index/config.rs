@@ -23,6 +23,10 @@ pub struct EngineConfig {
     /// retention ends (in runs of 8192), so a high claim rate cannot grow
     /// memory without bound.
     pub max_ended_matches: usize,
+    /// How far ahead of the clock a fix's `ts` may be (default 5 min): a
+    /// later one is refused, so one bad device clock cannot freeze a
+    /// driver (every correct update after it would be stale).
+    pub max_future_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -33,6 +37,7 @@ impl Default for EngineConfig {
             driver_ttl_ms: 120_000,
             match_retention_ms: 3_600_000,
             max_ended_matches: 1_000_000,
+            max_future_ms: 300_000,
         }
     }
 }

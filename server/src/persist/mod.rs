@@ -891,7 +891,15 @@ pub fn upsert_drivers(engine: &Engine, drivers: Vec<Driver>) -> usize {
             vehicle: Some(d.vehicle),
             capabilities: Some(d.capabilities),
         };
-        if engine.upsert(&u).is_ok() {
+        // A fix stamped too far ahead of this node's clock comes back as
+        // if stamped now, so the driver's next correct update is not stale.
+        let applied = match engine.upsert(&u) {
+            Err(hexmatch::Error::InvalidTimestamp(_)) => {
+                engine.upsert(&DriverUpdate { ts: None, ..u })
+            }
+            other => other,
+        };
+        if applied.is_ok() {
             n += 1;
         }
     }
