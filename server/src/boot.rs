@@ -257,9 +257,15 @@ async fn boot_with_redis(
                     }
                     break p;
                 }
-                Err(e) => tracing::warn!(error = %e, "restore failed; retrying"),
+                Err(e) => {
+                    tracing::error!(error = %e, "restore failed; retrying");
+                    svc.set_startup_problem(format!("restore failed: {e}"));
+                }
             },
-            Err(e) => tracing::warn!(error = %e, "redis unreachable at start; retrying"),
+            Err(e) => {
+                tracing::warn!(error = %e, "redis unreachable at start; retrying");
+                svc.set_startup_problem(format!("Redis is unreachable: {e}"));
+            }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
@@ -267,6 +273,16 @@ async fn boot_with_redis(
         tracing::warn!(error = %e, "could not create the stream consumer group");
     }
     svc.set_persist(Arc::clone(&p));
+    // Durable before ready: drivers just loaded (or restored) survive a
+    // kill before the first interval's snapshot.
+    match p.write_snapshot(&svc.engine).await {
+        Ok(bytes) => tracing::info!(
+            bytes,
+            drivers = svc.engine.len(),
+            "snapshot after start-up written"
+        ),
+        Err(e) => tracing::error!(error = %e, "snapshot after start-up failed"),
+    }
     svc.set_ready();
     let mut tasks = vec![spawn_health(&svc, &p), spawn_snapshots(&svc, &p)];
     if c.ingest_stream {

@@ -891,7 +891,7 @@ pub struct NodeOut {
 }
 
 /// Body of `GET /readyz`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ReadyOut {
     /// `ready`, `not_ready` or `degraded`.
     pub status: ReadyStatus,
@@ -900,6 +900,15 @@ pub struct ReadyOut {
     /// Why it is not ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Seconds since the last good snapshot (with Redis, once one was taken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_snapshot_age_s: Option<f64>,
+    /// Snapshots that failed since the last good one (with Redis).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_failures: Option<u32>,
+    /// Durable match writes that failed since the last good one (with Redis).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_failures: Option<u32>,
 }
 
 /// Readiness of a node.

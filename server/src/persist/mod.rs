@@ -60,6 +60,74 @@ pub struct Persistence {
     order_locks: Box<[Mutex<()>]>,
     /// In a cluster, match writes are fenced by region leases.
     fence: std::sync::OnceLock<Arc<dyn Fence>>,
+    /// Snapshots and durable writes that failed in a row, and why.
+    health: parking_lot::Mutex<Health>,
+}
+
+/// A Redis command that failed, with the key it was about.
+#[derive(Debug)]
+pub struct KeyError {
+    /// The key.
+    pub key: String,
+    /// What Redis said.
+    pub error: redis::RedisError,
+}
+
+impl std::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.error.code() == Some("WRONGTYPE") {
+            write!(
+                f,
+                "key {} holds a value of the wrong type; remove or rename it ({})",
+                self.key, self.error
+            )
+        } else {
+            write!(f, "{}: {}", self.key, self.error)
+        }
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+/// What a failed write says in the health record.
+fn describe(e: &redis::RedisError) -> String {
+    e.to_string()
+}
+
+/// Failures in a row after which the node reports itself degraded.
+pub const FAILURES_BEFORE_DEGRADED: u32 = 3;
+
+/// What recent snapshots and durable writes say about Redis.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Snapshots that failed since the last good one.
+    pub snapshot_failures: u32,
+    /// Durable match writes that failed since the last good one.
+    pub write_failures: u32,
+    /// Why the last one failed.
+    pub last_error: Option<String>,
+    /// When the last good snapshot was taken (Unix ms, this node's clock).
+    pub last_snapshot_ms: Option<i64>,
+}
+
+impl Health {
+    /// Why the node should not be trusted with traffic now, if it should not.
+    pub fn degraded_reason(&self) -> Option<String> {
+        let why = self.last_error.as_deref().unwrap_or("unknown error");
+        if self.snapshot_failures >= FAILURES_BEFORE_DEGRADED {
+            return Some(format!(
+                "the last {} snapshots failed: {why}",
+                self.snapshot_failures
+            ));
+        }
+        if self.write_failures >= FAILURES_BEFORE_DEGRADED {
+            return Some(format!(
+                "the last {} durable writes failed: {why}",
+                self.write_failures
+            ));
+        }
+        None
+    }
 }
 
 /// How long an order's region record outlives its last write.
@@ -208,6 +276,7 @@ impl Persistence {
             needs_resync: AtomicBool::new(false),
             order_locks: (0..ORDER_LOCKS).map(|_| Mutex::new(())).collect(),
             fence: std::sync::OnceLock::new(),
+            health: parking_lot::Mutex::default(),
         }))
     }
 
@@ -243,6 +312,25 @@ impl Persistence {
         self.up.load(Ordering::Acquire)
     }
 
+    /// Recent snapshot and write outcomes.
+    pub fn health(&self) -> Health {
+        self.health.lock().clone()
+    }
+
+    /// Counts a durable write's outcome (a lost lease is not Redis's fault).
+    fn note_write<T>(&self, r: Result<T, WriteError>) -> Result<T, WriteError> {
+        let mut h = self.health.lock();
+        match &r {
+            Ok(_) => h.write_failures = 0,
+            Err(WriteError::NotOwner { .. }) => {}
+            Err(WriteError::Redis(e)) => {
+                h.write_failures += 1;
+                h.last_error = Some(describe(e));
+            }
+        }
+        r
+    }
+
     fn note<T>(&self, r: RedisResult<T>) -> RedisResult<T> {
         if let Err(e) = &r {
             if e.is_io_error()
@@ -276,6 +364,11 @@ impl Persistence {
     /// Redis errors, or a lease lost; the caller decides whether to undo
     /// or answer 503.
     pub async fn put_match(&self, rec: &DurableMatch) -> Result<(), WriteError> {
+        let r = self.put_match_unnoted(rec).await;
+        self.note_write(r)
+    }
+
+    async fn put_match_unnoted(&self, rec: &DurableMatch) -> Result<(), WriteError> {
         if let Some(fence) = self.fence.get() {
             return self.put_match_fenced(fence.as_ref(), rec).await;
         }
@@ -350,19 +443,21 @@ impl Persistence {
                 .ignore();
         }
         let mut conn = self.conn.clone();
-        Ok(self.note(pipe.query_async::<()>(&mut conn).await)?)
+        let r = self.note(pipe.query_async::<()>(&mut conn).await);
+        self.note_write(r.map_err(WriteError::Redis))
     }
 
     /// Deletes an order's durable record.
     ///
     /// # Errors
     /// Redis errors.
-    pub async fn del_match(&self, order: &OrderId) -> RedisResult<()> {
+    pub async fn del_match(&self, order: &OrderId) -> Result<(), WriteError> {
         let mut conn = self.conn.clone();
         let r = conn
             .hdel::<_, _, ()>(self.key("matches"), order.as_str())
             .await;
-        self.note(r)
+        let r = self.note(r).map_err(WriteError::Redis);
+        self.note_write(r)
     }
 
     /// Brings one order's record in line with the engine (best effort; a
@@ -370,7 +465,7 @@ impl Persistence {
     pub async fn sync_order(&self, engine: &Engine, order: &OrderId) {
         let r = match engine.durable_match(order) {
             Some(rec) => self.put_match(&rec).await,
-            None => self.del_match(order).await.map_err(WriteError::Redis),
+            None => self.del_match(order).await,
         };
         if r.is_err() {
             self.needs_resync.store(true, Ordering::Release);
@@ -404,65 +499,151 @@ impl Persistence {
     }
 
     /// Takes a snapshot and stores it under a new generation, then switches
-    /// the manifest. Returns the encoded size in bytes.
+    /// the manifest. Returns the encoded size in bytes. A failure leaves
+    /// no key of the new generation behind, and is counted in
+    /// [`Persistence::health`] (a good snapshot resets the count).
     ///
     /// # Errors
-    /// Redis errors; the previous snapshot stays current.
-    pub async fn write_snapshot(&self, engine: &Arc<Engine>) -> RedisResult<usize> {
-        let started = Instant::now();
+    /// The failed command and its key.
+    pub async fn write_snapshot(&self, engine: &Arc<Engine>) -> Result<usize, KeyError> {
+        let r = self.try_write_snapshot(engine).await;
+        let mut h = self.health.lock();
+        match &r {
+            Ok((_, taken_at_ms)) => {
+                h.snapshot_failures = 0;
+                h.last_snapshot_ms = Some(*taken_at_ms);
+            }
+            Err(e) => {
+                h.snapshot_failures += 1;
+                h.last_error = Some(e.to_string());
+                counter!("hexmatch_snapshot_failures_total").increment(1);
+            }
+        }
+        r.map(|(bytes, _)| bytes)
+    }
+
+    /// The next snapshot generation. A counter that holds something other
+    /// than a number (garbled by hand or by another program) is repaired:
+    /// set past every generation the manifests name.
+    async fn next_generation(&self) -> Result<u64, KeyError> {
+        let key = self.key("snap:gen");
+        let at = |error| KeyError {
+            key: key.clone(),
+            error,
+        };
         let mut conn = self.conn.clone();
-        let generation: u64 = self.note(conn.incr(self.key("snap:gen"), 1).await)?;
+        let error = match self.note(conn.incr(&key, 1).await) {
+            Ok(g) => return Ok(g),
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                return Err(at(e));
+            }
+            Err(e) => e,
+        };
+        // A refusal by Redis itself: only a plain string can be repaired.
+        let kind: String = self
+            .note(redis::cmd("TYPE").arg(&key).query_async(&mut conn).await)
+            .map_err(at)?;
+        if kind != "string" {
+            return Err(at(error));
+        }
+        let mut next = 1;
+        for manifest in [self.key("snap:manifest"), self.key("snap:manifest:prev")] {
+            let raw: Option<Vec<u8>> = conn.get(&manifest).await.unwrap_or(None);
+            if let Some(m) = raw.as_deref().and_then(|b| Manifest::decode(b).ok()) {
+                next = next.max(m.generation + 1);
+            }
+        }
+        self.note(conn.set::<_, _, ()>(&key, next).await)
+            .map_err(at)?;
+        tracing::warn!(key = %key, generation = next, error = %error, "the snapshot generation counter was not a number; repaired");
+        Ok(next)
+    }
+
+    async fn try_write_snapshot(&self, engine: &Arc<Engine>) -> Result<(usize, i64), KeyError> {
+        let started = Instant::now();
+        let generation = self.next_generation().await?;
         let e = Arc::clone(engine);
         let snap = tokio::task::spawn_blocking(move || e.snapshot(generation, CHUNK_DRIVERS))
             .await
-            .map_err(|e| {
-                redis::RedisError::from((
+            .map_err(|e| KeyError {
+                key: self.key("snap:manifest"),
+                error: redis::RedisError::from((
                     redis::ErrorKind::Client,
                     "snapshot task failed",
                     e.to_string(),
-                ))
+                )),
             })?;
-        let mut pipe = redis::pipe();
-        for (i, chunk) in snap.chunks.iter().enumerate() {
-            pipe.set(self.chunk_key(generation, i), chunk.as_slice())
-                .ignore();
+        let chunk_keys: Vec<String> = (0..snap.chunks.len())
+            .map(|i| self.chunk_key(generation, i))
+            .collect();
+        let written = self.write_generation(&snap, &chunk_keys).await;
+        if written.is_err() && !chunk_keys.is_empty() {
+            // Nothing refers to this generation: leave none of it behind.
+            let mut conn = self.conn.clone();
+            let _ = conn.unlink::<_, ()>(&chunk_keys).await;
         }
-        self.note(pipe.query_async::<()>(&mut conn).await)?;
-        let (current, previous): (Option<Vec<u8>>, Option<Vec<u8>>) = self.note(
-            redis::pipe()
-                .get(self.key("snap:manifest"))
-                .get(self.key("snap:manifest:prev"))
-                .query_async(&mut conn)
-                .await,
-        )?;
-        let manifest = snap.manifest.encode();
-        let mut switch = redis::pipe();
-        switch.atomic();
-        if let Some(cur) = &current {
-            switch
-                .set(self.key("snap:manifest:prev"), cur.as_slice())
-                .ignore();
-        }
-        switch
-            .set(self.key("snap:manifest"), manifest.as_slice())
-            .ignore();
-        self.note(switch.query_async::<()>(&mut conn).await)?;
+        let previous = written?;
         // The generation before the previous one is no longer referenced.
         if let Some(old) = previous.as_deref().and_then(|b| Manifest::decode(b).ok()) {
             let keys: Vec<String> = (0..old.chunks.len())
                 .map(|i| self.chunk_key(old.generation, i))
                 .collect();
             if !keys.is_empty() {
+                let mut conn = self.conn.clone();
                 let _ = self.note(conn.unlink::<_, ()>(keys).await);
             }
         }
-        let bytes = manifest.len() + snap.chunks.iter().map(Vec::len).sum::<usize>();
+        let manifest_len = snap.manifest.encode().len();
+        let bytes = manifest_len + snap.chunks.iter().map(Vec::len).sum::<usize>();
         histogram!("hexmatch_snapshot_duration_seconds").record(started.elapsed().as_secs_f64());
         gauge!("hexmatch_snapshot_bytes").set(bytes as f64);
         gauge!("hexmatch_snapshot_drivers").set(snap.manifest.drivers as f64);
         gauge!("hexmatch_snapshot_taken_at_seconds").set(snap.manifest.taken_at_ms as f64 / 1000.0);
         counter!("hexmatch_snapshots_total").increment(1);
-        Ok(bytes)
+        Ok((bytes, snap.manifest.taken_at_ms))
+    }
+
+    /// Writes a snapshot's chunks, then switches the manifest (the current
+    /// one becomes `prev`). Returns the manifest that was `prev` before.
+    async fn write_generation(
+        &self,
+        snap: &hexmatch::Snapshot,
+        chunk_keys: &[String],
+    ) -> Result<Option<Vec<u8>>, KeyError> {
+        let mut conn = self.conn.clone();
+        let (manifest_key, prev_key) = (self.key("snap:manifest"), self.key("snap:manifest:prev"));
+        if !chunk_keys.is_empty() {
+            let mut pipe = redis::pipe();
+            for (key, chunk) in chunk_keys.iter().zip(&snap.chunks) {
+                pipe.set(key, chunk.as_slice()).ignore();
+            }
+            self.note(pipe.query_async::<()>(&mut conn).await)
+                .map_err(|error| KeyError {
+                    key: chunk_keys[0].clone(),
+                    error,
+                })?;
+        }
+        let at = |key: &String| {
+            let key = key.clone();
+            move |error| KeyError { key, error }
+        };
+        // One command each, so that a refusal names its key.
+        let current: Option<Vec<u8>> = self
+            .note(conn.get(&manifest_key).await)
+            .map_err(at(&manifest_key))?;
+        let previous: Option<Vec<u8>> = self
+            .note(conn.get(&prev_key).await)
+            .map_err(at(&prev_key))?;
+        let manifest = snap.manifest.encode();
+        let mut switch = redis::pipe();
+        switch.atomic();
+        if let Some(cur) = &current {
+            switch.set(&prev_key, cur.as_slice()).ignore();
+        }
+        switch.set(&manifest_key, manifest.as_slice()).ignore();
+        self.note(switch.query_async::<()>(&mut conn).await)
+            .map_err(at(&manifest_key))?;
+        Ok(previous)
     }
 
     /// Reads and checks the snapshot under `manifest_key`.
@@ -471,7 +652,15 @@ impl Persistence {
         ns: &str,
         manifest_key: &str,
     ) -> Result<Option<(Manifest, Vec<Vec<u8>>)>, ReadError> {
-        let redis = |e: redis::RedisError| ReadError::Redis(e.to_string());
+        let redis = |error: redis::RedisError| {
+            ReadError::Redis(
+                KeyError {
+                    key: manifest_key.to_owned(),
+                    error,
+                }
+                .to_string(),
+            )
+        };
         let mut conn = self.conn.clone();
         let raw: Option<Vec<u8>> = self.note(conn.get(manifest_key).await).map_err(redis)?;
         let Some(raw) = raw else { return Ok(None) };
@@ -533,9 +722,10 @@ impl Persistence {
             }
         }
         let mut conn = self.conn.clone();
+        let key = self.key("matches");
         let raw: HashMap<String, Vec<u8>> = self
-            .note(conn.hgetall(self.key("matches")).await)
-            .map_err(|e| e.to_string())?;
+            .note(conn.hgetall(&key).await)
+            .map_err(|error| KeyError { key, error }.to_string())?;
         let mut records = Vec::with_capacity(raw.len());
         for (order, bytes) in raw {
             match DurableMatch::decode(&bytes) {

@@ -332,7 +332,7 @@ impl Service {
         if current.m.state.is_live() {
             let written = match durable_first(current) {
                 Some(next) => p.put_match(&next).await,
-                None => p.del_match(order).await.map_err(WriteError::Redis),
+                None => p.del_match(order).await,
             };
             written.map_err(|e| unavailable(&e))?;
         }

@@ -51,6 +51,7 @@ pub struct Service {
     /// Regions from `--regions` (a `GeoJSON` file), if configured.
     pub regions: Option<RegionMap>,
     ready: AtomicBool,
+    startup_problem: parking_lot::Mutex<Option<String>>,
     persist: OnceLock<Arc<Persistence>>,
     cluster: OnceLock<Arc<Cluster>>,
 }
@@ -63,6 +64,7 @@ impl Service {
             config,
             regions,
             ready: AtomicBool::new(false),
+            startup_problem: parking_lot::Mutex::new(None),
             persist: OnceLock::new(),
             cluster: OnceLock::new(),
         }
@@ -75,7 +77,13 @@ impl Service {
 
     /// Marks start-up done: requests are served from now on.
     pub fn set_ready(&self) {
+        *self.startup_problem.lock() = None;
         self.ready.store(true, Ordering::Release);
+    }
+
+    /// Records why start-up cannot finish yet (shown by `/readyz`).
+    pub fn set_startup_problem(&self, problem: String) {
+        *self.startup_problem.lock() = Some(problem);
     }
 
     /// Redis persistence, once connected and restored.

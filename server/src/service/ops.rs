@@ -8,7 +8,7 @@ use crate::wire::{
 };
 
 /// Whether the node should receive traffic, and why not.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Readiness {
     /// The answer.
     pub body: ReadyOut,
@@ -22,34 +22,50 @@ impl Readiness {
 }
 
 impl Service {
-    /// Readiness: start-up done and Redis (when configured) reachable.
+    /// Readiness: start-up done, Redis (when configured) reachable, and
+    /// snapshots and durable writes not failing again and again.
     pub fn readiness(&self) -> Readiness {
         let redis = match (&self.config.redis_url, self.persist()) {
             (None, _) => RedisStatus::Disabled,
             (Some(_), Some(p)) if p.is_up() => RedisStatus::Up,
             (Some(_), _) => RedisStatus::Down,
         };
+        let health = self.persist().map(|p| p.health());
         let (status, reason) = if !self.is_ready() {
+            let problem = self
+                .startup_problem
+                .lock()
+                .clone()
+                .unwrap_or_else(|| "connecting to Redis, restoring the snapshot".to_owned());
             (
                 ReadyStatus::NotReady,
-                Some(
-                    "start-up is not finished (connecting to Redis, restoring the snapshot)"
-                        .to_owned(),
-                ),
+                Some(format!("start-up is not finished: {problem}")),
             )
         } else if redis == RedisStatus::Down {
             (
                 ReadyStatus::Degraded,
                 Some("Redis is unreachable: serving from memory, match changes refused".to_owned()),
             )
+        } else if let Some(why) = health
+            .as_ref()
+            .and_then(crate::persist::Health::degraded_reason)
+        {
+            (ReadyStatus::Degraded, Some(why))
         } else {
             (ReadyStatus::Ready, None)
         };
+        let now_ms = self.engine.clock().now().as_millis();
         Readiness {
             body: ReadyOut {
                 status,
                 redis,
                 reason,
+                last_snapshot_age_s: health
+                    .as_ref()
+                    .and_then(|h| h.last_snapshot_ms)
+                    .map(|t| (now_ms - t).max(0) as f64 / 1000.0),
+                snapshot_failures: health.as_ref().map(|h| h.snapshot_failures),
+                write_failures: health.as_ref().map(|h| h.write_failures),
             },
         }
     }
