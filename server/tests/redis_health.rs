@@ -316,3 +316,29 @@ async fn drivers_loaded_at_start_are_snapshotted_before_ready() {
     assert_eq!(manifest.drivers, 2);
     server.shutdown().await;
 }
+
+/// A node with no drivers snapshots like any other (it used to fail every
+/// interval on an empty pipeline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_node_snapshots_without_errors() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("empty");
+    let server = hexmatch_server::start(config(&url, &prefix))
+        .await
+        .expect("starts");
+    let mut conn = RedisServer::conn(&url);
+    let body = readyz_until(&server, "three snapshots", |_, _| {
+        generations(&mut RedisServer::conn(&url), &prefix)
+            .1
+            .iter()
+            .any(|g| *g >= 3)
+    })
+    .await;
+    assert_eq!(body["snapshot_failures"], 0, "{body}");
+    let raw: Option<Vec<u8>> = conn
+        .get(format!("{prefix}:default:snap:manifest"))
+        .expect("get");
+    let manifest = hexmatch::Manifest::decode(&raw.expect("a manifest")).expect("valid");
+    assert_eq!(manifest.drivers, 0);
+    server.shutdown().await;
+}
