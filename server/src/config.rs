@@ -362,6 +362,62 @@ impl ServeConfig {
     }
 }
 
+/// A `HEXMATCH_*` environment variable that no setting reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownVar {
+    /// Its name.
+    pub name: String,
+    /// The known variable it most likely meant, if one is close.
+    pub closest: Option<String>,
+}
+
+/// Variables read outside the flags.
+const OTHER_VARS: &[&str] = &["HEXMATCH_LOG_JSON"];
+
+/// The `HEXMATCH_*` names among `names` that `hexmatch serve` does not
+/// read, each with the closest known name (a misspelt variable would
+/// otherwise be silently ignored).
+pub fn unknown_env_vars(names: impl IntoIterator<Item = String>) -> Vec<UnknownVar> {
+    use clap::Args as _;
+    let command = ServeArgs::augment_args(clap::Command::new("serve"));
+    let mut known: Vec<String> = command
+        .get_arguments()
+        .filter_map(|a| a.get_env()?.to_str().map(str::to_owned))
+        .collect();
+    known.extend(OTHER_VARS.iter().map(|v| (*v).to_owned()));
+    let mut out: Vec<UnknownVar> = names
+        .into_iter()
+        .filter(|n| n.starts_with("HEXMATCH_") && !known.contains(n))
+        .map(|name| {
+            let closest = known
+                .iter()
+                .map(|k| (edit_distance(&name, k), k))
+                .filter(|(d, _)| *d <= 3)
+                .min()
+                .map(|(_, k)| k.clone());
+            UnknownVar { name, closest }
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Levenshtein distance of two ASCII-ish names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 /// Why the settings could not be resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigError {
@@ -433,6 +489,33 @@ mod tests {
                 if *path == file && message.lines().any(|l| l.starts_with("unknown field `resoluton`"))),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn a_misspelt_variable_is_named_with_what_it_meant() {
+        let names = [
+            "HEXMATCH_BIND",
+            "HEXMATCH_BIDN",
+            "HEXMATCH_LOG_JSON",
+            "HEXMATCH_WHATEVER_ELSE_ENTIRELY",
+            "PATH",
+        ]
+        .map(str::to_owned);
+        let unknown = unknown_env_vars(names);
+        assert_eq!(
+            unknown,
+            vec![
+                UnknownVar {
+                    name: "HEXMATCH_BIDN".into(),
+                    closest: Some("HEXMATCH_BIND".into())
+                },
+                UnknownVar {
+                    name: "HEXMATCH_WHATEVER_ELSE_ENTIRELY".into(),
+                    closest: None
+                },
+            ]
+        );
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 
     fn cluster() -> ServeConfig {

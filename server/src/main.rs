@@ -30,6 +30,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the HTTP API.
+    #[command(
+        after_help = "Environment: every flag also reads HEXMATCH_<FLAG> (e.g. HEXMATCH_BIND); \
+RUST_LOG sets the log filter (default info, e.g. RUST_LOG=hexmatch_server=debug); \
+HEXMATCH_LOG_JSON=1 writes JSON log lines. An unknown HEXMATCH_* variable is named in a warning at start."
+    )]
     Serve(Box<hexmatch_server::ServeArgs>),
     /// Replay recorded data through the engine.
     #[command(subcommand)]
@@ -67,6 +72,10 @@ fn main() -> ExitCode {
 
 fn serve(args: hexmatch_server::ServeArgs) -> Result<(), CliError> {
     hexmatch_server::telemetry::init_logging();
+    for unknown in hexmatch_server::config::unknown_env_vars(std::env::vars().map(|(k, _)| k)) {
+        let meant = unknown.closest.as_deref().unwrap_or("-");
+        tracing::warn!(variable = %unknown.name, did_you_mean = %meant, "unknown HEXMATCH_ variable, ignored");
+    }
     let config = args.resolve().map_err(|e| CliError::Input(e.to_string()))?;
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();

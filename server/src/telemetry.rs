@@ -25,9 +25,160 @@ pub fn metrics_handle() -> PrometheusHandle {
             let handle = recorder.handle();
             // Fails only if another recorder was installed first; metrics then go there.
             let _ = metrics::set_global_recorder(recorder);
+            describe();
             handle
         })
         .clone()
+}
+
+/// Every metric's `# HELP` line (and unit), and the build's info.
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram, gauge};
+    let counters = [
+        (
+            "hexmatch_drivers_expired_total",
+            "Drivers removed after sending no update for the driver TTL.",
+        ),
+        (
+            "hexmatch_forwarded_total",
+            "Requests forwarded to the node that owns their region.",
+        ),
+        (
+            "hexmatch_handoff_failures_total",
+            "Driver updates refused because a node that may hold the driver did not hand it over.",
+        ),
+        (
+            "hexmatch_http_requests_total",
+            "HTTP requests, by route, method and status.",
+        ),
+        (
+            "hexmatch_http_shed_total",
+            "/v1 requests refused at once because too many were in flight.",
+        ),
+        (
+            "hexmatch_location_updates_total",
+            "Location updates, by result (applied, stale, rejected).",
+        ),
+        ("hexmatch_match_confirms_total", "Reservations confirmed."),
+        (
+            "hexmatch_match_ends_total",
+            "Matches ended, by state (released, expired, completed).",
+        ),
+        (
+            "hexmatch_matches_total",
+            "Claims, by result (created, repeated, an error code, batch).",
+        ),
+        ("hexmatch_redis_errors_total", "Redis commands that failed."),
+        (
+            "hexmatch_region_takeovers_total",
+            "Regions this node took over.",
+        ),
+        (
+            "hexmatch_restore_warnings_total",
+            "Problems met while restoring (skipped, never half-loaded).",
+        ),
+        ("hexmatch_snapshot_failures_total", "Snapshots that failed."),
+        ("hexmatch_snapshots_total", "Snapshots written."),
+        (
+            "hexmatch_stream_entries_total",
+            "Entries read from the Redis location stream.",
+        ),
+    ];
+    for (name, help) in counters {
+        describe_counter!(name, help);
+    }
+    let gauges = [
+        ("hexmatch_cells", "Partition cells that have held drivers."),
+        ("hexmatch_drivers", "Drivers, by status."),
+        (
+            "hexmatch_matches_live",
+            "Matches holding a driver (reserved or confirmed).",
+        ),
+        (
+            "hexmatch_redis_up",
+            "1 while the last Redis health check answered, else 0.",
+        ),
+        (
+            "hexmatch_snapshot_bytes",
+            "Size of the last snapshot written.",
+        ),
+        (
+            "hexmatch_snapshot_drivers",
+            "Drivers in the last snapshot written.",
+        ),
+        (
+            "hexmatch_build_info",
+            "Always 1; the labels name the build.",
+        ),
+    ];
+    for (name, help) in gauges {
+        describe_gauge!(name, help);
+    }
+    describe_gauge!(
+        "hexmatch_snapshot_taken_at_seconds",
+        Unit::Seconds,
+        "When the last snapshot written was taken (Unix time)."
+    );
+    describe_histogram!(
+        "hexmatch_http_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP request latency, by route and method."
+    );
+    describe_histogram!(
+        "hexmatch_snapshot_duration_seconds",
+        Unit::Seconds,
+        "Time to take and store a snapshot."
+    );
+    gauge!("hexmatch_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    process::describe();
+}
+
+/// The process's own metrics, read from `/proc/self` when `/metrics` renders.
+pub mod process {
+    use metrics::{Unit, describe_gauge, gauge};
+
+    pub(super) fn describe() {
+        describe_gauge!(
+            "hexmatch_process_resident_memory_bytes",
+            Unit::Bytes,
+            "Resident memory of the process."
+        );
+        describe_gauge!(
+            "hexmatch_process_open_fds",
+            "File descriptors the process has open (connections included)."
+        );
+        describe_gauge!(
+            "hexmatch_process_cpu_seconds",
+            Unit::Seconds,
+            "CPU time the process has used, user and system."
+        );
+    }
+
+    /// Sets the process gauges (Linux; elsewhere they stay unset).
+    pub fn refresh() {
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status")
+            && let Some(kb) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        {
+            gauge!("hexmatch_process_resident_memory_bytes").set(kb * 1024.0);
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            gauge!("hexmatch_process_open_fds").set(fds.count() as f64);
+        }
+        // utime and stime, fields 14 and 15, in clock ticks (100 a second
+        // on Linux); the command name before them may hold spaces.
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+            && let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r)
+        {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+            if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
+                gauge!("hexmatch_process_cpu_seconds").set((user + system) / 100.0);
+            }
+        }
+    }
 }
 
 /// Installs a `tracing` subscriber: `RUST_LOG` filter (default `info`),

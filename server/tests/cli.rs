@@ -85,3 +85,37 @@ fn usage_and_file_errors_exit_2() {
             .success()
     );
 }
+
+#[test]
+fn serve_help_names_the_environment_and_a_misspelt_variable_is_named() {
+    let out = hexmatch(&["serve", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "RUST_LOG",
+        "HEXMATCH_LOG_JSON",
+        "HEXMATCH_BIND",
+        "--cluster-secret-file",
+        "--max-clock-skew-ms",
+    ] {
+        assert!(
+            help.contains(word),
+            "`serve --help` does not mention {word}:\n{help}"
+        );
+    }
+    // A cluster without Redis fails its config check (exit 2), after the
+    // warning about the misspelt variable.
+    let out = Command::new(env!("CARGO_BIN_EXE_hexmatch"))
+        .args(["serve", "--cluster", "true"])
+        .env("HEXMATCH_BIDN", "127.0.0.1:1")
+        .output()
+        .expect("the binary runs");
+    assert_eq!(out.status.code(), Some(2));
+    let log = String::from_utf8_lossy(&out.stderr);
+    let warning = log
+        .lines()
+        .find(|l| l.contains("HEXMATCH_BIDN"))
+        .unwrap_or_else(|| panic!("no warning naming HEXMATCH_BIDN:\n{log}"));
+    assert!(warning.contains("HEXMATCH_BIND"), "{warning}");
+    assert!(log.contains("--cluster needs"), "{log}");
+}

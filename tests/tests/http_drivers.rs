@@ -651,6 +651,39 @@ async fn batch_accepts_ndjson() {
     srv.shutdown().await;
 }
 
+/// A line of an NDJSON body that is not UTF-8 rejects that line only (it
+/// used to reject the whole body), and its message does not repeat its code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_utf8_ndjson_line_rejects_only_itself() {
+    let srv = manual().await;
+    let mut body = Vec::new();
+    body.extend_from_slice(br#"{"driver_id": "u1", "lat": 41.8, "lon": -87.6}"#);
+    body.extend_from_slice(b"\r\n{\"driver_id\": \"u\xff\xfe\", \"lat\": 41.8, \"lon\": -87.6}\n");
+    body.extend_from_slice(br#"{"driver_id": "u3", "lat": 41.81, "lon": -87.61}"#);
+    let v = srv
+        .raw(
+            Method::POST,
+            "/v1/locations",
+            Some("application/x-ndjson"),
+            body,
+        )
+        .await
+        .expect(200);
+    assert_eq!(v["applied"], json!(2), "{v}");
+    assert_eq!(v["rejected"][0]["index"], json!(1), "{v}");
+    assert_eq!(
+        v["rejected"][0]["error"]["code"],
+        json!("invalid_json"),
+        "{v}"
+    );
+    let message = str_of(&v["rejected"][0]["error"], "message");
+    assert!(!message.starts_with("invalid_json"), "{v}");
+    for id in ["u1", "u3"] {
+        srv.driver(id).await;
+    }
+    srv.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_request_errors_reject_the_whole_request() {
     let srv = TestServer::start_manual(ServeConfig {

@@ -110,5 +110,32 @@ async fn metrics_expose_the_documented_series() {
             || body.contains("hexmatch_http_request_duration_seconds{"),
         "latency is neither a histogram nor a summary:\n{body}"
     );
+    // Every series has its help text, and the build and the process are there.
+    for name in [
+        "hexmatch_drivers",
+        "hexmatch_http_requests_total",
+        "hexmatch_location_updates_total",
+        "hexmatch_http_request_duration_seconds",
+        "hexmatch_process_resident_memory_bytes",
+        "hexmatch_build_info",
+    ] {
+        assert!(
+            body.lines()
+                .any(|l| l.starts_with(&format!("# HELP {name} "))),
+            "no help for {name}:\n{body}"
+        );
+    }
+    let rss = metric_sum(body, "hexmatch_process_resident_memory_bytes", &[]);
+    assert!(rss.is_some_and(|b| b > 1e6), "{rss:?}");
+    let fds = metric_sum(body, "hexmatch_process_open_fds", &[]);
+    assert!(fds.is_some_and(|n| n >= 3.0), "{fds:?}");
+    assert_eq!(
+        metric_sum(
+            body,
+            "hexmatch_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
     srv.shutdown().await;
 }

@@ -115,11 +115,16 @@ pub(super) async fn post_locations(
     };
     let bytes = body_bytes(req, &()).await?;
     let items: Vec<ApiResult<LocationItem>> = if ndjson {
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|_| ApiError::invalid_json("NDJSON body is not UTF-8"))?;
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(decode_item)
+        // Line by line: a line that is not UTF-8 rejects only itself.
+        bytes
+            .split(|b| *b == b'\n')
+            .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+            .filter(|line| !line.trim_ascii().is_empty())
+            .map(|line| {
+                std::str::from_utf8(line)
+                    .map_err(|_| ApiError::invalid_json("this line is not UTF-8"))
+                    .and_then(decode_item)
+            })
             .collect()
     } else {
         // Each item on its own, so one bad item rejects only itself.

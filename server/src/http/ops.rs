@@ -35,6 +35,7 @@ pub(super) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<R
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text", body = String)))]
 pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     state.svc.refresh_gauges();
+    crate::telemetry::process::refresh();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
