@@ -170,13 +170,27 @@ pub async fn start_with_clock(
         ))),
     }
     let (stop, stopped) = oneshot::channel::<()>();
-    let app = http::app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
+    let app = http::app(Arc::clone(&state));
+    let limits = http::listen::ConnLimits {
+        header_read_timeout: Duration::from_millis(config.header_read_timeout_ms.max(1)),
+        max_connections: match config.max_connections {
+            0 => http::listen::default_max_connections(
+                http::listen::open_files_limit().unwrap_or(1024),
+            ),
+            n => n,
+        },
+    };
+    tracing::info!(
+        max_connections = limits.max_connections,
+        header_read_timeout_ms = config.header_read_timeout_ms,
+        "connection limits"
+    );
     let serving = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
+        http::listen::serve(listener, app, limits, async {
+            let _ = stopped.await;
+        })
+        .await;
+        Ok(())
     });
     if let Some(url) = &config.redis_url {
         tracing::info!(%addr, redis = %url, "hexmatch serving; restoring from redis");

@@ -70,6 +70,11 @@ pub struct ServeConfig {
     /// At most this many ended matches are kept; past it the oldest are
     /// forgotten before their retention ends.
     pub max_ended_matches: usize,
+    /// Time a client has to send a request's head, in ms; an idle
+    /// keep-alive connection is closed after the same time.
+    pub header_read_timeout_ms: u64,
+    /// Connections open at once; 0 = the process's file limit less 128.
+    pub max_connections: usize,
     /// How far ahead of this server's clock a fix's `ts` may be; a later
     /// one is refused with `invalid_timestamp`.
     pub max_clock_skew_ms: u64,
@@ -138,6 +143,8 @@ impl Default for ServeConfig {
             match_retention_s: 3_600,
             max_ended_matches: 1_000_000,
             max_clock_skew_ms: 300_000,
+            header_read_timeout_ms: 10_000,
+            max_connections: 0,
             cluster_secret: None,
             insecure_cluster: false,
         }
@@ -229,6 +236,14 @@ pub struct ServeArgs {
     /// Most ended matches kept readable [default: 1000000].
     #[arg(long, env = "HEXMATCH_MAX_ENDED_MATCHES")]
     pub max_ended_matches: Option<usize>,
+    /// Time a client has to send a request's head, in ms; an idle
+    /// keep-alive connection is closed after the same time [default: 10000].
+    #[arg(long, env = "HEXMATCH_HEADER_READ_TIMEOUT_MS")]
+    pub header_read_timeout_ms: Option<u64>,
+    /// Connections open at once [default: 0 = the process's file limit
+    /// less 128].
+    #[arg(long, env = "HEXMATCH_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// How far ahead of the server's clock a location's `ts` may be, in ms;
     /// a later one is refused with `invalid_timestamp` [default: 300000].
     #[arg(long, env = "HEXMATCH_MAX_CLOCK_SKEW_MS")]
@@ -285,6 +300,7 @@ impl ServeArgs {
         );
         take!(redis_prefix, snapshot_interval_ms, ingest_stream);
         take!(cluster, own_regions, lease_ttl_ms);
+        take!(header_read_timeout_ms, max_connections);
         take!(
             workers,
             match_retention_s,

@@ -20,6 +20,7 @@ mod extract;
 mod forward;
 mod gate;
 mod internal;
+pub mod listen;
 mod matches;
 mod ops;
 mod stream;

@@ -191,11 +191,30 @@ impl Node {
 
     /// [`Node::spawn`] with extra environment variables.
     pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
-        use std::io::{BufRead, BufReader};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hexmatch"))
-            .args(["serve", "--bind", "127.0.0.1:0"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hexmatch"));
+        cmd.args(["serve", "--bind", "127.0.0.1:0"])
             .args(args)
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        Self::spawn_command(cmd)
+    }
+
+    /// [`Node::spawn`] with the process's open-file limit set to `fds`
+    /// (through the shell's `ulimit -n`).
+    pub fn spawn_with_fd_limit(fds: usize, args: &[&str]) -> Self {
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c")
+            .arg(format!("ulimit -n {fds} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_hexmatch"))
+            .args(["serve", "--bind", "127.0.0.1:0"])
+            .args(args);
+        Self::spawn_command(cmd)
+    }
+
+    /// Starts `cmd` (a `hexmatch serve`), waits for its address in the log
+    /// and for `/readyz`.
+    pub fn spawn_command(mut cmd: Command) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
