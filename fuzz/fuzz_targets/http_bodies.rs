@@ -1,5 +1,6 @@
-//! Untrusted HTTP bodies through the real router: every response is a
-//! status with a body, never a panic, and the server keeps answering.
+//! Untrusted HTTP bodies through the real router, the node-only routes
+//! included (with the cluster secret): every response is a status with a
+//! body, never a panic, and the server keeps answering.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -7,19 +8,26 @@ use std::sync::{Arc, OnceLock};
 use axum::body::Body;
 use axum::http::Request;
 use hexmatch::{Engine, EngineConfig};
-use hexmatch_server::api::{Shared, app};
+use hexmatch_server::config::Secret;
+use hexmatch_server::http::{HttpState, app};
+use hexmatch_server::service::Service;
 use hexmatch_server::telemetry::metrics_handle;
 use libfuzzer_sys::fuzz_target;
 use tower::ServiceExt;
 
-const ROUTES: [(&str, &str); 6] = [
+const ROUTES: [(&str, &str); 9] = [
     ("PUT", "/v1/drivers/d1"),
     ("POST", "/v1/drivers/d1/location"),
     ("POST", "/v1/locations"),
     ("POST", "/v1/matches"),
     ("POST", "/v1/matches/batch"),
     ("POST", "/v1/matches/o1/release"),
+    ("POST", "/internal/v1/reserve"),
+    ("POST", "/internal/v1/handoff"),
+    ("POST", "/internal/v1/locations"),
 ];
+
+const SECRET: &str = "fuzzing-cluster-secret-0123";
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -31,13 +39,20 @@ fuzz_target!(|data: &[u8]| {
     let (method, path) = ROUTES[usize::from(selector) % ROUTES.len()];
     let content_type = if selector & 0x80 == 0 { "application/json" } else { "application/x-ndjson" };
     let engine = Arc::new(Engine::new(EngineConfig::default()).expect("config"));
-    let state = Arc::new(Shared::new(engine, hexmatch_server::ServeConfig::default(), metrics_handle()));
-    state.ready.store(true, std::sync::atomic::Ordering::Release);
-    let router = app(state);
+    // Cluster mode only for the peer routes' gate; no Redis, no peers.
+    let config = hexmatch_server::ServeConfig {
+        cluster: true,
+        cluster_secret: Some(Secret::new(SECRET)),
+        ..hexmatch_server::ServeConfig::default()
+    };
+    let svc = Arc::new(Service::new(engine, config, None));
+    svc.set_ready();
+    let router = app(Arc::new(HttpState::new(svc, metrics_handle())));
     let req = Request::builder()
         .method(method)
         .uri(path)
         .header("content-type", content_type)
+        .header("x-hexmatch-cluster-auth", SECRET)
         .body(Body::from(body.to_vec()))
         .expect("request");
     let resp = runtime().block_on(router.oneshot(req)).expect("infallible");
