@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Server instructions per HTTP request, counted by callgrind: the real
 # `hexmatch serve` under valgrind, N keep-alive requests from curl on one
-# connection, and only the connection handling counted
-# (`--toggle-collect='*handle_connection*'`, counters zeroed once the
-# server is ready). Stable from run to run, so an A/B of two builds shows
+# connection; the counters are zeroed once the server is ready and dumped
+# after the last response, so they hold the whole process's work for those
+# requests (the background loops' few wake-ups included; with driver TTL
+# off the sweep scans nothing). TOGGLE='*fn*' counts only inside matching
+# functions instead. Stable from run to run, so an A/B of two builds shows
 # a change of a few percent.
 #
 #   bash benches/scripts/callgrind_http.sh
@@ -19,6 +21,7 @@ cd "$(dirname "$0")/../.."
 DRIVERS="${DRIVERS:-100000}"
 REQUESTS="${REQUESTS:-2000}"
 K="${K:-10}"
+TOGGLE="${TOGGLE:-}"
 OUT=target/callgrind-http
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install -y valgrind)" >&2; exit 1; }
 BIN="${HEXMATCH_BIN:-target/release/hexmatch}"
@@ -50,7 +53,9 @@ if [ -n "${TOKEN:-}" ]; then
 fi
 
 rm -f "$OUT"/callgrind.out.*
-valgrind --tool=callgrind --toggle-collect='*handle_connection*' \
+toggle=()
+[ -n "$TOGGLE" ] && toggle=(--toggle-collect="$TOGGLE")
+valgrind --tool=callgrind "${toggle[@]}" \
     --callgrind-out-file="$OUT/callgrind.out.%p" \
     "$BIN" serve --bind "127.0.0.1:$port" --load-drivers "$csv" --driver-ttl-s 0 \
     --workers 1 "${token_args[@]}" >"$OUT/server.log" 2>&1 &
