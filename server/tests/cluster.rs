@@ -1117,3 +1117,75 @@ fn a_failed_handoff_refuses_the_update_and_leaves_one_copy() {
     assert_eq!(status, 200, "{d}");
     assert_eq!(d["lat"].as_f64(), Some(new.lat()), "{d}");
 }
+
+/// One order id claimed at the same moment with two pickups in regions
+/// of different nodes makes one match, never two: the order's record is
+/// taken atomically before a node acknowledges it, and the twin gets
+/// `order_conflict` (or the same match).
+#[test]
+fn twin_claims_of_one_order_on_two_nodes_make_one_match() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("twins");
+    let regions = region_ids();
+    let own = spread(&regions, 2);
+    let a = start(&url, &prefix, "a", &own[&0]);
+    let b = start(&url, &prefix, "b", &own[&1]);
+    let http = &http();
+    wait_settled(http, &[&a, &b], &own);
+    let fleet = load(http, &[&a, &b], 2000);
+    let map = region_map();
+    let in_a = position_in(&map, &own[&0], None, 0.0);
+    let in_b = position_in(&map, &own[&1], Some(in_a), 5000.0);
+    let mut doubled = Vec::new();
+    for i in 0..40 {
+        let order = format!("twin-{i}");
+        let answers: Vec<(u16, Value, String)> = std::thread::scope(|s| {
+            let calls: Vec<_> = [(in_a, &a), (in_b, &b)]
+                .into_iter()
+                .map(|(p, node)| {
+                    let order = order.clone();
+                    s.spawn(move || {
+                        post(
+                            http,
+                            &format!("{}/v1/matches", node.base),
+                            &json!({"order_id": order, "pickup": {"lat": p.lat(), "lon": p.lon()}, "radius_m": 3000, "hold_ms": 600_000}),
+                        )
+                    })
+                })
+                .collect();
+            calls
+                .into_iter()
+                .map(|c| c.join().expect("thread"))
+                .collect()
+        });
+        let drivers: HashSet<String> = answers
+            .iter()
+            .filter(|(status, _, _)| *status == 201 || *status == 200)
+            .map(|(_, m, _)| m["driver_id"].as_str().expect("driver").to_owned())
+            .collect();
+        for (status, body, _) in &answers {
+            assert!([200, 201, 409].contains(status), "{order}: {status} {body}");
+        }
+        if drivers.len() > 1 {
+            doubled.push((order, drivers));
+        }
+    }
+    assert!(doubled.is_empty(), "orders with two drivers: {doubled:?}");
+    // Redis holds at most one live record per order, over both nodes.
+    let client = redis::Client::open(url.as_str()).expect("url");
+    let mut conn = client.get_connection().expect("redis");
+    let mut orders = HashSet::new();
+    for node in ["a", "b"] {
+        let recs: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
+            .arg(format!("{prefix}:{node}:matches"))
+            .query(&mut conn)
+            .expect("hgetall");
+        for order in recs.keys() {
+            assert!(
+                orders.insert(order.clone()),
+                "{order} recorded on both nodes"
+            );
+        }
+    }
+    let _ = fleet;
+}
