@@ -1167,7 +1167,21 @@ fn twin_claims_of_one_order_on_two_nodes_make_one_match() {
             assert!([200, 201, 409].contains(status), "{order}: {status} {body}");
         }
         if drivers.len() > 1 {
-            doubled.push((order, drivers));
+            doubled.push((order.clone(), drivers.clone()));
+        }
+        // Either node now answers with the one match (the twin that lost
+        // routes to the holder).
+        if let Some(driver) = drivers.iter().next() {
+            for node in [&a, &b] {
+                let (status, m, _) = get(http, &format!("{}/v1/matches/{order}", node.base));
+                assert_eq!(
+                    (status, m["driver_id"].as_str()),
+                    (200, Some(driver.as_str())),
+                    "{order} via {}: {m}",
+                    node.base
+                );
+                assert_eq!(m["state"], "reserved", "{m}");
+            }
         }
     }
     assert!(doubled.is_empty(), "orders with two drivers: {doubled:?}");

@@ -124,13 +124,19 @@ async fn buffered(
 }
 
 /// The region of an order held by another node, from Redis; `None` when
-/// this node holds it or nobody does (then the handler answers).
+/// this node holds its live match or nobody holds one (then the handler
+/// answers). An ended match here does not stop the search: it may be a
+/// twin claim that lost the order to another node.
 async fn order_region(state: &AppState, cluster: &Cluster, order: &str) -> Option<String> {
     let id = OrderId::new(order).ok()?;
-    if state.svc.engine.get_match(&id).is_some() {
+    let here = state.svc.engine.get_match(&id);
+    if here.as_ref().is_some_and(|m| m.state.is_live()) {
         return None;
     }
-    cluster.order_region(order).await
+    match cluster.order_region(order).await {
+        None if here.is_some() => None,
+        other => other,
+    }
 }
 
 /// Serves `req` here if this node owns `region`, else forwards it.

@@ -133,18 +133,22 @@ impl Health {
 /// How long an order's region record outlives its last write.
 const ORDER_KEY_TTL_MS: u64 = 24 * 3600 * 1000;
 
-/// Writes (or deletes) a match record only while the lease is ours.
-/// KEYS: lease, matches hash, order key. ARGV: token, order, record (empty
-/// = delete), region, order key TTL. Returns 1 when written, 0 when the
-/// lease is not (or no longer) the token's.
+/// Writes (or deletes) a match record only while the lease is ours, and
+/// takes the order's cluster-wide record: a live record is written only if
+/// no other region holds the order. KEYS: lease, matches hash, order key.
+/// ARGV: token, order, record (empty = delete), region, order key TTL.
+/// Returns 1 when written, 0 when the lease is not (or no longer) the
+/// token's, and the holding region when another region holds the order.
 const FENCED_PUT: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '' then
   redis.call('HDEL', KEYS[2], ARGV[2])
-else
-  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+  return 1
 end
+local holder = redis.call('GET', KEYS[3])
+if holder and holder ~= ARGV[4] then return holder end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
 return 1
 ";
 
@@ -181,6 +185,13 @@ pub enum WriteError {
         /// The region.
         region: String,
     },
+    /// Another region's node holds a match for the order.
+    OrderTaken {
+        /// The order.
+        order: String,
+        /// The region holding it.
+        region: String,
+    },
     /// Redis refused or did not answer.
     Redis(redis::RedisError),
 }
@@ -190,6 +201,9 @@ impl std::fmt::Display for WriteError {
         match self {
             Self::NotOwner { region } => {
                 write!(f, "this node does not hold the lease of region {region}")
+            }
+            Self::OrderTaken { order, region } => {
+                write!(f, "order {order} is held in region {region}")
             }
             Self::Redis(e) => write!(f, "{e}"),
         }
@@ -322,7 +336,7 @@ impl Persistence {
         let mut h = self.health.lock();
         match &r {
             Ok(_) => h.write_failures = 0,
-            Err(WriteError::NotOwner { .. }) => {}
+            Err(WriteError::NotOwner { .. } | WriteError::OrderTaken { .. }) => {}
             Err(WriteError::Redis(e)) => {
                 h.write_failures += 1;
                 h.last_error = Some(describe(e));
@@ -400,7 +414,7 @@ impl Persistence {
             Vec::new()
         };
         let mut conn = self.conn.clone();
-        let done: i64 = self.note(
+        let done: redis::Value = self.note(
             redis::Script::new(FENCED_PUT)
                 .key(&lease.key)
                 .key(self.key("matches"))
@@ -413,12 +427,15 @@ impl Persistence {
                 .invoke_async(&mut conn)
                 .await,
         )?;
-        if done == 1 {
-            Ok(())
-        } else {
-            Err(WriteError::NotOwner {
+        match done {
+            redis::Value::Int(1) => Ok(()),
+            redis::Value::BulkString(holder) => Err(WriteError::OrderTaken {
+                order: rec.m.order_id.to_string(),
+                region: String::from_utf8_lossy(&holder).into_owned(),
+            }),
+            _ => Err(WriteError::NotOwner {
                 region: lease.region,
-            })
+            }),
         }
     }
 

@@ -57,6 +57,10 @@ fn unavailable(e: &WriteError) -> ApiError {
             ErrorCode::NotOwner,
             format!("this node no longer holds the lease of region {region}"),
         ),
+        WriteError::OrderTaken { order, region } => ApiError::new(
+            ErrorCode::OrderConflict,
+            format!("order {order} already has a match, held in region {region}"),
+        ),
         WriteError::Redis(e) => ApiError::unavailable(format!(
             "the change could not be made durable in Redis: {e}"
         )),
@@ -236,7 +240,10 @@ impl Service {
         let peer = cluster.peer();
         // Idempotent by order id across nodes: an order held elsewhere is
         // answered by its holder.
-        if self.engine.get_match(&order.order_id).is_none()
+        if self
+            .engine
+            .get_match(&order.order_id)
+            .is_none_or(|m| !m.state.is_live())
             && let Some(region) = cluster.order_region(order.order_id.as_str()).await
             && let Owner::Remote { url, node } = cluster.owner(&region)
         {
