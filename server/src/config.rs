@@ -24,6 +24,9 @@ pub struct ServeConfig {
     pub body_limit_bytes: usize,
     /// Bearer tokens accepted on `/v1`; empty = no auth.
     pub api_tokens: Vec<String>,
+    /// Named client tokens with scopes (`[[tokens]]` in a config or
+    /// tokens file).
+    pub tokens: Vec<ClientToken>,
     /// Requests per second per client (token, else IP); 0 = no limit.
     pub rate_limit_per_s: u32,
     /// Burst allowed above the rate.
@@ -87,6 +90,60 @@ pub struct ServeConfig {
     pub insecure_cluster: bool,
 }
 
+/// What a client token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenScope {
+    /// Reads: nearest, drivers, matches, regions, the cluster.
+    Read,
+    /// Driver positions and statuses: PUT a driver, locations, the stream.
+    Locations,
+    /// Claims, confirm, release, complete, batches.
+    Matches,
+    /// Everything, removing drivers included.
+    Admin,
+}
+
+impl TokenScope {
+    /// Its name in files and messages.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Locations => "locations",
+            Self::Matches => "matches",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+/// A client token with a name (for logs and rate limits) and scopes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientToken {
+    /// Who holds it.
+    pub name: String,
+    /// The bearer token itself.
+    pub token: Secret,
+    /// What it may do.
+    pub scopes: Vec<TokenScope>,
+}
+
+impl ClientToken {
+    /// Whether it may do what `scope` covers.
+    pub fn allows(&self, scope: TokenScope) -> bool {
+        self.scopes
+            .iter()
+            .any(|s| *s == scope || *s == TokenScope::Admin)
+    }
+}
+
+/// The body of a `--tokens-file`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    tokens: Vec<ClientToken>,
+}
+
 /// A secret setting: compared, sent, never printed.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
@@ -123,6 +180,7 @@ impl Default for ServeConfig {
             max_radius_m: 500_000.0,
             body_limit_bytes: 8 * 1024 * 1024,
             api_tokens: Vec::new(),
+            tokens: Vec::new(),
             rate_limit_per_s: 0,
             rate_limit_burst: 100,
             max_in_flight: 1024,
@@ -254,6 +312,11 @@ pub struct ServeArgs {
     /// other users of the machine can read.
     #[arg(long, env = "HEXMATCH_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
+    /// A TOML file of named client tokens with scopes: `[[tokens]]` tables
+    /// of `name`, `token` and `scopes` (`read`, `locations`, `matches`,
+    /// `admin`).
+    #[arg(long, env = "HEXMATCH_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
     /// A file holding the cluster secret (surrounding whitespace ignored).
     #[arg(
         long,
@@ -319,6 +382,15 @@ impl ServeArgs {
         if self.regions.is_some() {
             c.regions = self.regions;
         }
+        if let Some(path) = &self.tokens_file {
+            let file = |message: String| ConfigError::File {
+                path: path.clone(),
+                message,
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
+            let parsed: TokensFile = toml::from_str(&text).map_err(|e| file(e.to_string()))?;
+            c.tokens.extend(parsed.tokens);
+        }
         if let Some(s) = self.cluster_secret {
             c.cluster_secret = Some(Secret(s));
         }
@@ -338,6 +410,21 @@ impl ServeArgs {
 }
 
 impl ServeConfig {
+    /// Every client token: each of `api_tokens` (named `token-1`, … with
+    /// every scope), then the named ones.
+    pub fn client_tokens(&self) -> Vec<ClientToken> {
+        self.api_tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ClientToken {
+                name: format!("token-{}", i + 1),
+                token: Secret(t.clone()),
+                scopes: vec![TokenScope::Admin],
+            })
+            .chain(self.tokens.iter().cloned())
+            .collect()
+    }
+
     /// Checks that the settings go together.
     ///
     /// # Errors
@@ -351,6 +438,18 @@ impl ServeConfig {
                 "lease_ttl_ms {} is too short; at least 300",
                 self.lease_ttl_ms
             ));
+        }
+        let tokens = self.client_tokens();
+        for (i, t) in tokens.iter().enumerate() {
+            if t.token.0.is_empty() || t.name.is_empty() {
+                return Err(format!("client token {} has an empty name or token", i + 1));
+            }
+            if tokens[..i].iter().any(|u| u.name == t.name) {
+                return Err(format!("two client tokens are named {:?}", t.name));
+            }
+            if tokens[..i].iter().any(|u| u.token == t.token) {
+                return Err(format!("client token {:?} repeats another's token", t.name));
+            }
         }
         match &self.cluster_secret {
             None if self.cluster && !self.insecure_cluster => {
@@ -369,7 +468,7 @@ impl ServeConfig {
                         .to_owned(),
                 );
             }
-            Some(s) if self.api_tokens.contains(&s.0) => {
+            Some(s) if self.client_tokens().iter().any(|t| t.token == *s) => {
                 return Err("the cluster secret is also a client token; it must not be".to_owned());
             }
             _ => {}

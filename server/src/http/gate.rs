@@ -7,13 +7,16 @@
 //!    request is a client's: when tokens are configured it needs one of
 //!    them as `Authorization: Bearer`. Peer headers a client copies
 //!    ([`FORWARDED`]) are dropped, so they change nothing.
-//! 2. **Rate limit**, per client: keyed on the verified token when tokens
+//! 2. **Scope**: a named token (`--tokens-file`) opens only the routes of
+//!    its scopes (`read`, `locations`, `matches`, `admin`); 403
+//!    `forbidden` otherwise. Its name goes into the request's log span.
+//! 3. **Rate limit**, per client: keyed on the verified token when tokens
 //!    are configured, else on the peer address; an unverified header
 //!    never creates a bucket. Nodes are not limited: the node a client
 //!    reached has already counted the request.
-//! 3. **Readiness**: 503 `not_ready` until start-up (the snapshot
+//! 4. **Readiness**: 503 `not_ready` until start-up (the snapshot
 //!    restore) is done, so no update races it.
-//! 4. **Cluster routing** ([`super::forward`]).
+//! 5. **Cluster routing** ([`super::forward`]).
 //!
 //! The node-only routes under `/internal/v1` pass [`peer_gate`] instead,
 //! which admits the cluster secret only: a client token, however valid,
@@ -24,7 +27,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
@@ -32,7 +35,7 @@ use governor::{Quota, RateLimiter};
 
 use super::AppState;
 use crate::cluster::peer::{FORWARDED, PEER_AUTH, PEER_NODE};
-use crate::config::ServeConfig;
+use crate::config::{ClientToken, ServeConfig, TokenScope};
 use crate::error::{ApiError, ErrorCode};
 
 /// The rate-limit key of a client, as the gate verified it.
@@ -99,8 +102,8 @@ fn node_credential(config: &ServeConfig, headers: &HeaderMap) -> Option<bool> {
     }
 }
 
-fn client_key(config: &ServeConfig, req: &Request) -> Result<ClientKey, ApiError> {
-    if config.api_tokens.is_empty() {
+fn client_key(tokens: &[ClientToken], req: &Request) -> Result<ClientKey, ApiError> {
+    if tokens.is_empty() {
         return Ok(req
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
@@ -112,23 +115,59 @@ fn client_key(config: &ServeConfig, req: &Request) -> Result<ClientKey, ApiError
             "missing Authorization: Bearer <token>",
         ));
     };
-    config
-        .api_tokens
+    tokens
         .iter()
-        .position(|t| constant_time_eq(t.as_bytes(), sent.as_bytes()))
+        .position(|t| constant_time_eq(t.token.expose().as_bytes(), sent.as_bytes()))
         .map(ClientKey::Token)
         .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "the bearer token is not valid"))
 }
 
-fn authenticate(config: &ServeConfig, req: &Request) -> Result<Caller, ApiError> {
+fn authenticate(
+    config: &ServeConfig,
+    tokens: &[ClientToken],
+    req: &Request,
+) -> Result<Caller, ApiError> {
     match node_credential(config, req.headers()) {
         Some(true) => Ok(Caller::Node),
         Some(false) => Err(ApiError::new(
             ErrorCode::Unauthorized,
             "the cluster secret is not valid",
         )),
-        None => client_key(config, req).map(Caller::Client),
+        None => client_key(tokens, req).map(Caller::Client),
     }
+}
+
+/// The scope a `/v1` request needs.
+fn required_scope(method: &Method, path: &str) -> TokenScope {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, parts.as_slice()) {
+        (&Method::DELETE, _) => TokenScope::Admin,
+        // The WebSocket stream writes locations, though it opens with a GET.
+        (_, ["v1", "locations", ..])
+        | (&Method::PUT, ["v1", "drivers", ..])
+        | (&Method::POST, ["v1", "drivers", ..]) => TokenScope::Locations,
+        (&Method::GET | &Method::HEAD, _) => TokenScope::Read,
+        (_, ["v1", "matches", ..]) => TokenScope::Matches,
+        _ => TokenScope::Admin,
+    }
+}
+
+/// 403 unless the token's scopes cover the request.
+fn check_scope(token: &ClientToken, req: &Request) -> Result<(), ApiError> {
+    let needed = required_scope(req.method(), req.uri().path());
+    if token.allows(needed) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::Forbidden,
+        format!(
+            "the token {:?} has no {} scope, which {} {} needs",
+            token.name,
+            needed.as_str(),
+            req.method(),
+            req.uri().path()
+        ),
+    ))
 }
 
 /// The gate of every `/v1` request (see the module doc).
@@ -138,10 +177,18 @@ pub(super) async fn v1_gate(
     next: Next,
 ) -> Response {
     let config = &state.svc.config;
-    let caller = match authenticate(config, &req) {
+    let caller = match authenticate(config, &state.tokens, &req) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
+    if let Caller::Client(ClientKey::Token(i)) = caller
+        && let Some(token) = state.tokens.get(i)
+    {
+        tracing::Span::current().record("client", token.name.as_str());
+        if let Err(e) = check_scope(token, &req) {
+            return e.into_response();
+        }
+    }
     if let Caller::Client(key) = caller {
         if let Some(limiter) = &state.limiter
             && let Err(not_until) = limiter.check_key(&key)
@@ -217,7 +264,9 @@ mod tests {
     #[test]
     fn callers_are_told_apart_by_what_they_prove() {
         let c = config(&["tok-a", "tok-b"], Some("the-cluster-secret-1234"));
-        let auth = |h: &[(&str, &str)]| authenticate(&c, &request(h)).map_err(|e| e.code());
+        let tokens = c.client_tokens();
+        let auth =
+            |h: &[(&str, &str)]| authenticate(&c, &tokens, &request(h)).map_err(|e| e.code());
         assert_eq!(
             auth(&[("authorization", "Bearer tok-b")]),
             Ok(Caller::Client(ClientKey::Token(1)))
@@ -249,7 +298,7 @@ mod tests {
                 let mut r = request(&[("authorization", &format!("Bearer made-up-{i}"))]);
                 r.extensions_mut()
                     .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 9], 4000 + i))));
-                authenticate(&c, &r).unwrap()
+                authenticate(&c, &[], &r).unwrap()
             })
             .collect();
         assert!(
@@ -274,6 +323,30 @@ mod tests {
             node_credential(&c, request(&[(PEER_AUTH, "x")]).headers()),
             Some(false)
         );
+    }
+
+    #[test]
+    fn every_route_needs_the_scope_of_what_it_does() {
+        use TokenScope::{Admin, Locations, Matches, Read};
+        for (method, path, scope) in [
+            (Method::GET, "/v1/drivers/nearest", Read),
+            (Method::GET, "/v1/drivers/d1", Read),
+            (Method::GET, "/v1/matches/o1", Read),
+            (Method::GET, "/v1/regions", Read),
+            (Method::GET, "/v1/cluster", Read),
+            (Method::PUT, "/v1/drivers/d1", Locations),
+            (Method::POST, "/v1/drivers/d1/location", Locations),
+            (Method::POST, "/v1/locations", Locations),
+            (Method::GET, "/v1/locations/stream", Locations),
+            (Method::POST, "/v1/matches", Matches),
+            (Method::POST, "/v1/matches/batch", Matches),
+            (Method::POST, "/v1/matches/o1/confirm", Matches),
+            (Method::POST, "/v1/matches/o1/release", Matches),
+            (Method::POST, "/v1/matches/o1/complete", Matches),
+            (Method::DELETE, "/v1/drivers/d1", Admin),
+        ] {
+            assert_eq!(required_scope(&method, path), scope, "{method} {path}");
+        }
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub struct HttpState {
     pub metrics: PrometheusHandle,
     /// The per-client rate limiter, if configured.
     pub limiter: Option<Arc<Limiter>>,
+    /// The client tokens (none: `/v1` is open).
+    pub tokens: Vec<crate::config::ClientToken>,
 }
 
 /// The router's state.
@@ -75,10 +77,12 @@ impl HttpState {
     /// State for `svc`, with the rate limiter its settings ask for.
     pub fn new(svc: Arc<Service>, metrics: PrometheusHandle) -> Self {
         let limiter = gate::limiter(&svc.config).map(Arc::new);
+        let tokens = svc.config.client_tokens();
         Self {
             svc,
             metrics,
             limiter,
+            tokens,
         }
     }
 }
@@ -223,7 +227,7 @@ pub fn app(state: AppState) -> Router {
                         .get("x-request-id")
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("-");
-                    tracing::debug_span!("http", method = %req.method(), uri = %req.uri(), request_id = %id)
+                    tracing::debug_span!("http", method = %req.method(), uri = %req.uri(), request_id = %id, client = tracing::field::Empty)
                 }))
                 .layer(PropagateRequestIdLayer::x_request_id())
                 .layer(middleware::from_fn(track_http))
