@@ -143,9 +143,9 @@ fn required_scope(method: &Method, path: &str) -> TokenScope {
     match (method, parts.as_slice()) {
         (&Method::DELETE, _) => TokenScope::Admin,
         // The WebSocket stream writes locations, though it opens with a GET.
-        (_, ["v1", "locations", ..])
-        | (&Method::PUT, ["v1", "drivers", ..])
-        | (&Method::POST, ["v1", "drivers", ..]) => TokenScope::Locations,
+        (_, ["v1", "locations", ..]) | (&Method::PUT | &Method::POST, ["v1", "drivers", ..]) => {
+            TokenScope::Locations
+        }
         (&Method::GET | &Method::HEAD, _) => TokenScope::Read,
         (_, ["v1", "matches", ..]) => TokenScope::Matches,
         _ => TokenScope::Admin,
