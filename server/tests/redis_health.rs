@@ -84,6 +84,23 @@ fn generations(conn: &mut redis::Connection, prefix: &str) -> (HashSet<u64>, Has
     (stored, named)
 }
 
+/// Only the generations the manifests name have chunks in Redis (an
+/// in-flight snapshot may add its own for a moment: polled).
+async fn assert_no_chunks_of_failed_generations(conn: &mut redis::Connection, prefix: &str) {
+    let mut last = (HashSet::new(), HashSet::new());
+    for _ in 0..200 {
+        last = generations(conn, prefix);
+        if last.0.is_subset(&last.1) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "chunks of failed generations left: stored {:?}, named {:?}",
+        last.0, last.1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_snapshots_make_the_node_degraded_until_they_succeed_and_leave_nothing() {
     // Its own Redis: the test changes its memory limit.
@@ -141,22 +158,7 @@ async fn failing_snapshots_make_the_node_degraded_until_they_succeed_and_leave_n
         s == 200 && b["status"] == "ready" && b["snapshot_failures"] == 0
     })
     .await;
-    // No chunk of a failed generation is left: only the generations the
-    // manifests name (an in-flight snapshot may add its own for a moment).
-    let mut last = (HashSet::new(), HashSet::new());
-    for _ in 0..200 {
-        last = generations(&mut conn, &prefix);
-        if last.0.is_subset(&last.1) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        last.0.is_subset(&last.1),
-        "chunks of failed generations left: stored {:?}, named {:?}",
-        last.0,
-        last.1
-    );
+    assert_no_chunks_of_failed_generations(&mut conn, &prefix).await;
     server.shutdown().await;
 }
 
@@ -204,20 +206,7 @@ async fn a_snapshot_refused_after_its_chunks_leaves_none_of_them() {
         s == 200 && b["snapshot_failures"] == 0
     })
     .await;
-    let mut last = (HashSet::new(), HashSet::new());
-    for _ in 0..200 {
-        last = generations(&mut conn, &prefix);
-        if last.0.is_subset(&last.1) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        last.0.is_subset(&last.1),
-        "chunks of failed generations left: stored {:?}, named {:?}",
-        last.0,
-        last.1
-    );
+    assert_no_chunks_of_failed_generations(&mut conn, &prefix).await;
     server.shutdown().await;
 }
 
