@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let svc = Arc::new(Service::new(engine, config, None));
     svc.set_ready();
-    let router = app(Arc::new(HttpState::new(svc, metrics_handle())));
+    let router = app(Arc::new(HttpState::new(svc, metrics_handle()).expect("state")));
     let req = Request::builder()
         .method(method)
         .uri(path)

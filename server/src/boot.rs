@@ -133,10 +133,10 @@ pub async fn start_with_clock(
         Some(path) => Some(read_regions(path, config.resolution)?),
     };
     let svc = Arc::new(Service::new(Arc::clone(&engine), config.clone(), regions));
-    let state = Arc::new(HttpState::new(
-        Arc::clone(&svc),
-        telemetry::metrics_handle(),
-    ));
+    let state = Arc::new(
+        HttpState::new(Arc::clone(&svc), telemetry::metrics_handle())
+            .map_err(ServerError::Config)?,
+    );
     // Read the driver file before binding, so a bad file fails the start.
     let initial = match &config.load_drivers {
         Some(path) => Some((

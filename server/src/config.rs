@@ -27,6 +27,16 @@ pub struct ServeConfig {
     /// Named client tokens with scopes (`[[tokens]]` in a config or
     /// tokens file).
     pub tokens: Vec<ClientToken>,
+    /// A file holding the HS256 secret JWTs may be signed with.
+    pub jwt_hs256_secret_file: Option<PathBuf>,
+    /// A PEM file of the RSA public key JWTs may be signed with (RS256).
+    pub jwt_rs256_public_key_file: Option<PathBuf>,
+    /// A PEM file of the EC P-256 public key JWTs may be signed with (ES256).
+    pub jwt_es256_public_key_file: Option<PathBuf>,
+    /// The issuer (`iss`) JWTs must name, if set.
+    pub jwt_issuer: Option<String>,
+    /// The audience (`aud`) JWTs must name, if set.
+    pub jwt_audience: Option<String>,
     /// Requests per second per client (token, else IP); 0 = no limit.
     pub rate_limit_per_s: u32,
     /// Burst allowed above the rate.
@@ -181,6 +191,11 @@ impl Default for ServeConfig {
             body_limit_bytes: 8 * 1024 * 1024,
             api_tokens: Vec::new(),
             tokens: Vec::new(),
+            jwt_hs256_secret_file: None,
+            jwt_rs256_public_key_file: None,
+            jwt_es256_public_key_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
             rate_limit_per_s: 0,
             rate_limit_burst: 100,
             max_in_flight: 1024,
@@ -317,6 +332,21 @@ pub struct ServeArgs {
     /// `admin`).
     #[arg(long, env = "HEXMATCH_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
+    /// Accept JWTs signed with the HS256 secret in this file.
+    #[arg(long, env = "HEXMATCH_JWT_HS256_SECRET_FILE")]
+    pub jwt_hs256_secret_file: Option<PathBuf>,
+    /// Accept JWTs signed with the RSA key whose public half is in this PEM file (RS256).
+    #[arg(long, env = "HEXMATCH_JWT_RS256_PUBLIC_KEY_FILE")]
+    pub jwt_rs256_public_key_file: Option<PathBuf>,
+    /// Accept JWTs signed with the P-256 key whose public half is in this PEM file (ES256).
+    #[arg(long, env = "HEXMATCH_JWT_ES256_PUBLIC_KEY_FILE")]
+    pub jwt_es256_public_key_file: Option<PathBuf>,
+    /// The issuer (`iss`) JWTs must name.
+    #[arg(long, env = "HEXMATCH_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The audience (`aud`) JWTs must name.
+    #[arg(long, env = "HEXMATCH_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
     /// A file holding the cluster secret (surrounding whitespace ignored).
     #[arg(
         long,
@@ -382,6 +412,16 @@ impl ServeArgs {
         if self.regions.is_some() {
             c.regions = self.regions;
         }
+        macro_rules! take_some {
+            ($($field:ident),*) => { $( if self.$field.is_some() { c.$field = self.$field.clone(); } )* };
+        }
+        take_some!(
+            jwt_hs256_secret_file,
+            jwt_rs256_public_key_file,
+            jwt_es256_public_key_file,
+            jwt_issuer,
+            jwt_audience
+        );
         if let Some(path) = &self.tokens_file {
             let file = |message: String| ConfigError::File {
                 path: path.clone(),

@@ -122,3 +122,126 @@ fn a_tokens_file_is_read_and_checked() {
         "{err}"
     );
 }
+
+/// JWTs from a platform that already issues them: HS256 with a shared
+/// secret and ES256 with a public key; the subject names the client and
+/// the `scope` claim (or `scopes`) gives its scopes. A token that is
+/// expired, from another issuer, or signed with another key is 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
+async fn jwts_signed_with_a_configured_key_carry_their_scopes() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let dir = std::env::temp_dir().join(format!("hexmatch-jwt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let hs_secret = "a-shared-hs256-secret-for-tests";
+    let hs_file = dir.join("hs256.secret");
+    std::fs::write(&hs_file, hs_secret).unwrap();
+    // An ES256 key pair made with openssl (PKCS#8 private, SPKI public).
+    let es_private = dir.join("es256.pem");
+    let es_public = dir.join("es256.pub.pem");
+    for args in [
+        vec![
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            es_private.to_str().unwrap(),
+        ],
+        vec![
+            "pkey",
+            "-in",
+            es_private.to_str().unwrap(),
+            "-pubout",
+            "-out",
+            es_public.to_str().unwrap(),
+        ],
+    ] {
+        let status = std::process::Command::new("openssl")
+            .args(&args)
+            .status()
+            .expect("openssl runs");
+        assert!(status.success(), "openssl {args:?}");
+    }
+    let srv = TestServer::start_manual(ServeConfig {
+        api_tokens: vec!["root".into()],
+        jwt_hs256_secret_file: Some(hs_file),
+        jwt_es256_public_key_file: Some(es_public),
+        jwt_issuer: Some("platform".into()),
+        ..test_config()
+    })
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let hs = |claims: serde_json::Value, secret: &str| {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let es_key = EncodingKey::from_ec_pem(&std::fs::read(&es_private).unwrap()).unwrap();
+    let es = |claims: serde_json::Value| {
+        encode(&Header::new(Algorithm::ES256), &claims, &es_key).unwrap()
+    };
+    let driver = json!({"lat": 41.88, "lon": -87.63, "ts": t_str(0)});
+    let order = json!({"order_id": "o1", "pickup": {"lat": 41.88, "lon": -87.63}});
+
+    let courier = hs(
+        json!({"sub": "courier-app", "iss": "platform", "exp": now + 600, "scope": "read locations"}),
+        hs_secret,
+    );
+    let api = srv.api_with_token(Some(&courier));
+    api.put_json("/v1/drivers/d1", &driver).await.expect(200);
+    let r = api.post_json("/v1/matches", &order).await;
+    r.expect_error(403, "forbidden");
+    assert!(r.body.contains("courier-app"), "{}", r.body);
+
+    let dispatch =
+        es(json!({"sub": "dispatch", "iss": "platform", "exp": now + 600, "scopes": ["matches"]}));
+    srv.api_with_token(Some(&dispatch))
+        .post_json("/v1/matches", &order)
+        .await
+        .expect(201);
+
+    let before = srv.snapshot(&["o1"]);
+    for bad in [
+        hs(
+            json!({"sub": "x", "iss": "platform", "exp": now - 3600, "scope": "admin"}),
+            hs_secret,
+        ),
+        hs(
+            json!({"sub": "x", "iss": "elsewhere", "exp": now + 600, "scope": "admin"}),
+            hs_secret,
+        ),
+        hs(
+            json!({"sub": "x", "iss": "platform", "exp": now + 600, "scope": "admin"}),
+            "another-secret-entirely-123",
+        ),
+        hs(
+            json!({"sub": "x", "iss": "platform", "scope": "admin"}),
+            hs_secret,
+        ),
+        "not.a.jwt".to_owned(),
+    ] {
+        srv.api_with_token(Some(&bad))
+            .put_json("/v1/drivers/d2", &driver)
+            .await
+            .expect_error(401, "unauthorized");
+    }
+    assert_eq!(
+        srv.snapshot(&["o1"]),
+        before,
+        "a refused token changed state"
+    );
+    // Static tokens keep working beside JWTs.
+    srv.api_with_token(Some("root"))
+        .get("/v1/regions")
+        .await
+        .expect(200);
+    srv.shutdown().await;
+}

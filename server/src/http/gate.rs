@@ -43,6 +43,8 @@ use crate::error::{ApiError, ErrorCode};
 pub enum ClientKey {
     /// The configured token at this index.
     Token(usize),
+    /// A JWT's subject, by its hash.
+    Subject(u64),
     /// A client of a server without tokens, by address.
     Peer(IpAddr),
     /// No address known (in-process tests).
@@ -62,10 +64,12 @@ pub(super) fn limiter(config: &ServeConfig) -> Option<Limiter> {
 }
 
 /// Who sent a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Caller {
     /// A client, verified.
     Client(ClientKey),
+    /// A client with a valid JWT: its subject and scopes.
+    Jwt(ClientKey, ClientToken),
     /// Another node of the cluster.
     Node,
 }
@@ -125,16 +129,40 @@ fn client_key(tokens: &[ClientToken], req: &Request) -> Result<ClientKey, ApiErr
 fn authenticate(
     config: &ServeConfig,
     tokens: &[ClientToken],
+    jwt: Option<&super::jwt::JwtVerifier>,
     req: &Request,
 ) -> Result<Caller, ApiError> {
     match node_credential(config, req.headers()) {
-        Some(true) => Ok(Caller::Node),
-        Some(false) => Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            "the cluster secret is not valid",
-        )),
-        None => client_key(tokens, req).map(Caller::Client),
+        Some(true) => return Ok(Caller::Node),
+        Some(false) => {
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "the cluster secret is not valid",
+            ));
+        }
+        None => {}
     }
+    let Some(jwt) = jwt else {
+        return client_key(tokens, req).map(Caller::Client);
+    };
+    let Some(sent) = bearer(req.headers()) else {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "missing Authorization: Bearer <token>",
+        ));
+    };
+    // Static tokens first; then the token must be a valid JWT.
+    if !tokens.is_empty()
+        && let Ok(key) = client_key(tokens, req)
+    {
+        return Ok(Caller::Client(key));
+    }
+    let token = jwt.verify(sent)?;
+    let key = ClientKey::Subject(std::hash::BuildHasher::hash_one(
+        &foldhash::fast::FixedState::default(),
+        &token.name,
+    ));
+    Ok(Caller::Jwt(key, token))
 }
 
 /// The scope a `/v1` request needs.
@@ -177,19 +205,23 @@ pub(super) async fn v1_gate(
     next: Next,
 ) -> Response {
     let config = &state.svc.config;
-    let caller = match authenticate(config, &state.tokens, &req) {
+    let caller = match authenticate(config, &state.tokens, state.jwt.as_ref(), &req) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    if let Caller::Client(ClientKey::Token(i)) = caller
-        && let Some(token) = state.tokens.get(i)
-    {
+    let (key, token) = match &caller {
+        Caller::Client(key @ ClientKey::Token(i)) => (Some(*key), state.tokens.get(*i)),
+        Caller::Client(key) => (Some(*key), None),
+        Caller::Jwt(key, token) => (Some(*key), Some(token)),
+        Caller::Node => (None, None),
+    };
+    if let Some(token) = token {
         tracing::Span::current().record("client", token.name.as_str());
         if let Err(e) = check_scope(token, &req) {
             return e.into_response();
         }
     }
-    if let Caller::Client(key) = caller {
+    if let Some(key) = key {
         if let Some(limiter) = &state.limiter
             && let Err(not_until) = limiter.check_key(&key)
         {
@@ -266,7 +298,7 @@ mod tests {
         let c = config(&["tok-a", "tok-b"], Some("the-cluster-secret-1234"));
         let tokens = c.client_tokens();
         let auth =
-            |h: &[(&str, &str)]| authenticate(&c, &tokens, &request(h)).map_err(|e| e.code());
+            |h: &[(&str, &str)]| authenticate(&c, &tokens, None, &request(h)).map_err(|e| e.code());
         assert_eq!(
             auth(&[("authorization", "Bearer tok-b")]),
             Ok(Caller::Client(ClientKey::Token(1)))
@@ -298,7 +330,7 @@ mod tests {
                 let mut r = request(&[("authorization", &format!("Bearer made-up-{i}"))]);
                 r.extensions_mut()
                     .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 9], 4000 + i))));
-                authenticate(&c, &[], &r).unwrap()
+                authenticate(&c, &[], None, &r).unwrap()
             })
             .collect();
         assert!(

@@ -20,6 +20,7 @@ mod extract;
 mod forward;
 mod gate;
 mod internal;
+pub mod jwt;
 pub mod listen;
 mod matches;
 mod ops;
@@ -66,24 +67,32 @@ pub struct HttpState {
     pub metrics: PrometheusHandle,
     /// The per-client rate limiter, if configured.
     pub limiter: Option<Arc<Limiter>>,
-    /// The client tokens (none: `/v1` is open).
+    /// The client tokens (none, and no JWT keys: `/v1` is open).
     pub tokens: Vec<crate::config::ClientToken>,
+    /// The keys client JWTs are checked against, if any.
+    pub jwt: Option<jwt::JwtVerifier>,
 }
 
 /// The router's state.
 pub type AppState = Arc<HttpState>;
 
 impl HttpState {
-    /// State for `svc`, with the rate limiter its settings ask for.
-    pub fn new(svc: Arc<Service>, metrics: PrometheusHandle) -> Self {
+    /// State for `svc`, with the rate limiter and credentials its
+    /// settings ask for.
+    ///
+    /// # Errors
+    /// A JWT key file that cannot be read or is not a key.
+    pub fn new(svc: Arc<Service>, metrics: PrometheusHandle) -> Result<Self, String> {
         let limiter = gate::limiter(&svc.config).map(Arc::new);
         let tokens = svc.config.client_tokens();
-        Self {
+        let jwt = jwt::JwtVerifier::from_config(&svc.config)?;
+        Ok(Self {
             svc,
             metrics,
             limiter,
             tokens,
-        }
+            jwt,
+        })
     }
 }
 
