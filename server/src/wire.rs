@@ -1019,6 +1019,11 @@ pub struct Reserved {
 pub struct HandoffRequest {
     /// Their ids.
     pub driver_ids: Vec<String>,
+    /// When the asker stops waiting (Unix ms): a node that reads the
+    /// request later (it was paused) hands nothing over, since the asker
+    /// no longer takes the drivers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<i64>,
 }
 
 /// Answer of the handoff call: the drivers the answering node held. It

@@ -65,6 +65,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
+/// How long a node waits for another's answer.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A lease this node holds.
 #[derive(Debug, Clone)]
 struct Held {
@@ -176,7 +179,7 @@ impl Cluster {
         } else {
             own.to_vec()
         };
-        let peer = PeerClient::new(node, secret, Duration::from_secs(5))?;
+        let peer = PeerClient::new(node, secret, PEER_TIMEOUT)?;
         let this = Arc::new(Self {
             node: node.to_owned(),
             url: url.trim_end_matches('/').to_owned(),

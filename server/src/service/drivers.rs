@@ -27,6 +27,9 @@ use crate::wire::{
     LocationItem, LocationOut, NotApplied, PeerUpdate, PeerUpdates,
 };
 
+/// How much earlier than the peer timeout a handoff's deadline falls.
+const HANDOFF_MARGIN_MS: i64 = 1_000;
+
 /// Batches up to this many updates apply on the calling task; larger
 /// ones on a blocking thread.
 const INLINE_UPDATES: usize = 64;
@@ -411,8 +414,13 @@ impl Service {
         if unknown.is_empty() {
             return None;
         }
+        // Short of the peer timeout, so the answering node never hands a
+        // driver over after this node gave up waiting (clocks within that
+        // margin of each other).
+        let budget = crate::cluster::PEER_TIMEOUT.as_millis() as i64 - HANDOFF_MARGIN_MS;
         let ask = HandoffRequest {
             driver_ids: unknown.iter().map(ToString::to_string).collect(),
+            deadline_ms: Some(self.engine.clock().now().as_millis() + budget),
         };
         let peer = cluster.peer();
         let calls = cluster.peers().into_iter().map(|(node, url)| {
@@ -482,6 +490,16 @@ impl Service {
     /// its match ends).
     pub fn hand_over(&self, ask: &HandoffRequest) -> HandoffAnswer {
         let mut out = HandoffAnswer::default();
+        if let Some(deadline) = ask.deadline_ms
+            && self.engine.clock().now().as_millis() > deadline
+        {
+            // The asker has given up: handing over now would lose the drivers.
+            tracing::warn!(
+                drivers = ask.driver_ids.len(),
+                "handoff request read after its deadline; nothing handed over"
+            );
+            return out;
+        }
         for id in &ask.driver_ids {
             let Ok(id) = DriverId::new(id) else { continue };
             let Some(d) = self.engine.driver(&id) else {

@@ -268,6 +268,15 @@ impl Node {
         if sig == "KILL" {
             let _ = self.child.wait();
         }
+        if sig == "STOP" {
+            // The signal is asynchronous: wait until the process is stopped.
+            let stat = format!("/proc/{}/stat", self.child.id());
+            poll(10, "the process to stop", || {
+                let text = std::fs::read_to_string(&stat).ok()?;
+                let state = text.rsplit_once(") ")?.1.chars().next()?;
+                (state == 'T').then_some(())
+            });
+        }
     }
 }
 
