@@ -124,7 +124,7 @@ fn a_tokens_file_is_read_and_checked() {
 }
 
 /// JWTs from a platform that already issues them: HS256 with a shared
-/// secret and ES256 with a public key; the subject names the client and
+/// secret, ES256 and RS256 with a public key; the subject names the client and
 /// the `scope` claim (or `scopes`) gives its scopes. A token that is
 /// expired, from another issuer, or signed with another key is 401.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,38 +136,42 @@ async fn jwts_signed_with_a_configured_key_carry_their_scopes() {
     let hs_secret = "a-shared-hs256-secret-for-tests";
     let hs_file = dir.join("hs256.secret");
     std::fs::write(&hs_file, hs_secret).unwrap();
-    // An ES256 key pair made with openssl (PKCS#8 private, SPKI public).
-    let es_private = dir.join("es256.pem");
-    let es_public = dir.join("es256.pub.pem");
-    for args in [
-        vec![
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            es_private.to_str().unwrap(),
-        ],
-        vec![
-            "pkey",
-            "-in",
-            es_private.to_str().unwrap(),
-            "-pubout",
-            "-out",
-            es_public.to_str().unwrap(),
-        ],
-    ] {
-        let status = std::process::Command::new("openssl")
-            .args(&args)
-            .status()
-            .expect("openssl runs");
-        assert!(status.success(), "openssl {args:?}");
-    }
+    // ES256 and RS256 key pairs made with openssl (PKCS#8 private, SPKI
+    // public).
+    let keypair = |name: &str, algorithm: &str, option: &str| {
+        let (private, public) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.pub.pem")),
+        );
+        let (private_s, public_s) = (private.to_str().unwrap(), public.to_str().unwrap());
+        for args in [
+            vec![
+                "genpkey",
+                "-algorithm",
+                algorithm,
+                "-pkeyopt",
+                option,
+                "-out",
+                private_s,
+            ],
+            vec!["pkey", "-in", private_s, "-pubout", "-out", public_s],
+        ] {
+            let status = std::process::Command::new("openssl")
+                .args(&args)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("openssl runs");
+            assert!(status.success(), "openssl {args:?}");
+        }
+        (private, public)
+    };
+    let (es_private, es_public) = keypair("es256", "EC", "ec_paramgen_curve:P-256");
+    let (rs_private, rs_public) = keypair("rs256", "RSA", "rsa_keygen_bits:2048");
     let srv = TestServer::start_manual(ServeConfig {
         api_tokens: vec!["root".into()],
         jwt_hs256_secret_file: Some(hs_file),
         jwt_es256_public_key_file: Some(es_public),
+        jwt_rs256_public_key_file: Some(rs_public),
         jwt_issuer: Some("platform".into()),
         ..test_config()
     })
@@ -188,6 +192,10 @@ async fn jwts_signed_with_a_configured_key_carry_their_scopes() {
     let es = |claims: serde_json::Value| {
         encode(&Header::new(Algorithm::ES256), &claims, &es_key).unwrap()
     };
+    let rs_key = EncodingKey::from_rsa_pem(&std::fs::read(&rs_private).unwrap()).unwrap();
+    let rs = |claims: serde_json::Value| {
+        encode(&Header::new(Algorithm::RS256), &claims, &rs_key).unwrap()
+    };
     let driver = json!({"lat": 41.88, "lon": -87.63, "ts": t_str(0)});
     let order = json!({"order_id": "o1", "pickup": {"lat": 41.88, "lon": -87.63}});
 
@@ -207,6 +215,16 @@ async fn jwts_signed_with_a_configured_key_carry_their_scopes() {
         .post_json("/v1/matches", &order)
         .await
         .expect(201);
+
+    let ops = rs(json!({"sub": "ops", "iss": "platform", "exp": now + 600, "scope": "read"}));
+    srv.api_with_token(Some(&ops))
+        .get("/v1/matches/o1")
+        .await
+        .expect(200);
+    srv.api_with_token(Some(&ops))
+        .post_json("/v1/matches/o1/confirm", &json!({}))
+        .await
+        .expect_error(403, "forbidden");
 
     let before = srv.snapshot(&["o1"]);
     for bad in [
