@@ -167,15 +167,14 @@ fn authenticate(
 
 /// The scope a `/v1` request needs.
 fn required_scope(method: &Method, path: &str) -> TokenScope {
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (method, parts.as_slice()) {
+    // The second segment is enough (`/v1/<resource>/…`); no allocation.
+    let resource = path.trim_start_matches('/').split('/').nth(1).unwrap_or("");
+    match (method, resource) {
         (&Method::DELETE, _) => TokenScope::Admin,
         // The WebSocket stream writes locations, though it opens with a GET.
-        (_, ["v1", "locations", ..]) | (&Method::PUT | &Method::POST, ["v1", "drivers", ..]) => {
-            TokenScope::Locations
-        }
+        (_, "locations") | (&Method::PUT | &Method::POST, "drivers") => TokenScope::Locations,
         (&Method::GET | &Method::HEAD, _) => TokenScope::Read,
-        (_, ["v1", "matches", ..]) => TokenScope::Matches,
+        (_, "matches") => TokenScope::Matches,
         _ => TokenScope::Admin,
     }
 }
