@@ -335,7 +335,7 @@ impl Cluster {
     }
 
     /// URLs of every other registered node.
-    pub(crate) fn peers(&self) -> Vec<(String, String)> {
+    fn peers(&self) -> Vec<(String, String)> {
         self.map
             .read()
             .nodes
@@ -343,6 +343,20 @@ impl Cluster {
             .filter(|(n, _)| **n != self.node)
             .map(|(n, u)| (n.clone(), u.clone()))
             .collect()
+    }
+
+    /// Calls every other registered node at once, `call(peer client, its
+    /// URL)`; the answers, each with its node's id.
+    pub async fn ask_every_peer<'a, T, F, Fut>(&'a self, call: F) -> Vec<(String, T)>
+    where
+        F: Fn(&'a PeerClient, String) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let calls = self.peers().into_iter().map(|(node, url)| {
+            let answer = call(&self.peer, url);
+            async move { (node, answer.await) }
+        });
+        futures_util::future::join_all(calls).await
     }
 
     /// Owners of regions that could hold a point within `bound_m` of `p`,

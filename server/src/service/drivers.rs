@@ -154,15 +154,11 @@ impl Service {
             return Ok(d.into());
         }
         if let (Some(cluster), Scope::Cluster) = (self.cluster(), scope) {
-            let peer = cluster.peer();
-            let calls = cluster
-                .peers()
-                .into_iter()
-                .map(|(_, url)| async move { peer.driver(&url, id).await });
-            for found in futures_util::future::join_all(calls).await {
-                if let Ok(Some(d)) = found {
-                    return Ok(d);
-                }
+            let answers = cluster
+                .ask_every_peer(|peer, url| async move { peer.driver(&url, id).await })
+                .await;
+            if let Some(d) = answers.into_iter().find_map(|(_, a)| a.ok().flatten()) {
+                return Ok(d);
             }
         }
         Err(hexmatch::Error::UnknownDriver(id.to_string()).into())
@@ -183,16 +179,10 @@ impl Service {
             return Ok(());
         }
         if let (Some(cluster), Scope::Cluster) = (self.cluster(), scope) {
-            let peer = cluster.peer();
-            let calls = cluster
-                .peers()
-                .into_iter()
-                .map(|(_, url)| async move { peer.remove_driver(&url, id).await });
-            let removed = futures_util::future::join_all(calls)
-                .await
-                .into_iter()
-                .any(|r| matches!(r, Ok(true)));
-            if removed {
+            let answers = cluster
+                .ask_every_peer(|peer, url| async move { peer.remove_driver(&url, id).await })
+                .await;
+            if answers.iter().any(|(_, a)| matches!(a, Ok(true))) {
                 return Ok(());
             }
         }
@@ -422,14 +412,13 @@ impl Service {
             driver_ids: unknown.iter().map(ToString::to_string).collect(),
             deadline_ms: Some(self.engine.clock().now().as_millis() + budget),
         };
-        let peer = cluster.peer();
-        let calls = cluster.peers().into_iter().map(|(node, url)| {
-            let ask = &ask;
-            async move { (node, peer.handoff(&url, ask).await) }
-        });
+        let ask = &ask;
+        let answers = cluster
+            .ask_every_peer(|peer, url| async move { peer.handoff(&url, ask).await })
+            .await;
         let mut found: HashMap<DriverId, DriverOut> = HashMap::new();
         let mut silent = Vec::new();
-        for (node, answer) in futures_util::future::join_all(calls).await {
+        for (node, answer) in answers {
             match answer {
                 Ok(HandoffAnswer { drivers }) => {
                     for d in drivers {
