@@ -7,7 +7,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 
 use super::AppState;
-use crate::wire::{ClusterOut, ReadyOut, RegionOut};
+use crate::wire::{ClusterOut, ReadyOut, ReadyStatus, RegionOut};
 
 /// Liveness: 200 while the process runs.
 #[utoipa::path(get, path = "/livez", tag = "ops", responses((status = 200, description = "Alive", body = String)))]
@@ -23,12 +23,12 @@ pub(super) async fn livez() -> &'static str {
 ))]
 pub(super) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<ReadyOut>) {
     let r = state.svc.readiness();
-    let code = if r.is_ready() {
+    let code = if r.status == ReadyStatus::Ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(r.body))
+    (code, Json(r))
 }
 
 /// Prometheus metrics (text exposition format).

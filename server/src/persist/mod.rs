@@ -89,11 +89,6 @@ impl std::fmt::Display for KeyError {
 
 impl std::error::Error for KeyError {}
 
-/// What a failed write says in the health record.
-fn describe(e: &redis::RedisError) -> String {
-    e.to_string()
-}
-
 /// Failures in a row after which the node reports itself degraded.
 pub const FAILURES_BEFORE_DEGRADED: u32 = 3;
 
@@ -339,7 +334,7 @@ impl Persistence {
             Err(WriteError::NotOwner { .. } | WriteError::OrderTaken { .. }) => {}
             Err(WriteError::Redis(e)) => {
                 h.write_failures += 1;
-                h.last_error = Some(describe(e));
+                h.last_error = Some(e.to_string());
             }
         }
         r

@@ -25,7 +25,6 @@ use hexmatch::{Engine, RegionMap};
 
 pub use self::drivers::apply_stream_entries;
 pub use self::matches::{Claimed, Nearest};
-pub use self::ops::Readiness;
 use crate::cluster::Cluster;
 use crate::config::ServeConfig;
 use crate::error::{ApiError, ErrorCode};

@@ -7,24 +7,10 @@ use crate::wire::{
     ClusterOut, DEFAULT_REGION, NodeOut, ReadyOut, ReadyStatus, RedisStatus, RegionOut, RegionOwner,
 };
 
-/// Whether the node should receive traffic, and why not.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Readiness {
-    /// The answer.
-    pub body: ReadyOut,
-}
-
-impl Readiness {
-    /// Whether it is ready.
-    pub fn is_ready(&self) -> bool {
-        self.body.status == ReadyStatus::Ready
-    }
-}
-
 impl Service {
     /// Readiness: start-up done, Redis (when configured) reachable, and
     /// snapshots and durable writes not failing again and again.
-    pub fn readiness(&self) -> Readiness {
+    pub fn readiness(&self) -> ReadyOut {
         let redis = match (&self.config.redis_url, self.persist()) {
             (None, _) => RedisStatus::Disabled,
             (Some(_), Some(p)) if p.is_up() => RedisStatus::Up,
@@ -55,18 +41,16 @@ impl Service {
             (ReadyStatus::Ready, None)
         };
         let now_ms = self.engine.clock().now().as_millis();
-        Readiness {
-            body: ReadyOut {
-                status,
-                redis,
-                reason,
-                last_snapshot_age_s: health
-                    .as_ref()
-                    .and_then(|h| h.last_snapshot_ms)
-                    .map(|t| (now_ms - t).max(0) as f64 / 1000.0),
-                snapshot_failures: health.as_ref().map(|h| h.snapshot_failures),
-                write_failures: health.as_ref().map(|h| h.write_failures),
-            },
+        ReadyOut {
+            status,
+            redis,
+            reason,
+            last_snapshot_age_s: health
+                .as_ref()
+                .and_then(|h| h.last_snapshot_ms)
+                .map(|t| (now_ms - t).max(0) as f64 / 1000.0),
+            snapshot_failures: health.as_ref().map(|h| h.snapshot_failures),
+            write_failures: health.as_ref().map(|h| h.write_failures),
         }
     }
 
