@@ -79,6 +79,15 @@ mod opt_text {
 trait Named: Copy + 'static {
     const ALL: &'static [Self];
     fn name(self) -> &'static str;
+
+    /// The value named `raw`.
+    fn from_name(raw: &str) -> Result<Self, String> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|v| v.name() == raw)
+            .ok_or_else(|| format!("unknown name {raw:?}"))
+    }
 }
 
 impl Named for Status {
@@ -114,11 +123,7 @@ mod named {
 
     pub(super) fn deserialize<'de, T: Named, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
         let raw = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        T::ALL
-            .iter()
-            .copied()
-            .find(|v| v.name() == raw)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown name {raw:?}")))
+        T::from_name(&raw).map_err(serde::de::Error::custom)
     }
 }
 
@@ -158,8 +163,9 @@ mod opt_ts {
         d: D,
     ) -> Result<Option<Timestamp>, D::Error> {
         let raw = <Option<std::borrow::Cow<'de, str>>>::deserialize(d)?;
-        raw.map(|r| Timestamp::parse(&r).map_err(serde::de::Error::custom))
+        raw.map(|r| Timestamp::parse(&r))
             .transpose()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -1134,7 +1140,7 @@ mod opt_named {
         s: S,
     ) -> Result<S::Ok, S::Error> {
         match v {
-            Some(v) => s.serialize_str(v.name()),
+            Some(v) => super::named::serialize(v, s),
             None => s.serialize_none(),
         }
     }
@@ -1143,14 +1149,9 @@ mod opt_named {
         d: D,
     ) -> Result<Option<T>, D::Error> {
         let raw = <Option<std::borrow::Cow<'de, str>>>::deserialize(d)?;
-        raw.map(|raw| {
-            T::ALL
-                .iter()
-                .copied()
-                .find(|v| v.name() == raw)
-                .ok_or_else(|| serde::de::Error::custom(format!("unknown name {raw:?}")))
-        })
-        .transpose()
+        raw.map(|raw| T::from_name(&raw))
+            .transpose()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -1165,7 +1166,7 @@ mod opt_caps {
         s: S,
     ) -> Result<S::Ok, S::Error> {
         match c {
-            Some(c) => s.collect_seq(c.names()),
+            Some(c) => super::caps::serialize(c, s),
             None => s.serialize_none(),
         }
     }
@@ -1175,11 +1176,9 @@ mod opt_caps {
     ) -> Result<Option<Capabilities>, D::Error> {
         let names = <Option<Vec<std::borrow::Cow<'de, str>>>>::deserialize(d)?;
         names
-            .map(|n| {
-                Capabilities::from_names(n.iter().map(AsRef::as_ref))
-                    .map_err(serde::de::Error::custom)
-            })
+            .map(|n| Capabilities::from_names(n.iter().map(AsRef::as_ref)))
             .transpose()
+            .map_err(serde::de::Error::custom)
     }
 }
 
