@@ -15,16 +15,7 @@ use hexmatch_server::{ServeConfig, Server};
 use redis::Commands;
 use serde_json::Value;
 
-fn config(url: &str, prefix: &str) -> ServeConfig {
-    ServeConfig {
-        bind: "127.0.0.1:0".parse().expect("valid"),
-        redis_url: Some(url.to_owned()),
-        redis_prefix: prefix.to_owned(),
-        snapshot_interval_ms: 100,
-        driver_ttl_s: 0,
-        ..ServeConfig::default()
-    }
-}
+use common::redis_config as config;
 
 /// Status and body of `/readyz`.
 async fn readyz(server: &Server) -> (u16, Value) {

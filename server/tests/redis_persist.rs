@@ -13,21 +13,11 @@ use hexmatch::{
     Timestamp, Vehicle,
 };
 use hexmatch_server::persist::Persistence;
-use hexmatch_server::{ServeConfig, Server};
+use hexmatch_server::Server;
 use redis::Commands;
 use serde_json::{Value, json};
 
-fn config(url: &str, prefix: &str) -> ServeConfig {
-    ServeConfig {
-        bind: "127.0.0.1:0".parse().expect("valid"),
-        redis_url: Some(url.to_owned()),
-        redis_prefix: prefix.to_owned(),
-        snapshot_interval_ms: 100,
-        sweep_interval_ms: 50,
-        driver_ttl_s: 0,
-        ..ServeConfig::default()
-    }
-}
+use common::redis_config as config;
 
 async fn wait_ready(server: &Server) {
     let url = format!("http://{}/readyz", server.addr());

@@ -8,6 +8,20 @@ use std::time::{Duration, Instant};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Settings of an in-process node on Redis at `url` under `prefix`: an
+/// ephemeral port, snapshots every 100 ms, fast sweeps, no driver TTL.
+pub fn redis_config(url: &str, prefix: &str) -> hexmatch_server::ServeConfig {
+    hexmatch_server::ServeConfig {
+        bind: "127.0.0.1:0".parse().expect("valid"),
+        redis_url: Some(url.to_owned()),
+        redis_prefix: prefix.to_owned(),
+        snapshot_interval_ms: 100,
+        sweep_interval_ms: 50,
+        driver_ttl_s: 0,
+        ..hexmatch_server::ServeConfig::default()
+    }
+}
+
 /// A unique key prefix, so tests never touch each other's keys (or those of
 /// a shared Redis given by `REDIS_URL`).
 pub fn unique_prefix(test: &str) -> String {
