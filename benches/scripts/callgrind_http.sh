@@ -24,26 +24,10 @@ K="${K:-10}"
 TOGGLE="${TOGGLE:-}"
 OUT=target/callgrind-http
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install -y valgrind)" >&2; exit 1; }
-BIN="${HEXMATCH_BIN:-target/release/hexmatch}"
-if [ -z "${HEXMATCH_BIN:-}" ]; then
-    cargo build --release -q -p hexmatch-server --bin hexmatch
-fi
-cargo build --release -q -p hexmatch-benches --bin gen_drivers
-mkdir -p "$OUT"
-csv="$OUT/drivers-$DRIVERS.csv"
-pickups="$OUT/pickups.csv"
-if [ ! -s "$csv" ] || [ ! -s "$pickups" ]; then
-    target/release/gen_drivers --drivers "$DRIVERS" --out "$csv" --pickups "$pickups"
-fi
-
-port=""
-for p in $(seq 18200 18300); do
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-        port=$p
-        break
-    fi
-done
-[ -n "$port" ] || { echo "no free port in 18200-18300" >&2; exit 1; }
+source benches/scripts/lib.sh
+build_bins
+driver_set "$OUT" "$DRIVERS"
+port=$(free_port 18200 18300)
 base="http://127.0.0.1:$port"
 auth=()
 token_args=()

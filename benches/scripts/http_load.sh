@@ -45,29 +45,11 @@ if ! command -v wrk >/dev/null; then
     fi
 fi
 
-BIN="${HEXMATCH_BIN:-target/release/hexmatch}"
-if [ -z "${HEXMATCH_BIN:-}" ]; then
-    cargo build --release -q -p hexmatch-server --bin hexmatch
-fi
-cargo build --release -q -p hexmatch-benches --bin gen_drivers
-
-mkdir -p "$OUT"
-csv="$OUT/drivers-$DRIVERS.csv"
-pickups="$OUT/pickups.csv"
-if [ ! -s "$csv" ] || [ ! -s "$pickups" ]; then
-    echo "writing $csv and $pickups" >&2
-    target/release/gen_drivers --drivers "$DRIVERS" --out "$csv" --pickups "$pickups"
-fi
-
+source benches/scripts/lib.sh
+build_bins
+driver_set "$OUT" "$DRIVERS"
 # A free loopback port (nothing answers on it).
-port=""
-for p in $(seq 18080 18180); do
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-        port=$p
-        break
-    fi
-done
-[ -n "$port" ] || { echo "no free port in 18080-18180" >&2; exit 1; }
+port=$(free_port 18080 18180)
 base="http://127.0.0.1:$port"
 
 "$BIN" serve --bind "127.0.0.1:$port" --load-drivers "$csv" --driver-ttl-s 0 \
