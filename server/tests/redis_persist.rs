@@ -12,8 +12,8 @@ use hexmatch::{
     Capabilities, ClaimRequest, Driver, DriverId, Engine, EngineConfig, OrderId, Position, Status,
     Timestamp, Vehicle,
 };
-use hexmatch_server::persist::Persistence;
 use hexmatch_server::Server;
+use hexmatch_server::persist::Persistence;
 use redis::Commands;
 use serde_json::{Value, json};
 
