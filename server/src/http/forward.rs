@@ -71,7 +71,9 @@ fn position_in(bytes: &[u8]) -> Option<Position> {
     Position::new(lat, lon).ok()
 }
 
-fn served_by(mut resp: Response, node: &str) -> Response {
+/// `resp` naming who answered (`node`: one id, or several comma-separated),
+/// unless it already does.
+pub(super) fn served_by(mut resp: Response, node: &str) -> Response {
     if !resp.headers().contains_key(SERVED_BY)
         && let Ok(v) = HeaderValue::from_str(node)
     {

@@ -6,14 +6,14 @@ use std::borrow::Cow;
 
 use axum::Json;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hexmatch::{Capabilities, NearestQuery, OrderId, Position};
 use utoipa::IntoParams;
 
 use super::AppState;
 use super::extract::{IdPath, JsonBody, OptionalJsonBody};
-use crate::cluster::peer::SERVED_BY;
+use super::forward::served_by;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::service::{Claimed, Nearest, Scope};
 use crate::wire::{BatchIn, BatchOut, MatchOut, NearestOut, OrderIn, ReleaseIn, parse_vehicle};
@@ -103,17 +103,15 @@ impl<'a> NearestParams<'a> {
 
 /// The nearest answer, written directly, with the nodes that answered.
 pub(super) fn nearest_response(found: &Nearest) -> Response {
-    let mut resp = (
+    let resp = (
         [(header::CONTENT_TYPE, "application/json")],
         NearestOut::json(&found.drivers),
     )
         .into_response();
-    if !found.asked.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&found.asked.join(","))
-    {
-        resp.headers_mut().insert(SERVED_BY, v);
+    if found.asked.is_empty() {
+        return resp;
     }
-    resp
+    served_by(resp, &found.asked.join(","))
 }
 
 /// The k nearest available drivers, exact by great-circle distance.
@@ -137,13 +135,11 @@ pub(super) fn claimed_response(c: Claimed) -> Response {
     } else {
         StatusCode::OK
     };
-    let mut resp = (status, Json(c.m)).into_response();
-    if let Some(by) = c.by
-        && let Ok(v) = HeaderValue::from_str(&by)
-    {
-        resp.headers_mut().insert(SERVED_BY, v);
+    let resp = (status, Json(c.m)).into_response();
+    match c.by {
+        Some(by) => served_by(resp, &by),
+        None => resp,
     }
-    resp
 }
 
 /// Reserves the nearest eligible driver for an order, atomically.
