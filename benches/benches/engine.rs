@@ -10,8 +10,9 @@
 //!   1M; with `HEXMATCH_BENCH_10M=1` also both at 10M (about 4 GB of RAM
 //!   and a few more minutes);
 //! - `claim_1m` — claim + release of a fresh order;
-//! - `batch_1m` — `claim_batch` of 1000 orders × 10 candidates, and the
-//!   assignment alone on the same graph;
+//! - `batch_1m` — `claim_batch` of 1000 orders × 10 candidates at
+//!   scattered pickups, at one pickup, and within 100 m of one pickup; and
+//!   the assignment alone on the orders' own nearest;
 //! - `region_lookup` — the region of a position (H3 cell, then the cell →
 //!   region table) for the 77 Chicago community areas, at resolutions 6 and 8.
 //!
@@ -344,7 +345,53 @@ fn batch(c: &mut Criterion) {
         });
     });
 
-    // The assignment alone, on the graph claim_batch builds for window 0.
+    // Orders that compete: 1000 at one pickup, and 1000 scattered within
+    // 100 m of it, each in a fresh batch.
+    let centre = w.pickups[0];
+    for (name, spread_m) in [("co_located_1000x10", 0.0), ("within_100m_1000x10", 100.0)] {
+        let points = jitter(&vec![centre; BATCH], spread_m, SEED + 3);
+        let mut make = || -> Vec<BatchOrder> {
+            serial += 1;
+            points
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| BatchOrder {
+                    order_id: OrderId::new(&format!("c{serial}-{i}")).expect("valid order id"),
+                    request: ClaimRequest::new(p),
+                })
+                .collect()
+        };
+        let out = w
+            .engine
+            .claim_batch(&make(), CANDIDATES)
+            .expect("a valid batch");
+        println!(
+            "batch_1m: {name}: serves {} and leaves {} unmatched, {:.1} km in all",
+            out.matches.len(),
+            out.unmatched.len(),
+            out.matches.iter().map(|m| m.distance_m).sum::<f64>() / 1e3,
+        );
+        release_all(&out);
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let orders = make();
+                    let start = Instant::now();
+                    let out = w
+                        .engine
+                        .claim_batch(&orders, CANDIDATES)
+                        .expect("a valid batch");
+                    total += start.elapsed();
+                    release_all(&out);
+                }
+                total
+            });
+        });
+    }
+
+    // The assignment alone, on each order's own nearest (the graph
+    // claim_batch starts from) for window 0.
     let (n_cols, rows) = candidate_graph(&w.engine, &pickups[..BATCH], CANDIDATES);
     let optimal = assign_min_cost(n_cols, &rows);
     let greedy = assign_greedy(n_cols, &rows);

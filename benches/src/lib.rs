@@ -697,8 +697,9 @@ pub fn with_writer<R>(
 // ---------------------------------------------------------------------------
 // Batch matching
 
-/// The candidate graph [`Engine::claim_batch`] builds for `pickups` with
-/// `candidates` nearest available drivers each: `(n_cols, rows)` where row
+/// The graph of each pickup's own `candidates` nearest available drivers,
+/// which [`Engine::claim_batch`] starts from before it adds shared windows
+/// and widens where orders compete: `(n_cols, rows)` where row
 /// i lists `(driver column, pickup distance in mm)`. The input of
 /// [`hexmatch::assign_min_cost`].
 ///

@@ -7,8 +7,9 @@
 //! means for a match, and apply it to the index. This file keeps positions
 //! current (upsert, remove, TTL sweep, bulk load) and answers reads and
 //! searches; `engine/matches.rs` claims, confirms, releases, completes and
-//! expires matches, and restores them; `engine/snapshots.rs` takes and
-//! loads snapshots of the drivers.
+//! expires matches, and restores them; `engine/batch.rs` serves windows of
+//! orders together; `engine/snapshots.rs` takes and loads snapshots of the
+//! drivers.
 //!
 //! # Locks and their order
 //! `matching book → driver stripe → cells → shard`. A thread may skip
@@ -18,8 +19,11 @@
 //! another. Every change of a driver's status by matching happens under
 //! the book.
 
+mod batch;
 mod matches;
 mod snapshots;
+
+pub use batch::{EDGE_BUDGET_PER_CANDIDATE, GROUP_RESOLUTION};
 
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
-//! The engine's matching operations: claims (one order, one named
-//! driver, or a window of orders at least total distance), confirm,
-//! release, complete, expiry, and the durable records that restore live
-//! matches after a restart.
+//! The engine's matching operations: claims (one order or one named
+//! driver), confirm, release, complete, expiry, and the durable records
+//! that restore live matches after a restart. Windows of orders served
+//! together are in `engine/batch.rs`.
 //!
 //! A claim searches *without* the book (searches are the expensive part),
 //! then takes the book and reserves the best candidate under its shard's
@@ -10,17 +10,10 @@
 //! the claim searches again. Every status change here happens under the
 //! book.
 
-use std::collections::HashMap;
-
-use foldhash::fast::FixedState;
-
-use crate::assign::{Assignment, assign_min_cost};
 use crate::driver::{DriverUpdate, Status};
 use crate::error::{Error, Result};
 use crate::ids::{DriverId, OrderId};
-use crate::matching::{
-    BatchOrder, BatchOutcome, ClaimRequest, Match, MatchBook, MatchEvent, MatchState, RestoreReport,
-};
+use crate::matching::{ClaimRequest, Match, MatchBook, MatchEvent, MatchState, RestoreReport};
 use crate::position::Position;
 use crate::snapshot::DurableMatch;
 use crate::time::Timestamp;
@@ -361,112 +354,6 @@ impl Engine {
     pub fn live_matches(&self) -> usize {
         self.book.lock().live_count()
     }
-
-    /// Serves a window of orders together, minimising the summed pickup
-    /// distance.
-    ///
-    /// Each order's `candidates` nearest eligible drivers form a sparse
-    /// bipartite graph; an exact min-cost assignment on it serves as many
-    /// orders as the graph allows, at the least total distance among those
-    /// (see [`assign_min_cost`]). The chosen drivers are then reserved under
-    /// the book; a driver taken meanwhile by another claim leaves its order
-    /// unmatched rather than silently substituted.
-    ///
-    /// # Errors
-    /// [`Error::InvalidParameter`] for a bad request or `candidates` outside
-    /// 1..=100, or an order id twice in the window; nothing is reserved then.
-    pub fn claim_batch(&self, orders: &[BatchOrder], candidates: usize) -> Result<BatchOutcome> {
-        if !(1..=100).contains(&candidates) {
-            return Err(Error::InvalidParameter(format!(
-                "candidates {candidates} is not in 1..=100"
-            )));
-        }
-        let mut seen = std::collections::HashSet::with_capacity_and_hasher(
-            orders.len(),
-            FixedState::default(),
-        );
-        for o in orders {
-            o.request.validate()?;
-            if !seen.insert(&o.order_id) {
-                return Err(Error::InvalidParameter(format!(
-                    "order {} appears twice in the batch",
-                    o.order_id
-                )));
-            }
-        }
-        let mut out = BatchOutcome::default();
-        // Orders that already have a live match keep it.
-        let mut fresh = Vec::with_capacity(orders.len());
-        {
-            let book = self.book.lock();
-            for o in orders {
-                match book.existing(&o.order_id, &o.request) {
-                    Some(Ok(m)) => out.matches.push(m),
-                    Some(Err(_)) => out.unmatched.push(o.order_id.clone()),
-                    None => fresh.push(o),
-                }
-            }
-        }
-        let mut drivers: Vec<DriverId> = Vec::new();
-        let mut driver_index: HashMap<DriverId, usize, FixedState> = HashMap::default();
-        let mut edges: Vec<Vec<(usize, i64)>> = Vec::with_capacity(fresh.len());
-        for o in &fresh {
-            let near = self.nearest(&o.request.query(candidates)?)?;
-            edges.push(
-                near.into_iter()
-                    .map(|n| {
-                        let next = drivers.len();
-                        let j = *driver_index.entry(n.id.clone()).or_insert(next);
-                        if j == next {
-                            drivers.push(n.id);
-                        }
-                        (j, cost_mm(n.distance_m))
-                    })
-                    .collect(),
-            );
-        }
-        let Assignment { pairs, .. } = assign_min_cost(drivers.len(), &edges);
-        let mut book = self.book.lock();
-        let now = self.clock.now();
-        for (o, choice) in fresh.iter().zip(pairs) {
-            if let Some(existing) = book.existing(&o.order_id, &o.request) {
-                match existing {
-                    Ok(m) => out.matches.push(m),
-                    Err(_) => out.unmatched.push(o.order_id.clone()),
-                }
-                continue;
-            }
-            let reserved = choice.and_then(|j| {
-                self.index
-                    .reserve_if_eligible(&drivers[j], o.request.vehicle, o.request.capabilities)
-                    .map(|p| (j, p))
-            });
-            let Some((j, pos)) = reserved else {
-                out.unmatched.push(o.order_id.clone());
-                continue;
-            };
-            let m = Match {
-                order_id: o.order_id.clone(),
-                driver_id: drivers[j].clone(),
-                pickup: o.request.pickup,
-                distance_m: o.request.pickup.distance_m(pos),
-                state: MatchState::Reserved,
-                created_at: now,
-                reserved_until: now.plus_millis(o.request.hold_ms),
-                ended_at: None,
-                reason: None,
-            };
-            book.insert(m.clone(), o.request.clone());
-            out.matches.push(m);
-        }
-        Ok(out)
-    }
-}
-
-/// A distance in whole millimetres: the assignment works on integers so its
-/// optimum is exact.
-fn cost_mm(distance_m: f64) -> i64 {
-    (distance_m * 1000.0).round() as i64
 }
 
 #[cfg(test)]
@@ -935,61 +822,5 @@ mod tests {
         // The restored reservations (r, l) still expire on time, with new's.
         f.clock.advance(30_000);
         assert_eq!(back.expire_matches().len(), 3);
-    }
-
-    #[test]
-    fn batch_beats_greedy_and_reports_unserved() {
-        // Orders at 0.5 (a) and 2 (b, c); drivers at 1 and 3.2 (units of 0.001°).
-        // Serving a and b costs 0.5 + 1.2; serving b and c costs 1 + 1.2.
-        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1).unwrap()));
-        let engine = Engine::with_clock(EngineConfig::default(), clock).unwrap();
-        let at = |x: f64| pos(0.0, x * 0.001);
-        engine
-            .upsert(&DriverUpdate::location(did("x1"), at(1.0), None))
-            .unwrap();
-        engine
-            .upsert(&DriverUpdate::location(did("x3"), at(3.2), None))
-            .unwrap();
-        let order = |o: &str, x: f64| BatchOrder {
-            order_id: oid(o),
-            request: ClaimRequest::new(at(x)),
-        };
-        let orders = [order("a", 0.5), order("b", 2.0), order("c", 2.0)];
-        let out = engine.claim_batch(&orders, 10).unwrap();
-        let by: HashMap<_, _> = out
-            .matches
-            .iter()
-            .map(|m| (m.order_id.as_str(), m.driver_id.as_str()))
-            .collect();
-        // Two drivers for three orders: a↔x1 and b↔x3 (c loses the tie on
-        // nothing: b and c cost the same, so either is optimal).
-        assert_eq!(out.matches.len(), 2);
-        assert_eq!(out.unmatched.len(), 1);
-        assert_eq!(by.get("a"), Some(&"x1"));
-        assert_eq!(by.values().filter(|d| **d == "x3").count(), 1);
-        let total: f64 = out.matches.iter().map(|m| m.distance_m).sum();
-        assert!((total - at(0.5).distance_m(at(1.0)) - at(2.0).distance_m(at(3.2))).abs() < 1e-6);
-        assert_eq!(engine.counts().reserved, 2);
-        assert_eq!(
-            engine
-                .claim_batch(&[order("z", 0.0), order("z", 1.0)], 10)
-                .unwrap_err()
-                .code(),
-            "invalid_parameter"
-        );
-        assert_eq!(
-            engine.claim_batch(&orders, 0).unwrap_err().code(),
-            "invalid_parameter"
-        );
-        // Re-running the same window returns the existing matches.
-        let again = engine.claim_batch(&orders[..1], 10).unwrap();
-        assert_eq!(
-            again.matches[0],
-            out.matches
-                .iter()
-                .find(|m| m.order_id.as_str() == "a")
-                .unwrap()
-                .clone()
-        );
     }
 }
