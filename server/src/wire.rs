@@ -829,7 +829,9 @@ pub struct BatchIn {
     /// Only `total_distance` is supported.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub objective: Option<String>,
-    /// Candidate drivers considered per order, 1..=100 (default 16).
+    /// How many of its own nearest eligible drivers each order sees at
+    /// first, 1..=100 (default 16). Each order also gets a private
+    /// candidate no earlier order has, and orders left unserved see more.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub candidates: Option<usize>,
 }

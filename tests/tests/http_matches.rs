@@ -671,12 +671,15 @@ async fn batch_minimises_total_distance() {
     srv.shutdown().await;
 }
 
-/// `candidates` bounds each order's candidate drivers: with one, both
-/// orders see only driver x and one of them goes unserved; with the
-/// default, both are served.
+/// `candidates` bounds how many of its own nearest drivers each order
+/// sees at first. Orders A (at 1.0) and B (at 0.0), drivers x (0.9) and y
+/// (2.2). With one, both see only x; A also gets x as its private
+/// candidate and B gets y, so both are served, A↔x and B↔y (2.3 units).
+/// With the default both see both drivers and the optimum is A↔y and B↔x
+/// (2.1 units).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batch_candidates_bound_the_graph() {
-    for (candidates, served) in [(json!(1), 1), (json!(16), 2)] {
+async fn batch_candidates_bound_what_each_order_sees() {
+    for (candidates, a_gets, total) in [(json!(1), "x", 2.3), (json!(16), "y", 2.1)] {
         let srv = manual().await;
         put_at(&srv, "x", at(0.9)).await;
         put_at(&srv, "y", at(2.2)).await;
@@ -688,12 +691,124 @@ async fn batch_candidates_bound_the_graph() {
             "candidates": candidates,
         });
         let v = srv.post_json("/v1/matches/batch", &body).await.expect(200);
+        let matches = v["matches"].as_array().unwrap();
+        assert_eq!(matches.len(), 2, "candidates {candidates}: {v}");
+        let a = matches.iter().find(|m| m["order_id"] == "A").unwrap();
         assert_eq!(
-            v["matches"].as_array().unwrap().len(),
-            served,
+            str_of(a, "driver_id"),
+            a_gets,
             "candidates {candidates}: {v}"
         );
+        let sum: f64 = matches.iter().map(|m| f64_of(m, "distance_m")).sum();
+        let unit = at(0.0).distance_m(at(1.0));
+        assert!(
+            (sum / unit - total).abs() < 1e-3,
+            "candidates {candidates}: {v}"
+        );
+        srv.shutdown().await;
     }
+}
+
+/// Orders at one pickup all get drivers when enough are available: 50,
+/// 200 and 1,000 orders at one point, 1,100 drivers around it. Each order's
+/// own 16 nearest are the same 16 drivers; the batch still serves every
+/// order, with distinct drivers, and the 1,000 take the 1,000 nearest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn co_located_orders_all_get_drivers() {
+    let srv = manual().await;
+    let here = at(0.0);
+    let drivers: Vec<Value> = (0..1_100)
+        .map(|i| {
+            let r = 0.0001 * f64::from(i + 1).sqrt();
+            let a = f64::from(i) * 2.4;
+            json!({
+                "driver_id": format!("d{i}"),
+                "lat": here.lat() + r * a.sin(),
+                "lon": here.lon() + r * a.cos(),
+                "ts": t_str(0),
+            })
+        })
+        .collect();
+    let v = srv
+        .post_json("/v1/locations", &json!(drivers))
+        .await
+        .expect(200);
+    assert_eq!(v["applied"], json!(1_100), "{v}");
+    let mut nearest: Vec<f64> = drivers
+        .iter()
+        .map(|d| here.distance_m(Position::new(f64_of(d, "lat"), f64_of(d, "lon")).unwrap()))
+        .collect();
+    nearest.sort_by(f64::total_cmp);
+    for (round, n) in [50, 200, 1_000].into_iter().enumerate() {
+        let orders: Vec<Value> = (0..n)
+            .map(|i| json!({"order_id": format!("r{round}-{i}"), "pickup": pickup(here)}))
+            .collect();
+        let v = srv
+            .post_json("/v1/matches/batch", &json!({"orders": orders}))
+            .await
+            .expect(200);
+        let matches = v["matches"].as_array().unwrap();
+        assert_eq!(
+            matches.len(),
+            n,
+            "{n} orders at one point: {}",
+            v["unmatched"]
+        );
+        assert_eq!(v["unmatched"], json!([]));
+        let ids: BTreeSet<&str> = matches.iter().map(|m| str_of(m, "driver_id")).collect();
+        assert_eq!(ids.len(), n, "a driver twice");
+        let sum: f64 = matches.iter().map(|m| f64_of(m, "distance_m")).sum();
+        let best: f64 = nearest[..n].iter().sum();
+        assert!(
+            (sum - best).abs() < 1e-3 * n as f64,
+            "{n} orders: {sum} m, best {best} m"
+        );
+        for m in matches {
+            srv.post_json(
+                &format!("/v1/matches/{}/release", str_of(m, "order_id")),
+                &json!({}),
+            )
+            .await
+            .expect(200);
+        }
+    }
+    srv.shutdown().await;
+}
+
+/// More orders than `--max-batch-items` is 413 `payload_too_large`, and so
+/// is a location batch past it; nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_past_the_maximum_are_payload_too_large() {
+    let srv = TestServer::start_manual(ServeConfig {
+        max_batch_items: 100,
+        ..test_config()
+    })
+    .await;
+    put_at(&srv, "x", at(0.0)).await;
+    let before = srv.snapshot(&["o0", "o100"]);
+    let orders: Vec<Value> = (0..101)
+        .map(|i| json!({"order_id": format!("o{i}"), "pickup": pickup(at(0.0))}))
+        .collect();
+    srv.post_json("/v1/matches/batch", &json!({"orders": orders}))
+        .await
+        .expect_error(413, "payload_too_large");
+    let items: Vec<Value> = (0..101)
+        .map(|i| json!({"driver_id": format!("n{i}"), "lat": 41.88, "lon": -87.7}))
+        .collect();
+    srv.post_json("/v1/locations", &json!(items))
+        .await
+        .expect_error(413, "payload_too_large");
+    assert_eq!(srv.snapshot(&["o0", "o100"]), before);
+    // At the maximum, both are served.
+    let v = srv
+        .post_json("/v1/matches/batch", &json!({"orders": orders[..100]}))
+        .await
+        .expect(200);
+    assert_eq!(v["matches"].as_array().unwrap().len(), 1, "{v}");
+    srv.post_json("/v1/locations", &json!(items[..100]))
+        .await
+        .expect(200);
+    srv.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use hexmatch::DriverId;
 
 use super::AppState;
 use super::extract::{IdPath, JsonBody, body_bytes, media_type, parse_json, unsupported};
-use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::service::Scope;
 use crate::wire::{
     BatchTally, DriverOut, DriverPut, DriverPutOut, LocationIn, LocationItem, LocationOut,
@@ -94,8 +94,8 @@ pub(super) fn decode_item(text: &str) -> ApiResult<LocationItem> {
     ), description = "A JSON array of updates, or one update per line (NDJSON)"),
     responses(
         (status = 200, description = "Valid items applied even when others are rejected", body = BatchTally),
-        (status = 400, description = "invalid_json (not an array), invalid_parameter (too many items)", body = ErrorBody),
-        (status = 413, description = "payload_too_large", body = ErrorBody),
+        (status = 400, description = "invalid_json (not an array)", body = ErrorBody),
+        (status = 413, description = "payload_too_large: the body is over --body-limit-bytes or holds more than --max-batch-items items (default 10000)", body = ErrorBody),
         (status = 415, description = "unsupported_media_type", body = ErrorBody),
     ))]
 pub(super) async fn post_locations(
@@ -135,10 +135,10 @@ pub(super) async fn post_locations(
     };
     let max = state.svc.config.max_batch_items;
     if items.len() > max {
-        return Err(ApiError::invalid_parameter(format!(
-            "{} items; at most {max} per request",
-            items.len()
-        )));
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("{} items; at most {max} per request", items.len()),
+        ));
     }
     state.svc.apply_items(items).await.map(Json)
 }

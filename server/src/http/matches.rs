@@ -228,7 +228,8 @@ pub(super) async fn complete(
 #[utoipa::path(post, path = "/v1/matches/batch", tag = "matching", request_body = BatchIn,
     responses(
         (status = 200, body = BatchOut),
-        (status = 400, description = "invalid_json, invalid_parameter (objective, duplicate order, too many orders), invalid_id, invalid_position", body = ErrorBody),
+        (status = 400, description = "invalid_json, invalid_parameter (objective, duplicate order, candidates), invalid_id, invalid_position", body = ErrorBody),
+        (status = 413, description = "payload_too_large: the body is over --body-limit-bytes or holds more than --max-batch-items orders (default 10000)", body = ErrorBody),
     ))]
 pub(super) async fn batch(
     State(state): State<AppState>,

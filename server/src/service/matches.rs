@@ -402,7 +402,8 @@ impl Service {
     /// Serves a window of orders, minimising the summed pickup distance.
     ///
     /// # Errors
-    /// Invalid orders or objective, too many orders; `unavailable`.
+    /// Invalid orders or objective; `payload_too_large` past
+    /// `max_batch_items` orders; `unavailable`.
     pub async fn batch(&self, body: BatchIn) -> ApiResult<BatchOut> {
         if let Some(o) = body.objective.as_deref().filter(|o| *o != "total_distance") {
             return Err(ApiError::invalid_parameter(format!(
@@ -411,10 +412,10 @@ impl Service {
         }
         let max = self.config.max_batch_items;
         if body.orders.len() > max {
-            return Err(ApiError::invalid_parameter(format!(
-                "{} orders; at most {max} per batch",
-                body.orders.len()
-            )));
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("{} orders; at most {max} per batch", body.orders.len()),
+            ));
         }
         let orders = body
             .orders

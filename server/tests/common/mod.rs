@@ -271,6 +271,22 @@ impl Node {
         node
     }
 
+    /// The process's resident memory now and at its peak (`VmRSS` and
+    /// `VmHWM` of `/proc/<pid>/status`), in MiB.
+    pub fn memory_mib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the process is alive");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map(|kb| kb / 1024)
+                .expect("a memory field in kB")
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
     /// Sends a signal (`KILL`, `STOP`, `CONT`) to the process.
     pub fn signal(&mut self, sig: &str) {
         let status = Command::new("kill")
