@@ -173,6 +173,7 @@ pub async fn start_with_clock(
     let app = http::app(Arc::clone(&state));
     let limits = http::listen::ConnLimits {
         header_read_timeout: Duration::from_millis(config.header_read_timeout_ms.max(1)),
+        idle_timeout: Duration::from_millis(config.idle_timeout_ms.max(1)),
         max_connections: match config.max_connections {
             0 => http::listen::default_max_connections(
                 http::listen::open_files_limit().unwrap_or(1024),
@@ -183,6 +184,7 @@ pub async fn start_with_clock(
     tracing::info!(
         max_connections = limits.max_connections,
         header_read_timeout_ms = config.header_read_timeout_ms,
+        idle_timeout_ms = config.idle_timeout_ms,
         "connection limits"
     );
     let serving = tokio::spawn(async move {

@@ -83,9 +83,12 @@ pub struct ServeConfig {
     /// At most this many ended matches are kept; past it the oldest are
     /// forgotten before their retention ends.
     pub max_ended_matches: usize,
-    /// Time a client has to send a request's head, in ms; an idle
-    /// keep-alive connection is closed after the same time.
+    /// Time a client has to send a request's head, in ms, counted from its
+    /// first byte (from the accept, for a new connection).
     pub header_read_timeout_ms: u64,
+    /// How long a keep-alive connection may sit idle between requests, in
+    /// ms.
+    pub idle_timeout_ms: u64,
     /// Connections open at once; 0 = the process's file limit less 128.
     pub max_connections: usize,
     /// How far ahead of this server's clock a fix's `ts` may be; a later
@@ -217,6 +220,7 @@ impl Default for ServeConfig {
             max_ended_matches: 1_000_000,
             max_clock_skew_ms: 300_000,
             header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
             max_connections: 0,
             cluster_secret: None,
             insecure_cluster: false,
@@ -309,10 +313,14 @@ pub struct ServeArgs {
     /// Most ended matches kept readable [default: 1000000].
     #[arg(long, env = "HEXMATCH_MAX_ENDED_MATCHES")]
     pub max_ended_matches: Option<usize>,
-    /// Time a client has to send a request's head, in ms; an idle
-    /// keep-alive connection is closed after the same time [default: 10000].
+    /// Time a client has to send a request's head, in ms, from its first
+    /// byte (from the accept, for a new connection) [default: 10000].
     #[arg(long, env = "HEXMATCH_HEADER_READ_TIMEOUT_MS")]
     pub header_read_timeout_ms: Option<u64>,
+    /// How long a keep-alive connection may sit idle between requests, in
+    /// ms [default: 60000].
+    #[arg(long, env = "HEXMATCH_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
     /// Connections open at once [default: 0 = the process's file limit
     /// less 128].
     #[arg(long, env = "HEXMATCH_MAX_CONNECTIONS")]
@@ -393,7 +401,7 @@ impl ServeArgs {
         );
         take!(redis_prefix, snapshot_interval_ms, ingest_stream);
         take!(cluster, own_regions, lease_ttl_ms);
-        take!(header_read_timeout_ms, max_connections);
+        take!(header_read_timeout_ms, idle_timeout_ms, max_connections);
         take!(
             workers,
             match_retention_s,

@@ -51,6 +51,12 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// The body is larger than the limit.
     PayloadTooLarge,
+    /// The request line or a header cannot be parsed as HTTP/1.1.
+    MalformedRequest,
+    /// The request target (path and query) is longer than the server reads.
+    UriTooLong,
+    /// The request's headers are too many or too large.
+    HeadersTooLarge,
     /// The body's content type is not accepted here.
     UnsupportedMediaType,
     /// The route needs a WebSocket upgrade.
@@ -77,7 +83,8 @@ impl ErrorCode {
             | Self::InvalidPosition
             | Self::InvalidId
             | Self::InvalidTimestamp
-            | Self::InvalidParameter => StatusCode::BAD_REQUEST,
+            | Self::InvalidParameter
+            | Self::MalformedRequest => StatusCode::BAD_REQUEST,
             Self::UnknownDriver | Self::UnknownOrder | Self::NotFound => StatusCode::NOT_FOUND,
             Self::NoDriverAvailable
             | Self::DriverNotAvailable
@@ -87,6 +94,8 @@ impl ErrorCode {
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -120,6 +129,9 @@ impl ErrorCode {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::MalformedRequest => "malformed_request",
+            Self::UriTooLong => "uri_too_long",
+            Self::HeadersTooLarge => "headers_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::UpgradeRequired => "upgrade_required",
             Self::RateLimited => "rate_limited",
@@ -324,6 +336,9 @@ mod tests {
             C::NotFound,
             C::MethodNotAllowed,
             C::PayloadTooLarge,
+            C::MalformedRequest,
+            C::UriTooLong,
+            C::HeadersTooLarge,
             C::UnsupportedMediaType,
             C::UpgradeRequired,
             C::RateLimited,

@@ -1,7 +1,9 @@
 //! Connection limits of `hexmatch serve`, against the real binary: a
-//! client that trickles its headers is cut off, an idle keep-alive
-//! connection is closed, and at the process's file limit, under a
-//! slowloris, ordinary requests keep being answered.
+//! client that trickles its headers or says nothing is cut off at the
+//! header-read timeout, an idle keep-alive connection is closed at the
+//! (longer) idle timeout, requests hyper cannot parse get JSON errors, and
+//! at the process's file limit, under a slowloris, ordinary requests keep
+//! being answered.
 
 mod common;
 
@@ -57,25 +59,120 @@ fn a_client_trickling_its_headers_is_cut_off() {
     assert!(cut, "a trickling client kept its connection for 20 s");
 }
 
-#[test]
-fn an_idle_keep_alive_connection_is_closed() {
-    let node = Node::spawn(&["--header-read-timeout-ms", "500"]);
-    let mut s = TcpStream::connect(addr(&node)).expect("connect");
-    s.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
-        .expect("write");
+/// Sends one request on `s` and reads its answer (one read: the answers
+/// here are small).
+fn answer(s: &mut TcpStream, request: &[u8]) -> String {
+    s.write_all(request).expect("write");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    let mut buf = [0u8; 1024];
-    let n = s.read(&mut buf).expect("a response");
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = s.read(&mut buf).expect("an answer");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Between requests the idle timeout applies, not the header-read one: a
+/// keep-alive connection outlives the header timeout, serves a second
+/// request, and is closed once idle past the idle timeout.
+#[test]
+fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() {
+    let node = Node::spawn(&[
+        "--header-read-timeout-ms",
+        "300",
+        "--idle-timeout-ms",
+        "2500",
+    ]);
+    let mut s = TcpStream::connect(addr(&node)).expect("connect");
+    let get = b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n";
+    let first = answer(&mut s, get);
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
     assert!(
-        buf[..n].starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&buf[..n])
+        !closed_within(&mut s, Duration::from_millis(1200)),
+        "closed at the header-read timeout while idle"
     );
+    let second = answer(&mut s, get);
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    let idle = Instant::now();
     assert!(
         closed_within(&mut s, Duration::from_secs(20)),
         "an idle keep-alive connection stayed open for 20 s"
     );
+    assert!(
+        idle.elapsed() >= Duration::from_secs(2),
+        "closed after {:?}",
+        idle.elapsed()
+    );
+}
+
+/// A new connection that sends nothing is closed at the header-read
+/// timeout, not the longer idle one.
+#[test]
+fn a_silent_new_connection_is_closed_at_the_header_timeout() {
+    let node = Node::spawn(&[
+        "--header-read-timeout-ms",
+        "300",
+        "--idle-timeout-ms",
+        "60000",
+    ]);
+    let mut s = TcpStream::connect(addr(&node)).expect("connect");
+    assert!(
+        closed_within(&mut s, Duration::from_secs(20)),
+        "a silent connection stayed open for 20 s"
+    );
+}
+
+/// The answers hyper writes itself, for requests it cannot parse, carry the
+/// JSON error shape of every other error.
+#[test]
+fn unparsable_requests_get_json_errors() {
+    let node = Node::spawn(&[]);
+    let long_uri = format!(
+        "GET /v1/drivers/nearest?lat=1&x={} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let many_headers = format!(
+        "GET /livez HTTP/1.1\r\nHost: x\r\n{}\r\n",
+        (0..150)
+            .map(|i| format!("x-h{i}: v\r\n"))
+            .collect::<Vec<_>>()
+            .concat()
+    );
+    let huge_header = format!(
+        "GET /livez HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(500_000)
+    );
+    for (request, status, code) in [
+        (long_uri.as_str(), "414", "uri_too_long"),
+        (many_headers.as_str(), "431", "headers_too_large"),
+        (huge_header.as_str(), "431", "headers_too_large"),
+        (
+            "GARBAGE\u{1} / HTTP/1.1\r\n\r\n",
+            "400",
+            "malformed_request",
+        ),
+        (
+            "GET /livez HTTP/1.1\r\nno colon here\r\n\r\n",
+            "400",
+            "malformed_request",
+        ),
+    ] {
+        let mut s = TcpStream::connect(addr(&node)).expect("connect");
+        // The server may answer and close before it has read everything.
+        let _ = s.write_all(request.as_bytes());
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut text = Vec::new();
+        let _ = s.read_to_end(&mut text);
+        let text = String::from_utf8_lossy(&text);
+        let (head, body) = text.split_once("\r\n\r\n").expect("a full answer");
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        let v: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+        assert_eq!(v["error"]["code"], code, "{text}");
+    }
+    // The server still answers.
+    let mut s = TcpStream::connect(addr(&node)).expect("connect");
+    let ok = answer(&mut s, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
 }
 
 /// The finding: with the file limit at 1024, 1,100 slow connections made

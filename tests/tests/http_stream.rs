@@ -237,3 +237,26 @@ async fn bad_ack_every_is_refused() {
     }
     srv.shutdown().await;
 }
+
+/// A WebSocket is not a request head: once upgraded, the connection
+/// outlives the header-read timeout and keeps taking frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_outlives_the_header_read_timeout() {
+    let srv = TestServer::start_manual(ServeConfig {
+        header_read_timeout_ms: 200,
+        idle_timeout_ms: 400,
+        ..test_config()
+    })
+    .await;
+    let mut ws = srv.ws("ack_every=1").await;
+    for id in ["late", "later"] {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        ws.send_json(&json!({"driver_id": id, "lat": 41.9, "lon": -87.65}))
+            .await;
+        assert_eq!(
+            ws.next_ack().await,
+            json!({"applied": 1, "stale": 0, "rejected": []})
+        );
+    }
+    srv.shutdown().await;
+}

@@ -1,10 +1,16 @@
 //! The accept loop: connections, with limits a public deployment can keep.
 //!
 //! - **Header-read timeout.** A client must send a request's head within
-//!   `header_read_timeout` (hyper's timer), counted from when the
-//!   connection starts waiting for it. So a client that trickles a header
-//!   byte at a time (slowloris) is cut off, and an idle keep-alive
-//!   connection is closed after the same time.
+//!   `header_read_timeout` of its first byte, or of the accept for a new
+//!   connection (see `http/conn.rs`). So a client that trickles a
+//!   header byte at a time (slowloris), or connects and says nothing, is
+//!   cut off.
+//! - **Idle timeout.** A keep-alive connection may wait `idle_timeout`
+//!   for its next request (hyper's timer, which also bounds idle wait plus
+//!   head). Longer than the header-read timeout, so a load balancer's
+//!   pooled connections are not closed under it.
+//! - **Hyper's own answers** to requests it cannot parse (400, 414, 431)
+//!   get the JSON error body (see `http/conn.rs`).
 //! - **A cap on open connections.** At most `max_connections` at once;
 //!   past it the loop stops accepting and new connections wait in the
 //!   kernel's backlog until one closes, rather than the process running
@@ -34,12 +40,15 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt as _;
 
+use super::conn::{ConnPhase, GuardedIo};
+
 /// Limits on connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnLimits {
-    /// Time a client has to send a request's head (and an idle keep-alive
-    /// connection stays open).
+    /// Time a client has to send a request's head, from its first byte.
     pub header_read_timeout: Duration,
+    /// Time a keep-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
     /// Connections open at once.
     pub max_connections: usize,
 }
@@ -99,7 +108,10 @@ pub async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             gauge!("hexmatch_http_connections").increment(1.0);
+            let phase = Arc::new(ConnPhase::default());
+            let io = GuardedIo::new(stream, Arc::clone(&phase), limits.header_read_timeout);
             let service = app.map_request(move |mut req: Request<Incoming>| {
+                phase.request_started();
                 req.extensions_mut().insert(ConnectInfo(peer));
                 req.map(Body::new)
             });
@@ -108,9 +120,8 @@ pub async fn serve(
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout);
-            let mut conn =
-                pin!(builder.serve_connection_with_upgrades(TokioIo::new(stream), service));
+                .header_read_timeout(limits.idle_timeout.max(limits.header_read_timeout));
+            let mut conn = pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
             loop {
                 tokio::select! {
                     result = conn.as_mut() => {

@@ -15,6 +15,7 @@
 //! Every error, axum's own rejections included, is the JSON shape of
 //! [`ErrorBody`].
 
+mod conn;
 mod drivers;
 mod extract;
 mod forward;
