@@ -481,6 +481,14 @@ impl ServeConfig {
         if self.cluster && (self.redis_url.is_none() || self.regions.is_none()) {
             return Err("--cluster needs --redis-url and --regions".to_owned());
         }
+        if let Some(url) = &self.redis_url
+            && let Err(e) = redis::Client::open(url.as_str())
+        {
+            // The URL itself may hold a password: name the error, not it.
+            return Err(format!(
+                "--redis-url is not a Redis URL (redis://, rediss:// or unix://): {e}"
+            ));
+        }
         if self.cluster && self.lease_ttl_ms < 300 {
             return Err(format!(
                 "lease_ttl_ms {} is too short; at least 300",

@@ -22,6 +22,41 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
+
+/// A `T` read only from a JSON object. serde's derived structs also accept
+/// a positional array (`[41.9, -87.7]` for `{"lat": …, "lon": …}`), which
+/// the API does not: a body, item or field that should be an object and is
+/// anything else is `invalid_json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Only<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Only<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer
+            .deserialize_map(Only(std::marker::PhantomData))
+            .map(Object)
+    }
+}
+
+/// `deserialize_with` for a field that must be a JSON object.
+fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Object::deserialize(d).map(|o| o.0)
+}
+
+/// `deserialize_with` for an array whose items must be JSON objects.
+fn objects<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    Vec::<Object<T>>::deserialize(d).map(|v| v.into_iter().map(|o| o.0).collect())
+}
 pub use crate::error::{ErrorBody, ErrorDetail};
 
 /// The region of every position on a node without a region map.
@@ -366,7 +401,7 @@ impl LocationItem {
     /// as `deny_unknown_fields` makes it over HTTP).
     ///
     /// # Errors
-    /// `invalid_json` for a missing, unknown or unreadable field.
+    /// `invalid_json` for a missing, unknown, repeated or unreadable field.
     pub fn from_stream_fields(fields: &[(String, String)]) -> ApiResult<Self> {
         let (mut driver_id, mut lat, mut lon) = (None, None, None);
         let mut item = Self {
@@ -383,7 +418,10 @@ impl LocationItem {
                 .parse::<f64>()
                 .map_err(|_| ApiError::invalid_json(format!("{name} {raw:?} is not a number")))
         };
-        for (name, raw) in fields {
+        for (i, (name, raw)) in fields.iter().enumerate() {
+            if fields[..i].iter().any(|(seen, _)| seen == name) {
+                return Err(ApiError::invalid_json(format!("duplicate field `{name}`")));
+            }
             match name.as_str() {
                 "driver_id" => driver_id = Some(raw.clone()),
                 "lat" => lat = Some(number("lat", raw)?),
@@ -688,6 +726,7 @@ pub struct OrderIn {
     /// The order id (idempotency key).
     pub order_id: String,
     /// Where to pick up.
+    #[serde(deserialize_with = "object")]
     pub pickup: LatLon,
     /// Required vehicle class.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -749,6 +788,7 @@ pub struct MatchOut {
     #[schema(value_type = String)]
     pub created_at: Timestamp,
     /// The order's pickup.
+    #[serde(deserialize_with = "object")]
     pub pickup: LatLon,
     /// When it ended (RFC 3339).
     #[serde(default, with = "opt_ts", skip_serializing_if = "Option::is_none")]
@@ -825,6 +865,7 @@ pub struct ReleaseIn {
 #[serde(deny_unknown_fields)]
 pub struct BatchIn {
     /// The orders of the window.
+    #[serde(deserialize_with = "objects")]
     pub orders: Vec<OrderIn>,
     /// Only `total_distance` is supported.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -951,6 +992,7 @@ pub struct PeerOrder {
     #[serde(with = "text")]
     pub order_id: OrderId,
     /// Where to pick up.
+    #[serde(deserialize_with = "object")]
     pub pickup: LatLon,
     /// Required vehicle class.
     #[serde(default, with = "opt_text", skip_serializing_if = "Option::is_none")]

@@ -11,7 +11,7 @@ use super::extract::{IdPath, JsonBody, body_bytes, media_type, parse_json, unsup
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::service::Scope;
 use crate::wire::{
-    BatchTally, DriverOut, DriverPut, DriverPutOut, LocationIn, LocationItem, LocationOut,
+    BatchTally, DriverOut, DriverPut, DriverPutOut, LocationIn, LocationItem, LocationOut, Object,
 };
 
 /// Creates or replaces a driver.
@@ -83,7 +83,9 @@ pub(super) async fn post_location(
 
 /// Decodes one update object of a batch or stream.
 pub(super) fn decode_item(text: &str) -> ApiResult<LocationItem> {
-    serde_json::from_str(text).map_err(|e| ApiError::invalid_json(e.to_string()))
+    serde_json::from_str::<Object<LocationItem>>(text)
+        .map(|o| o.0)
+        .map_err(|e| ApiError::invalid_json(e.to_string()))
 }
 
 /// Applies a batch of location updates (JSON array or NDJSON).

@@ -8,6 +8,7 @@ use axum::http::{StatusCode, header};
 use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, ErrorCode};
+use crate::wire::Object;
 
 /// Reads the body under the configured limit: 413 `payload_too_large` past it.
 pub(super) async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
@@ -51,6 +52,11 @@ pub(super) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
         .map_err(|e| ApiError::invalid_json(format!("body is not valid: {e}")))
 }
 
+/// [`parse_json`] of a body that must be a JSON object.
+pub(super) fn parse_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    parse_json::<Object<T>>(bytes).map(|o| o.0)
+}
+
 /// A JSON body (`Content-Type: application/json`), or the API error.
 #[derive(Debug)]
 pub(super) struct JsonBody<T>(pub T);
@@ -64,7 +70,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
             return Err(unsupported(ct.as_deref(), "application/json"));
         }
         let bytes = body_bytes(req, state).await?;
-        parse_json(&bytes).map(Self)
+        parse_object(&bytes).map(Self)
     }
 }
 
@@ -84,7 +90,7 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
         if ct.as_deref() != Some("application/json") {
             return Err(unsupported(ct.as_deref(), "application/json"));
         }
-        parse_json(&bytes).map(Self)
+        parse_object(&bytes).map(Self)
     }
 }
 

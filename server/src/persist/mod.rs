@@ -710,6 +710,13 @@ impl Persistence {
     /// [`Restored::warnings`] and skipped, never loaded half-way.
     pub async fn restore(&self, engine: &Arc<Engine>) -> Result<Restored, String> {
         let mut out = Restored::default();
+        // Every read that can refuse the restore comes before the engine
+        // is touched, so a refused restore leaves it empty.
+        let mut conn = self.conn.clone();
+        let key = self.key("matches");
+        let raw: HashMap<String, Vec<u8>> = self
+            .note(conn.hgetall(&key).await)
+            .map_err(|error| KeyError { key, error }.to_string())?;
         for key in [self.key("snap:manifest"), self.key("snap:manifest:prev")] {
             match self.read_snapshot(&self.region, &key).await {
                 Ok(None) => {}
@@ -733,11 +740,6 @@ impl Persistence {
                 Err(ReadError::Redis(e)) => return Err(e),
             }
         }
-        let mut conn = self.conn.clone();
-        let key = self.key("matches");
-        let raw: HashMap<String, Vec<u8>> = self
-            .note(conn.hgetall(&key).await)
-            .map_err(|error| KeyError { key, error }.to_string())?;
         let mut records = Vec::with_capacity(raw.len());
         for (order, bytes) in raw {
             match DurableMatch::decode(&bytes) {
