@@ -11,8 +11,10 @@
 //!   and a few more minutes);
 //! - `claim_1m` — claim + release of a fresh order;
 //! - `batch_1m` — `claim_batch` of 1000 orders × 10 candidates at
-//!   scattered pickups, at one pickup, and within 100 m of one pickup; and
-//!   the assignment alone on the orders' own nearest;
+//!   scattered pickups, and the assignment alone on the orders' own
+//!   nearest;
+//! - `batch_competing_1m` — `claim_batch` of 1000 orders × 10 candidates at
+//!   one pickup, and within 100 m of one pickup;
 //! - `region_lookup` — the region of a position (H3 cell, then the cell →
 //!   region table) for the 77 Chicago community areas, at resolutions 6 and 8.
 //!
@@ -345,51 +347,6 @@ fn batch(c: &mut Criterion) {
         });
     });
 
-    // Orders that compete: 1000 at one pickup, and 1000 scattered within
-    // 100 m of it, each in a fresh batch.
-    let centre = w.pickups[0];
-    for (name, spread_m) in [("co_located_1000x10", 0.0), ("within_100m_1000x10", 100.0)] {
-        let points = jitter(&vec![centre; BATCH], spread_m, SEED + 3);
-        let mut make = || -> Vec<BatchOrder> {
-            serial += 1;
-            points
-                .iter()
-                .enumerate()
-                .map(|(i, &p)| BatchOrder {
-                    order_id: OrderId::new(&format!("c{serial}-{i}")).expect("valid order id"),
-                    request: ClaimRequest::new(p),
-                })
-                .collect()
-        };
-        let out = w
-            .engine
-            .claim_batch(&make(), CANDIDATES)
-            .expect("a valid batch");
-        println!(
-            "batch_1m: {name}: serves {} and leaves {} unmatched, {:.1} km in all",
-            out.matches.len(),
-            out.unmatched.len(),
-            out.matches.iter().map(|m| m.distance_m).sum::<f64>() / 1e3,
-        );
-        release_all(&out);
-        group.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let orders = make();
-                    let start = Instant::now();
-                    let out = w
-                        .engine
-                        .claim_batch(&orders, CANDIDATES)
-                        .expect("a valid batch");
-                    total += start.elapsed();
-                    release_all(&out);
-                }
-                total
-            });
-        });
-    }
-
     // The assignment alone, on each order's own nearest (the graph
     // claim_batch starts from) for window 0.
     let (n_cols, rows) = candidate_graph(&w.engine, &pickups[..BATCH], CANDIDATES);
@@ -413,12 +370,77 @@ fn batch(c: &mut Criterion) {
     group.finish();
 }
 
+/// Orders that compete for the same drivers: 1000 at one pickup, and 1000
+/// scattered within 100 m of it, each in a fresh batch.
+fn batch_competing(c: &mut Criterion) {
+    let w = &*CITY;
+    let release_all = |out: &hexmatch::BatchOutcome| {
+        for m in &out.matches {
+            w.engine
+                .release(&m.order_id, None)
+                .expect("a live match releases");
+        }
+        w.purge_matches();
+    };
+    let mut group = c.benchmark_group("batch_competing_1m");
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(4))
+        .throughput(Throughput::Elements(BATCH as u64));
+    let mut serial = 0u64;
+    let centre = w.pickups[0];
+    for (name, spread_m) in [("co_located_1000x10", 0.0), ("within_100m_1000x10", 100.0)] {
+        let points = jitter(&vec![centre; BATCH], spread_m, SEED + 3);
+        let mut make = || -> Vec<BatchOrder> {
+            serial += 1;
+            points
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| BatchOrder {
+                    order_id: OrderId::new(&format!("c{serial}-{i}")).expect("valid order id"),
+                    request: ClaimRequest::new(p),
+                })
+                .collect()
+        };
+        let out = w
+            .engine
+            .claim_batch(&make(), CANDIDATES)
+            .expect("a valid batch");
+        println!(
+            "batch_competing_1m: {name}: serves {} and leaves {} unmatched, {:.1} km in all",
+            out.matches.len(),
+            out.unmatched.len(),
+            out.matches.iter().map(|m| m.distance_m).sum::<f64>() / 1e3,
+        );
+        release_all(&out);
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let orders = make();
+                    let start = Instant::now();
+                    let out = w
+                        .engine
+                        .claim_batch(&orders, CANDIDATES)
+                        .expect("a valid batch");
+                    total += start.elapsed();
+                    release_all(&out);
+                }
+                total
+            });
+        });
+    }
+
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = nearest, moves, nearest_with_writer, by_size, claim, batch, region_lookup
+    targets = nearest, moves, nearest_with_writer, by_size, claim, batch, batch_competing, region_lookup
 }
 criterion_main!(benches);
