@@ -335,6 +335,50 @@ mod tests {
         Position::new(lat, lon).unwrap()
     }
 
+    /// A fleet that comes and goes leaves no capacity behind: slot tables
+    /// and trees of emptied shards are dropped, and the driver map shrinks.
+    #[test]
+    fn memory_is_given_back_when_the_fleet_leaves() {
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        let n = 100_000;
+        let ids: Vec<DriverId> = (0..n).map(|i| id(&format!("c{i}"))).collect();
+        for (i, d) in ids.iter().enumerate() {
+            let (a, b) = ((i as f64 * 0.618_034) % 1.0, (i as f64 * 0.754_878) % 1.0);
+            let p = pos(41.6 + 0.5 * a, -87.9 + 0.5 * b);
+            e.upsert(&DriverUpdate::location(d.clone(), p, None))
+                .unwrap();
+        }
+        let (slots, nodes, buckets) = e.index.retained();
+        assert!(
+            slots >= n && nodes > n / 16 && buckets >= n,
+            "{slots} {nodes} {buckets}"
+        );
+        for d in &ids {
+            e.remove(d).unwrap();
+        }
+        let (slots, nodes, left) = e.index.retained();
+        assert_eq!(slots, 0, "slot tables kept");
+        assert!(
+            nodes <= 2 * e.index.shards().len(),
+            "{nodes} tree nodes kept"
+        );
+        assert!(
+            left * 4 < buckets,
+            "{left} of {buckets} driver-map buckets kept"
+        );
+        // And the engine still works.
+        e.upsert(&DriverUpdate::location(
+            ids[0].clone(),
+            pos(41.88, -87.63),
+            None,
+        ))
+        .unwrap();
+        let near = e
+            .nearest(&NearestQuery::new(pos(41.88, -87.63), 1).unwrap())
+            .unwrap();
+        assert_eq!(near[0].id, ids[0]);
+    }
+
     #[test]
     fn bulk_load_keeps_the_last_duplicate() {
         let e = Engine::new(EngineConfig::default()).unwrap();

@@ -236,6 +236,12 @@ impl ShardTree {
         self.len
     }
 
+    /// Leaves and inner nodes allocated, free ones included.
+    #[cfg(test)]
+    pub(crate) fn nodes_allocated(&self) -> usize {
+        self.leaves.capacity() + self.inners.capacity()
+    }
+
     /// The root and a box containing every item (empty when there are none).
     pub(crate) fn root(&self) -> (NodeRef, Aabb) {
         let node = if self.height == 0 {
@@ -403,6 +409,10 @@ impl ShardTree {
             }
         } else {
             self.shrink_up(leaf, 0);
+        }
+        if self.len == 0 {
+            // Empty: give the node arenas and the slot table back.
+            *self = Self::default();
         }
         Some(item)
     }

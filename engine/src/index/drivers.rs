@@ -11,6 +11,9 @@ use crate::ids::DriverId;
 /// Number of stripes of the driver → location map (a power of two).
 pub(super) const STRIPES: usize = 64;
 
+/// A stripe's table is shrunk only above this capacity.
+const MIN_SHRINK_CAPACITY: usize = 256;
+
 /// Where a driver's record lives: its shard's index in the
 /// [`ShardTable`](super::shard::ShardTable) and its slot there (8 bytes,
 /// where an `Arc` and a slot took 16).
@@ -92,6 +95,13 @@ impl StripeMap {
             Place::ByHash => self.by_hash.remove(&h),
             Place::Collided => self.collided.remove(id),
         };
+        // Give memory back once three quarters of the table are unused
+        // (a fleet that came and went); halving the slack keeps the cost
+        // of the rehash amortised over the removals that made it.
+        let (len, cap) = (self.by_hash.len(), self.by_hash.capacity());
+        if cap > MIN_SHRINK_CAPACITY && len * 4 < cap {
+            self.by_hash.shrink_to(len * 2);
+        }
     }
 
     pub(super) fn len(&self) -> usize {

@@ -85,6 +85,24 @@ impl Index {
         }
     }
 
+    /// What the index keeps allocated: slot-table entries of every shard,
+    /// tree nodes of every shard, and driver-map buckets.
+    #[cfg(test)]
+    pub(crate) fn retained(&self) -> (usize, usize, usize) {
+        let (mut slots, mut nodes) = (0, 0);
+        for shard in self.shards() {
+            let data = shard.data.read();
+            slots += data.slots.capacity();
+            nodes += data.tree.nodes_allocated();
+        }
+        let buckets = self
+            .stripes
+            .iter()
+            .map(|s| s.lock().by_hash.capacity())
+            .sum();
+        (slots, nodes, buckets)
+    }
+
     /// Narrows every id hash to `mask`, so that ids collide.
     #[cfg(test)]
     pub(crate) fn set_id_hash_mask(&mut self, mask: u64) {

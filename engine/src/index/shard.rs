@@ -132,7 +132,14 @@ impl ShardData {
             self.tree.remove(slot);
         }
         *self.counts.slot(rec.status) -= 1;
-        self.free.push(slot);
+        if self.counts.total() == 0 {
+            // The last driver left: give the slot table back (no slot is
+            // referenced any more, and the tree is empty).
+            self.slots = Vec::new();
+            self.free = Vec::new();
+        } else {
+            self.free.push(slot);
+        }
         Some(rec)
     }
 
