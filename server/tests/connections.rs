@@ -120,6 +120,38 @@ fn a_silent_new_connection_is_closed_at_the_header_timeout() {
     );
 }
 
+/// A body sent after `100 Continue` is part of the request, not the next
+/// head: an upload slower than the header-read timeout is not cut off.
+#[test]
+fn a_slow_body_after_100_continue_is_not_cut_off() {
+    let node = Node::spawn(&["--header-read-timeout-ms", "300"]);
+    let mut s = TcpStream::connect(addr(&node)).expect("connect");
+    let body = br#"{"lat": 41.88, "lon": -87.63}"#;
+    let head = format!(
+        "PUT /v1/drivers/slow HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).expect("100 Continue");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 100"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // The body, one byte every 40 ms: about 1.2 s in all, four header
+    // timeouts.
+    for b in body {
+        s.write_all(&[*b]).expect("the connection stays open");
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    let n = s.read(&mut buf).expect("an answer");
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
 /// The answers hyper writes itself, for requests it cannot parse, carry the
 /// JSON error shape of every other error.
 #[test]

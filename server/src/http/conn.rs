@@ -6,8 +6,8 @@
 //!   `header_read_timeout` of its first byte (of the accept, for a new
 //!   connection). The deadline is armed by the first byte read while the
 //!   connection waits for a head and disarmed when hyper hands the request
-//!   to the service ([`ConnPhase::request_started`]). Writing a response
-//!   puts the connection back to waiting; between requests the idle
+//!   to the service ([`ConnPhase::request_started`]). Writing a final
+//!   response (not a `100 Continue`) puts the connection back to waiting; between requests the idle
 //!   keep-alive timeout (hyper's timer, set by the accept loop) applies
 //!   instead. After a `101 Switching Protocols` the stream belongs to the
 //!   WebSocket and no deadline applies.
@@ -142,7 +142,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for GuardedIo<S> {
         if let Some(status) = buf.strip_prefix(b"HTTP/1.1 ") {
             if status.starts_with(b"101 ") {
                 this.phase.set(UPGRADED);
-            } else if this.phase.get() != UPGRADED {
+            } else if !status.starts_with(b"1") && this.phase.get() != UPGRADED {
+                // A final answer (not `100 Continue`, after which the body
+                // still comes): the next bytes are the next request's.
                 this.phase.set(WAITING);
                 this.deadline = None;
             }
