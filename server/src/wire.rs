@@ -23,6 +23,8 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
 
+pub use crate::error::{ErrorBody, ErrorDetail};
+
 /// A `T` read only from a JSON object. serde's derived structs also accept
 /// a positional array (`[41.9, -87.7]` for `{"lat": …, "lon": …}`), which
 /// the API does not: a body, item or field that should be an object and is
@@ -57,7 +59,6 @@ fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::
 fn objects<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
     Vec::<Object<T>>::deserialize(d).map(|v| v.into_iter().map(|o| o.0).collect())
 }
-pub use crate::error::{ErrorBody, ErrorDetail};
 
 /// The region of every position on a node without a region map.
 pub const DEFAULT_REGION: &str = "default";

@@ -704,15 +704,15 @@ async fn batch_request_errors_reject_the_whole_request() {
         .map(Value::to_string)
         .collect::<Vec<_>>()
         .join("\n");
-    // More than max_batch_items: nothing applies.
+    // More than max_batch_items: 413, and nothing applies.
     rejected(
         &srv,
         Method::POST,
         "/v1/locations",
         json_ct,
         &six_json,
-        400,
-        &["invalid_parameter"],
+        413,
+        &["payload_too_large"],
     )
     .await;
     rejected(
@@ -721,8 +721,8 @@ async fn batch_request_errors_reject_the_whole_request() {
         "/v1/locations",
         ndjson_ct,
         &six_nd,
-        400,
-        &["invalid_parameter"],
+        413,
+        &["payload_too_large"],
     )
     .await;
     // Malformed JSON.
