@@ -168,9 +168,12 @@ fn unparsable_requests_get_json_errors() {
             .collect::<Vec<_>>()
             .concat()
     );
+    // Well past the read buffer: hyper checks the head's size only while
+    // it is incomplete, so a head that arrives whole in one last read of
+    // the buffer's growth (here, 500 KB sometimes) is parsed.
     let huge_header = format!(
         "GET /livez HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n",
-        "a".repeat(500_000)
+        "a".repeat(2_000_000)
     );
     for (request, status, code) in [
         (long_uri.as_str(), "414", "uri_too_long"),
@@ -196,7 +199,10 @@ fn unparsable_requests_get_json_errors() {
         let _ = s.read_to_end(&mut text);
         let text = String::from_utf8_lossy(&text);
         let (head, body) = text.split_once("\r\n\r\n").expect("a full answer");
-        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{code}: {head}"
+        );
         assert!(head.contains("content-type: application/json"), "{head}");
         let v: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
         assert_eq!(v["error"]["code"], code, "{text}");

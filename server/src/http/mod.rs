@@ -101,7 +101,7 @@ impl HttpState {
 #[openapi(
     info(
         title = "hexmatch",
-        description = "Exact nearest-driver search and atomic matching. Errors are `{\"error\": {\"code\", \"message\"}}`; the codes and statuses are listed in docs/API.md of the repository. Limits with their defaults: a request head must arrive within 10 s of its first byte (`--header-read-timeout-ms`), a keep-alive connection idle for 60 s is closed (`--idle-timeout-ms`), a request that is not valid HTTP/1.1 is `400 malformed_request`, a target over 64 KiB `414 uri_too_long`, headers over 100 or 400 KiB `431 headers_too_large`, a body over 8 MiB (`--body-limit-bytes`) or a batch over 10000 items (`--max-batch-items`) `413 payload_too_large`, and a location `ts` more than 5 minutes ahead of the server's clock (`--max-clock-skew-ms`) `400 invalid_timestamp`.",
+        description = "Exact nearest-driver search and atomic matching. Errors are `{\"error\": {\"code\", \"message\"}}`; the codes and statuses are listed in docs/API.md of the repository. Limits with their defaults: a request head must arrive within 10 s of its first byte (`--header-read-timeout-ms`), a keep-alive connection idle for 60 s is closed (`--idle-timeout-ms`), a request that is not valid HTTP/1.1 is `400 malformed_request`, a target over 64 KiB `414 uri_too_long`, more than 100 headers or a head over the read buffer (about 400 KiB) `431 headers_too_large`, a body over 8 MiB (`--body-limit-bytes`) or a batch over 10000 items (`--max-batch-items`) `413 payload_too_large`, and a location `ts` more than 5 minutes ahead of the server's clock (`--max-clock-skew-ms`) `400 invalid_timestamp`.",
     ),
     tags(
         (name = "drivers", description = "Drivers and location updates"),
