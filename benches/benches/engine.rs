@@ -57,6 +57,17 @@ struct World {
 }
 
 impl World {
+    /// Releases a batch's matches and purges them, so the next batch
+    /// finds the same fleet.
+    fn release_batch(&self, out: &hexmatch::BatchOutcome) {
+        for m in &out.matches {
+            self.engine
+                .release(&m.order_id, None)
+                .expect("a live match releases");
+        }
+        self.purge_matches();
+    }
+
     /// Ages ended matches past their retention and purges them, so the
     /// match book does not grow with every claim the benches make.
     fn purge_matches(&self) {
@@ -282,6 +293,23 @@ fn claim(c: &mut Criterion) {
     group.finish();
 }
 
+/// Runs `iters` batches from `make`, timing only the `claim_batch` calls;
+/// each batch's matches are released (untimed) before the next.
+fn time_batches(w: &World, iters: u64, mut make: impl FnMut() -> Vec<BatchOrder>) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let orders = make();
+        let start = Instant::now();
+        let out = w
+            .engine
+            .claim_batch(&orders, CANDIDATES)
+            .expect("a valid batch");
+        total += start.elapsed();
+        w.release_batch(&out);
+    }
+    total
+}
+
 fn batch(c: &mut Criterion) {
     let w = &*CITY;
     // The real pickups sit on ~230 distinct points; 300 m of jitter makes
@@ -301,14 +329,6 @@ fn batch(c: &mut Criterion) {
             })
             .collect()
     };
-    let release_all = |out: &hexmatch::BatchOutcome| {
-        for m in &out.matches {
-            w.engine
-                .release(&m.order_id, None)
-                .expect("a live match releases");
-        }
-        w.purge_matches();
-    };
 
     let first = make_batch(0);
     let out = w
@@ -320,7 +340,7 @@ fn batch(c: &mut Criterion) {
         out.matches.len(),
         out.unmatched.len()
     );
-    release_all(&out);
+    w.release_batch(&out);
 
     let mut group = c.benchmark_group("batch_1m");
     group
@@ -331,19 +351,10 @@ fn batch(c: &mut Criterion) {
     let mut window = 0;
     group.bench_function("claim_batch_1000x10", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
+            time_batches(w, iters, || {
                 window = (window + 1) % windows;
-                let orders = make_batch(window);
-                let start = Instant::now();
-                let out = w
-                    .engine
-                    .claim_batch(&orders, CANDIDATES)
-                    .expect("a valid batch");
-                total += start.elapsed();
-                release_all(&out);
-            }
-            total
+                make_batch(window)
+            })
         });
     });
 
@@ -374,14 +385,6 @@ fn batch(c: &mut Criterion) {
 /// scattered within 100 m of it, each in a fresh batch.
 fn batch_competing(c: &mut Criterion) {
     let w = &*CITY;
-    let release_all = |out: &hexmatch::BatchOutcome| {
-        for m in &out.matches {
-            w.engine
-                .release(&m.order_id, None)
-                .expect("a live match releases");
-        }
-        w.purge_matches();
-    };
     let mut group = c.benchmark_group("batch_competing_1m");
     group
         .sampling_mode(SamplingMode::Flat)
@@ -413,22 +416,9 @@ fn batch_competing(c: &mut Criterion) {
             out.unmatched.len(),
             out.matches.iter().map(|m| m.distance_m).sum::<f64>() / 1e3,
         );
-        release_all(&out);
+        w.release_batch(&out);
         group.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let orders = make();
-                    let start = Instant::now();
-                    let out = w
-                        .engine
-                        .claim_batch(&orders, CANDIDATES)
-                        .expect("a valid batch");
-                    total += start.elapsed();
-                    release_all(&out);
-                }
-                total
-            });
+            b.iter_custom(|iters| time_batches(w, iters, &mut make));
         });
     }
 

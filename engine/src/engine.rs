@@ -327,13 +327,7 @@ mod tests {
     use super::*;
     use crate::driver::{Capabilities, Vehicle};
 
-    fn id(s: &str) -> DriverId {
-        DriverId::new(s).unwrap()
-    }
-
-    fn pos(lat: f64, lon: f64) -> Position {
-        Position::new(lat, lon).unwrap()
-    }
+    use crate::testing::{did as id, pos};
 
     /// A fleet that comes and goes leaves no capacity behind: slot tables
     /// and trees of emptied shards are dropped, and the driver map shrinks.

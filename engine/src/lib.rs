@@ -48,6 +48,8 @@ mod rtree;
 mod search;
 pub mod sim;
 mod snapshot;
+#[cfg(test)]
+mod testing;
 mod time;
 
 pub use assign::{Assignment, assign_greedy, assign_min_cost};

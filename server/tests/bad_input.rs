@@ -575,22 +575,6 @@ async fn run_stream_rows(url: &str) -> Vec<String> {
 // Snapshots: garbled bytes and keys that a restore must not trust.
 // ---------------------------------------------------------------------------
 
-/// CRC-32 (IEEE), as the snapshot format uses.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 /// Postcard's encoding, written by hand: varints, zigzag, strings, floats.
 struct Postcard(Vec<u8>);
 
@@ -674,7 +658,7 @@ fn manifest_for(chunks: &[(&[u8], u32)]) -> Vec<u8> {
             .iter()
             .map(|(c, n)| ChunkInfo {
                 len: c.len() as u64,
-                crc32: crc32(c),
+                crc32: crc32fast::hash(c),
                 drivers: *n,
             })
             .collect(),
@@ -686,7 +670,7 @@ fn manifest_for(chunks: &[(&[u8], u32)]) -> Vec<u8> {
 fn sealed(magic: &[u8], body: &[u8]) -> Vec<u8> {
     let mut out = magic.to_vec();
     out.extend_from_slice(body);
-    let crc = crc32(&out);
+    let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     out
 }

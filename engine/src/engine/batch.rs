@@ -487,22 +487,10 @@ mod tests {
 
     use super::*;
     use crate::driver::DriverUpdate;
-    use crate::ids::OrderId;
     use crate::position::Position;
+    use crate::testing::{did, oid, pos};
     use crate::time::Timestamp;
     use crate::{EngineConfig, ManualClock};
-
-    fn pos(lat: f64, lon: f64) -> Position {
-        Position::new(lat, lon).unwrap()
-    }
-
-    fn oid(s: &str) -> OrderId {
-        OrderId::new(s).unwrap()
-    }
-
-    fn did(s: &str) -> DriverId {
-        DriverId::new(s).unwrap()
-    }
 
     fn engine() -> Engine {
         let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1).unwrap()));
@@ -520,6 +508,14 @@ mod tests {
             order_id: oid(id),
             request: ClaimRequest::new(at),
         }
+    }
+
+    /// Order id → driver id of each match.
+    fn by_order(out: &BatchOutcome) -> HashMap<&str, &str> {
+        out.matches
+            .iter()
+            .map(|m| (m.order_id.as_str(), m.driver_id.as_str()))
+            .collect()
     }
 
     /// Every match is for a distinct driver, and the outcome names every
@@ -547,11 +543,7 @@ mod tests {
         ];
         let out = engine.claim_batch(&orders, 10).unwrap();
         check_outcome(&orders, &out);
-        let by: HashMap<_, _> = out
-            .matches
-            .iter()
-            .map(|m| (m.order_id.as_str(), m.driver_id.as_str()))
-            .collect();
+        let by = by_order(&out);
         // Two drivers for three orders: a↔x1 and b↔x3 (c loses the tie on
         // nothing: b and c cost the same, so either is optimal).
         assert_eq!(out.matches.len(), 2);
@@ -650,11 +642,7 @@ mod tests {
             let engine = engine_with(&[("x", 0.001, Vehicle::Car), ("y", 0.01, Vehicle::Van)]);
             let out = engine.claim_batch(&orders, 1).unwrap();
             check_outcome(&orders, &out);
-            let by: HashMap<_, _> = out
-                .matches
-                .iter()
-                .map(|m| (m.order_id.as_str(), m.driver_id.as_str()))
-                .collect();
+            let by = by_order(&out);
             assert_eq!(by.get("car"), Some(&"x"));
             assert_eq!(by.get("any"), Some(&"y"));
         }

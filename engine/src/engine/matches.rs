@@ -364,23 +364,12 @@ mod tests {
     use crate::driver::Vehicle;
     use crate::matching::{MAX_HOLD_MS, SEGMENT_LEN};
     use crate::search::NearestQuery;
+    use crate::testing::{did, oid, pos};
     use crate::{DriverUpdate, EngineConfig, ManualClock};
 
     struct Fixture {
         engine: Engine,
         clock: Arc<ManualClock>,
-    }
-
-    fn pos(lat: f64, lon: f64) -> Position {
-        Position::new(lat, lon).unwrap()
-    }
-
-    fn oid(s: &str) -> OrderId {
-        OrderId::new(s).unwrap()
-    }
-
-    fn did(s: &str) -> DriverId {
-        DriverId::new(s).unwrap()
     }
 
     /// Three drivers east of the pickup at 0.001°, 0.002°, 0.003°; d2 is a van with cash.

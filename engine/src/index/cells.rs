@@ -197,9 +197,7 @@ mod tests {
     use super::*;
     use rstar::Envelope;
 
-    fn pos(lat: f64, lon: f64) -> Position {
-        Position::new(lat, lon).unwrap()
-    }
+    use crate::testing::pos;
 
     #[test]
     fn cell_boxes_contain_their_cells_points() {
