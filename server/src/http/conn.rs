@@ -5,11 +5,12 @@
 //! - **Header-read deadline.** A request's head must arrive within
 //!   `header_read_timeout` of its first byte (of the accept, for a new
 //!   connection). The deadline is armed by the first byte read while the
-//!   connection waits for a head and disarmed when hyper hands the request
-//!   to the service ([`ConnPhase::request_started`]). Writing a final
-//!   response (not a `100 Continue`) puts the connection back to waiting; between requests the idle
-//!   keep-alive timeout (hyper's timer, set by the accept loop) applies
-//!   instead. After a `101 Switching Protocols` the stream belongs to the
+//!   connection waits for a head, unless that read holds the whole head,
+//!   and disarmed when hyper hands the request to the service
+//!   ([`ConnPhase::request_started`]). Writing a final response (not a
+//!   `100 Continue`) puts the connection back to waiting; between requests
+//!   the idle keep-alive timeout (hyper's timer, set by the accept loop)
+//!   applies instead. After a `101 Switching Protocols` the stream belongs to the
 //!   WebSocket and no deadline applies.
 //! - **JSON error bodies.** When hyper cannot parse a request it answers
 //!   400, 414 or 431 itself, with an empty body, and closes. Those answers
@@ -120,6 +121,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for GuardedIo<S> {
             && buf.filled().len() > before
             && this.deadline.is_none()
             && this.phase.get() == WAITING
+            && !whole_head(&buf.filled()[before..])
         {
             let mut d = Box::pin(tokio::time::sleep(this.header_read_timeout));
             // Registers the waker, so the deadline fires even if no more
@@ -168,6 +170,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for GuardedIo<S> {
         ready!(self.poll_pending(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
+}
+
+/// Whether one read holds a whole request head: it starts with the request
+/// line and ends with the blank line. Most requests arrive so, in one
+/// packet, and need no deadline: hyper hands them to the service at once.
+/// (Blank lines alone, which a parser skips before a request line, do not
+/// count, so sending only those cannot dodge the deadline.)
+fn whole_head(read: &[u8]) -> bool {
+    read.ends_with(b"\r\n\r\n") && !matches!(read.first(), Some(b'\r' | b'\n'))
 }
 
 /// Hyper's own answer to a request it could not parse, with the JSON
@@ -249,6 +260,15 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(body).unwrap();
             assert_eq!(v["error"]["code"], code, "{out}");
         }
+    }
+
+    #[test]
+    fn a_whole_head_in_one_read_needs_no_deadline() {
+        assert!(whole_head(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(!whole_head(b"GET /livez HTTP/1.1\r\nHost: x\r\n"));
+        assert!(!whole_head(b"\r\n\r\n"));
+        assert!(!whole_head(b"\r\nGET / HTTP/1.1\r\n\r\n"));
+        assert!(!whole_head(b""));
     }
 
     #[test]
