@@ -660,6 +660,7 @@ mod tests {
                 if *path == file && message.lines().any(|l| l.starts_with("unknown field `resoluton`"))),
             "{err:?}"
         );
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
@@ -749,5 +750,6 @@ mod tests {
         }
         .resolve();
         assert!(matches!(missing, Err(ConfigError::File { .. })));
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -134,5 +134,6 @@ mod tests {
             err.ends_with("d.csv:3: invalid position: lat 91 is not a finite number in [-90, 90]"),
             "{err}"
         );
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

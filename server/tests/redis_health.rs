@@ -295,6 +295,7 @@ async fn drivers_loaded_at_start_are_snapshotted_before_ready() {
     let manifest = hexmatch::Manifest::decode(&raw.expect("a snapshot at start")).expect("valid");
     assert_eq!(manifest.drivers, 2);
     server.shutdown().await;
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// A node with no drivers snapshots like any other (it used to fail every

@@ -115,4 +115,5 @@ async fn a_bad_regions_file_fails_the_start() {
         err.to_string().contains("bad.geojson") && err.to_string().contains("Point"),
         "{err}"
     );
+    std::fs::remove_dir_all(&dir).ok();
 }

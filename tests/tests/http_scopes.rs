@@ -121,6 +121,7 @@ fn a_tokens_file_is_read_and_checked() {
         matches!(err, hexmatch_server::config::ConfigError::File { ref path, .. } if *path == file),
         "{err}"
     );
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// JWTs from a platform that already issues them: HS256 with a shared
@@ -262,4 +263,5 @@ async fn jwts_signed_with_a_configured_key_carry_their_scopes() {
         .await
         .expect(200);
     srv.shutdown().await;
+    std::fs::remove_dir_all(&dir).ok();
 }
