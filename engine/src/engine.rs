@@ -325,7 +325,6 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::driver::{Capabilities, Vehicle};
 
     use crate::testing::{did as id, pos};
 
@@ -377,14 +376,8 @@ mod tests {
     fn bulk_load_keeps_the_last_duplicate() {
         let e = Engine::new(EngineConfig::default()).unwrap();
         let driver = |name: &str, lat: f64, status: Status| Driver {
-            id: id(name),
-            pos: pos(lat, -87.63),
-            ts: Timestamp::EPOCH,
             status,
-            vehicle: Vehicle::Car,
-            capabilities: Capabilities::NONE,
-            order_id: None,
-            reserved_until: None,
+            ..Driver::available(id(name), pos(lat, -87.63), Timestamp::EPOCH)
         };
         let loaded = e
             .bulk_load([
@@ -675,18 +668,16 @@ mod tests {
     fn bulk_load_builds_searchable_shards() {
         let e = Engine::new(EngineConfig::default()).unwrap();
         let drivers = (0..1000).map(|i| Driver {
-            id: id(&format!("d{i}")),
-            pos: pos(41.6 + f64::from(i) * 0.0004, -87.9 + f64::from(i) * 0.0003),
-            ts: Timestamp::EPOCH,
             status: if i % 2 == 0 {
                 Status::Available
             } else {
                 Status::Busy
             },
-            vehicle: Vehicle::Car,
-            capabilities: Capabilities::NONE,
-            order_id: None,
-            reserved_until: None,
+            ..Driver::available(
+                id(&format!("d{i}")),
+                pos(41.6 + f64::from(i) * 0.0004, -87.9 + f64::from(i) * 0.0003),
+                Timestamp::EPOCH,
+            )
         });
         assert_eq!(e.bulk_load(drivers.clone()).unwrap(), 1000);
         assert_eq!(
@@ -744,16 +735,8 @@ mod tests {
             Arc::new(crate::ManualClock::new(now)),
         )
         .unwrap();
-        let driver = |name: &str, ts: Timestamp| Driver {
-            id: id(name),
-            pos: pos(41.88, -87.63),
-            ts,
-            status: Status::Available,
-            vehicle: Vehicle::Car,
-            capabilities: Capabilities::NONE,
-            order_id: None,
-            reserved_until: None,
-        };
+        let driver =
+            |name: &str, ts: Timestamp| Driver::available(id(name), pos(41.88, -87.63), ts);
         fresh
             .bulk_load([
                 driver("late", year_2100),
