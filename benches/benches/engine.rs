@@ -293,6 +293,33 @@ fn claim(c: &mut Criterion) {
     group.finish();
 }
 
+/// One order at each of `pickups`, with ids `{prefix}-{i}`.
+fn orders_at(pickups: &[Position], prefix: &str) -> Vec<BatchOrder> {
+    pickups
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| BatchOrder {
+            order_id: OrderId::new(&format!("{prefix}-{i}")).expect("valid order id"),
+            request: ClaimRequest::new(p),
+        })
+        .collect()
+}
+
+/// A bench group for batches: flat sampling, 20 samples of 4 s,
+/// throughput per order.
+fn batch_group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut group = c.benchmark_group(name);
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(4))
+        .throughput(Throughput::Elements(BATCH as u64));
+    group
+}
+
 /// Runs `iters` batches from `make`, timing only the `claim_batch` calls;
 /// each batch's matches are released (untimed) before the next.
 fn time_batches(w: &World, iters: u64, mut make: impl FnMut() -> Vec<BatchOrder>) -> Duration {
@@ -320,14 +347,10 @@ fn batch(c: &mut Criterion) {
     let mut serial = 0u64;
     let mut make_batch = |window: usize| -> Vec<BatchOrder> {
         serial += 1;
-        pickups[window * BATCH..(window + 1) * BATCH]
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| BatchOrder {
-                order_id: OrderId::new(&format!("b{serial}-{i}")).expect("valid order id"),
-                request: ClaimRequest::new(p),
-            })
-            .collect()
+        orders_at(
+            &pickups[window * BATCH..(window + 1) * BATCH],
+            &format!("b{serial}"),
+        )
     };
 
     let first = make_batch(0);
@@ -342,12 +365,7 @@ fn batch(c: &mut Criterion) {
     );
     w.release_batch(&out);
 
-    let mut group = c.benchmark_group("batch_1m");
-    group
-        .sampling_mode(SamplingMode::Flat)
-        .sample_size(20)
-        .measurement_time(Duration::from_secs(4))
-        .throughput(Throughput::Elements(BATCH as u64));
+    let mut group = batch_group(c, "batch_1m");
     let mut window = 0;
     group.bench_function("claim_batch_1000x10", |b| {
         b.iter_custom(|iters| {
@@ -385,26 +403,14 @@ fn batch(c: &mut Criterion) {
 /// scattered within 100 m of it, each in a fresh batch.
 fn batch_competing(c: &mut Criterion) {
     let w = &*CITY;
-    let mut group = c.benchmark_group("batch_competing_1m");
-    group
-        .sampling_mode(SamplingMode::Flat)
-        .sample_size(20)
-        .measurement_time(Duration::from_secs(4))
-        .throughput(Throughput::Elements(BATCH as u64));
+    let mut group = batch_group(c, "batch_competing_1m");
     let mut serial = 0u64;
     let centre = w.pickups[0];
     for (name, spread_m) in [("co_located_1000x10", 0.0), ("within_100m_1000x10", 100.0)] {
         let points = jitter(&vec![centre; BATCH], spread_m, SEED + 3);
         let mut make = || -> Vec<BatchOrder> {
             serial += 1;
-            points
-                .iter()
-                .enumerate()
-                .map(|(i, &p)| BatchOrder {
-                    order_id: OrderId::new(&format!("c{serial}-{i}")).expect("valid order id"),
-                    request: ClaimRequest::new(p),
-                })
-                .collect()
+            orders_at(&points, &format!("c{serial}"))
         };
         let out = w
             .engine
