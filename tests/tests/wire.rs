@@ -44,18 +44,8 @@ fn ts() -> impl Strategy<Value = Timestamp> {
 }
 
 fn caps() -> impl Strategy<Value = Capabilities> {
-    proptest::sample::subsequence(
-        vec![
-            "cash",
-            "card",
-            "large_items",
-            "pets",
-            "wheelchair",
-            "child_seat",
-        ],
-        0..4,
-    )
-    .prop_map(|names| Capabilities::from_names(names).unwrap())
+    proptest::sample::subsequence(Capabilities::NAMES[..6].to_vec(), 0..4)
+        .prop_map(|names| Capabilities::from_names(names).unwrap())
 }
 
 fn driver() -> impl Strategy<Value = Driver> {
