@@ -27,7 +27,13 @@ fn main() {
         .build()
         .expect("runtime");
     let p = runtime
-        .block_on(Persistence::connect(&redis.url, "bench", "default", "n1"))
+        .block_on(Persistence::connect(
+            &redis.url,
+            "bench",
+            "default",
+            "n1",
+            hexmatch_server::persist::Durability::default(),
+        ))
         .expect("connects");
     runtime.block_on(p.ensure_group()).expect("group");
 

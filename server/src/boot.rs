@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::ServeConfig;
 use crate::http::{self, HttpState};
-use crate::persist::{Fence, Persistence};
+use crate::persist::{Durability, Fence, Persistence};
 use crate::service::{Service, apply_stream_entries};
 use crate::telemetry;
 
@@ -247,6 +247,14 @@ fn load_initial(
     Ok(())
 }
 
+/// How many Redis replicas a durable write waits for, and how long.
+fn durability(c: &ServeConfig) -> Durability {
+    Durability {
+        replicas: c.redis_replicas,
+        timeout: Duration::from_millis(c.redis_wait_ms),
+    }
+}
+
 /// Connects to Redis (retrying until it answers), restores the snapshot and
 /// the live matches, loads `--load-drivers` only on a fresh start, then
 /// marks the node ready and starts the persistence loops.
@@ -257,7 +265,9 @@ async fn boot_with_redis(
 ) {
     let c = &svc.config;
     let p = loop {
-        match Persistence::connect(&url, &c.redis_prefix, "default", &c.node_id).await {
+        match Persistence::connect(&url, &c.redis_prefix, "default", &c.node_id, durability(c))
+            .await
+        {
             Ok(p) => match p.restore(&svc.engine).await {
                 Ok(r) => {
                     for w in &r.warnings {
@@ -331,7 +341,9 @@ async fn boot_cluster(
     let ttl = Duration::from_millis(c.lease_ttl_ms);
     let (p, cluster) = loop {
         let joined = async {
-            let p = Persistence::connect(&url, &c.redis_prefix, &c.node_id, &c.node_id).await?;
+            let p =
+                Persistence::connect(&url, &c.redis_prefix, &c.node_id, &c.node_id, durability(c))
+                    .await?;
             let cluster = crate::cluster::Cluster::connect(
                 &url,
                 &c.redis_prefix,
@@ -341,6 +353,7 @@ async fn boot_cluster(
                 &c.own_regions,
                 ttl,
                 c.cluster_secret.as_ref().map(crate::config::Secret::expose),
+                durability(c),
             )
             .await?;
             Ok::<_, String>((p, cluster))

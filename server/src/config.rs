@@ -53,11 +53,17 @@ pub struct ServeConfig {
     /// or a trips CSV (`trip_id,…,dropoff_lat,dropoff_lon`) seeding one
     /// driver at each drop-off.
     pub load_drivers: Option<PathBuf>,
-    /// Redis for snapshots, durable matches and location streams;
-    /// `None` = memory only.
+    /// Redis for snapshots, durable matches and location streams: one URL,
+    /// or comma-separated nodes of a Redis Cluster; `None` = memory only.
     pub redis_url: Option<String>,
     /// Prefix of every Redis key.
     pub redis_prefix: String,
+    /// Replicas that must have a durable write (match records, leases)
+    /// before it is acknowledged (`WAIT`); 0 = the master's answer.
+    pub redis_replicas: u32,
+    /// How long to wait for those replicas, in ms; a write they did not
+    /// take in time is refused with 503.
+    pub redis_wait_ms: u64,
     /// How often to snapshot to Redis.
     pub snapshot_interval_ms: u64,
     /// Whether to read location updates from the Redis stream.
@@ -208,6 +214,8 @@ impl Default for ServeConfig {
             load_drivers: None,
             redis_url: None,
             redis_prefix: "hexmatch".to_owned(),
+            redis_replicas: 0,
+            redis_wait_ms: 1_000,
             snapshot_interval_ms: 30_000,
             ingest_stream: true,
             regions: None,
@@ -226,6 +234,36 @@ impl Default for ServeConfig {
             insecure_cluster: false,
         }
     }
+}
+
+/// The seed URLs of `url`: comma-separated URLs name cluster nodes.
+///
+/// # Errors
+/// A part that is not a Redis URL (the message never repeats the URL,
+/// which may hold a password).
+pub fn redis_seeds(url: &str) -> Result<Vec<String>, String> {
+    let urls: Vec<String> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if urls.is_empty() {
+        return Err("--redis-url is empty".to_owned());
+    }
+    for (i, u) in urls.iter().enumerate() {
+        if let Err(e) = redis::Client::open(u.as_str()) {
+            let which = if urls.len() > 1 {
+                format!("part {} of --redis-url", i + 1)
+            } else {
+                "--redis-url".to_owned()
+            };
+            return Err(format!(
+                "{which} is not a Redis URL (redis://, rediss:// or unix://): {e}"
+            ));
+        }
+    }
+    Ok(urls)
 }
 
 /// Flags of `hexmatch serve`; each also reads `HEXMATCH_<FLAG>`.
@@ -276,12 +314,21 @@ pub struct ServeArgs {
     /// CSV of drivers (or of trips: one driver per drop-off) to load at start.
     #[arg(long, env = "HEXMATCH_LOAD_DRIVERS")]
     pub load_drivers: Option<PathBuf>,
-    /// Redis URL for persistence (`redis://host:port`, `redis+unix:///path`); none = memory only.
+    /// Redis URL for persistence (`redis://host:port`, `redis+unix:///path`),
+    /// or comma-separated URLs of Redis Cluster nodes; none = memory only.
     #[arg(long, env = "HEXMATCH_REDIS_URL")]
     pub redis_url: Option<String>,
     /// Prefix of every Redis key [default: hexmatch].
     #[arg(long, env = "HEXMATCH_REDIS_PREFIX")]
     pub redis_prefix: Option<String>,
+    /// Replicas that must acknowledge a durable write (match records,
+    /// leases) before it is answered, with `WAIT` [default: 0].
+    #[arg(long, env = "HEXMATCH_REDIS_REPLICAS")]
+    pub redis_replicas: Option<u32>,
+    /// How long a durable write waits for those replicas, in ms; past it
+    /// the request is refused with 503 [default: 1000].
+    #[arg(long, env = "HEXMATCH_REDIS_WAIT_MS")]
+    pub redis_wait_ms: Option<u64>,
     /// Snapshot interval in ms [default: 30000].
     #[arg(long, env = "HEXMATCH_SNAPSHOT_INTERVAL_MS")]
     pub snapshot_interval_ms: Option<u64>,
@@ -400,6 +447,7 @@ impl ServeArgs {
             max_batch_items
         );
         take!(redis_prefix, snapshot_interval_ms, ingest_stream);
+        take!(redis_replicas, redis_wait_ms);
         take!(cluster, own_regions, lease_ttl_ms);
         take!(header_read_timeout_ms, idle_timeout_ms, max_connections);
         take!(
@@ -478,15 +526,19 @@ impl ServeConfig {
     /// # Errors
     /// A message saying which settings conflict and what to do.
     pub fn check(&self) -> Result<(), String> {
+        if self.redis_wait_ms == 0 && self.redis_replicas > 0 {
+            return Err("redis_wait_ms must be above 0 when redis_replicas is set (WAIT 0 would wait forever)".to_owned());
+        }
         if self.cluster && (self.redis_url.is_none() || self.regions.is_none()) {
             return Err("--cluster needs --redis-url and --regions".to_owned());
         }
-        if let Some(url) = &self.redis_url
-            && let Err(e) = redis::Client::open(url.as_str())
-        {
-            // The URL itself may hold a password: name the error, not it.
+        if let Some(url) = &self.redis_url {
+            redis_seeds(url)?;
+        }
+        if self.redis_prefix.is_empty() || self.redis_prefix.contains(['{', '}']) {
             return Err(format!(
-                "--redis-url is not a Redis URL (redis://, rediss:// or unix://): {e}"
+                "redis_prefix {:?} must be non-empty and hold no braces (they are Redis Cluster hash tags)",
+                self.redis_prefix
             ));
         }
         if self.cluster && self.lease_ttl_ms < 300 {

@@ -727,7 +727,7 @@ struct Fixture {
 
 impl Fixture {
     fn key(&self, suffix: &str) -> String {
-        format!("{}:default:{suffix}", self.prefix)
+        format!("{}:{{ns:default}}:{suffix}", self.prefix)
     }
     fn manifest_key(&self) -> String {
         self.key("snap:manifest")
@@ -908,7 +908,7 @@ const SNAPSHOTS: &[Snap] = &[
     snap("keys: prev is a list behind a garbled manifest", |f| vec![set(f.manifest_key(), b"junk"), Damage::List(f.prev_key())], Refused("WRONGTYPE")),
     snap("keys: the matches hash is a string", |f| vec![set(f.matches_key(), b"not a hash")], Refused("WRONGTYPE")),
     snap("node: the manifest is a hash", |f| vec![Damage::Hash(f.manifest_key())], NodeNotReady("snap:manifest")),
-    snap("node: the matches hash is a list", |f| vec![Damage::List(f.matches_key())], NodeNotReady(":default:matches")),
+    snap("node: the matches hash is a list", |f| vec![Damage::List(f.matches_key())], NodeNotReady(":{ns:default}:matches")),
     // Match records.
     snap("record: garbage", |f| vec![Damage::Record(f.matches_key(), b"garbage".to_vec())], RecordSkipped("bad magic or too short (7 bytes)")),
     snap("record: empty", |f| vec![Damage::Record(f.matches_key(), Vec::new())], RecordSkipped("match record: bad magic or too short (0 bytes)")),
@@ -959,9 +959,15 @@ fn sorted(mut d: Vec<Driver>) -> Vec<Driver> {
 /// Stores generations 1 and 2 under a new prefix.
 async fn fixture(url: &str) -> (Fixture, Arc<Persistence>) {
     let prefix = unique_prefix("snap");
-    let p = Persistence::connect(url, &prefix, "default", "n1")
-        .await
-        .expect("connects");
+    let p = Persistence::connect(
+        url,
+        &prefix,
+        "default",
+        "n1",
+        hexmatch_server::persist::Durability::default(),
+    )
+    .await
+    .expect("connects");
     for drivers in [generation_1(), generation_2()] {
         let e = Arc::new(Engine::new(EngineConfig::default()).expect("engine"));
         e.bulk_load(drivers).expect("load");
@@ -969,11 +975,11 @@ async fn fixture(url: &str) -> (Fixture, Arc<Persistence>) {
     }
     let mut conn = RedisServer::conn(url);
     let manifest: Vec<u8> = redis::cmd("GET")
-        .arg(format!("{prefix}:default:snap:manifest"))
+        .arg(format!("{prefix}:{{ns:default}}:snap:manifest"))
         .query(&mut conn)
         .expect("manifest");
     let chunk: Vec<u8> = redis::cmd("GET")
-        .arg(format!("{prefix}:default:snap:g2:0"))
+        .arg(format!("{prefix}:{{ns:default}}:snap:g2:0"))
         .query(&mut conn)
         .expect("chunk of generation 2");
     (

@@ -13,6 +13,11 @@
 //! - A driver that moves into another node's region is handed over, never
 //!   held by two nodes, and a client token opens no node-to-node call.
 //!
+//! - On a Redis Cluster (three masters, one replica each) with
+//!   `--redis-replicas 1`: a killed Redis master loses no acknowledged
+//!   match, one order still makes one match across slots, and a write the
+//!   replica did not take is never acknowledged.
+//!
 //! Every node runs in the production configuration: client tokens
 //! (`--api-tokens`) and the cluster secret (`HEXMATCH_CLUSTER_SECRET`) on.
 
@@ -21,6 +26,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use common::redis_cluster::RedisCluster;
 use common::{Node, RedisServer, poll, unique_prefix};
 use hexmatch::Position;
 use serde_json::{Value, json};
@@ -33,6 +39,7 @@ const REGIONS: &str = concat!(
 /// each of them cells of its own.
 const RESOLUTION: u8 = 8;
 const LEASE_TTL_MS: u64 = 1500;
+const TRIPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/chicago_trips.csv");
 /// The client token every test request carries.
 const TOKEN: &str = "client-token-1";
 /// The secret the nodes share; never a client's.
@@ -65,6 +72,19 @@ fn start_leased(
     own: &[String],
     ingest: bool,
     lease_ttl_ms: u64,
+) -> Node {
+    start_args(redis, prefix, node, own, ingest, lease_ttl_ms, &[])
+}
+
+/// A node in the production configuration, with `extra` flags.
+fn start_args(
+    redis: &str,
+    prefix: &str,
+    node: &str,
+    own: &[String],
+    ingest: bool,
+    lease_ttl_ms: u64,
+    extra: &[&str],
 ) -> Node {
     let own = if own.is_empty() {
         String::new()
@@ -100,6 +120,7 @@ fn start_leased(
     if !own.is_empty() {
         args.extend(["--own-regions", &own]);
     }
+    args.extend(extra);
     Node::spawn_with_env(&args, &[("HEXMATCH_CLUSTER_SECRET", SECRET)])
 }
 
@@ -623,19 +644,8 @@ fn a_stale_owner_cannot_acknowledge_reservations() {
     let client = redis::Client::open(url.as_str()).expect("url");
     let mut conn = client.get_connection().expect("redis");
     let mut drivers = HashSet::new();
-    for node in ["a", "b"] {
-        let recs: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
-            .arg(format!("{prefix}:{node}:matches"))
-            .query(&mut conn)
-            .expect("hgetall");
-        for bytes in recs.values() {
-            let rec = hexmatch::DurableMatch::decode(bytes).expect("record");
-            if node == "a" {
-                // a's own stale records are never read for regions b owns.
-                continue;
-            }
-            assert!(drivers.insert(rec.m.driver_id.to_string()), "{:?}", rec.m);
-        }
+    for (_, rec) in live_records(&mut conn, &prefix) {
+        assert!(drivers.insert(rec.m.driver_id.to_string()), "{:?}", rec.m);
     }
     assert!(drivers.len() >= 5);
 }
@@ -691,12 +701,19 @@ async fn redis_refuses_writes_of_a_fenced_off_owner() {
                 &own,
                 ttl,
                 Some(SECRET),
+                hexmatch_server::persist::Durability::default(),
             )
             .await
             .expect("cluster");
-            let p = Persistence::connect(&url, &prefix, node, node)
-                .await
-                .expect("redis");
+            let p = Persistence::connect(
+                &url,
+                &prefix,
+                node,
+                node,
+                hexmatch_server::persist::Durability::default(),
+            )
+            .await
+            .expect("redis");
             p.set_fence(Arc::clone(&c) as Arc<dyn hexmatch_server::persist::Fence>);
             (c, p)
         }
@@ -719,7 +736,7 @@ async fn redis_refuses_writes_of_a_fenced_off_owner() {
         .get_multiplexed_async_connection()
         .await
         .expect("redis");
-    let lease = format!("{prefix}:lease:{}", region.id);
+    let lease = format!("{prefix}:{{region:{}}}:lease", region.id);
     conn.del::<_, ()>(&lease).await.expect("del");
     let (y, py) = join("y").await;
     let ey = engine("e");
@@ -747,11 +764,14 @@ async fn redis_refuses_writes_of_a_fenced_off_owner() {
         "{err}"
     );
     let stored: Option<Vec<u8>> = conn
-        .hget(format!("{prefix}:x:matches"), "o2")
+        .hget(format!("{prefix}:{{region:{}}}:matches", region.id), "o2")
         .await
         .expect("hget");
     assert!(stored.is_none(), "a fenced write landed");
-    let routed: Option<String> = conn.get(format!("{prefix}:order:o2")).await.expect("get");
+    let routed: Option<String> = conn
+        .get(format!("{prefix}:{{order:o2}}"))
+        .await
+        .expect("get");
     assert!(routed.is_none());
     // Changing the match it had is refused the same way.
     let mut confirmed = first.clone();
@@ -805,7 +825,7 @@ fn stream_updates_reach_the_owner_of_their_region() {
     // The owners as Redis records them (a node's cached map can lag).
     let owner_of: HashMap<String, String> = {
         let raw: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(format!("{prefix}:cluster:owners"))
+            .arg(format!("{prefix}:{{cluster}}:owners"))
             .query(&mut conn)
             .expect("owners");
         raw.into_iter()
@@ -1118,6 +1138,31 @@ fn a_failed_handoff_refuses_the_update_and_leaves_one_copy() {
     assert_eq!(d["lat"].as_f64(), Some(new.lat()), "{d}");
 }
 
+/// Every live match record in Redis, over the hash of every region ever
+/// owned (those of the regions file, and `outside-…` regions taken on
+/// first use).
+fn live_records(
+    conn: &mut dyn redis::ConnectionLike,
+    prefix: &str,
+) -> Vec<(String, hexmatch::DurableMatch)> {
+    let mut out = Vec::new();
+    let owned: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("{prefix}:{{cluster}}:owners"))
+        .query(conn)
+        .expect("owners");
+    for region in owned {
+        let recs: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
+            .arg(format!("{prefix}:{{region:{region}}}:matches"))
+            .query(conn)
+            .expect("hgetall");
+        out.extend(
+            recs.into_iter()
+                .map(|(o, b)| (o, hexmatch::DurableMatch::decode(&b).expect("record"))),
+        );
+    }
+    out
+}
+
 /// One order id claimed at the same moment with two pickups in regions
 /// of different nodes makes one match, never two: the order's record is
 /// taken atomically before a node acknowledges it, and the twin gets
@@ -1189,17 +1234,300 @@ fn twin_claims_of_one_order_on_two_nodes_make_one_match() {
     let client = redis::Client::open(url.as_str()).expect("url");
     let mut conn = client.get_connection().expect("redis");
     let mut orders = HashSet::new();
-    for node in ["a", "b"] {
-        let recs: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
-            .arg(format!("{prefix}:{node}:matches"))
-            .query(&mut conn)
-            .expect("hgetall");
-        for order in recs.keys() {
+    for (order, _) in live_records(&mut conn, &prefix) {
+        assert!(orders.insert(order.clone()), "{order} recorded twice");
+    }
+    let _ = fleet;
+}
+
+/// Claims `order` at `p` through `via`: status, driver (on success), and
+/// who served it.
+fn claim_at(
+    http: &reqwest::blocking::Client,
+    via: &Node,
+    order: &str,
+    p: Position,
+) -> (u16, Option<String>, Value) {
+    let (status, m, _) = post(
+        http,
+        &format!("{}/v1/matches", via.base),
+        &json!({"order_id": order, "pickup": {"lat": p.lat(), "lon": p.lon()}, "radius_m": 5000, "hold_ms": 600_000}),
+    );
+    let driver = m["driver_id"].as_str().map(str::to_owned);
+    (status, driver, m)
+}
+
+/// Three nodes on a real Redis Cluster (three masters with a replica
+/// each), durable writes waiting for one replica. The Redis master that
+/// holds a busy region's lease and match records is killed; its replica
+/// takes over. Every match acknowledged before, during and after the
+/// failover is in Redis and readable from every node afterwards, with one
+/// driver per order and one order per driver; twin claims of one order
+/// on two nodes (different slots for the order and the regions) still
+/// make one match.
+#[test]
+#[allow(clippy::too_many_lines)]
+fn a_redis_master_s_death_loses_no_acknowledged_match() {
+    let mut redis = RedisCluster::start();
+    let url = redis.url();
+    let prefix = unique_prefix("rc");
+    let regions = region_ids();
+    let own = spread(&regions, 3);
+    let durable = ["--redis-replicas", "1", "--redis-wait-ms", "1000"];
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            let id = ["a", "b", "c"][i];
+            start_args(&url, &prefix, id, &own[&i], false, LEASE_TTL_MS, &durable)
+        })
+        .collect();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let http = &http();
+    wait_settled(http, &refs, &own);
+    let fleet = load(http, &refs, 3000);
+    let map = region_map();
+
+    // Pickups: the positions of every fifth driver, each claimed once.
+    let pickups: Vec<Position> = fleet.iter().step_by(5).map(|(_, p)| *p).collect();
+    let mut acked: Vec<(String, String)> = Vec::new();
+    let mut next = 0;
+    // Claims pickup `n` through node `n % 3`, recording what is acknowledged.
+    let claim = |n: usize, tag: &str, acked: &mut Vec<(String, String)>| {
+        let order = format!("{tag}-{n}");
+        let (status, driver, body) =
+            claim_at(http, &nodes[n % 3], &order, pickups[n % pickups.len()]);
+        if status == 201 {
+            acked.push((order, driver.expect("a driver")));
+        }
+        (status, body)
+    };
+    for _ in 0..40 {
+        let (status, body) = claim(next, "before", &mut acked);
+        next += 1;
+        assert!([201, 409].contains(&status), "{status} {body}");
+    }
+    assert!(acked.len() >= 30, "{}", acked.len());
+
+    // The master holding the busiest region's lease and records dies.
+    let busiest = {
+        let mut count: HashMap<String, usize> = HashMap::new();
+        for (_, p) in &fleet {
+            if let Ok(r) = map.region_of(*p) {
+                *count.entry(r.to_string()).or_default() += 1;
+            }
+        }
+        count
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .expect("a region")
+            .0
+    };
+    let victim = redis.master_of(&format!("{prefix}:{{region:{busiest}}}:lease"));
+    let masters_before = redis.masters().len();
+    let killed_at = Instant::now();
+    redis.signal(victim, "KILL");
+    // Its replica takes over; the dead server comes back empty as the new
+    // master's replica. Until then the shard has no replica, and writes
+    // that must reach one are refused (503), never acknowledged. Claims go
+    // on throughout, in the busiest region too.
+    let in_busiest = position_in(&map, std::slice::from_ref(&busiest), None, 0.0);
+    let (failover, back_after, refused) = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let took = redis.wait_ok(30);
+            redis.restart(victim);
+            took
+        });
+        let mut refused = 0;
+        let back_after = loop {
+            let (status, body) = claim(next, "during", &mut acked);
+            next += 1;
+            if status != 201 && status != 409 {
+                assert_eq!(status, 503, "{body}");
+                refused += 1;
+            }
+            let order = format!("busiest-{next}");
+            let (status, driver, body) = claim_at(http, &nodes[next % 3], &order, in_busiest);
+            if status == 201 {
+                acked.push((order, driver.expect("a driver")));
+                break killed_at.elapsed();
+            }
+            assert!([503, 409].contains(&status), "{status} {body}");
             assert!(
-                orders.insert(order.clone()),
-                "{order} recorded on both nodes"
+                killed_at.elapsed() < Duration::from_secs(40),
+                "the busiest region never came back: {status} {body}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (watcher.join().expect("watcher"), back_after, refused)
+    });
+    assert_eq!(
+        redis.masters().len(),
+        masters_before,
+        "the replica took over"
+    );
+    redis.wait_ok(30);
+    for _ in 0..20 {
+        let (status, body) = claim(next, "after", &mut acked);
+        next += 1;
+        assert!([201, 409].contains(&status), "{status} {body}");
+    }
+
+    // Twins: one order at two pickups in regions of different nodes.
+    let in_a = position_in(&map, &own[&0], None, 0.0);
+    let in_b = position_in(&map, &own[&1], Some(in_a), 5000.0);
+    for i in 0..10 {
+        let order = format!("twin-{i}");
+        let answers: Vec<(u16, Option<String>, Value)> = std::thread::scope(|s| {
+            let calls: Vec<_> = [(in_a, &nodes[0]), (in_b, &nodes[1])]
+                .into_iter()
+                .map(|(p, node)| {
+                    let order = order.clone();
+                    s.spawn(move || claim_at(http, node, &order, p))
+                })
+                .collect();
+            calls
+                .into_iter()
+                .map(|c| c.join().expect("thread"))
+                .collect()
+        });
+        let drivers: HashSet<&String> = answers
+            .iter()
+            .filter(|(status, _, _)| [200, 201].contains(status))
+            .filter_map(|(_, d, _)| d.as_ref())
+            .collect();
+        for (status, _, body) in &answers {
+            assert!([200, 201, 409].contains(status), "{order}: {status} {body}");
+        }
+        assert_eq!(drivers.len(), 1, "{order}: {answers:?}");
+        acked.push((order, (*drivers.iter().next().expect("one")).clone()));
+    }
+
+    // Every acknowledged match is in Redis and readable from every node.
+    let mut conn = redis.conn();
+    let records: HashMap<String, hexmatch::DurableMatch> =
+        live_records(&mut conn, &prefix).into_iter().collect();
+    let mut by_driver: HashMap<String, String> = HashMap::new();
+    for (order, rec) in &records {
+        let driver = rec.m.driver_id.to_string();
+        assert!(
+            by_driver.insert(driver.clone(), order.clone()).is_none(),
+            "{driver} is in two live matches"
+        );
+    }
+    for (order, driver) in &acked {
+        let rec = records.get(order).unwrap_or_else(|| {
+            let holder: Option<String> = redis::cmd("GET")
+                .arg(format!("{prefix}:{{order:{order}}}"))
+                .query(&mut conn)
+                .expect("get");
+            let (_, m, _) = get(http, &format!("{}/v1/matches/{order}", nodes[0].base));
+            panic!("acknowledged match {order} lost: order record {holder:?}, {m}")
+        });
+        assert_eq!(rec.m.driver_id.as_str(), driver, "{order}");
+        for node in &nodes {
+            let (status, m, _) = get(http, &format!("{}/v1/matches/{order}", node.base));
+            assert_eq!(
+                (status, m["driver_id"].as_str()),
+                (200, Some(driver.as_str())),
+                "{order} via {}: {m}",
+                node.base
             );
         }
     }
-    let _ = fleet;
+    eprintln!(
+        "redis master killed: {} matches acknowledged, none lost; {refused} claims refused \
+         meanwhile; the busiest region served again after {back_after:?}; the Redis Cluster \
+         was whole again after {failover:?}",
+        acked.len()
+    );
+}
+
+/// `WAIT` is what makes an acknowledgment durable: with the replica of
+/// the master holding a single node's records paused, a claim is refused
+/// (503) instead of acknowledged, and its driver is free again. The
+/// master then dies and the paused replica takes over: every match that
+/// was acknowledged is restored on restart.
+#[test]
+fn a_write_the_replica_did_not_take_is_never_acknowledged() {
+    let mut redis = RedisCluster::start();
+    let prefix = unique_prefix("rc-wait");
+    let seed = redis.seed();
+    let args = |load: bool| {
+        let mut v = vec![
+            "--api-tokens".to_owned(),
+            TOKEN.to_owned(),
+            "--redis-url".to_owned(),
+            seed.clone(),
+            "--redis-prefix".to_owned(),
+            prefix.clone(),
+            "--redis-replicas".to_owned(),
+            "1".to_owned(),
+            "--redis-wait-ms".to_owned(),
+            "300".to_owned(),
+            "--snapshot-interval-ms".to_owned(),
+            "200".to_owned(),
+            "--driver-ttl-s".to_owned(),
+            "0".to_owned(),
+            "--ingest-stream".to_owned(),
+            "false".to_owned(),
+        ];
+        if load {
+            v.extend(["--load-drivers".to_owned(), TRIPS.to_owned()]);
+        }
+        v
+    };
+    let spawn = |load: bool| {
+        let a = args(load);
+        Node::spawn(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let mut node = spawn(true);
+    let http = &http();
+    let p = position_in(&region_map(), &region_ids(), None, 0.0);
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        let order = format!("kept-{i}");
+        let (status, driver, body) = claim_at(http, &node, &order, p);
+        assert_eq!(status, 201, "{body}");
+        acked.push((order, driver.expect("driver")));
+    }
+    let master = redis.master_of(&format!("{prefix}:{{ns:default}}:matches"));
+    let replica = redis.replica_of(master);
+    redis.signal(replica, "STOP");
+    let (status, _, body) = claim_at(http, &node, "refused", p);
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("unavailable")),
+        "{body}"
+    );
+    // The refused claim was undone: its driver is free again.
+    let (status, m, _) = get(http, &format!("{}/v1/matches/refused", node.base));
+    assert_eq!(
+        (status, m["state"].as_str()),
+        (200, Some("released")),
+        "{m}"
+    );
+    // The master dies with the write only it had; the replica takes over.
+    redis.signal(master, "KILL");
+    redis.signal(replica, "CONT");
+    redis.wait_ok(30);
+    node.signal("KILL");
+    let node = spawn(false);
+    for (order, driver) in &acked {
+        let (status, m, _) = get(http, &format!("{}/v1/matches/{order}", node.base));
+        assert_eq!(
+            (status, m["driver_id"].as_str()),
+            (200, Some(driver.as_str())),
+            "acknowledged {order}: {m}"
+        );
+    }
+    // The refused claim's record may have reached the replica after all
+    // (it was in flight when the replica paused): then its driver is held
+    // until the reservation lapses, never given to a second order.
+    let (status, m, _) = get(http, &format!("{}/v1/matches/refused", node.base));
+    if status == 200 {
+        let held = m["driver_id"].as_str().expect("driver");
+        assert!(
+            acked.iter().all(|(_, d)| d != held),
+            "{held} double-booked: {m}"
+        );
+    }
 }

@@ -58,7 +58,7 @@ async fn load(server: &Server, n: usize) {
 /// manifests name.
 fn generations(conn: &mut redis::Connection, prefix: &str) -> (HashSet<u64>, HashSet<u64>) {
     let keys: Vec<String> = conn
-        .keys(format!("{prefix}:default:snap:g*"))
+        .keys(format!("{prefix}:{{ns:default}}:snap:g*"))
         .expect("keys");
     let stored = keys
         .iter()
@@ -67,7 +67,9 @@ fn generations(conn: &mut redis::Connection, prefix: &str) -> (HashSet<u64>, Has
     let mut named = HashSet::new();
     for m in ["snap:manifest", "snap:manifest:prev"] {
         // A manifest key of the wrong type names nothing.
-        let raw: Option<Vec<u8>> = conn.get(format!("{prefix}:default:{m}")).unwrap_or(None);
+        let raw: Option<Vec<u8>> = conn
+            .get(format!("{prefix}:{{ns:default}}:{m}"))
+            .unwrap_or(None);
         if let Some(m) = raw.and_then(|b| hexmatch::Manifest::decode(&b).ok()) {
             named.insert(m.generation);
         }
@@ -170,7 +172,7 @@ async fn a_snapshot_refused_after_its_chunks_leaves_none_of_them() {
     })
     .await;
     let mut conn = RedisServer::conn(&url);
-    let manifest_key = format!("{prefix}:default:snap:manifest");
+    let manifest_key = format!("{prefix}:{{ns:default}}:snap:manifest");
     // Swap the manifest for a hash between two snapshots.
     let _: () = redis::cmd("RENAME")
         .arg(&manifest_key)
@@ -211,7 +213,7 @@ async fn a_garbled_generation_counter_is_repaired_by_the_next_snapshot() {
     readyz_until(&server, "ready", |s, _| s == 200).await;
     load(&server, 1_000).await;
     let mut conn = RedisServer::conn(&url);
-    let gen_key = format!("{prefix}:default:snap:gen");
+    let gen_key = format!("{prefix}:{{ns:default}}:snap:gen");
     let _: () = conn.set(&gen_key, "garbage").expect("set");
     let before = generations(&mut conn, &prefix).1;
     // A snapshot after the garbling, under a generation past every named one.
@@ -243,7 +245,7 @@ async fn a_key_of_the_wrong_type_is_named_until_it_is_fixed() {
     let (_redis, url) = RedisServer::from_env_or_start();
     let prefix = unique_prefix("wrongtype");
     let mut conn = RedisServer::conn(&url);
-    let matches_key = format!("{prefix}:default:matches");
+    let matches_key = format!("{prefix}:{{ns:default}}:matches");
     let _: () = conn.set(&matches_key, "not a hash").expect("set");
     let server = hexmatch_server::start(config(&url, &prefix))
         .await
@@ -290,7 +292,7 @@ async fn drivers_loaded_at_start_are_snapshotted_before_ready() {
     readyz_until(&server, "ready", |s, _| s == 200).await;
     let mut conn = RedisServer::conn(&url);
     let raw: Option<Vec<u8>> = conn
-        .get(format!("{prefix}:default:snap:manifest"))
+        .get(format!("{prefix}:{{ns:default}}:snap:manifest"))
         .expect("get");
     let manifest = hexmatch::Manifest::decode(&raw.expect("a snapshot at start")).expect("valid");
     assert_eq!(manifest.drivers, 2);
@@ -317,7 +319,7 @@ async fn an_empty_node_snapshots_without_errors() {
     .await;
     assert_eq!(body["snapshot_failures"], 0, "{body}");
     let raw: Option<Vec<u8>> = conn
-        .get(format!("{prefix}:default:snap:manifest"))
+        .get(format!("{prefix}:{{ns:default}}:snap:manifest"))
         .expect("get");
     let manifest = hexmatch::Manifest::decode(&raw.expect("a manifest")).expect("valid");
     assert_eq!(manifest.drivers, 0);

@@ -49,6 +49,30 @@ fn sorted_drivers(e: &Engine) -> Vec<Driver> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_restores_drivers_and_live_matches() {
+    restart_restores(false).await;
+}
+
+/// A node upgraded from the key layout before hash tags (`p:default:…`)
+/// restores from the old keys once, and writes the new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_restores_from_the_layout_before_hash_tags() {
+    restart_restores(true).await;
+}
+
+/// Moves every key of the `default` namespace to the layout before hash
+/// tags.
+fn to_layout_before_tags(url: &str, prefix: &str) {
+    let mut c = RedisServer::conn(url);
+    let tagged = format!("{prefix}:{{ns:default}}:");
+    let keys: Vec<String> = c.keys(format!("{tagged}*")).expect("keys");
+    assert!(keys.len() >= 3, "{keys:?}");
+    for k in keys {
+        let old = format!("{prefix}:default:{}", &k[tagged.len()..]);
+        let _: () = c.rename(&k, old).expect("rename");
+    }
+}
+
+async fn restart_restores(layout_before_tags: bool) {
     let (_redis, url) = RedisServer::from_env_or_start();
     let prefix = unique_prefix("restart");
     let a = hexmatch_server::start(config(&url, &prefix))
@@ -80,6 +104,9 @@ async fn restart_restores_drivers_and_live_matches() {
         .map(|o| a.engine().get_match(&OrderId::new(o).expect("id")))
         .collect();
     a.shutdown().await; // writes a final snapshot
+    if layout_before_tags {
+        to_layout_before_tags(&url, &prefix);
+    }
 
     let b = hexmatch_server::start(config(&url, &prefix))
         .await
@@ -103,6 +130,13 @@ async fn restart_restores_drivers_and_live_matches() {
             .is_none(),
         "released matches are not restored"
     );
+    // The live matches are in the tagged layout now.
+    let mut c = RedisServer::conn(&url);
+    let mut live: Vec<String> = c
+        .hkeys(format!("{prefix}:{{ns:default}}:matches"))
+        .expect("hkeys");
+    live.sort();
+    assert_eq!(live, ["o1", "o2"]);
     b.shutdown().await;
 }
 
@@ -134,9 +168,15 @@ fn mixed_drivers(n: usize) -> Vec<Driver> {
 async fn round_trip_of_120k_drivers_and_matches_is_exact() {
     let (_redis, url) = RedisServer::from_env_or_start();
     let prefix = unique_prefix("roundtrip");
-    let p = Persistence::connect(&url, &prefix, "default", "n1")
-        .await
-        .expect("connects");
+    let p = Persistence::connect(
+        &url,
+        &prefix,
+        "default",
+        "n1",
+        hexmatch_server::persist::Durability::default(),
+    )
+    .await
+    .expect("connects");
     let engine = Arc::new(Engine::new(EngineConfig::default()).expect("engine"));
     engine.bulk_load(mixed_drivers(120_000)).expect("load");
     for i in 0..100 {
@@ -160,7 +200,7 @@ async fn round_trip_of_120k_drivers_and_matches_is_exact() {
     assert_eq!(back.counts(), engine.counts());
     let mut conn = RedisServer::conn(&url);
     let chunks: Vec<String> = conn
-        .keys(format!("{prefix}:default:snap:g[0-9]*"))
+        .keys(format!("{prefix}:{{ns:default}}:snap:g[0-9]*"))
         .expect("keys");
     assert_eq!(chunks.len(), 3, "120k drivers in chunks of 50k");
 }
@@ -169,9 +209,15 @@ async fn round_trip_of_120k_drivers_and_matches_is_exact() {
 async fn corrupt_snapshot_falls_back_to_the_previous_generation_or_starts_empty() {
     let (_redis, url) = RedisServer::from_env_or_start();
     let prefix = unique_prefix("corrupt");
-    let p = Persistence::connect(&url, &prefix, "default", "n1")
-        .await
-        .expect("connects");
+    let p = Persistence::connect(
+        &url,
+        &prefix,
+        "default",
+        "n1",
+        hexmatch_server::persist::Durability::default(),
+    )
+    .await
+    .expect("connects");
     let engine = Arc::new(Engine::new(EngineConfig::default()).expect("engine"));
     engine.bulk_load(mixed_drivers(1000)).expect("load");
     p.write_snapshot(&engine).await.expect("gen 1");
@@ -180,7 +226,7 @@ async fn corrupt_snapshot_falls_back_to_the_previous_generation_or_starts_empty(
     let mut conn = RedisServer::conn(&url);
     // Flip a byte in the middle of generation 2's chunk.
     let () = conn
-        .setrange(format!("{prefix}:default:snap:g2:0"), 100, "\u{1}")
+        .setrange(format!("{prefix}:{{ns:default}}:snap:g2:0"), 100, "\u{1}")
         .expect("setrange");
     let back = Arc::new(Engine::new(EngineConfig::default()).expect("engine"));
     let r = p.restore(&back).await.expect("restore runs");
@@ -197,7 +243,7 @@ async fn corrupt_snapshot_falls_back_to_the_previous_generation_or_starts_empty(
 
     // Truncate generation 1 too: nothing loads, the error is reported, no panic.
     let () = conn
-        .set(format!("{prefix}:default:snap:g1:0"), "short")
+        .set(format!("{prefix}:{{ns:default}}:snap:g1:0"), "short")
         .expect("set");
     let empty = Arc::new(Engine::new(EngineConfig::default()).expect("engine"));
     let r = p.restore(&empty).await.expect("restore runs");
@@ -287,9 +333,10 @@ async fn redis_outage_refuses_matches_keeps_serving_and_recovers() {
     let live = tokio::task::spawn_blocking(move || {
         poll(20, "resync and snapshot after recovery", || {
             let mut c = RedisServer::conn(&url);
-            let matches: Vec<String> = c.hkeys(format!("{prefix}:default:matches")).ok()?;
-            let manifest: Option<Vec<u8>> =
-                c.get(format!("{prefix}:default:snap:manifest")).ok()?;
+            let matches: Vec<String> = c.hkeys(format!("{prefix}:{{ns:default}}:matches")).ok()?;
+            let manifest: Option<Vec<u8>> = c
+                .get(format!("{prefix}:{{ns:default}}:snap:manifest"))
+                .ok()?;
             (matches == ["before"] && manifest.is_some()).then_some(matches)
         })
     })
@@ -400,9 +447,15 @@ async fn stream_updates_are_applied_acknowledged_or_dead_lettered() {
 async fn entries_of_a_dead_consumer_are_reclaimed() {
     let (_redis, url) = RedisServer::from_env_or_start();
     let prefix = unique_prefix("reclaim");
-    let p = Persistence::connect(&url, &prefix, "default", "alive")
-        .await
-        .expect("connects");
+    let p = Persistence::connect(
+        &url,
+        &prefix,
+        "default",
+        "alive",
+        hexmatch_server::persist::Durability::default(),
+    )
+    .await
+    .expect("connects");
     p.ensure_group().await.expect("group");
     let mut conn = RedisServer::conn(&url);
     for i in 0..20 {

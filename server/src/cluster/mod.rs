@@ -3,15 +3,20 @@
 //! [`Cluster::resolve_owner`], `remote_owners_within`) and the
 //! typed peer channel between nodes ([`peer`]).
 //!
-//! # Keys (prefix `p`)
+//! # Keys (prefix `p`; the braces are Redis Cluster hash tags)
 //! | key | what |
 //! | --- | --- |
-//! | `p:lease:{region}` | `node\|epoch` of the owner, with a TTL (`SET NX PX`) |
-//! | `p:epoch:{region}` | fencing epoch, `INCR`ed on every takeover |
-//! | `p:cluster:owners` | hash: region → `node\|epoch` of its latest owner |
-//! | `p:cluster:nodes` | hash: node id → URL |
-//! | `p:cluster:version` | map version, `INCR`ed on every ownership change |
-//! | `p:order:{order}` | region whose owner holds the order's match |
+//! | `p:{region:r}:lease` | `node\|epoch` of the owner, with a TTL |
+//! | `p:{region:r}:epoch` | fencing epoch, `INCR`ed on every takeover |
+//! | `p:{cluster}:owners` | hash: region → `node\|epoch` of its latest owner |
+//! | `p:{cluster}:nodes` | hash: node id → URL |
+//! | `p:{cluster}:version` | map version, `INCR`ed on every ownership change |
+//! | `p:{order:o}` | `region\|lease` whose owner holds the order's match |
+//!
+//! A takeover is two scripts, each in one slot: the lease and epoch in the
+//! region's slot, then the map in its own (recording the new owner only
+//! over an older epoch). With `--redis-replicas`, each waits for the
+//! replicas (`WAIT`) before the lease is served.
 //!
 //! # Invariants
 //! - A node serves a region (answers from memory, writes its matches)
@@ -23,9 +28,11 @@
 //!   this cluster as its [`crate::persist::Fence`]). A
 //!   paused owner that lost its lease therefore cannot acknowledge a
 //!   reservation, even if its clock has not noticed yet.
-//! - A taker restores a region from its previous owner's snapshot and
-//!   match records only after that owner's lease is gone, so every write
-//!   the old owner acknowledged is in what the taker reads.
+//! - A taker restores a region from the region's own snapshot and match
+//!   records only after the previous owner's lease is gone, so every write
+//!   the old owner acknowledged is in what the taker reads. A region's
+//!   snapshot is switched in by a script that checks its lease, so an
+//!   owner that lost the region cannot overwrite it.
 
 pub(crate) mod geo;
 pub mod peer;
@@ -36,21 +43,33 @@ use std::time::{Duration, Instant};
 
 use hexmatch::{Driver, Engine, Position, RegionId, RegionMap};
 use parking_lot::RwLock;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, RedisResult, Script};
+use redis::{AsyncCommands, RedisResult, Value};
 
 use self::peer::PeerClient;
+use crate::persist::conn::{self, ConnOptions, Durability, Keys, RedisConn};
 use crate::persist::{Fence, Lease, Persistence};
 
+/// Takes a free lease. KEYS: lease, epoch. ARGV: node, TTL ms. Returns the
+/// new epoch, or nil when the lease is held.
 const ACQUIRE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local prev = redis.call('HGET', KEYS[3], ARGV[3])
 local e = redis.call('INCR', KEYS[2])
-local token = ARGV[1] .. '|' .. e
-redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[3], token)
-local v = redis.call('INCR', KEYS[4])
-return {e, prev or '', v}
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. e, 'PX', ARGV[2])
+return e
+";
+
+/// Records a region's new owner in the map, unless an owner of a newer
+/// epoch is recorded. KEYS: owners, version. ARGV: region, token, epoch.
+/// Returns {1, previous owner's token or ''} when recorded, {0, newer}.
+const RECORD_OWNER: &str = r"
+local prev = redis.call('HGET', KEYS[1], ARGV[1])
+if prev then
+  local e = tonumber(string.match(prev, '|(%d+)$'))
+  if e and e >= tonumber(ARGV[3]) then return {0, prev} end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('INCR', KEYS[2])
+return {1, prev or ''}
 ";
 
 const RENEW: &str = r"
@@ -65,7 +84,8 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
-/// How long a node waits for another's answer.
+/// The longest a node waits for another's answer; never longer than
+/// the lease TTL (a silent owner has lost its regions by then).
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A lease this node holds.
@@ -123,11 +143,12 @@ pub struct Takeover {
 pub struct Cluster {
     node: String,
     url: String,
-    prefix: String,
     regions: RegionMap,
     caps: geo::Caps,
     own: Vec<String>,
-    conn: ConnectionManager,
+    conn: RedisConn,
+    keys: Keys,
+    durability: Durability,
     ttl: Duration,
     held: RwLock<HashMap<String, Held>>,
     map: RwLock<Arc<ClusterMap>>,
@@ -149,8 +170,9 @@ fn split_token(token: &str) -> Option<(String, u64)> {
 }
 
 impl Cluster {
-    /// Connects to Redis and registers this node (`node` reachable at
-    /// `url`, presenting `secret` to the other nodes).
+    /// Connects to Redis (or Redis Cluster) and registers this node (`node`
+    /// reachable at `url`, presenting `secret` to the other nodes); lease
+    /// changes wait for `durability`'s replicas.
     ///
     /// # Errors
     /// Redis cannot be reached, or the URL is bad.
@@ -164,54 +186,47 @@ impl Cluster {
         own: &[String],
         ttl: Duration,
         secret: Option<&str>,
+        durability: Durability,
     ) -> Result<Arc<Self>, String> {
-        let client =
-            redis::Client::open(redis_url).map_err(|e| format!("redis url {redis_url:?}: {e}"))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(ttl / 3))
-            .set_number_of_retries(1);
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| format!("redis at {redis_url}: {e}"))?;
+        let conn = conn::connect(
+            redis_url,
+            ConnOptions {
+                connect_timeout: Duration::from_secs(2),
+                response_timeout: ttl / 3 + durability.timeout,
+                retries: 1,
+            },
+        )
+        .await?;
         let own = if own.iter().any(|r| r == "*") {
             regions.regions().iter().map(|r| r.id.to_string()).collect()
         } else {
             own.to_vec()
         };
-        let peer = PeerClient::new(node, secret, PEER_TIMEOUT)?;
+        let peer = PeerClient::new(node, secret, PEER_TIMEOUT.min(ttl))?;
         let this = Arc::new(Self {
             node: node.to_owned(),
             url: url.trim_end_matches('/').to_owned(),
-            prefix: prefix.to_owned(),
             caps: geo::Caps::new(&regions),
             regions,
             own,
             conn,
+            keys: Keys::new(prefix),
+            durability,
             ttl,
             held: RwLock::default(),
             map: RwLock::default(),
             peer,
         });
         let mut conn = this.conn.clone();
-        conn.hset::<_, _, _, ()>(this.key("cluster:nodes"), node, &this.url)
+        conn.hset::<_, _, _, ()>(this.keys.map("nodes"), node, &this.url)
             .await
             .map_err(|e| format!("registering node {node}: {e}"))?;
         this.refresh_map().await.map_err(|e| e.to_string())?;
         Ok(this)
     }
 
-    fn key(&self, suffix: &str) -> String {
-        format!("{}:{suffix}", self.prefix)
-    }
-
     fn lease_key(&self, region: &str) -> String {
-        self.key(&format!("lease:{region}"))
-    }
-
-    /// The Redis key recording which region holds an order's match.
-    fn order_key(&self, order: &str) -> String {
-        self.key(&format!("order:{order}"))
+        self.keys.region(region, "lease")
     }
 
     /// This node's id.
@@ -323,15 +338,19 @@ impl Cluster {
         if regions.is_empty() {
             return Ok(false);
         }
-        let keys: Vec<String> = regions.iter().map(|r| self.lease_key(r)).collect();
-        let mut conn = self.conn.clone();
-        let tokens: Vec<Option<String>> =
-            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
-        Ok(tokens
-            .iter()
-            .flatten()
-            .filter_map(|t| split_token(t))
-            .any(|(n, _)| n == node))
+        // One read per lease: in a Redis Cluster they live in many slots.
+        let reads = regions.iter().map(|r| {
+            let mut conn = self.conn.clone();
+            let key = self.lease_key(r);
+            async move { conn.get::<_, Option<String>>(key).await }
+        });
+        let mut held = false;
+        for token in futures_util::future::join_all(reads).await {
+            held |= token?
+                .and_then(|t| split_token(&t))
+                .is_some_and(|(n, _)| n == node);
+        }
+        Ok(held)
     }
 
     /// URLs of every other registered node.
@@ -390,10 +409,11 @@ impl Cluster {
     /// no node has recorded it, or Redis did not answer).
     pub(crate) async fn order_region(&self, order: &str) -> Option<String> {
         let mut conn = self.conn.clone();
-        conn.get::<_, Option<String>>(self.order_key(order))
+        let holder = conn
+            .get::<_, Option<String>>(self.keys.order(order))
             .await
-            .ok()
-            .flatten()
+            .ok()??;
+        Some(crate::persist::order_holder_region(&holder).to_owned())
     }
 
     /// Re-reads the map from Redis.
@@ -401,18 +421,17 @@ impl Cluster {
     /// # Errors
     /// Redis errors (the cached map stays).
     pub async fn refresh_map(&self) -> RedisResult<Arc<ClusterMap>> {
-        let mut conn = self.conn.clone();
-        let (version, owners, nodes): (
-            Option<u64>,
-            HashMap<String, String>,
-            HashMap<String, String>,
-        ) = redis::pipe()
-            .atomic()
-            .get(self.key("cluster:version"))
-            .hgetall(self.key("cluster:owners"))
-            .hgetall(self.key("cluster:nodes"))
-            .query_async(&mut conn)
-            .await?;
+        // Three reads, not a MULTI: a Redis Cluster client follows a
+        // MOVED for a command, not for a transaction, and the map is
+        // advisory (fencing is by lease).
+        let (mut c1, mut c2, mut c3) = (self.conn.clone(), self.conn.clone(), self.conn.clone());
+        let (version, owners, nodes) = futures_util::future::join3(
+            c1.get::<_, Option<u64>>(self.keys.map("version")),
+            c2.hgetall::<_, HashMap<String, String>>(self.keys.map("owners")),
+            c3.hgetall::<_, HashMap<String, String>>(self.keys.map("nodes")),
+        )
+        .await;
+        let (version, owners, nodes) = (version?, owners?, nodes?);
         let map = Arc::new(ClusterMap {
             version: version.unwrap_or(0),
             owners: owners
@@ -425,27 +444,59 @@ impl Cluster {
         Ok(map)
     }
 
-    /// Tries to take `region`'s lease. `Ok(None)`: someone holds it.
-    /// The lease is not served until the caller records it.
-    async fn acquire(&self, region: &str) -> RedisResult<Option<(Held, Option<String>)>> {
+    /// Tries to take `region`'s lease and records it in the map.
+    /// `Ok(None)`: someone holds it. The lease is not served until the
+    /// caller records it.
+    ///
+    /// # Errors
+    /// Redis errors, or too few replicas took the lease (it is handed back).
+    async fn acquire(&self, region: &str) -> Result<Option<(Held, Option<String>)>, String> {
         let sent = Instant::now();
         let mut conn = self.conn.clone();
-        let got: Option<(u64, String, u64)> = Script::new(ACQUIRE)
-            .key(self.lease_key(region))
-            .key(self.key(&format!("epoch:{region}")))
-            .key(self.key("cluster:owners"))
-            .key(self.key("cluster:version"))
-            .arg(&self.node)
-            .arg(self.ttl.as_millis() as u64)
-            .arg(region)
-            .invoke_async(&mut conn)
-            .await?;
-        let Some((epoch, prev, _version)) = got else {
+        let lease = self.lease_key(region);
+        let epoch_key = self.keys.region(region, "epoch");
+        let ttl = (self.ttl.as_millis() as u64).to_string();
+        let (got, short) = conn::eval_durable(
+            &mut conn,
+            self.durability,
+            ACQUIRE,
+            &[&lease, &epoch_key],
+            &[self.node.as_bytes(), ttl.as_bytes()],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let Value::Int(epoch) = got else {
             return Ok(None);
+        };
+        let epoch = epoch as u64;
+        let token = format!("{}|{epoch}", self.node);
+        if let Some(n) = short {
+            self.give_up_one(region, &token).await;
+            return Err(format!("lease of {region}: {n}"));
+        }
+        let (owners, version) = (self.keys.map("owners"), self.keys.map("version"));
+        let epoch_arg = epoch.to_string();
+        let recorded = conn::eval_durable(
+            &mut conn,
+            self.durability,
+            RECORD_OWNER,
+            &[&owners, &version],
+            &[region.as_bytes(), token.as_bytes(), epoch_arg.as_bytes()],
+        )
+        .await;
+        let prev = match recorded {
+            Ok((Value::Array(v), None)) if v.first() == Some(&Value::Int(1)) => match v.get(1) {
+                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                _ => String::new(),
+            },
+            other => {
+                self.give_up_one(region, &token).await;
+                return Err(format!("recording the owner of {region}: {other:?}"));
+            }
         };
         let held = Held {
             epoch,
-            token: format!("{}|{epoch}", self.node),
+            token,
             deadline: sent + self.ttl.mul_f64(0.9),
         };
         Ok(Some((held, split_token(&prev).map(|(node, _)| node))))
@@ -453,14 +504,19 @@ impl Cluster {
 
     async fn give_up_one(&self, region: &str, token: &str) {
         let mut conn = self.conn.clone();
-        let _: RedisResult<i64> = Script::new(GIVE_UP)
-            .key(self.lease_key(region))
-            .arg(token)
-            .invoke_async(&mut conn)
-            .await;
+        let lease = self.lease_key(region);
+        let _ = conn::eval_durable(
+            &mut conn,
+            Durability::default(),
+            GIVE_UP,
+            &[&lease],
+            &[token.as_bytes()],
+        )
+        .await;
     }
 
-    /// Renews every held lease; returns the regions lost.
+    /// Renews every held lease; returns the regions lost. A renewal too
+    /// few replicas took does not extend the lease's deadline.
     async fn renew(&self) -> Vec<String> {
         let held: Vec<(String, Held)> = self
             .held
@@ -469,20 +525,29 @@ impl Cluster {
             .map(|(r, h)| (r.clone(), h.clone()))
             .collect();
         let mut lost = Vec::new();
-        let script = Script::new(RENEW);
+        let ttl = (self.ttl.as_millis() as u64).to_string();
         for (region, h) in held {
             let sent = Instant::now();
             let mut conn = self.conn.clone();
-            let r: RedisResult<i64> = script
-                .key(self.lease_key(&region))
-                .arg(&h.token)
-                .arg(self.ttl.as_millis() as u64)
-                .invoke_async(&mut conn)
-                .await;
+            let lease = self.lease_key(&region);
+            let r = conn::eval_durable(
+                &mut conn,
+                self.durability,
+                RENEW,
+                &[&lease],
+                &[h.token.as_bytes(), ttl.as_bytes()],
+            )
+            .await;
             match r {
-                Ok(1) => {
+                Ok((Value::Int(1), None)) => {
                     if let Some(x) = self.held.write().get_mut(&region) {
                         x.deadline = sent + self.ttl.mul_f64(0.9);
+                    }
+                }
+                Ok((Value::Int(1), Some(n))) => {
+                    tracing::warn!(region, %n, "lease renewal not replicated");
+                    if h.deadline <= Instant::now() {
+                        lost.push(region);
                     }
                 }
                 Ok(_) => lost.push(region),
@@ -530,24 +595,26 @@ impl Cluster {
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for r in &candidates {
-            pipe.exists(self.lease_key(r));
+        // One read per lease: in a Redis Cluster they live in many slots.
+        let reads = candidates.iter().map(|r| {
+            let mut conn = self.conn.clone();
+            let key = self.lease_key(r);
+            async move { conn.exists::<_, bool>(key).await }
+        });
+        let exists = futures_util::future::join_all(reads).await;
+        let mut free = Vec::new();
+        for (r, e) in candidates.into_iter().zip(exists) {
+            if !e? {
+                free.push(r);
+            }
         }
-        let mut conn = self.conn.clone();
-        let exists: Vec<bool> = pipe.query_async(&mut conn).await?;
-        Ok(candidates
-            .into_iter()
-            .zip(exists)
-            .filter_map(|(r, e)| (!e).then_some(r))
-            .collect())
+        Ok(free)
     }
 
     /// Takes those of `regions` that are free and restores them into
-    /// `engine` from their previous owners' snapshots and match records:
-    /// each previous owner's snapshot is read once for all the regions
-    /// taken from it. Regions another node holds are skipped; a region
-    /// whose restore fails is handed back and reported as an error.
+    /// `engine` from their own snapshots and match records. Regions
+    /// another node holds are skipped; when the restore fails, or outlasts
+    /// a lease, the region is handed back and reported as an error.
     pub async fn take(
         &self,
         regions: &[String],
@@ -563,61 +630,50 @@ impl Cluster {
                 Err(e) => out.push(Err(format!("taking {region}: {e}"))),
             }
         }
-        let mut by_previous: HashMap<Option<String>, Vec<(String, Held)>> = HashMap::new();
+        if got.is_empty() {
+            return out;
+        }
+        // Restore before serving: until the lease is recorded below, this
+        // node forwards or refuses the regions' requests.
+        let names: Vec<String> = got.iter().map(|(r, _, _)| r.clone()).collect();
+        let wanted: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        let region_of = |p: Position| {
+            self.regions
+                .region_of(p)
+                .ok()
+                .filter(|r| wanted.contains(r.as_str()))
+                .map(|r| r.to_string())
+        };
+        let counts = match persist.restore_region(engine, &names, &region_of).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Serve nothing half-restored: hand the leases back.
+                for (region, held, _) in &got {
+                    self.give_up_one(region, &held.token).await;
+                    out.push(Err(format!("restoring {region}: {e}")));
+                }
+                return out;
+            }
+        };
         for (region, held, previous) in got {
-            by_previous
-                .entry(previous)
-                .or_default()
-                .push((region, held));
-        }
-        for (previous, group) in by_previous {
-            // Restore before serving: until the lease is recorded below,
-            // this node forwards or refuses the region's requests.
-            let mut counts: HashMap<String, (usize, usize)> = HashMap::new();
-            if let Some(prev) = &previous {
-                let wanted: std::collections::HashSet<&str> =
-                    group.iter().map(|(r, _)| r.as_str()).collect();
-                let region_of = |p: Position| {
-                    self.regions
-                        .region_of(p)
-                        .ok()
-                        .filter(|r| wanted.contains(r.as_str()))
-                        .map(|r| r.to_string())
-                };
-                match persist.restore_region(engine, prev, &region_of).await {
-                    Ok(c) => counts = c,
-                    Err(e) => {
-                        // Serve nothing half-restored: hand the leases back.
-                        for (region, held) in &group {
-                            self.give_up_one(region, &held.token).await;
-                            out.push(Err(format!("restoring {region} from {prev}: {e}")));
-                        }
-                        continue;
-                    }
-                }
+            if held.deadline <= Instant::now() {
+                self.give_up_one(&region, &held.token).await;
+                out.push(Err(format!(
+                    "restoring {region} outlasted its lease; handed it back"
+                )));
+                continue;
             }
-            for (region, held) in group {
-                if held.deadline <= Instant::now() {
-                    self.give_up_one(&region, &held.token).await;
-                    out.push(Err(format!(
-                        "restoring {region} outlasted its lease; handed it back"
-                    )));
-                    continue;
-                }
-                let (drivers, matches) = counts.get(&region).copied().unwrap_or_default();
-                out.push(Ok(Takeover {
-                    region: region.clone(),
-                    epoch: held.epoch,
-                    previous: previous.clone(),
-                    drivers,
-                    matches,
-                }));
-                self.held.write().insert(region, held);
-            }
+            let (drivers, matches) = counts.get(&region).copied().unwrap_or_default();
+            out.push(Ok(Takeover {
+                region: region.clone(),
+                epoch: held.epoch,
+                previous,
+                drivers,
+                matches,
+            }));
+            self.held.write().insert(region, held);
         }
-        if !out.is_empty() {
-            let _ = self.refresh_map().await;
-        }
+        let _ = self.refresh_map().await;
         out
     }
 
@@ -688,6 +744,11 @@ impl Cluster {
         taken
     }
 
+    /// How long a lease lasts without renewal.
+    pub fn lease_ttl(&self) -> Duration {
+        self.ttl
+    }
+
     /// How often [`tick`](Self::tick) should run.
     pub fn tick_interval(&self) -> Duration {
         self.ttl / 3
@@ -710,9 +771,13 @@ fn drop_region(engine: &Engine, regions: &RegionMap, region: &str) -> usize {
 }
 
 impl Fence for Cluster {
-    fn lease(&self, pos: Position) -> Result<Lease, String> {
-        let region = self.region_of(pos).map_err(|e| e.to_string())?;
-        let region = region.as_str();
+    fn region_of_pos(&self, pos: Position) -> Result<String, String> {
+        self.region_of(pos)
+            .map(|r| r.to_string())
+            .map_err(|e| e.to_string())
+    }
+
+    fn lease(&self, region: &str) -> Result<Lease, String> {
         let token = self.token(region).ok_or_else(|| region.to_owned())?;
         Ok(Lease {
             key: self.lease_key(region),
@@ -721,7 +786,7 @@ impl Fence for Cluster {
         })
     }
 
-    fn order_key(&self, order: &str) -> String {
-        Cluster::order_key(self, order)
+    fn held_regions(&self) -> Vec<String> {
+        self.held().into_iter().map(|(r, _)| r).collect()
     }
 }

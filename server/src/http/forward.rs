@@ -7,9 +7,11 @@
 //! ([`PeerClient::forward`](crate::cluster::peer::PeerClient::forward)):
 //! the node's secret instead of the client's token, plus `FORWARDED`. It
 //! is never forwarded twice: a node that does not own the region (any
-//! more) answers 421 `not_owner`, and the sender re-reads the map and
-//! tries once more. Every response of a cluster node says who answered
-//! in `x-hexmatch-served-by`.
+//! more) answers 421 `not_owner`. The sender then re-reads the map and
+//! tries the owner it names; an owner that does not answer within the
+//! lease TTL is treated the same way, until a new owner serves the
+//! region or twice the lease TTL plus a second has passed (503). Every
+//! response of a cluster node says who answered in `x-hexmatch-served-by`.
 
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
@@ -169,11 +171,35 @@ async fn dispatch(
                 Ok(x) => x,
                 Err(resp) => return resp,
             };
-            let path = parts
-                .uri
-                .path_and_query()
-                .map_or("/", axum::http::uri::PathAndQuery::as_str);
-            let send = |url: String| {
+            forward_until_served(cluster, region, url, parts, bytes, next).await
+        }
+    }
+}
+
+/// Forwards a request to `region`'s owner at `url`. When the owner does not
+/// answer (each call times out within the lease TTL) or no longer owns the
+/// region, re-reads the map until it names a new owner and sends it there
+/// (or serves it here). Gives up with 503 after twice the lease TTL plus a
+/// second: by then a silent owner's lease has lapsed and another node has
+/// had a renewal period and a second to restore the region.
+async fn forward_until_served(
+    cluster: &Cluster,
+    region: &str,
+    url: String,
+    parts: axum::http::request::Parts,
+    bytes: Bytes,
+    next: Next,
+) -> Response {
+    let ttl = cluster.lease_ttl();
+    let deadline = std::time::Instant::now() + ttl * 2 + std::time::Duration::from_secs(1);
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", axum::http::uri::PathAndQuery::as_str);
+    let mut target = Some(url);
+    loop {
+        let failure = match target.take() {
+            Some(url) => {
                 let f = Forward {
                     method: &parts.method,
                     path,
@@ -181,26 +207,33 @@ async fn dispatch(
                     map_version: cluster.map().version,
                     body: &bytes,
                 };
-                async move { cluster.peer().forward(&url, f).await }
-            };
-            match send(url).await {
-                Ok(resp) if resp.status != StatusCode::MISDIRECTED_REQUEST => response_of(resp),
-                _ => {
-                    // Stale map or a dead owner: re-read it and try once more.
-                    let _ = cluster.refresh_map().await;
-                    match cluster.owner(region) {
-                        Owner::Local => {
-                            let req = Request::from_parts(parts, Body::from(bytes));
-                            served_by(next.run(req).await, node)
-                        }
-                        Owner::Remote { url, .. } => match send(url).await {
-                            Ok(resp) => response_of(resp),
-                            Err(e) => e.into_response(),
-                        },
-                        Owner::Nobody => no_owner(region),
+                match cluster.peer().forward(&url, f).await {
+                    Ok(resp) if resp.status != StatusCode::MISDIRECTED_REQUEST => {
+                        return response_of(resp);
                     }
+                    // Stale map: the node says it does not own the region.
+                    Ok(_) => no_owner(region),
+                    // A dead or paused owner.
+                    Err(e) => e.into_response(),
                 }
             }
+            None => no_owner(region),
+        };
+        if std::time::Instant::now() >= deadline {
+            return failure;
+        }
+        let _ = cluster.refresh_map().await;
+        match cluster.owner(region) {
+            Owner::Local => {
+                let req = Request::from_parts(parts, Body::from(bytes));
+                return served_by(next.run(req).await, cluster.node());
+            }
+            Owner::Remote { url, .. } => target = Some(url),
+            Owner::Nobody => {}
+        }
+        if target.is_none() || failure.status() == StatusCode::MISDIRECTED_REQUEST {
+            // Nobody serves it yet (a takeover or its restore is under way).
+            tokio::time::sleep(ttl / 10).await;
         }
     }
 }

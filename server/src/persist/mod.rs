@@ -1,35 +1,50 @@
 //! Redis persistence: snapshots, restore on boot, durable reservations and
-//! location ingestion from a Redis Stream.
+//! location ingestion from a Redis Stream, on a single Redis or a Redis
+//! Cluster ([`conn`]).
 //!
-//! # Keys (prefix `p`, region `r`)
+//! # Keys (prefix `p`, namespace `n`: `default`, or in a cluster the node id)
 //! | key | what |
 //! | --- | --- |
-//! | `p:r:snap:manifest` / `…:manifest:prev` | current and previous snapshot manifest |
-//! | `p:r:snap:gen` | generation counter (`INCR`) |
-//! | `p:r:snap:g{gen}:{i}` | chunk `i` of generation `gen` |
-//! | `p:r:matches` | hash: order id → durable record of each live match |
+//! | `p:{ns:n}:snap:manifest` / `…:manifest:prev` | current and previous snapshot manifest |
+//! | `p:{ns:n}:snap:gen` | generation counter (`INCR`) |
+//! | `p:{ns:n}:snap:g{gen}:{i}` | chunk `i` of generation `gen` |
+//! | `p:{ns:n}:matches` | hash: order id → durable record of each live match (one node) |
+//! | `p:{region:r}:matches` | the same, per region (cluster: written under the region's lease) |
+//! | `p:{order:o}` | `region\|lease` holding order `o`'s match (cluster) |
 //! | `p:locations` / `p:locations:dead` | update stream (group `hexmatch`) / dead letters |
+//!
+//! A single node's first restore after an upgrade reads the layout before
+//! hash tags (`p:n:…`) when the tagged keys are absent.
 //!
 //! # Guarantees
 //! - A snapshot's chunks are written first, then the manifest is switched
 //!   with `MULTI`/`EXEC` (the old one kept as `prev`); chunks two
 //!   generations old are `UNLINK`ed. A reader never sees a half-written
 //!   snapshot, and a corrupt one falls back to `prev`.
-//! - Every match change is written through before the HTTP response.
+//! - Every match change is written through before the HTTP response, and
+//!   with `--redis-replicas N` only once `N` replicas have it (`WAIT`).
 //!   Changes to one order are serialised by a per-order lock.
 //!   - A claim reserves in memory, then writes. If the write fails it
 //!     releases the driver and answers 503.
 //!   - Confirm, release and complete write first, then act in memory. If
 //!     the write fails, memory is untouched and the answer is 503.
-//!   - Where Redis and memory could still diverge, the hash is resynced in
-//!     full once Redis answers again (an expiry whose delete failed, a
-//!     driver-side end).
+//!   - Where Redis and memory could still diverge, the records are resynced
+//!     once Redis answers again (an expiry whose delete failed, a
+//!     driver-side end, a write the replicas did not confirm). In a
+//!     cluster the resync only writes: a record the node does not know may
+//!     belong to a region it dropped while losing the lease.
 //!
 //!   The divergence is always toward "held": a restart may hold a driver
 //!   until its reservation lapses, but never gives it to a second order.
+//! - In a cluster, an order's record (`p:{order:o}`) is taken before its
+//!   match is written; a twin claim in another region finds it taken. The
+//!   match itself is written by a script that first checks the region's
+//!   lease, in the lease's slot.
 //! - While Redis is down, match requests are refused with 503
 //!   `unavailable` before anything changes. Locations and nearest keep
 //!   serving from memory, and `/readyz` says `degraded`.
+
+pub mod conn;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,9 +53,10 @@ use std::time::{Duration, Instant};
 
 use hexmatch::{Driver, DriverUpdate, DurableMatch, Engine, Manifest, OrderId, Position, Status};
 use metrics::{counter, gauge, histogram};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, RedisResult, Value};
 use tokio::sync::{Mutex, MutexGuard};
+
+pub use self::conn::{ConnOptions, Durability, Keys, NotReplicated, RedisConn};
 
 /// Drivers per snapshot chunk: about 1–2 MB per chunk before compression.
 pub const CHUNK_DRIVERS: usize = 50_000;
@@ -48,12 +64,14 @@ const ORDER_LOCKS: usize = 256;
 
 /// A connection to Redis plus what the server needs to know about it.
 pub struct Persistence {
-    conn: ConnectionManager,
+    conn: RedisConn,
     /// Blocking stream reads (`XREADGROUP … BLOCK`) hold a multiplexed
     /// connection until they return, so they get one of their own.
-    stream_conn: ConnectionManager,
-    prefix: String,
-    region: String,
+    stream_conn: RedisConn,
+    keys: Keys,
+    /// The namespace of this node's snapshots (and, alone, its matches).
+    ns: String,
+    durability: Durability,
     node_id: String,
     up: AtomicBool,
     needs_resync: AtomicBool,
@@ -128,24 +146,76 @@ impl Health {
 /// How long an order's region record outlives its last write.
 const ORDER_KEY_TTL_MS: u64 = 24 * 3600 * 1000;
 
-/// Writes (or deletes) a match record only while the lease is ours, and
-/// takes the order's cluster-wide record: a live record is written only if
-/// no other region holds the order. KEYS: lease, matches hash, order key.
-/// ARGV: token, order, record (empty = delete), region, order key TTL.
-/// Returns 1 when written, 0 when the lease is not (or no longer) the
-/// token's, and the holding region when another region holds the order.
+/// Switches a snapshot's manifest: the current one becomes `prev`. KEYS:
+/// manifest, prev, and for a region its lease. ARGV: the new manifest, and
+/// for a region the lease token, which must still hold it. Returns the
+/// `prev` replaced (its generation's chunks are no longer referenced).
+const SWITCH_MANIFEST: &str = r"
+if KEYS[3] and redis.call('GET', KEYS[3]) ~= ARGV[2] then
+  return redis.error_reply('NOTOWNER this node no longer holds the lease')
+end
+local cur = redis.call('GET', KEYS[1])
+local old = redis.call('GET', KEYS[2])
+if cur then redis.call('SET', KEYS[2], cur) end
+redis.call('SET', KEYS[1], ARGV[1])
+return old
+";
+
+/// Rewrites a single node's matches hash. KEYS: the hash. ARGV: order /
+/// record pairs.
+const RESYNC: &str = r"
+redis.call('DEL', KEYS[1])
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+";
+
+/// Writes (or deletes, for an empty record) a match record in its
+/// region's hash only while the region's lease is ours. KEYS: lease,
+/// region matches. ARGV: token, order, record. Returns 1 when done, 0 when
+/// the lease is not (or no longer) the token's.
 const FENCED_PUT: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '' then
   redis.call('HDEL', KEYS[2], ARGV[2])
-  return 1
+else
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 end
-local holder = redis.call('GET', KEYS[3])
-if holder and holder ~= ARGV[4] then return holder end
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
 return 1
 ";
+
+/// Takes an order's cluster-wide record for a region. KEYS: order key.
+/// ARGV: region, value (`region|lease token`), TTL ms. Returns 1 when
+/// taken now, 2 when the region held it already (the value is renewed),
+/// and the holder's value when another region holds it.
+const TAKE_ORDER: &str = r"
+local h = redis.call('GET', KEYS[1])
+if h and string.match(h, '^[^|]*') ~= ARGV[1] then return h end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if h then return 2 end
+return 1
+";
+
+/// Deletes a key only if it still holds the value given. KEYS: the key.
+/// ARGV: the value.
+const DROP_IF: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// Writes live records into a region's matches hash, only while the lease
+/// is ours; it deletes nothing (a record this node does not know may be
+/// one it dropped with a lease it was losing). KEYS: lease, region
+/// matches. ARGV: token, then order / record pairs.
+const FENCED_RESYNC: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+return 1
+";
+
+/// The region part of an order record's value (`region|token`).
+pub fn order_holder_region(value: &str) -> &str {
+    value.split('|').next().unwrap_or(value)
+}
 
 /// The lease a fenced write must still hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,15 +231,20 @@ pub struct Lease {
 /// Region leases that fence match writes in a cluster (implemented by
 /// the cluster layer above, which owns the leases).
 pub trait Fence: Send + Sync + std::fmt::Debug {
-    /// The lease of the region of `pos` if this node serves it now, else
-    /// the region's name (or why there is none).
+    /// The region of a position.
+    ///
+    /// # Errors
+    /// Why the position has none.
+    fn region_of_pos(&self, pos: Position) -> Result<String, String>;
+
+    /// The lease of `region` if this node serves it now.
     ///
     /// # Errors
     /// The region, when this node does not hold its lease.
-    fn lease(&self, pos: Position) -> Result<Lease, String>;
+    fn lease(&self, region: &str) -> Result<Lease, String>;
 
-    /// The Redis key recording which region holds an order's match.
-    fn order_key(&self, order: &str) -> String;
+    /// The regions this node serves now.
+    fn held_regions(&self) -> Vec<String>;
 }
 
 /// Why a match write was not made.
@@ -187,6 +262,9 @@ pub enum WriteError {
         /// The region holding it.
         region: String,
     },
+    /// Redis took the write, but fewer replicas than required
+    /// acknowledged it in time: it is not durable.
+    NotReplicated(NotReplicated),
     /// Redis refused or did not answer.
     Redis(redis::RedisError),
 }
@@ -200,6 +278,7 @@ impl std::fmt::Display for WriteError {
             Self::OrderTaken { order, region } => {
                 write!(f, "order {order} is held in region {region}")
             }
+            Self::NotReplicated(n) => write!(f, "{n}"),
             Self::Redis(e) => write!(f, "{e}"),
         }
     }
@@ -233,8 +312,8 @@ pub type ApplyEntries = fn(&Engine, Vec<StreamEntry>) -> (Vec<String>, Vec<DeadL
 impl std::fmt::Debug for Persistence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Persistence")
-            .field("prefix", &self.prefix)
-            .field("region", &self.region)
+            .field("keys", &self.keys)
+            .field("ns", &self.ns)
             .finish_non_exhaustive()
     }
 }
@@ -253,33 +332,32 @@ pub struct Restored {
 }
 
 impl Persistence {
-    /// Connects (with automatic reconnection) to `url`.
+    /// Connects (with automatic reconnection) to the Redis or Redis
+    /// Cluster `url` names ([`conn`]); snapshots go under namespace `ns`,
+    /// durable writes wait for `durability`'s replicas.
     ///
     /// # Errors
     /// The URL is invalid or Redis cannot be reached now.
     pub async fn connect(
         url: &str,
         prefix: &str,
-        region: &str,
+        ns: &str,
         node_id: &str,
+        durability: Durability,
     ) -> Result<Arc<Self>, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("redis url {url:?}: {e}"))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client.clone(), config.clone())
-            .await
-            .map_err(|e| format!("redis at {url}: {e}"))?;
-        let stream_conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| format!("redis at {url}: {e}"))?;
+        let opts = ConnOptions {
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(2) + durability.timeout,
+            retries: 2,
+        };
+        let conn = conn::connect(url, opts).await?;
+        let stream_conn = conn::connect(url, opts).await?;
         Ok(Arc::new(Self {
             conn,
             stream_conn,
-            prefix: prefix.to_owned(),
-            region: region.to_owned(),
+            keys: Keys::new(prefix),
+            ns: ns.to_owned(),
+            durability,
             node_id: node_id.to_owned(),
             up: AtomicBool::new(true),
             needs_resync: AtomicBool::new(false),
@@ -289,21 +367,19 @@ impl Persistence {
         }))
     }
 
+    /// The key layout.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, RedisConn::Cluster(_))
+    }
+
+    /// A key of this node's namespace.
     fn key(&self, suffix: &str) -> String {
-        self.key_of(&self.region, suffix)
-    }
-
-    /// A key of the namespace `ns` (a region, or in a cluster a node id).
-    fn key_of(&self, ns: &str, suffix: &str) -> String {
-        format!("{}:{ns}:{suffix}", self.prefix)
-    }
-
-    fn chunk_key(&self, generation: u64, i: usize) -> String {
-        self.chunk_key_of(&self.region, generation, i)
-    }
-
-    fn chunk_key_of(&self, ns: &str, generation: u64, i: usize) -> String {
-        self.key_of(ns, &format!("snap:g{generation}:{i}"))
+        self.keys.ns(&self.ns, suffix)
     }
 
     /// Fences every later match write with `fence`'s leases.
@@ -313,7 +389,7 @@ impl Persistence {
 
     /// The stream location updates are read from.
     pub fn stream_key(&self) -> String {
-        format!("{}:locations", self.prefix)
+        self.keys.stream()
     }
 
     /// Whether the last command or health check reached Redis.
@@ -335,6 +411,11 @@ impl Persistence {
             Err(WriteError::Redis(e)) => {
                 h.write_failures += 1;
                 h.last_error = Some(e.to_string());
+            }
+            Err(WriteError::NotReplicated(n)) => {
+                h.write_failures += 1;
+                h.last_error = Some(n.to_string());
+                counter!("hexmatch_redis_not_replicated_total").increment(1);
             }
         }
         r
@@ -370,8 +451,8 @@ impl Persistence {
     /// Writes an order's durable record (a live match) or deletes it (ended).
     ///
     /// # Errors
-    /// Redis errors, or a lease lost; the caller decides whether to undo
-    /// or answer 503.
+    /// Redis errors, too few replicas, or a lease lost; the caller decides
+    /// whether to undo or answer 503.
     pub async fn put_match(&self, rec: &DurableMatch) -> Result<(), WriteError> {
         let r = self.put_match_unnoted(rec).await;
         self.note_write(r)
@@ -381,63 +462,151 @@ impl Persistence {
         if let Some(fence) = self.fence.get() {
             return self.put_match_fenced(fence.as_ref(), rec).await;
         }
-        let mut conn = self.conn.clone();
+        // A single node's records: its own hash, no lease.
         let key = self.key("matches");
-        let r = if rec.m.state.is_live() {
-            conn.hset::<_, _, _, ()>(key, rec.m.order_id.as_str(), rec.encode())
-                .await
+        let mut pipe = redis::pipe();
+        if rec.m.state.is_live() {
+            pipe.hset(&key, rec.m.order_id.as_str(), rec.encode())
         } else {
-            conn.hdel::<_, _, ()>(key, rec.m.order_id.as_str()).await
+            pipe.hdel(&key, rec.m.order_id.as_str())
         };
-        Ok(self.note(r)?)
+        self.write_pipe(pipe.ignore()).await
     }
 
-    /// In a cluster: writes the record only if this node still holds the
-    /// lease of the driver's region, checked by Redis in the same script
-    /// that writes, and records the order's region for routing.
+    /// Sends `pipe` (whose answers are ignored) and, when replicas are
+    /// required, `WAIT` on the same connection.
+    async fn write_pipe(&self, pipe: &mut redis::Pipeline) -> Result<(), WriteError> {
+        if self.durability.replicas > 0 {
+            pipe.cmd("WAIT")
+                .arg(self.durability.replicas)
+                .arg(self.durability.timeout.as_millis() as u64);
+        }
+        let mut conn = self.conn.clone();
+        let acked: Vec<i64> = self.note(pipe.query_async(&mut conn).await)?;
+        match acked.first() {
+            Some(&n) if n < i64::from(self.durability.replicas) => {
+                Err(self.not_replicated(NotReplicated {
+                    acked: u32::try_from(n).unwrap_or(0),
+                    wanted: self.durability.replicas,
+                }))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Marks the records for a full resync (a write Redis has, but its
+    /// replicas may not) and reports the write as not made.
+    fn not_replicated(&self, n: NotReplicated) -> WriteError {
+        self.needs_resync.store(true, Ordering::Release);
+        WriteError::NotReplicated(n)
+    }
+
+    /// In a cluster: takes the order's record for the driver's region, then
+    /// writes the match into the region's hash only if this node still
+    /// holds the region's lease, checked by Redis in the same script.
     async fn put_match_fenced(
         &self,
         fence: &dyn Fence,
         rec: &DurableMatch,
     ) -> Result<(), WriteError> {
-        let lease = fence
-            .lease(rec.driver_pos)
+        let region = fence
+            .region_of_pos(rec.driver_pos)
             .map_err(|region| WriteError::NotOwner { region })?;
-        let record = if rec.m.state.is_live() {
-            rec.encode()
-        } else {
-            Vec::new()
-        };
+        let lease = fence
+            .lease(&region)
+            .map_err(|region| WriteError::NotOwner { region })?;
+        let order = rec.m.order_id.as_str();
+        if !rec.m.state.is_live() {
+            return self.fenced_write(&lease, order, &[]).await;
+        }
+        let order_key = self.keys.order(order);
+        let value = format!("{}|{}", lease.region, lease.token);
+        let ttl = ORDER_KEY_TTL_MS.to_string();
         let mut conn = self.conn.clone();
-        let done: redis::Value = self.note(
-            redis::Script::new(FENCED_PUT)
-                .key(&lease.key)
-                .key(self.key("matches"))
-                .key(fence.order_key(rec.m.order_id.as_str()))
-                .arg(&lease.token)
-                .arg(rec.m.order_id.as_str())
-                .arg(record)
-                .arg(&lease.region)
-                .arg(ORDER_KEY_TTL_MS)
-                .invoke_async(&mut conn)
-                .await,
+        let (taken, short) = self.note(
+            conn::eval_durable(
+                &mut conn,
+                self.durability,
+                TAKE_ORDER,
+                &[&order_key],
+                &[lease.region.as_bytes(), value.as_bytes(), ttl.as_bytes()],
+            )
+            .await,
         )?;
-        match done {
-            redis::Value::Int(1) => Ok(()),
-            redis::Value::BulkString(holder) => Err(WriteError::OrderTaken {
-                order: rec.m.order_id.to_string(),
-                region: String::from_utf8_lossy(&holder).into_owned(),
-            }),
+        let created = match taken {
+            Value::Int(1) => true,
+            Value::Int(_) => false,
+            Value::BulkString(holder) => {
+                let holder = String::from_utf8_lossy(&holder);
+                return Err(WriteError::OrderTaken {
+                    order: order.to_owned(),
+                    region: order_holder_region(&holder).to_owned(),
+                });
+            }
+            other => {
+                return Err(WriteError::Redis(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "unexpected answer to the order script",
+                    format!("{other:?}"),
+                ))));
+            }
+        };
+        let written = match short {
+            Some(n) => Err(self.not_replicated(n)),
+            None => self.fenced_write(&lease, order, &rec.encode()).await,
+        };
+        if written.is_err() && created {
+            // No match was made: free the order for a twin elsewhere (only
+            // if the record is still the one taken here).
+            let _ = self
+                .note(
+                    conn::eval_durable(
+                        &mut conn,
+                        Durability::default(),
+                        DROP_IF,
+                        &[&order_key],
+                        &[value.as_bytes()],
+                    )
+                    .await,
+                )
+                .ok();
+        }
+        written
+    }
+
+    /// Writes (or with an empty record deletes) `order`'s record in the
+    /// region's hash, fenced by `lease`.
+    async fn fenced_write(
+        &self,
+        lease: &Lease,
+        order: &str,
+        record: &[u8],
+    ) -> Result<(), WriteError> {
+        let hash = self.keys.region(&lease.region, "matches");
+        let (done, short) = self.note(
+            conn::eval_durable(
+                &mut self.conn.clone(),
+                self.durability,
+                FENCED_PUT,
+                &[&lease.key, &hash],
+                &[lease.token.as_bytes(), order.as_bytes(), record],
+            )
+            .await,
+        )?;
+        match (done, short) {
+            (Value::Int(1), None) => Ok(()),
+            (Value::Int(1), Some(n)) => Err(self.not_replicated(n)),
             _ => Err(WriteError::NotOwner {
-                region: lease.region,
+                region: lease.region.clone(),
             }),
         }
     }
 
-    /// Writes many live records in one pipelined round trip.
+    /// Writes many live records (a batch): one pipelined round trip on a
+    /// single node, one fenced write each in a cluster.
     ///
     /// # Errors
-    /// Redis errors, or a lease lost.
+    /// Redis errors, too few replicas, or a lease lost.
     pub async fn put_matches(&self, recs: &[DurableMatch]) -> Result<(), WriteError> {
         if recs.is_empty() {
             return Ok(());
@@ -454,22 +623,50 @@ impl Persistence {
             pipe.hset(&key, rec.m.order_id.as_str(), rec.encode())
                 .ignore();
         }
-        let mut conn = self.conn.clone();
-        let r = self.note(pipe.query_async::<()>(&mut conn).await);
-        self.note_write(r.map_err(WriteError::Redis))
+        let r = self.write_pipe(&mut pipe).await;
+        self.note_write(r)
     }
 
-    /// Deletes an order's durable record.
+    /// Deletes the durable record of a match that ended (`rec`, its last
+    /// live state: in a cluster, its driver's position names the region).
     ///
     /// # Errors
-    /// Redis errors.
+    /// Redis errors, too few replicas, or a lease lost.
+    pub async fn end_match(&self, rec: &DurableMatch) -> Result<(), WriteError> {
+        let mut ended = rec.clone();
+        ended.m.state = hexmatch::MatchState::Released;
+        self.put_match(&ended).await
+    }
+
+    /// Deletes an order's durable record; in a cluster, in the region its
+    /// order record names.
+    ///
+    /// # Errors
+    /// Redis errors, or a lease lost.
     pub async fn del_match(&self, order: &OrderId) -> Result<(), WriteError> {
-        let mut conn = self.conn.clone();
-        let r = conn
-            .hdel::<_, _, ()>(self.key("matches"), order.as_str())
-            .await;
-        let r = self.note(r).map_err(WriteError::Redis);
+        let r = self.del_match_unnoted(order).await;
         self.note_write(r)
+    }
+
+    async fn del_match_unnoted(&self, order: &OrderId) -> Result<(), WriteError> {
+        let Some(fence) = self.fence.get() else {
+            let mut conn = self.conn.clone();
+            let r = conn
+                .hdel::<_, _, ()>(self.key("matches"), order.as_str())
+                .await;
+            return self.note(r).map_err(WriteError::Redis);
+        };
+        let mut conn = self.conn.clone();
+        let holder: Option<String> = self.note(conn.get(self.keys.order(order.as_str())).await)?;
+        let Some(holder) = holder else {
+            // No record names the region: a full resync finds it.
+            self.needs_resync.store(true, Ordering::Release);
+            return Ok(());
+        };
+        let lease = fence
+            .lease(order_holder_region(&holder))
+            .map_err(|region| WriteError::NotOwner { region })?;
+        self.fenced_write(&lease, order.as_str(), &[]).await
     }
 
     /// Brings one order's record in line with the engine (best effort; a
@@ -484,30 +681,77 @@ impl Persistence {
         }
     }
 
-    /// Marks the matches hash as possibly behind the engine.
+    /// Marks the match records as possibly behind the engine.
     pub fn schedule_resync(&self) {
         self.needs_resync.store(true, Ordering::Release);
     }
 
-    /// Rewrites the matches hash to exactly the engine's live matches.
+    /// Brings the match records in line with the engine's live matches: a
+    /// single node's hash is rewritten to exactly them; in a cluster, the
+    /// hash of every region this node serves gets them written (under the
+    /// region's lease) and keeps any other record, toward "held".
     ///
     /// # Errors
     /// Redis errors (the resync stays scheduled).
     pub async fn resync_matches(&self, engine: &Engine) -> RedisResult<()> {
         self.needs_resync.store(false, Ordering::Release);
-        let key = self.key("matches");
-        let mut pipe = redis::pipe();
-        pipe.atomic().del(&key).ignore();
-        for rec in engine.durable_matches() {
-            pipe.hset(&key, rec.m.order_id.as_str(), rec.encode())
-                .ignore();
-        }
-        let mut conn = self.conn.clone();
-        let r = self.note(pipe.query_async::<()>(&mut conn).await);
+        let r = if let Some(fence) = self.fence.get() {
+            self.resync_regions(fence.as_ref(), engine).await
+        } else {
+            let key = self.key("matches");
+            let encoded = encode_records(&engine.durable_matches());
+            let args = record_args(&encoded);
+            self.note(
+                conn::eval_durable(
+                    &mut self.conn.clone(),
+                    self.durability,
+                    RESYNC,
+                    &[&key],
+                    &args,
+                )
+                .await,
+            )
+            .map(drop)
+        };
         if r.is_err() {
             self.needs_resync.store(true, Ordering::Release);
         }
         r
+    }
+
+    async fn resync_regions(&self, fence: &dyn Fence, engine: &Engine) -> RedisResult<()> {
+        let mut by_region: HashMap<String, Vec<DurableMatch>> = fence
+            .held_regions()
+            .into_iter()
+            .map(|r| (r, Vec::new()))
+            .collect();
+        for rec in engine.durable_matches() {
+            if let Ok(region) = fence.region_of_pos(rec.driver_pos)
+                && let Some(recs) = by_region.get_mut(&region)
+            {
+                recs.push(rec);
+            }
+        }
+        for (region, recs) in by_region {
+            let Ok(lease) = fence.lease(&region) else {
+                continue;
+            };
+            let hash = self.keys.region(&region, "matches");
+            let encoded = encode_records(&recs);
+            let mut args: Vec<&[u8]> = vec![lease.token.as_bytes()];
+            args.extend(record_args(&encoded));
+            self.note(
+                conn::eval_durable(
+                    &mut self.conn.clone(),
+                    self.durability,
+                    FENCED_RESYNC,
+                    &[&lease.key, &hash],
+                    &args,
+                )
+                .await,
+            )?;
+        }
+        Ok(())
     }
 
     /// Takes a snapshot and stores it under a new generation, then switches
@@ -534,11 +778,11 @@ impl Persistence {
         r.map(|(bytes, _)| bytes)
     }
 
-    /// The next snapshot generation. A counter that holds something other
-    /// than a number (garbled by hand or by another program) is repaired:
-    /// set past every generation the manifests name.
-    async fn next_generation(&self) -> Result<u64, KeyError> {
-        let key = self.key("snap:gen");
+    /// The next snapshot generation of `place`. A counter that holds
+    /// something other than a number (garbled by hand or by another
+    /// program) is repaired: set past every generation the manifests name.
+    async fn next_generation(&self, place: &SnapPlace) -> Result<u64, KeyError> {
+        let key = place.key("snap:gen");
         let at = |error| KeyError {
             key: key.clone(),
             error,
@@ -546,10 +790,11 @@ impl Persistence {
         let mut conn = self.conn.clone();
         let error = match self.note(conn.incr(&key, 1).await) {
             Ok(g) => return Ok(g),
-            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
-                return Err(at(e));
-            }
-            Err(e) => e,
+            // Only a value that is not a number can be repaired; every
+            // other refusal (a cluster failing over, a lost connection) is
+            // reported as it is.
+            Err(e) if e.to_string().contains("not an integer") => e,
+            Err(e) => return Err(at(e)),
         };
         // A refusal by Redis itself: only a plain string can be repaired.
         let kind: String = self
@@ -559,7 +804,7 @@ impl Persistence {
             return Err(at(error));
         }
         let mut next = 1;
-        for manifest in [self.key("snap:manifest"), self.key("snap:manifest:prev")] {
+        for manifest in [place.key("snap:manifest"), place.key("snap:manifest:prev")] {
             let raw: Option<Vec<u8>> = conn.get(&manifest).await.unwrap_or(None);
             if let Some(m) = raw.as_deref().and_then(|b| Manifest::decode(b).ok()) {
                 next = next.max(m.generation + 1);
@@ -571,24 +816,94 @@ impl Persistence {
         Ok(next)
     }
 
+    /// One snapshot of every driver under this node's namespace, or in a
+    /// cluster one per region this node serves, each under the region's
+    /// keys and switched in only while its lease is ours. Returns the
+    /// bytes written and when the snapshot was taken.
     async fn try_write_snapshot(&self, engine: &Arc<Engine>) -> Result<(usize, i64), KeyError> {
         let started = Instant::now();
-        let generation = self.next_generation().await?;
-        let e = Arc::clone(engine);
-        let snap = tokio::task::spawn_blocking(move || e.snapshot(generation, CHUNK_DRIVERS))
-            .await
-            .map_err(|e| KeyError {
-                key: self.key("snap:manifest"),
-                error: redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "snapshot task failed",
-                    e.to_string(),
-                )),
-            })?;
+        let task_failed = |e: tokio::task::JoinError| KeyError {
+            key: self.key("snap:manifest"),
+            error: redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "snapshot task failed",
+                e.to_string(),
+            )),
+        };
+        let snaps: Vec<(SnapPlace, hexmatch::Snapshot)> = match self.fence.get() {
+            None => {
+                let place = SnapPlace::Ns(self.keys.clone(), self.ns.clone());
+                let generation = self.next_generation(&place).await?;
+                let e = Arc::clone(engine);
+                let snap =
+                    tokio::task::spawn_blocking(move || e.snapshot(generation, CHUNK_DRIVERS))
+                        .await
+                        .map_err(task_failed)?;
+                vec![(place, snap)]
+            }
+            Some(fence) => {
+                let mut parts = Vec::new();
+                for region in fence.held_regions() {
+                    let place = SnapPlace::Region(self.keys.clone(), region.clone());
+                    parts.push((region, self.next_generation(&place).await?));
+                }
+                let (e, f) = (Arc::clone(engine), Arc::clone(fence));
+                let snaps = tokio::task::spawn_blocking(move || {
+                    e.snapshot_parts(&parts, CHUNK_DRIVERS, |d| f.region_of_pos(d.pos).ok())
+                })
+                .await
+                .map_err(task_failed)?;
+                snaps
+                    .into_iter()
+                    .map(|(region, snap)| (SnapPlace::Region(self.keys.clone(), region), snap))
+                    .collect()
+            }
+        };
+        let (mut bytes, mut drivers, mut taken_at_ms, mut first_error) = (0, 0, 0, None);
+        for (place, snap) in snaps {
+            let lease = match (&place, self.fence.get()) {
+                (SnapPlace::Region(_, region), Some(fence)) => match fence.lease(region) {
+                    Ok(lease) => Some(lease),
+                    // Lost meanwhile: the new owner snapshots it.
+                    Err(_) => continue,
+                },
+                _ => None,
+            };
+            match self.store_snapshot(&place, &snap, lease.as_ref()).await {
+                Ok(n) => bytes += n,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+            drivers += snap.manifest.drivers;
+            taken_at_ms = snap.manifest.taken_at_ms;
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        histogram!("hexmatch_snapshot_duration_seconds").record(started.elapsed().as_secs_f64());
+        gauge!("hexmatch_snapshot_bytes").set(bytes as f64);
+        gauge!("hexmatch_snapshot_drivers").set(drivers as f64);
+        gauge!("hexmatch_snapshot_taken_at_seconds").set(taken_at_ms as f64 / 1000.0);
+        counter!("hexmatch_snapshots_total").increment(1);
+        Ok((bytes, taken_at_ms))
+    }
+
+    /// Stores one snapshot at `place`: its chunks, then the manifest
+    /// switch (fenced by `lease` for a region); a generation that did not
+    /// become current leaves no key behind, and the one two generations
+    /// old is unlinked. Returns the bytes written.
+    async fn store_snapshot(
+        &self,
+        place: &SnapPlace,
+        snap: &hexmatch::Snapshot,
+        lease: Option<&Lease>,
+    ) -> Result<usize, KeyError> {
+        let generation = snap.manifest.generation;
         let chunk_keys: Vec<String> = (0..snap.chunks.len())
-            .map(|i| self.chunk_key(generation, i))
+            .map(|i| place.chunk_key(generation, i))
             .collect();
-        let written = self.write_generation(&snap, &chunk_keys).await;
+        let written = self.write_generation(place, snap, &chunk_keys, lease).await;
         if written.is_err() && !chunk_keys.is_empty() {
             // Nothing refers to this generation: leave none of it behind.
             let mut conn = self.conn.clone();
@@ -598,32 +913,28 @@ impl Persistence {
         // The generation before the previous one is no longer referenced.
         if let Some(old) = previous.as_deref().and_then(|b| Manifest::decode(b).ok()) {
             let keys: Vec<String> = (0..old.chunks.len())
-                .map(|i| self.chunk_key(old.generation, i))
+                .map(|i| place.chunk_key(old.generation, i))
                 .collect();
             if !keys.is_empty() {
                 let mut conn = self.conn.clone();
                 let _ = self.note(conn.unlink::<_, ()>(keys).await);
             }
         }
-        let manifest_len = snap.manifest.encode().len();
-        let bytes = manifest_len + snap.chunks.iter().map(Vec::len).sum::<usize>();
-        histogram!("hexmatch_snapshot_duration_seconds").record(started.elapsed().as_secs_f64());
-        gauge!("hexmatch_snapshot_bytes").set(bytes as f64);
-        gauge!("hexmatch_snapshot_drivers").set(snap.manifest.drivers as f64);
-        gauge!("hexmatch_snapshot_taken_at_seconds").set(snap.manifest.taken_at_ms as f64 / 1000.0);
-        counter!("hexmatch_snapshots_total").increment(1);
-        Ok((bytes, snap.manifest.taken_at_ms))
+        Ok(snap.manifest.encode().len() + snap.chunks.iter().map(Vec::len).sum::<usize>())
     }
 
     /// Writes a snapshot's chunks, then switches the manifest (the current
     /// one becomes `prev`). Returns the manifest that was `prev` before.
     async fn write_generation(
         &self,
+        place: &SnapPlace,
         snap: &hexmatch::Snapshot,
         chunk_keys: &[String],
+        lease: Option<&Lease>,
     ) -> Result<Option<Vec<u8>>, KeyError> {
         let mut conn = self.conn.clone();
-        let (manifest_key, prev_key) = (self.key("snap:manifest"), self.key("snap:manifest:prev"));
+        let (manifest_key, prev_key) =
+            (place.key("snap:manifest"), place.key("snap:manifest:prev"));
         if !chunk_keys.is_empty() {
             let mut pipe = redis::pipe();
             for (key, chunk) in chunk_keys.iter().zip(&snap.chunks) {
@@ -635,34 +946,49 @@ impl Persistence {
                     error,
                 })?;
         }
-        let at = |key: &String| {
-            let key = key.clone();
-            move |error| KeyError { key, error }
-        };
-        // One command each, so that a refusal names its key.
-        let current: Option<Vec<u8>> = self
-            .note(conn.get(&manifest_key).await)
-            .map_err(at(&manifest_key))?;
-        let previous: Option<Vec<u8>> = self
-            .note(conn.get(&prev_key).await)
-            .map_err(at(&prev_key))?;
-        let manifest = snap.manifest.encode();
-        let mut switch = redis::pipe();
-        switch.atomic();
-        if let Some(cur) = &current {
-            switch.set(&prev_key, cur.as_slice()).ignore();
+        // One read each first, so that a key of the wrong type is named.
+        for key in [&manifest_key, &prev_key] {
+            self.note(conn.get::<_, Option<Vec<u8>>>(key).await)
+                .map_err(|error| KeyError {
+                    key: key.clone(),
+                    error,
+                })?;
         }
-        switch.set(&manifest_key, manifest.as_slice()).ignore();
-        self.note(switch.query_async::<()>(&mut conn).await)
-            .map_err(at(&manifest_key))?;
-        Ok(previous)
+        // Then one script in the place's slot (not a MULTI, whose MOVED a
+        // Redis Cluster client does not follow).
+        let manifest = snap.manifest.encode();
+        let mut keys = vec![manifest_key.as_str(), prev_key.as_str()];
+        let mut args: Vec<&[u8]> = vec![&manifest];
+        if let Some(lease) = lease {
+            keys.push(&lease.key);
+            args.push(lease.token.as_bytes());
+        }
+        let (previous, _) = self
+            .note(
+                conn::eval_durable(
+                    &mut conn,
+                    Durability::default(),
+                    SWITCH_MANIFEST,
+                    &keys,
+                    &args,
+                )
+                .await,
+            )
+            .map_err(|error| KeyError {
+                key: manifest_key.clone(),
+                error,
+            })?;
+        Ok(match previous {
+            Value::BulkString(b) => Some(b),
+            _ => None,
+        })
     }
 
     /// Reads and checks the snapshot under `manifest_key`.
     async fn read_snapshot(
         &self,
-        ns: &str,
         manifest_key: &str,
+        chunk_key: &(dyn Fn(u64, usize) -> String + Sync),
     ) -> Result<Option<(Manifest, Vec<Vec<u8>>)>, ReadError> {
         let redis = |error: redis::RedisError| {
             ReadError::Redis(
@@ -679,7 +1005,7 @@ impl Persistence {
         let manifest = Manifest::decode(&raw)
             .map_err(|e| ReadError::Damaged(format!("{manifest_key}: {e}")))?;
         let keys: Vec<String> = (0..manifest.chunks.len())
-            .map(|i| self.chunk_key_of(ns, manifest.generation, i))
+            .map(|i| chunk_key(manifest.generation, i))
             .collect();
         let chunks: Vec<Option<Vec<u8>>> = if keys.is_empty() {
             Vec::new()
@@ -703,22 +1029,39 @@ impl Persistence {
     }
 
     /// Restores the latest good snapshot (falling back to the previous
-    /// generation) and then the live matches, into an empty engine.
+    /// generation) and then the live matches, into an empty engine. When
+    /// none of this node's tagged keys exist, the layout before hash tags
+    /// is read instead, and the matches are rewritten in the new one.
     ///
     /// # Errors
     /// Only when Redis cannot be read at all; corrupt data is reported in
     /// [`Restored::warnings`] and skipped, never loaded half-way.
     pub async fn restore(&self, engine: &Arc<Engine>) -> Result<Restored, String> {
         let mut out = Restored::default();
+        let ns = self.ns.clone();
+        let tagged = |suffix: &str| self.keys.ns(&ns, suffix);
+        let legacy = |suffix: &str| self.keys.legacy_ns(&ns, suffix);
+        let mut conn = self.conn.clone();
+        let exists = |key: String| {
+            let mut conn = conn.clone();
+            async move {
+                self.note(conn.exists::<_, bool>(&key).await)
+                    .map_err(|error| KeyError { key, error }.to_string())
+            }
+        };
+        let upgrade = !exists(tagged("snap:manifest")).await?
+            && !exists(tagged("matches")).await?
+            && (exists(legacy("snap:manifest")).await? || exists(legacy("matches")).await?);
+        let key_of: &(dyn Fn(&str) -> String + Sync) = if upgrade { &legacy } else { &tagged };
+        let chunk_key = |g: u64, i: usize| key_of(&format!("snap:g{g}:{i}"));
         // Every read that can refuse the restore comes before the engine
         // is touched, so a refused restore leaves it empty.
-        let mut conn = self.conn.clone();
-        let key = self.key("matches");
+        let key = key_of("matches");
         let raw: HashMap<String, Vec<u8>> = self
             .note(conn.hgetall(&key).await)
             .map_err(|error| KeyError { key, error }.to_string())?;
-        for key in [self.key("snap:manifest"), self.key("snap:manifest:prev")] {
-            match self.read_snapshot(&self.region, &key).await {
+        for key in [key_of("snap:manifest"), key_of("snap:manifest:prev")] {
+            match self.read_snapshot(&key, &chunk_key).await {
                 Ok(None) => {}
                 Ok(Some((manifest, chunks))) => {
                     let e = Arc::clone(engine);
@@ -758,46 +1101,81 @@ impl Persistence {
         if !out.warnings.is_empty() {
             counter!("hexmatch_restore_warnings_total").increment(out.warnings.len() as u64);
         }
+        if upgrade {
+            tracing::info!(
+                drivers = out.drivers,
+                matches = out.matches,
+                "restored from the key layout before hash tags; the next snapshot uses the new one"
+            );
+            self.resync_matches(engine)
+                .await
+                .map_err(|e| format!("rewriting the matches in the new key layout: {e}"))?;
+        }
         Ok(out)
     }
 
-    /// Restores regions taken over from node `prev` (cluster mode): the
-    /// drivers of `prev`'s latest good snapshot and the live matches of its
-    /// records whose position `region_of` maps to a region being taken,
-    /// loaded into a running engine; the matches are then copied to this
-    /// node's records. Returns (drivers, matches) restored per region.
+    /// Restores `regions`, taken over (cluster mode): each region's
+    /// latest good snapshot (its drivers that `region_of` maps to a region
+    /// being taken), then the live matches in each region's records,
+    /// loaded into a running engine. Returns (drivers, matches) restored
+    /// per region.
     ///
     /// # Errors
-    /// Redis cannot be read, or both of `prev`'s snapshots are corrupt.
+    /// Redis cannot be read, or both of a region's snapshots are corrupt;
+    /// then nothing is loaded.
     pub async fn restore_region(
         &self,
         engine: &Arc<Engine>,
-        prev: &str,
+        regions: &[String],
         region_of: &(dyn Fn(hexmatch::Position) -> Option<String> + Sync),
     ) -> Result<HashMap<String, (usize, usize)>, String> {
-        let mut drivers = None;
-        let mut problems = Vec::new();
-        for suffix in ["snap:manifest", "snap:manifest:prev"] {
-            let key = self.key_of(prev, suffix);
-            match self.read_snapshot(prev, &key).await {
-                Ok(None) => {}
-                Ok(Some((manifest, chunks))) => match hexmatch::decode_snapshot(&manifest, &chunks)
-                {
-                    Ok(all) => {
-                        drivers = Some(all);
-                        break;
+        let mut drivers = Vec::new();
+        for region in regions {
+            let place = SnapPlace::Region(self.keys.clone(), region.clone());
+            let chunk_key = |g: u64, i: usize| place.chunk_key(g, i);
+            let mut problems = Vec::new();
+            let mut found = false;
+            for suffix in ["snap:manifest", "snap:manifest:prev"] {
+                let key = place.key(suffix);
+                match self.read_snapshot(&key, &chunk_key).await {
+                    Ok(None) => {}
+                    Ok(Some((manifest, chunks))) => {
+                        match hexmatch::decode_snapshot(&manifest, &chunks) {
+                            Ok(all) => {
+                                drivers.extend(all);
+                                found = true;
+                                break;
+                            }
+                            Err(e) => problems.push(format!("{key}: {e}")),
+                        }
                     }
-                    Err(e) => problems.push(format!("{key}: {e}")),
-                },
-                Err(ReadError::Damaged(e) | ReadError::Redis(e)) => problems.push(e),
+                    Err(ReadError::Damaged(e) | ReadError::Redis(e)) => problems.push(e),
+                }
+            }
+            if !found && !problems.is_empty() {
+                return Err(problems.join("; "));
             }
         }
-        if drivers.is_none() && !problems.is_empty() {
-            return Err(problems.join("; "));
+        // Every region's records are read before the engine is touched.
+        let mut conn = self.conn.clone();
+        let mut records: Vec<(String, DurableMatch)> = Vec::new();
+        for region in regions {
+            let key = self.keys.region(region, "matches");
+            let raw: HashMap<String, Vec<u8>> = self
+                .note(conn.hgetall(&key).await)
+                .map_err(|error| KeyError { key, error }.to_string())?;
+            for (order, bytes) in raw {
+                match DurableMatch::decode(&bytes) {
+                    Ok(r) if r.m.state.is_live() => records.push((region.clone(), r)),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(%order, region, error = %e, "match record not restored");
+                    }
+                }
+            }
         }
         let mut counts: HashMap<String, (usize, usize)> = HashMap::new();
         let mine: Vec<hexmatch::Driver> = drivers
-            .unwrap_or_default()
             .into_iter()
             .filter(|d| match region_of(d.pos) {
                 Some(r) => {
@@ -811,16 +1189,6 @@ impl Persistence {
         tokio::task::spawn_blocking(move || upsert_drivers(&e, mine))
             .await
             .map_err(|e| e.to_string())?;
-        let mut conn = self.conn.clone();
-        let raw: HashMap<String, Vec<u8>> = self
-            .note(conn.hgetall(self.key_of(prev, "matches")).await)
-            .map_err(|e| e.to_string())?;
-        let records: Vec<(String, DurableMatch)> = raw
-            .values()
-            .filter_map(|b| DurableMatch::decode(b).ok())
-            .filter(|r| r.m.state.is_live())
-            .filter_map(|r| region_of(r.driver_pos).map(|region| (region, r)))
-            .collect();
         let report = engine.restore_matches(records.iter().map(|(_, r)| r.clone()));
         for (order, why) in &report.skipped {
             tracing::warn!(%order, why, "match not restored in takeover");
@@ -830,17 +1198,6 @@ impl Persistence {
                 counts.entry(region.clone()).or_default().1 += 1;
             }
         }
-        // Ours now: written unfenced, as the leases are not served yet.
-        if !records.is_empty() {
-            let key = self.key("matches");
-            let mut pipe = redis::pipe();
-            for (_, rec) in &records {
-                pipe.hset(&key, rec.m.order_id.as_str(), rec.encode())
-                    .ignore();
-            }
-            self.note(pipe.query_async::<()>(&mut conn).await)
-                .map_err(|e| e.to_string())?;
-        }
         Ok(counts)
     }
 
@@ -848,7 +1205,7 @@ impl Persistence {
     pub async fn check_health(&self, engine: &Engine) {
         let mut conn = self.conn.clone();
         let ok = redis::cmd("PING")
-            .query_async::<String>(&mut conn)
+            .query_async::<Value>(&mut conn)
             .await
             .is_ok();
         let was = self.up.swap(ok, Ordering::AcqRel);
@@ -922,6 +1279,8 @@ impl Persistence {
     /// re-applying a position is harmless (an older `ts` is ignored).
     pub fn ack_in_background(&self, ids: &[String], dead: Vec<DeadLetter>) {
         let stream = self.stream_key();
+        // The dead-letter stream and the stream are two slots of a Redis
+        // Cluster: one pipeline each, dead letters first.
         let mut pipe = redis::pipe();
         for DeadLetter {
             id,
@@ -944,14 +1303,22 @@ impl Persistence {
             }
             pipe.add_command(cmd).ignore();
         }
-        pipe.cmd("XACK")
+        let mut ack = redis::pipe();
+        ack.cmd("XACK")
             .arg(&stream)
             .arg("hexmatch")
             .arg(ids)
             .ignore();
         let mut conn = self.conn.clone();
         tokio::spawn(async move {
-            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+            let mut sent = Ok(());
+            if !pipe.is_empty() {
+                sent = pipe.query_async::<()>(&mut conn).await;
+            }
+            if sent.is_ok() {
+                sent = ack.query_async::<()>(&mut conn).await;
+            }
+            if let Err(e) = sent {
                 counter!("hexmatch_redis_errors_total").increment(1);
                 tracing::warn!(error = %e, "stream ack failed; entries stay pending until reclaimed");
             }
@@ -1065,6 +1432,28 @@ impl Persistence {
     }
 }
 
+/// Where a snapshot lives: a node's namespace, or (in a cluster) a region.
+#[derive(Debug, Clone)]
+enum SnapPlace {
+    /// `p:{ns:n}:…`.
+    Ns(Keys, String),
+    /// `p:{region:r}:…`, beside the region's lease.
+    Region(Keys, String),
+}
+
+impl SnapPlace {
+    fn key(&self, suffix: &str) -> String {
+        match self {
+            Self::Ns(k, ns) => k.ns(ns, suffix),
+            Self::Region(k, r) => k.region(r, suffix),
+        }
+    }
+
+    fn chunk_key(&self, generation: u64, i: usize) -> String {
+        self.key(&format!("snap:g{generation}:{i}"))
+    }
+}
+
 /// One stream entry: its id and its fields as strings.
 pub type StreamEntry = (String, Vec<(String, String)>);
 
@@ -1108,6 +1497,21 @@ pub fn upsert_drivers(engine: &Engine, drivers: Vec<Driver>) -> usize {
         }
     }
     n
+}
+
+/// Each record with its order id, encoded.
+fn encode_records(recs: &[DurableMatch]) -> Vec<(String, Vec<u8>)> {
+    recs.iter()
+        .map(|r| (r.m.order_id.to_string(), r.encode()))
+        .collect()
+}
+
+/// Order / record pairs as script arguments.
+fn record_args(encoded: &[(String, Vec<u8>)]) -> Vec<&[u8]> {
+    encoded
+        .iter()
+        .flat_map(|(order, rec)| [order.as_bytes(), rec.as_slice()])
+        .collect()
 }
 
 fn bulk_string(v: Value) -> Option<String> {

@@ -61,6 +61,9 @@ fn unavailable(e: &WriteError) -> ApiError {
             ErrorCode::OrderConflict,
             format!("order {order} already has a match, held in region {region}"),
         ),
+        WriteError::NotReplicated(n) => ApiError::unavailable(format!(
+            "the change could not be made durable in Redis: {n}"
+        )),
         WriteError::Redis(e) => ApiError::unavailable(format!(
             "the change could not be made durable in Redis: {e}"
         )),
@@ -262,6 +265,9 @@ impl Service {
                 by: Some(node),
             });
         }
+        // A candidate on a node that did not answer is skipped; if no other
+        // could be reserved, the client hears why.
+        let mut silent: Option<ApiError> = None;
         for _ in 0..CLAIM_ROUNDS {
             let (candidates, asked) = self.gather_held(cluster, &q).await?;
             if asked.len() == 1 {
@@ -301,11 +307,12 @@ impl Service {
                             e.code(),
                             ErrorCode::DriverNotAvailable | ErrorCode::NotOwner
                         ) => {}
+                    Err(e) if e.code() == ErrorCode::Unavailable => silent = Some(e),
                     Err(e) => return Err(e),
                 }
             }
         }
-        Err(hexmatch::Error::NoDriverAvailable.into())
+        Err(silent.unwrap_or_else(|| hexmatch::Error::NoDriverAvailable.into()))
     }
 
     /// A match by order id.
@@ -337,9 +344,9 @@ impl Service {
             .durable_match(order)
             .ok_or_else(|| unknown(order))?;
         if current.m.state.is_live() {
-            let written = match durable_first(current) {
+            let written = match durable_first(current.clone()) {
                 Some(next) => p.put_match(&next).await,
-                None => p.del_match(order).await,
+                None => p.end_match(&current).await,
             };
             written.map_err(|e| unavailable(&e))?;
         }

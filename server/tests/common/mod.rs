@@ -317,3 +317,5 @@ impl Drop for Node {
         let _ = self.child.wait();
     }
 }
+
+pub mod redis_cluster;
