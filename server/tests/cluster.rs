@@ -1531,3 +1531,39 @@ fn a_write_the_replica_did_not_take_is_never_acknowledged() {
         );
     }
 }
+
+/// A claim forwarded to an owner paused past its lease is not held for
+/// the pause: the call times out within the lease TTL, and the claim goes
+/// to the node that took the region over, within twice the TTL plus a
+/// second (5 s peer timeouts used to hold it for the whole pause).
+#[test]
+fn a_claim_forwarded_to_a_paused_owner_goes_to_the_new_owner() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("paused-owner");
+    let regions = region_ids();
+    let mut a = start(&url, &prefix, "a", &["*".to_owned()]);
+    let b = start(&url, &prefix, "b", &[]);
+    let http = &http();
+    let all: HashMap<usize, Vec<String>> = [(0, regions.clone()), (1, Vec::new())].into();
+    wait_settled(http, &[&a, &b], &all);
+    let fleet = load(http, &[&a], 1000);
+    std::thread::sleep(Duration::from_millis(800));
+
+    a.signal("STOP");
+    let p = fleet[0].1;
+    let sent = Instant::now();
+    let (status, m, by) = post(
+        http,
+        &format!("{}/v1/matches", b.base),
+        &json!({"order_id": "through-b", "pickup": {"lat": p.lat(), "lon": p.lon()}, "hold_ms": 600_000}),
+    );
+    let waited = sent.elapsed();
+    a.signal("CONT");
+    assert_eq!((status, by.as_str()), (201, "b"), "{m}");
+    let bound = Duration::from_millis(2 * LEASE_TTL_MS + 1000);
+    assert!(
+        waited <= bound,
+        "the client waited {waited:?} (bound {bound:?})"
+    );
+    eprintln!("a claim through a paused owner was served by its successor after {waited:?}");
+}
