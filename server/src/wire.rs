@@ -929,6 +929,10 @@ pub struct ClusterOut {
     /// Regions this node serves now, under a live lease (cluster mode).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub serving: Vec<String>,
+    /// The same regions with the epoch of the lease this node holds
+    /// (cluster mode): two nodes never hold one epoch of a region.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<RegionOwner>,
 }
 
 /// A node of `GET /v1/cluster`.

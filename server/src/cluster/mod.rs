@@ -41,7 +41,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hexmatch::{Driver, Engine, Position, RegionId, RegionMap};
+use hexmatch::{Engine, Position, RegionId, RegionMap};
 use parking_lot::RwLock;
 use redis::{AsyncCommands, RedisResult, Value};
 
@@ -406,14 +406,14 @@ impl Cluster {
     }
 
     /// The region whose owner holds `order`'s match, from Redis (`None`:
-    /// no node has recorded it, or Redis did not answer).
-    pub(crate) async fn order_region(&self, order: &str) -> Option<String> {
+    /// no node has recorded it).
+    ///
+    /// # Errors
+    /// Redis did not answer.
+    pub(crate) async fn order_region(&self, order: &str) -> RedisResult<Option<String>> {
         let mut conn = self.conn.clone();
-        let holder = conn
-            .get::<_, Option<String>>(self.keys.order(order))
-            .await
-            .ok()??;
-        Some(crate::persist::order_holder_region(&holder).to_owned())
+        let holder: Option<String> = conn.get(self.keys.order(order)).await?;
+        Ok(holder.map(|h| crate::persist::order_holder_region(&h).to_owned()))
     }
 
     /// Re-reads the map from Redis.
@@ -717,7 +717,8 @@ impl Cluster {
     /// Returns the takeovers made.
     pub async fn tick(&self, engine: &Arc<Engine>, persist: &Persistence) -> Vec<Takeover> {
         for region in self.renew().await {
-            let dropped = drop_region(engine, &self.regions, &region);
+            let orders = persist.release_region(&region);
+            let dropped = drop_region(engine, &self.regions, &region, &orders);
             tracing::warn!(region, dropped, "lease lost: stopped serving the region");
         }
         if let Err(e) = self.refresh_map().await {
@@ -755,17 +756,30 @@ impl Cluster {
     }
 }
 
-/// Removes from `engine` every driver in `region` (its lease was lost:
-/// the new owner restores them). Their matches go with them, without
-/// touching Redis, where the new owner now holds them.
-fn drop_region(engine: &Engine, regions: &RegionMap, region: &str) -> usize {
-    let gone: Vec<Driver> = engine
+/// Removes from `engine` every driver in `region`, and every driver of a
+/// match in `orders` (those whose records are in the region's hash, even
+/// if the driver has moved out since): its lease was lost, and the new
+/// owner restores them. Their matches go with them, without touching
+/// Redis, where the new owner now holds them.
+fn drop_region(engine: &Engine, regions: &RegionMap, region: &str, orders: &[String]) -> usize {
+    let mut gone: Vec<hexmatch::DriverId> = engine
         .drivers()
         .into_iter()
         .filter(|d| regions.region_of(d.pos).is_ok_and(|r| r.as_str() == region))
+        .map(|d| d.id)
         .collect();
+    gone.extend(
+        orders
+            .iter()
+            .filter_map(|o| hexmatch::OrderId::new(o).ok())
+            .filter_map(|o| engine.get_match(&o))
+            .filter(|m| m.state.is_live())
+            .map(|m| m.driver_id),
+    );
+    gone.sort();
+    gone.dedup();
     for d in &gone {
-        engine.remove(&d.id);
+        engine.remove(d);
     }
     gone.len()
 }

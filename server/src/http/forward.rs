@@ -105,7 +105,10 @@ pub(super) async fn route(state: &AppState, req: Request, next: Next) -> Respons
                 None => served_by(next.run(req).await, cluster.node()),
             };
         }
-        Kind::Order(order) => order_region(state, &cluster, &order).await,
+        Kind::Order(order) => match order_region(state, &cluster, &order).await {
+            Ok(region) => region,
+            Err(resp) => return served_by(resp, cluster.node()),
+        },
     };
     match region {
         Some(region) => dispatch(state, &cluster, &region, req, next).await,
@@ -131,15 +134,32 @@ async fn buffered(
 /// this node holds its live match or nobody holds one (then the handler
 /// answers). An ended match here does not stop the search: it may be a
 /// twin claim that lost the order to another node.
-async fn order_region(state: &AppState, cluster: &Cluster, order: &str) -> Option<String> {
-    let id = OrderId::new(order).ok()?;
+///
+/// # Errors
+/// 503 when Redis cannot say where the order is (answering `unknown_order`
+/// then could deny a match that exists).
+async fn order_region(
+    state: &AppState,
+    cluster: &Cluster,
+    order: &str,
+) -> Result<Option<String>, Response> {
+    let Ok(id) = OrderId::new(order) else {
+        return Ok(None);
+    };
     let here = state.svc.engine.get_match(&id);
     if here.as_ref().is_some_and(|m| m.state.is_live()) {
-        return None;
+        return Ok(None);
     }
     match cluster.order_region(order).await {
-        None if here.is_some() => None,
-        other => other,
+        Ok(None) if here.is_some() => Ok(None),
+        Ok(other) => Ok(other),
+        Err(e) => {
+            tracing::warn!(order, error = %e, "could not read the order's record");
+            Err(ApiError::unavailable(format!(
+                "cannot tell which node holds order {order} now (Redis: {e}); retry"
+            ))
+            .into_response())
+        }
     }
 }
 

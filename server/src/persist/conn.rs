@@ -21,10 +21,12 @@
 //! have it. A master that dies after the answer then loses nothing that
 //! was acknowledged.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
@@ -35,7 +37,58 @@ pub enum RedisConn {
     /// One server.
     Single(ConnectionManager),
     /// A Redis Cluster.
-    Cluster(ClusterConnection),
+    Cluster(ClusterHandle),
+}
+
+/// Timeouts in a row after which a cluster connection is rebuilt.
+const TIMEOUTS_BEFORE_REBUILD: u32 = 3;
+
+/// A Redis Cluster connection that rebuilds itself. After a master was
+/// killed and came back as a replica, redis-rs's cluster connection was
+/// seen to time out every request for good (its repairs never finished):
+/// [`TIMEOUTS_BEFORE_REBUILD`] timeouts in a row make a new connection
+/// from the seed nodes, in the background, which then replaces it.
+#[derive(Clone)]
+pub struct ClusterHandle {
+    client: Arc<ClusterClient>,
+    conn: Arc<parking_lot::RwLock<ClusterConnection>>,
+    timeouts: Arc<AtomicU32>,
+    rebuilding: Arc<AtomicBool>,
+}
+
+impl ClusterHandle {
+    fn current(&self) -> ClusterConnection {
+        self.conn.read().clone()
+    }
+
+    /// Counts timeouts in a row; past the limit, rebuilds once at a time.
+    fn observe<T>(&self, r: &RedisResult<T>) {
+        match r {
+            Err(e) if e.is_timeout() => {
+                let n = self.timeouts.fetch_add(1, Ordering::AcqRel) + 1;
+                if n >= TIMEOUTS_BEFORE_REBUILD && !self.rebuilding.swap(true, Ordering::AcqRel) {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        match this.client.get_async_connection().await {
+                            Ok(fresh) => {
+                                *this.conn.write() = fresh;
+                                this.timeouts.store(0, Ordering::Release);
+                                tracing::warn!(
+                                    "rebuilt the Redis Cluster connection after {n} timeouts in a row"
+                                );
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "could not rebuild the Redis Cluster connection");
+                            }
+                        }
+                        this.rebuilding.store(false, Ordering::Release);
+                    });
+                }
+            }
+            Err(_) => {}
+            Ok(_) => self.timeouts.store(0, Ordering::Release),
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisConn {
@@ -51,7 +104,14 @@ impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Single(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Cluster(h) => {
+                let (mut c, h) = (h.current(), h.clone());
+                Box::pin(async move {
+                    let r = c.req_packed_command(cmd).await;
+                    h.observe(&r);
+                    r
+                })
+            }
         }
     }
 
@@ -63,14 +123,21 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(h) => {
+                let (mut c, h) = (h.current(), h.clone());
+                Box::pin(async move {
+                    let r = c.req_packed_commands(cmd, offset, count).await;
+                    h.observe(&r);
+                    r
+                })
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Self::Single(c) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
+            Self::Cluster(h) => h.current().get_db(),
         }
     }
 }
@@ -105,7 +172,12 @@ pub async fn connect(url: &str, opts: ConnOptions) -> Result<RedisConn, String> 
             .get_async_connection()
             .await
             .map_err(|e| format!("redis cluster at {}: {e}", redacted(&urls[0])))?;
-        return Ok(RedisConn::Cluster(conn));
+        return Ok(RedisConn::Cluster(ClusterHandle {
+            client: Arc::new(client),
+            conn: Arc::new(parking_lot::RwLock::new(conn)),
+            timeouts: Arc::default(),
+            rebuilding: Arc::default(),
+        }));
     }
     let client = redis::Client::open(urls[0].as_str()).map_err(|e| format!("redis url: {e}"))?;
     let config = ConnectionManagerConfig::new()

@@ -80,6 +80,11 @@ pub struct Persistence {
     fence: std::sync::OnceLock<Arc<dyn Fence>>,
     /// Snapshots and durable writes that failed in a row, and why.
     health: parking_lot::Mutex<Health>,
+    /// In a cluster: the region whose hash holds each live match this node
+    /// wrote or restored. A match stays in that region's hash (under its
+    /// lease) however far its driver moves, so its later writes go there
+    /// too, and losing that region means losing the match.
+    homes: parking_lot::Mutex<HashMap<String, String>>,
 }
 
 /// A Redis command that failed, with the key it was about.
@@ -364,6 +369,7 @@ impl Persistence {
             order_locks: (0..ORDER_LOCKS).map(|_| Mutex::new(())).collect(),
             fence: std::sync::OnceLock::new(),
             health: parking_lot::Mutex::default(),
+            homes: parking_lot::Mutex::default(),
         }))
     }
 
@@ -509,15 +515,21 @@ impl Persistence {
         fence: &dyn Fence,
         rec: &DurableMatch,
     ) -> Result<(), WriteError> {
-        let region = fence
-            .region_of_pos(rec.driver_pos)
-            .map_err(|region| WriteError::NotOwner { region })?;
+        let order = rec.m.order_id.as_str();
+        let home = self.homes.lock().get(order).cloned();
+        let region = match home {
+            Some(r) => r,
+            None => fence
+                .region_of_pos(rec.driver_pos)
+                .map_err(|region| WriteError::NotOwner { region })?,
+        };
         let lease = fence
             .lease(&region)
             .map_err(|region| WriteError::NotOwner { region })?;
-        let order = rec.m.order_id.as_str();
         if !rec.m.state.is_live() {
-            return self.fenced_write(&lease, order, &[]).await;
+            self.fenced_write(&lease, order, &[]).await?;
+            self.homes.lock().remove(order);
+            return Ok(());
         }
         let order_key = self.keys.order(order);
         let value = format!("{}|{}", lease.region, lease.token);
@@ -555,6 +567,11 @@ impl Persistence {
             Some(n) => Err(self.not_replicated(n)),
             None => self.fenced_write(&lease, order, &rec.encode()).await,
         };
+        if written.is_ok() {
+            self.homes
+                .lock()
+                .insert(order.to_owned(), lease.region.clone());
+        }
         if written.is_err() && created {
             // No match was made: free the order for a twin elsewhere (only
             // if the record is still the one taken here).
@@ -656,17 +673,25 @@ impl Persistence {
                 .await;
             return self.note(r).map_err(WriteError::Redis);
         };
-        let mut conn = self.conn.clone();
-        let holder: Option<String> = self.note(conn.get(self.keys.order(order.as_str())).await)?;
-        let Some(holder) = holder else {
-            // No record names the region: a full resync finds it.
-            self.needs_resync.store(true, Ordering::Release);
-            return Ok(());
+        let home = self.homes.lock().get(order.as_str()).cloned();
+        let region = if let Some(r) = home {
+            r
+        } else {
+            let mut conn = self.conn.clone();
+            let holder: Option<String> =
+                self.note(conn.get(self.keys.order(order.as_str())).await)?;
+            let Some(holder) = holder else {
+                // No record names the region: nothing to delete.
+                return Ok(());
+            };
+            order_holder_region(&holder).to_owned()
         };
         let lease = fence
-            .lease(order_holder_region(&holder))
+            .lease(&region)
             .map_err(|region| WriteError::NotOwner { region })?;
-        self.fenced_write(&lease, order.as_str(), &[]).await
+        self.fenced_write(&lease, order.as_str(), &[]).await?;
+        self.homes.lock().remove(order.as_str());
+        Ok(())
     }
 
     /// Brings one order's record in line with the engine (best effort; a
@@ -679,6 +704,22 @@ impl Persistence {
         if r.is_err() {
             self.needs_resync.store(true, Ordering::Release);
         }
+    }
+
+    /// Forgets which live matches `region`'s hash holds (its lease was
+    /// lost) and returns their orders: their drivers leave this node with
+    /// the region, wherever they are now.
+    pub fn release_region(&self, region: &str) -> Vec<String> {
+        let mut homes = self.homes.lock();
+        let orders: Vec<String> = homes
+            .iter()
+            .filter(|(_, r)| *r == region)
+            .map(|(o, _)| o.clone())
+            .collect();
+        for o in &orders {
+            homes.remove(o);
+        }
+        orders
     }
 
     /// Marks the match records as possibly behind the engine.
@@ -726,7 +767,8 @@ impl Persistence {
             .map(|r| (r, Vec::new()))
             .collect();
         for rec in engine.durable_matches() {
-            if let Ok(region) = fence.region_of_pos(rec.driver_pos)
+            let home = self.homes.lock().get(rec.m.order_id.as_str()).cloned();
+            if let Some(region) = home.or_else(|| fence.region_of_pos(rec.driver_pos).ok())
                 && let Some(recs) = by_region.get_mut(&region)
             {
                 recs.push(rec);
@@ -1193,9 +1235,11 @@ impl Persistence {
         for (order, why) in &report.skipped {
             tracing::warn!(%order, why, "match not restored in takeover");
         }
+        let mut homes = self.homes.lock();
         for (region, r) in &records {
             if !report.skipped.iter().any(|(o, _)| *o == r.m.order_id) {
                 counts.entry(region.clone()).or_default().1 += 1;
+                homes.insert(r.m.order_id.to_string(), region.clone());
             }
         }
         Ok(counts)

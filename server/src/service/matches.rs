@@ -247,7 +247,9 @@ impl Service {
             .engine
             .get_match(&order.order_id)
             .is_none_or(|m| !m.state.is_live())
-            && let Some(region) = cluster.order_region(order.order_id.as_str()).await
+            // Unreadable now: the order's record, taken before any match
+            // is written, still refuses a second match.
+            && let Ok(Some(region)) = cluster.order_region(order.order_id.as_str()).await
             && let Owner::Remote { url, node } = cluster.owner(&region)
         {
             let reserved = peer

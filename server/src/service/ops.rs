@@ -139,12 +139,21 @@ impl Service {
                 })
                 .collect();
             nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+            let held = c.held();
             return ClusterOut {
+                serving: held.iter().map(|(r, _)| r.clone()).collect(),
+                leases: held
+                    .into_iter()
+                    .map(|(region, epoch)| RegionOwner {
+                        region,
+                        owner: node.clone(),
+                        epoch,
+                    })
+                    .collect(),
                 node_id: node,
                 map_version: map.version,
                 regions,
                 nodes,
-                serving: c.held().into_iter().map(|(r, _)| r).collect(),
             };
         }
         let ids: Vec<String> = match &self.regions {
@@ -164,6 +173,7 @@ impl Service {
                 .collect(),
             nodes: Vec::new(),
             serving: Vec::new(),
+            leases: Vec::new(),
         }
     }
 }

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The fault-injection test of server/tests/cluster.rs, run long: three
+# `hexmatch serve --cluster` nodes on a local Redis Cluster (three masters,
+# one replica each, started and stopped by the test), client tokens and the
+# cluster secret on, clients claiming, confirming, releasing, completing
+# and moving drivers while Redis masters are killed (and come back as
+# replicas), a node is paused past its lease, and a node is killed. Prints
+# the operations, the faults and the longest unavailability per fault.
+#
+#   bash benches/scripts/fault_injection.sh              # 180 s
+#   SECS=600 bash benches/scripts/fault_injection.sh
+#   MOVE_MATCHED=1 bash benches/scripts/fault_injection.sh   # matched drivers move too
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export HEXMATCH_FAULT_SECS="${SECS:-180}"
+if [ -n "${MOVE_MATCHED:-}" ]; then export HEXMATCH_FAULT_MOVE_MATCHED=1; fi
+cargo test -p hexmatch-server --test cluster -- \
+    faults_never_double_book_and_lose_nothing_acknowledged --exact --nocapture 2>&1 \
+    | grep -E '^(fault injection|test |thread)|panicked|lost|two live|served by|unserved'
