@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The fault-injection test of server/tests/cluster.rs, run long: three
+# The fault-injection test of server/tests/cluster.rs (ignored by `cargo
+# test` while it still finds open takeover bugs), run long: three
 # `hexmatch serve --cluster` nodes on a local Redis Cluster (three masters,
 # one replica each, started and stopped by the test), client tokens and the
 # cluster secret on, clients claiming, confirming, releasing, completing
@@ -9,11 +10,11 @@
 #
 #   bash benches/scripts/fault_injection.sh              # 180 s
 #   SECS=600 bash benches/scripts/fault_injection.sh
-#   MOVE_MATCHED=1 bash benches/scripts/fault_injection.sh   # matched drivers move too
+#   MOVE_ANY=1 bash benches/scripts/fault_injection.sh   # on-duty drivers move too
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HEXMATCH_FAULT_SECS="${SECS:-180}"
-if [ -n "${MOVE_MATCHED:-}" ]; then export HEXMATCH_FAULT_MOVE_MATCHED=1; fi
+if [ -n "${MOVE_ANY:-}" ]; then export HEXMATCH_FAULT_MOVE_ANY=1; fi
 cargo test -p hexmatch-server --test cluster -- \
-    faults_never_double_book_and_lose_nothing_acknowledged --exact --nocapture 2>&1 \
-    | grep -E '^(fault injection|test |thread)|panicked|lost|two live|served by|unserved'
+    faults_never_double_book_and_lose_nothing_acknowledged --exact --ignored --nocapture 2>&1 \
+    | grep -E '^(fault injection|test |thread|assertion|  left|  right)|panicked|lost|two live|served by|unserved|its operations'

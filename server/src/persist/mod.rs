@@ -51,12 +51,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use hexmatch::{Driver, DriverUpdate, DurableMatch, Engine, Manifest, OrderId, Position, Status};
 use metrics::{counter, gauge, histogram};
 use redis::{AsyncCommands, RedisResult, Value};
 use tokio::sync::{Mutex, MutexGuard};
 
 pub use self::conn::{ConnOptions, Durability, Keys, NotReplicated, RedisConn};
+
+/// Region snapshots stored at once (each is a few round trips).
+const STORES_AT_ONCE: usize = 16;
 
 /// Drivers per snapshot chunk: about 1–2 MB per chunk before compression.
 pub const CHUNK_DRIVERS: usize = 50_000;
@@ -884,11 +888,12 @@ impl Persistence {
                 vec![(place, snap)]
             }
             Some(fence) => {
-                let mut parts = Vec::new();
-                for region in fence.held_regions() {
+                // One generation per region, asked for all at once.
+                let asks = fence.held_regions().into_iter().map(|region| async move {
                     let place = SnapPlace::Region(self.keys.clone(), region.clone());
-                    parts.push((region, self.next_generation(&place).await?));
-                }
+                    self.next_generation(&place).await.map(|g| (region, g))
+                });
+                let parts = futures_util::future::try_join_all(asks).await?;
                 let (e, f) = (Arc::clone(engine), Arc::clone(fence));
                 let snaps = tokio::task::spawn_blocking(move || {
                     e.snapshot_parts(&parts, CHUNK_DRIVERS, |d| f.region_of_pos(d.pos).ok())
@@ -901,24 +906,30 @@ impl Persistence {
                     .collect()
             }
         };
+        // Each region's snapshot in its own slot: stored side by side, at
+        // most `STORES_AT_ONCE` at a time.
         let (mut bytes, mut drivers, mut taken_at_ms, mut first_error) = (0, 0, 0, None);
-        for (place, snap) in snaps {
+        let stores = snaps.into_iter().filter_map(|(place, snap)| {
             let lease = match (&place, self.fence.get()) {
-                (SnapPlace::Region(_, region), Some(fence)) => match fence.lease(region) {
-                    Ok(lease) => Some(lease),
-                    // Lost meanwhile: the new owner snapshots it.
-                    Err(_) => continue,
-                },
+                // Lost meanwhile: the new owner snapshots it.
+                (SnapPlace::Region(_, region), Some(fence)) => Some(fence.lease(region).ok()?),
                 _ => None,
             };
-            match self.store_snapshot(&place, &snap, lease.as_ref()).await {
-                Ok(n) => bytes += n,
+            Some(async move {
+                let stored = self.store_snapshot(&place, &snap, lease.as_ref()).await;
+                (stored, snap.manifest.drivers, snap.manifest.taken_at_ms)
+            })
+        });
+        let mut stores = futures_util::stream::iter(stores).buffer_unordered(STORES_AT_ONCE);
+        while let Some((stored, n, at)) = stores.next().await {
+            match stored {
+                Ok(b) => bytes += b,
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
             }
-            drivers += snap.manifest.drivers;
-            taken_at_ms = snap.manifest.taken_at_ms;
+            drivers += n;
+            taken_at_ms = at;
         }
         if let Some(e) = first_error {
             return Err(e);
@@ -988,11 +999,17 @@ impl Persistence {
                     error,
                 })?;
         }
-        // One read each first, so that a key of the wrong type is named.
-        for key in [&manifest_key, &prev_key] {
+        // One read each first, so that a key of the wrong type is named (a
+        // region's keys are only ever written by this code).
+        let named: &[&String] = if lease.is_none() {
+            &[&manifest_key, &prev_key]
+        } else {
+            &[]
+        };
+        for key in named {
             self.note(conn.get::<_, Option<Vec<u8>>>(key).await)
                 .map_err(|error| KeyError {
-                    key: key.clone(),
+                    key: (*key).clone(),
                     error,
                 })?;
         }
@@ -1512,10 +1529,19 @@ enum ReadError {
 
 /// Loads restored drivers into a running engine one by one (it may already
 /// hold other regions, so bulk loading does not apply). Reserved drivers
-/// come back available; their matches set them reserved again.
+/// come back available; their matches set them reserved again. A driver
+/// this engine holds in a live match is left as it is: the match here is
+/// its truth, and a snapshot's copy (say, held `busy` by a node it had
+/// moved to) would end it.
 pub fn upsert_drivers(engine: &Engine, drivers: Vec<Driver>) -> usize {
     let mut n = 0;
     for d in drivers {
+        if engine
+            .driver(&d.id)
+            .is_some_and(|held| held.order_id.is_some())
+        {
+            continue;
+        }
         let status = match d.status {
             Status::Reserved => Status::Available,
             s => s,
