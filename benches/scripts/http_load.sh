@@ -36,16 +36,8 @@ K="${K:-10}"
 WORKERS="${WORKERS:-1}"   # the server's request threads; 0 = one per core
 OUT=target/http-load
 
-if ! command -v wrk >/dev/null; then
-    echo "installing wrk" >&2
-    if [ "$(id -u)" = 0 ]; then
-        apt-get install -y -q wrk >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null; }
-    else
-        sudo apt-get install -y -q wrk >/dev/null
-    fi
-fi
-
 source benches/scripts/lib.sh
+ensure_wrk
 build_bins
 driver_set "$OUT" "$DRIVERS"
 # A free loopback port (nothing answers on it).

@@ -36,3 +36,15 @@ build_bins() {
     fi
     cargo build --release -q -p hexmatch-benches --bin gen_drivers
 }
+
+# ensure_wrk: installs wrk with apt when it is missing.
+ensure_wrk() {
+    if ! command -v wrk >/dev/null; then
+        echo "installing wrk" >&2
+        if [ "$(id -u)" = 0 ]; then
+            apt-get install -y -q wrk >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null; }
+        else
+            sudo apt-get install -y -q wrk >/dev/null
+        fi
+    fi
+}

@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source benches/scripts/lib.sh
+ensure_wrk
 DRIVERS="${DRIVERS:-100000}"
 DURATION="${DURATION:-10s}"
 CONNS="${CONNS:-8}"
@@ -32,7 +33,7 @@ pids+=($!)
 redis-server --port "$replica" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" \
     --replicaof 127.0.0.1 "$master" --repl-diskless-sync-delay 0 >/dev/null 2>&1 &
 pids+=($!)
-until [ "$(redis-cli -p "$master" info replication | tr -d '\r' | grep -c 'state=online')" = 1 ]; do
+until [ "$(redis-cli -p "$master" info replication 2>/dev/null | tr -d '\r' | grep -c 'state=online')" = 1 ]; do
     sleep 0.2
 done
 echo "wrk -t1 -c$CONNS -d$DURATION, claim + release pairs, $DRIVERS drivers, Redis master + 1 replica on loopback"

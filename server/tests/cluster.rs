@@ -590,18 +590,51 @@ fn a_killed_node_s_regions_are_taken_over_with_every_reservation() {
     }
 }
 
+/// Node `a` owning every region with 1,000 drivers (snapshotted), node
+/// `b` on standby, on one Redis.
+struct OwnerAndStandby {
+    _redis: Option<RedisServer>,
+    url: String,
+    prefix: String,
+    a: Node,
+    b: Node,
+    fleet: Fleet,
+    regions: Vec<String>,
+}
+
+fn owner_and_standby(test: &str) -> OwnerAndStandby {
+    let (redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix(test);
+    let regions = region_ids();
+    let a = start(&url, &prefix, "a", &["*".to_owned()]);
+    let b = start(&url, &prefix, "b", &[]);
+    let all: HashMap<usize, Vec<String>> = [(0, regions.clone()), (1, Vec::new())].into();
+    wait_settled(&http(), &[&a, &b], &all);
+    let fleet = load(&http(), &[&a], 1000);
+    std::thread::sleep(Duration::from_millis(800));
+    OwnerAndStandby {
+        _redis: redis,
+        url,
+        prefix,
+        a,
+        b,
+        fleet,
+        regions,
+    }
+}
+
 #[test]
 fn a_stale_owner_cannot_acknowledge_reservations() {
-    let (_redis, url) = RedisServer::from_env_or_start();
-    let prefix = unique_prefix("fencing");
-    let regions = region_ids();
-    let mut a = start(&url, &prefix, "a", &["*".to_owned()]);
-    let b = start(&url, &prefix, "b", &[]);
+    let OwnerAndStandby {
+        _redis,
+        url,
+        prefix,
+        mut a,
+        b,
+        fleet,
+        regions,
+    } = owner_and_standby("fencing");
     let http = &http();
-    let all: HashMap<usize, Vec<String>> = [(0, regions.clone()), (1, Vec::new())].into();
-    wait_settled(http, &[&a, &b], &all);
-    let fleet = load(http, &[&a], 1000);
-    std::thread::sleep(Duration::from_millis(800));
 
     // Pause a past its lease: b takes everything over.
     a.signal("STOP");
@@ -1547,16 +1580,14 @@ fn a_write_the_replica_did_not_take_is_never_acknowledged() {
 /// second (5 s peer timeouts used to hold it for the whole pause).
 #[test]
 fn a_claim_forwarded_to_a_paused_owner_goes_to_the_new_owner() {
-    let (_redis, url) = RedisServer::from_env_or_start();
-    let prefix = unique_prefix("paused-owner");
-    let regions = region_ids();
-    let mut a = start(&url, &prefix, "a", &["*".to_owned()]);
-    let b = start(&url, &prefix, "b", &[]);
+    let OwnerAndStandby {
+        _redis,
+        mut a,
+        b,
+        fleet,
+        ..
+    } = owner_and_standby("paused-owner");
     let http = &http();
-    let all: HashMap<usize, Vec<String>> = [(0, regions.clone()), (1, Vec::new())].into();
-    wait_settled(http, &[&a, &b], &all);
-    let fleet = load(http, &[&a], 1000);
-    std::thread::sleep(Duration::from_millis(800));
 
     a.signal("STOP");
     let p = fleet[0].1;

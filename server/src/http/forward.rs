@@ -179,7 +179,8 @@ async fn dispatch(
         .resolve_owner(region, &state.svc.engine, persist)
         .await
     {
-        Owner::Local => served_by(next.run(req).await, node),
+        Owner::Local if forwarded => served_by(next.run(req).await, node),
+        Owner::Local => served_by(for_client(next.run(req).await, region), node),
         _ if forwarded => ApiError::new(
             ErrorCode::NotOwner,
             format!("node {node} does not own region {region}"),
@@ -246,7 +247,7 @@ async fn forward_until_served(
         match cluster.owner(region) {
             Owner::Local => {
                 let req = Request::from_parts(parts, Body::from(bytes));
-                return served_by(next.run(req).await, cluster.node());
+                return served_by(for_client(next.run(req).await, region), cluster.node());
             }
             Owner::Remote { url, .. } => target = Some(url),
             Owner::Nobody => {}
@@ -256,6 +257,22 @@ async fn forward_until_served(
             tokio::time::sleep(ttl / 10).await;
         }
     }
+}
+
+/// A client's request served here: a lease lost while it ran (421
+/// `not_owner`, which tells a forwarding node to route again) becomes 503
+/// with `Retry-After` for the client, who cannot route.
+fn for_client(resp: Response, region: &str) -> Response {
+    if resp.status() == StatusCode::MISDIRECTED_REQUEST {
+        let mut resp = ApiError::unavailable(format!(
+            "region {region} changed hands during the request; retry"
+        ))
+        .into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return resp;
+    }
+    resp
 }
 
 /// The owner's answer as ours.
