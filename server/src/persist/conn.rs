@@ -46,7 +46,7 @@ const TIMEOUTS_BEFORE_REBUILD: u32 = 3;
 /// A Redis Cluster connection that rebuilds itself. After a master was
 /// killed and came back as a replica, redis-rs's cluster connection was
 /// seen to time out every request for good (its repairs never finished):
-/// [`TIMEOUTS_BEFORE_REBUILD`] timeouts in a row make a new connection
+/// three timeouts in a row make a new connection
 /// from the seed nodes, in the background, which then replaces it.
 #[derive(Clone)]
 pub struct ClusterHandle {

@@ -18,9 +18,10 @@
 //!
 //! # Guarantees
 //! - A snapshot's chunks are written first, then the manifest is switched
-//!   with `MULTI`/`EXEC` (the old one kept as `prev`); chunks two
-//!   generations old are `UNLINK`ed. A reader never sees a half-written
-//!   snapshot, and a corrupt one falls back to `prev`.
+//!   by one script (the old one kept as `prev`; in a cluster, only while the
+//!   region's lease is this node's); chunks two generations old are
+//!   `UNLINK`ed. A reader never sees a half-written snapshot, and a
+//!   corrupt one falls back to `prev`.
 //! - Every match change is written through before the HTTP response, and
 //!   with `--redis-replicas N` only once `N` replicas have it (`WAIT`).
 //!   Changes to one order are serialised by a per-order lock.
@@ -377,16 +378,6 @@ impl Persistence {
         }))
     }
 
-    /// The key layout.
-    pub fn keys(&self) -> &Keys {
-        &self.keys
-    }
-
-    /// Whether this is a Redis Cluster.
-    pub fn is_cluster(&self) -> bool {
-        matches!(self.conn, RedisConn::Cluster(_))
-    }
-
     /// A key of this node's namespace.
     fn key(&self, suffix: &str) -> String {
         self.keys.ns(&self.ns, suffix)
@@ -519,6 +510,10 @@ impl Persistence {
         fence: &dyn Fence,
         rec: &DurableMatch,
     ) -> Result<(), WriteError> {
+        if !rec.m.state.is_live() {
+            // Deleted where the record is (never where the driver is now).
+            return self.del_match_unnoted(&rec.m.order_id).await;
+        }
         let order = rec.m.order_id.as_str();
         let home = self.homes.lock().get(order).cloned();
         let region = match home {
@@ -530,11 +525,6 @@ impl Persistence {
         let lease = fence
             .lease(&region)
             .map_err(|region| WriteError::NotOwner { region })?;
-        if !rec.m.state.is_live() {
-            self.fenced_write(&lease, order, &[]).await?;
-            self.homes.lock().remove(order);
-            return Ok(());
-        }
         let order_key = self.keys.order(order);
         let value = format!("{}|{}", lease.region, lease.token);
         let ttl = ORDER_KEY_TTL_MS.to_string();
@@ -649,7 +639,7 @@ impl Persistence {
     }
 
     /// Deletes the durable record of a match that ended (`rec`, its last
-    /// live state: in a cluster, its driver's position names the region).
+    /// live state).
     ///
     /// # Errors
     /// Redis errors, too few replicas, or a lease lost.
