@@ -218,9 +218,11 @@ async fn forward_until_served(
         .path_and_query()
         .map_or("/", axum::http::uri::PathAndQuery::as_str);
     let mut target = Some(url);
+    let mut tried = String::new();
     loop {
         let failure = match target.take() {
             Some(url) => {
+                tried.clone_from(&url);
                 let f = Forward {
                     method: &parts.method,
                     path,
@@ -252,8 +254,11 @@ async fn forward_until_served(
             Owner::Remote { url, .. } => target = Some(url),
             Owner::Nobody => {}
         }
-        if target.is_none() || failure.status() == StatusCode::MISDIRECTED_REQUEST {
-            // Nobody serves it yet (a takeover or its restore is under way).
+        if target.as_ref().is_none_or(|u| *u == tried)
+            || failure.status() == StatusCode::MISDIRECTED_REQUEST
+        {
+            // Nobody new serves it yet (the lease has not lapsed, or a
+            // takeover or its restore is under way).
             tokio::time::sleep(ttl / 10).await;
         }
     }
