@@ -959,15 +959,7 @@ fn sorted(mut d: Vec<Driver>) -> Vec<Driver> {
 /// Stores generations 1 and 2 under a new prefix.
 async fn fixture(url: &str) -> (Fixture, Arc<Persistence>) {
     let prefix = unique_prefix("snap");
-    let p = Persistence::connect(
-        url,
-        &prefix,
-        "default",
-        "n1",
-        hexmatch_server::persist::Durability::default(),
-    )
-    .await
-    .expect("connects");
+    let p = common::persistence(url, &prefix, "default", "n1").await;
     for drivers in [generation_1(), generation_2()] {
         let e = Arc::new(Engine::new(EngineConfig::default()).expect("engine"));
         e.bulk_load(drivers).expect("load");

@@ -58,22 +58,7 @@ fn region_ids() -> Vec<String> {
 }
 
 fn start(redis: &str, prefix: &str, node: &str, own: &[String]) -> Node {
-    start_with(redis, prefix, node, own, false)
-}
-
-fn start_with(redis: &str, prefix: &str, node: &str, own: &[String], ingest: bool) -> Node {
-    start_leased(redis, prefix, node, own, ingest, LEASE_TTL_MS)
-}
-
-fn start_leased(
-    redis: &str,
-    prefix: &str,
-    node: &str,
-    own: &[String],
-    ingest: bool,
-    lease_ttl_ms: u64,
-) -> Node {
-    start_args(redis, prefix, node, own, ingest, lease_ttl_ms, &[])
+    start_args(redis, prefix, node, own, false, LEASE_TTL_MS, &[])
 }
 
 /// A node in the production configuration, with `extra` flags.
@@ -692,7 +677,6 @@ fn a_stale_owner_cannot_acknowledge_reservations() {
 async fn redis_refuses_writes_of_a_fenced_off_owner() {
     use hexmatch::{ClaimRequest, DriverId, DriverUpdate, Engine, EngineConfig, OrderId};
     use hexmatch_server::cluster::Cluster;
-    use hexmatch_server::persist::Persistence;
     use redis::AsyncCommands;
     use std::sync::Arc;
 
@@ -738,15 +722,7 @@ async fn redis_refuses_writes_of_a_fenced_off_owner() {
             )
             .await
             .expect("cluster");
-            let p = Persistence::connect(
-                &url,
-                &prefix,
-                node,
-                node,
-                hexmatch_server::persist::Durability::default(),
-            )
-            .await
-            .expect("redis");
+            let p = common::persistence(&url, &prefix, node, node).await;
             p.set_fence(Arc::clone(&c) as Arc<dyn hexmatch_server::persist::Fence>);
             (c, p)
         }
@@ -826,8 +802,8 @@ fn stream_updates_reach_the_owner_of_their_region() {
     // A long lease: this test is about routing, and a lease lost under the
     // load of the other tests would drop updates applied since the last
     // snapshot (takeover restores from snapshots; ARCHITECTURE.md).
-    let a = start_leased(&url, &prefix, "a", &own[&0], true, 10_000);
-    let b = start_leased(&url, &prefix, "b", &own[&1], true, 10_000);
+    let a = start_args(&url, &prefix, "a", &own[&0], true, 10_000, &[]);
+    let b = start_args(&url, &prefix, "b", &own[&1], true, 10_000, &[]);
     let http = &http();
     wait_settled(http, &[&a, &b], &own);
     let drivers = common::chicago_drivers(1500, true);
@@ -1111,8 +1087,8 @@ fn a_failed_handoff_refuses_the_update_and_leaves_one_copy() {
     let own = spread(&regions, 2);
     // Leases outlive the peer timeout (5 s), so the paused node still owns
     // its regions when the handoff gives up.
-    let mut a = start_leased(&url, &prefix, "a", &own[&0], false, 20_000);
-    let b = start_leased(&url, &prefix, "b", &own[&1], false, 20_000);
+    let mut a = start_args(&url, &prefix, "a", &own[&0], false, 20_000, &[]);
+    let b = start_args(&url, &prefix, "b", &own[&1], false, 20_000, &[]);
     let http = &http();
     wait_settled(http, &[&a, &b], &own);
     let map = region_map();

@@ -13,7 +13,6 @@ use hexmatch::{
     Timestamp, Vehicle,
 };
 use hexmatch_server::Server;
-use hexmatch_server::persist::Persistence;
 use redis::Commands;
 use serde_json::{Value, json};
 
@@ -168,15 +167,7 @@ fn mixed_drivers(n: usize) -> Vec<Driver> {
 async fn round_trip_of_120k_drivers_and_matches_is_exact() {
     let (_redis, url) = RedisServer::from_env_or_start();
     let prefix = unique_prefix("roundtrip");
-    let p = Persistence::connect(
-        &url,
-        &prefix,
-        "default",
-        "n1",
-        hexmatch_server::persist::Durability::default(),
-    )
-    .await
-    .expect("connects");
+    let p = common::persistence(&url, &prefix, "default", "n1").await;
     let engine = Arc::new(Engine::new(EngineConfig::default()).expect("engine"));
     engine.bulk_load(mixed_drivers(120_000)).expect("load");
     for i in 0..100 {
@@ -209,15 +200,7 @@ async fn round_trip_of_120k_drivers_and_matches_is_exact() {
 async fn corrupt_snapshot_falls_back_to_the_previous_generation_or_starts_empty() {
     let (_redis, url) = RedisServer::from_env_or_start();
     let prefix = unique_prefix("corrupt");
-    let p = Persistence::connect(
-        &url,
-        &prefix,
-        "default",
-        "n1",
-        hexmatch_server::persist::Durability::default(),
-    )
-    .await
-    .expect("connects");
+    let p = common::persistence(&url, &prefix, "default", "n1").await;
     let engine = Arc::new(Engine::new(EngineConfig::default()).expect("engine"));
     engine.bulk_load(mixed_drivers(1000)).expect("load");
     p.write_snapshot(&engine).await.expect("gen 1");
@@ -447,15 +430,7 @@ async fn stream_updates_are_applied_acknowledged_or_dead_lettered() {
 async fn entries_of_a_dead_consumer_are_reclaimed() {
     let (_redis, url) = RedisServer::from_env_or_start();
     let prefix = unique_prefix("reclaim");
-    let p = Persistence::connect(
-        &url,
-        &prefix,
-        "default",
-        "alive",
-        hexmatch_server::persist::Durability::default(),
-    )
-    .await
-    .expect("connects");
+    let p = common::persistence(&url, &prefix, "default", "alive").await;
     p.ensure_group().await.expect("group");
     let mut conn = RedisServer::conn(&url);
     for i in 0..20 {

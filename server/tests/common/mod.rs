@@ -22,6 +22,25 @@ pub fn redis_config(url: &str, prefix: &str) -> hexmatch_server::ServeConfig {
     }
 }
 
+/// The persistence layer on Redis at `url` under `prefix`: snapshots in
+/// namespace `ns`, stream reads as consumer `node`, no replicas awaited.
+pub async fn persistence(
+    url: &str,
+    prefix: &str,
+    ns: &str,
+    node: &str,
+) -> std::sync::Arc<hexmatch_server::persist::Persistence> {
+    hexmatch_server::persist::Persistence::connect(
+        url,
+        prefix,
+        ns,
+        node,
+        hexmatch_server::persist::Durability::default(),
+    )
+    .await
+    .expect("connects")
+}
+
 /// A unique key prefix, so tests never touch each other's keys (or those of
 /// a shared Redis given by `REDIS_URL`).
 pub fn unique_prefix(test: &str) -> String {
