@@ -1150,6 +1150,29 @@ fn a_failed_handoff_refuses_the_update_and_leaves_one_copy() {
     assert_eq!(d["lat"].as_f64(), Some(new.lat()), "{d}");
 }
 
+/// Asks each of `nodes` for `order`'s match and asserts that each answers
+/// with `driver`; returns the answers.
+fn every_node_answers(
+    http: &reqwest::blocking::Client,
+    nodes: &[&Node],
+    order: &str,
+    driver: &str,
+) -> Vec<Value> {
+    nodes
+        .iter()
+        .map(|node| {
+            let (status, m, _) = get(http, &format!("{}/v1/matches/{order}", node.base));
+            assert_eq!(
+                (status, m["driver_id"].as_str()),
+                (200, Some(driver)),
+                "{order} via {}: {m}",
+                node.base
+            );
+            m
+        })
+        .collect()
+}
+
 /// Every live match record in Redis, over the hash of every region ever
 /// owned (those of the regions file, and `outside-…` regions taken on
 /// first use).
@@ -1229,14 +1252,7 @@ fn twin_claims_of_one_order_on_two_nodes_make_one_match() {
         // Either node now answers with the one match (the twin that lost
         // routes to the holder).
         if let Some(driver) = drivers.iter().next() {
-            for node in [&a, &b] {
-                let (status, m, _) = get(http, &format!("{}/v1/matches/{order}", node.base));
-                assert_eq!(
-                    (status, m["driver_id"].as_str()),
-                    (200, Some(driver.as_str())),
-                    "{order} via {}: {m}",
-                    node.base
-                );
+            for m in every_node_answers(http, &[&a, &b], &order, driver) {
                 assert_eq!(m["state"], "reserved", "{m}");
             }
         }
@@ -1250,6 +1266,50 @@ fn twin_claims_of_one_order_on_two_nodes_make_one_match() {
         assert!(orders.insert(order.clone()), "{order} recorded twice");
     }
     let _ = fleet;
+}
+
+const NODE_IDS: [&str; 3] = ["a", "b", "c"];
+
+/// Three nodes (`a`, `b`, `c`, the regions spread over them) on a Redis
+/// Cluster of three masters with a replica each, durable writes waiting
+/// for one replica, with 3,000 drivers loaded.
+struct OnRedisCluster {
+    redis: RedisCluster,
+    prefix: String,
+    own: HashMap<usize, Vec<String>>,
+    nodes: Vec<Node>,
+    fleet: Fleet,
+}
+
+fn three_on_redis_cluster(test: &str) -> OnRedisCluster {
+    let redis = RedisCluster::start();
+    let url = redis.url();
+    let prefix = unique_prefix(test);
+    let own = spread(&region_ids(), 3);
+    let durable = ["--redis-replicas", "1", "--redis-wait-ms", "1000"];
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            start_args(
+                &url,
+                &prefix,
+                NODE_IDS[i],
+                &own[&i],
+                false,
+                LEASE_TTL_MS,
+                &durable,
+            )
+        })
+        .collect();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_settled(&http(), &refs, &own);
+    let fleet = load(&http(), &refs, 3000);
+    OnRedisCluster {
+        redis,
+        prefix,
+        own,
+        nodes,
+        fleet,
+    }
 }
 
 /// Claims `order` at `p` through `via`: status, driver (on success), and
@@ -1280,22 +1340,14 @@ fn claim_at(
 #[test]
 #[allow(clippy::too_many_lines)]
 fn a_redis_master_s_death_loses_no_acknowledged_match() {
-    let mut redis = RedisCluster::start();
-    let url = redis.url();
-    let prefix = unique_prefix("rc");
-    let regions = region_ids();
-    let own = spread(&regions, 3);
-    let durable = ["--redis-replicas", "1", "--redis-wait-ms", "1000"];
-    let nodes: Vec<Node> = (0..3)
-        .map(|i| {
-            let id = ["a", "b", "c"][i];
-            start_args(&url, &prefix, id, &own[&i], false, LEASE_TTL_MS, &durable)
-        })
-        .collect();
-    let refs: Vec<&Node> = nodes.iter().collect();
+    let OnRedisCluster {
+        mut redis,
+        prefix,
+        own,
+        nodes,
+        fleet,
+    } = three_on_redis_cluster("rc");
     let http = &http();
-    wait_settled(http, &refs, &own);
-    let fleet = load(http, &refs, 3000);
     let map = region_map();
 
     // Pickups: the positions of every fifth driver, each claimed once.
@@ -1444,15 +1496,7 @@ fn a_redis_master_s_death_loses_no_acknowledged_match() {
             panic!("acknowledged match {order} lost: order record {holder:?}, {m}")
         });
         assert_eq!(rec.m.driver_id.as_str(), driver, "{order}");
-        for node in &nodes {
-            let (status, m, _) = get(http, &format!("{}/v1/matches/{order}", node.base));
-            assert_eq!(
-                (status, m["driver_id"].as_str()),
-                (200, Some(driver.as_str())),
-                "{order} via {}: {m}",
-                node.base
-            );
-        }
+        every_node_answers(http, &nodes.iter().collect::<Vec<_>>(), order, driver);
     }
     eprintln!(
         "redis master killed: {} matches acknowledged, none lost; {refused} claims refused \
@@ -1688,30 +1732,17 @@ fn faults_never_double_book_and_lose_nothing_acknowledged() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    let mut redis = RedisCluster::start();
-    let url = redis.url();
-    let prefix = unique_prefix("faults");
+    let OnRedisCluster {
+        mut redis,
+        prefix,
+        own,
+        mut nodes,
+        fleet,
+    } = three_on_redis_cluster("faults");
     let regions = region_ids();
-    let own = spread(&regions, 3);
-    let durable = ["--redis-replicas", "1", "--redis-wait-ms", "1000"];
-    let ids = ["a", "b", "c"];
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| {
-            start_args(
-                &url,
-                &prefix,
-                ids[i],
-                &own[&i],
-                false,
-                LEASE_TTL_MS,
-                &durable,
-            )
-        })
-        .collect();
+    let ids = NODE_IDS;
     let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
     let http = &http();
-    wait_settled(http, &nodes.iter().collect::<Vec<_>>(), &own);
-    let fleet = load(http, &nodes.iter().collect::<Vec<_>>(), 3000);
     std::thread::sleep(Duration::from_millis(800)); // a snapshot of every region
 
     let move_any = std::env::var_os("HEXMATCH_FAULT_MOVE_ANY").is_some();
