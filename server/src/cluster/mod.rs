@@ -338,19 +338,27 @@ impl Cluster {
         if regions.is_empty() {
             return Ok(false);
         }
-        // One read per lease: in a Redis Cluster they live in many slots.
+        Ok(self
+            .leases(&regions)
+            .await?
+            .iter()
+            .flatten()
+            .filter_map(|t| split_token(t))
+            .any(|(n, _)| n == node))
+    }
+
+    /// The lease token of each of `regions` (`None`: free), read at once,
+    /// one read per lease: in a Redis Cluster they live in many slots.
+    async fn leases(&self, regions: &[String]) -> RedisResult<Vec<Option<String>>> {
         let reads = regions.iter().map(|r| {
             let mut conn = self.conn.clone();
             let key = self.lease_key(r);
             async move { conn.get::<_, Option<String>>(key).await }
         });
-        let mut held = false;
-        for token in futures_util::future::join_all(reads).await {
-            held |= token?
-                .and_then(|t| split_token(&t))
-                .is_some_and(|(n, _)| n == node);
-        }
-        Ok(held)
+        futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// URLs of every other registered node.
@@ -595,20 +603,12 @@ impl Cluster {
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
-        // One read per lease: in a Redis Cluster they live in many slots.
-        let reads = candidates.iter().map(|r| {
-            let mut conn = self.conn.clone();
-            let key = self.lease_key(r);
-            async move { conn.exists::<_, bool>(key).await }
-        });
-        let exists = futures_util::future::join_all(reads).await;
-        let mut free = Vec::new();
-        for (r, e) in candidates.into_iter().zip(exists) {
-            if !e? {
-                free.push(r);
-            }
-        }
-        Ok(free)
+        let leases = self.leases(&candidates).await?;
+        Ok(candidates
+            .into_iter()
+            .zip(leases)
+            .filter_map(|(r, lease)| lease.is_none().then_some(r))
+            .collect())
     }
 
     /// Takes those of `regions` that are free and restores them into

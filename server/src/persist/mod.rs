@@ -1524,12 +1524,15 @@ enum ReadError {
 /// its truth, and a snapshot's copy (say, held `busy` by a node it had
 /// moved to) would end it.
 pub fn upsert_drivers(engine: &Engine, drivers: Vec<Driver>) -> usize {
+    // One pass over the live matches, not a match lookup per driver.
+    let matched: std::collections::HashSet<hexmatch::DriverId> = engine
+        .durable_matches()
+        .into_iter()
+        .map(|r| r.m.driver_id)
+        .collect();
     let mut n = 0;
     for d in drivers {
-        if engine
-            .driver(&d.id)
-            .is_some_and(|held| held.order_id.is_some())
-        {
+        if matched.contains(&d.id) {
             continue;
         }
         let status = match d.status {
