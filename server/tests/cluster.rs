@@ -95,8 +95,6 @@ fn start_args(
         &resolution,
         "--lease-ttl-ms",
         &ttl,
-        "--snapshot-interval-ms",
-        "300",
         "--driver-ttl-s",
         "0",
         "--ingest-stream",
@@ -104,6 +102,9 @@ fn start_args(
     ];
     if !own.is_empty() {
         args.extend(["--own-regions", &own]);
+    }
+    if !extra.contains(&"--snapshot-interval-ms") {
+        args.extend(["--snapshot-interval-ms", "300"]);
     }
     args.extend(extra);
     Node::spawn_with_env(&args, &[("HEXMATCH_CLUSTER_SECRET", SECRET)])
@@ -573,6 +574,210 @@ fn a_killed_node_s_regions_are_taken_over_with_every_reservation() {
     for (order, driver) in &after {
         assert!(!reserved.contains(driver), "{driver} given to {order} too");
     }
+}
+
+/// A counter from a node's `/metrics` (0 when absent).
+fn metric(http: &reqwest::blocking::Client, node: &Node, name: &str) -> f64 {
+    let text = http
+        .get(format!("{}/metrics", node.base))
+        .send()
+        .and_then(reqwest::blocking::Response::text)
+        .unwrap_or_default();
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Node `a` is killed just after drivers of its regions moved, left,
+/// arrived, changed status and crossed into `b`'s regions, all after its
+/// last snapshot: the taker serves every driver exactly as acknowledged
+/// (position, status), none that left, and each region's count.
+#[test]
+#[allow(clippy::too_many_lines)]
+fn a_taker_serves_every_driver_as_last_acknowledged() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("exact");
+    let regions = region_ids();
+    let own = spread(&regions, 2);
+    // Snapshots far apart: the changes below land after the last one.
+    let slow = ["--snapshot-interval-ms", "3000"];
+    let mut a = start_args(&url, &prefix, "a", &own[&0], false, LEASE_TTL_MS, &slow);
+    let b = start_args(&url, &prefix, "b", &own[&1], false, LEASE_TTL_MS, &slow);
+    let http = &http();
+    wait_settled(http, &[&a, &b], &own);
+    let map = region_map();
+    let in_a = |p: &Position| {
+        map.region_of(*p)
+            .is_ok_and(|r| own[&0].iter().any(|x| x == r.as_str()))
+    };
+    let fleet = load(http, &[&a, &b], 1500);
+    let mut want: BTreeMap<String, (Position, &str)> = fleet
+        .iter()
+        .map(|(id, p)| (id.clone(), (*p, "available")))
+        .collect();
+    let mine: Vec<(String, Position)> = fleet.iter().filter(|(_, p)| in_a(p)).cloned().collect();
+    let theirs: Vec<Position> = fleet
+        .iter()
+        .filter(|(_, p)| !in_a(p))
+        .map(|(_, p)| *p)
+        .collect();
+    assert!(
+        mine.len() > 300 && theirs.len() > 300,
+        "{} / {}",
+        mine.len(),
+        theirs.len()
+    );
+
+    // Right after a snapshot of a's regions, so the next is 3 s away.
+    let before = metric(http, &a, "hexmatch_snapshots_total");
+    poll(10, "a snapshot", || {
+        (metric(http, &a, "hexmatch_snapshots_total") > before).then_some(())
+    });
+    let put = |via: &Node, id: &str, p: Position, status: Option<&str>| {
+        let mut body = json!({"lat": p.lat(), "lon": p.lon()});
+        if let Some(s) = status {
+            body["status"] = json!(s);
+        }
+        let (code, out, _) = send(
+            http.put(format!("{}/v1/drivers/{id}", via.base))
+                .json(&body),
+        );
+        assert_eq!(code, 200, "{id}: {out}");
+    };
+    // Moved within a's regions (often into another of them), through b.
+    for (i, (id, _)) in mine.iter().enumerate().take(200) {
+        let to = mine[(i + 7) % mine.len()].1;
+        put(&b, id, to, None);
+        want.insert(id.clone(), (to, "available"));
+    }
+    // Removed.
+    for (id, _) in mine.iter().skip(200).take(30) {
+        let (code, out, _) = send(http.delete(format!("{}/v1/drivers/{id}", a.base)));
+        assert_eq!(code, 204, "{id}: {out}");
+        want.remove(id);
+    }
+    // New, and gone offline.
+    for (i, (_, p)) in mine.iter().skip(230).take(30).enumerate() {
+        let id = format!("arrived-{i}");
+        put(&a, &id, *p, None);
+        want.insert(id, (*p, "available"));
+    }
+    for (id, p) in mine.iter().skip(260).take(20) {
+        put(&a, id, *p, Some("offline"));
+        want.insert(id.clone(), (*p, "offline"));
+    }
+    // Crossed into b's regions: handed over, and gone from a's.
+    for (i, (id, _)) in mine.iter().skip(280).take(20).enumerate() {
+        let to = theirs[i * 5];
+        put(&a, id, to, None);
+        want.insert(id.clone(), (to, "available"));
+    }
+    // Matched, confirmed (busy), moved and completed: available again.
+    // (Trip pickups share positions: whoever is there.)
+    let p = mine[290].1;
+    let (code, m, _) = post(
+        http,
+        &format!("{}/v1/matches", b.base),
+        &json!({"order_id": "exact-1", "pickup": {"lat": p.lat(), "lon": p.lon()}, "radius_m": 1}),
+    );
+    assert_eq!(code, 201, "{m}");
+    let id = m["driver_id"].as_str().expect("driver").to_owned();
+    for step in ["confirm", "complete"] {
+        if step == "complete" {
+            put(&b, &id, mine[291].1, None);
+        }
+        let (code, out, _) = post(
+            http,
+            &format!("{}/v1/matches/exact-1/{step}", b.base),
+            &json!({}),
+        );
+        assert_eq!(code, 200, "{step}: {out}");
+    }
+    want.insert(id, (mine[291].1, "available"));
+    a.signal("KILL");
+    wait_takeover(http, &b, &own[&0], 30);
+
+    let mut wrong = Vec::new();
+    for (id, (p, status)) in &want {
+        let (code, d, _) = get(http, &format!("{}/v1/drivers/{id}", b.base));
+        let got = (d["lat"].as_f64(), d["lon"].as_f64(), d["status"].as_str());
+        if code != 200 || got != (Some(p.lat()), Some(p.lon()), Some(*status)) {
+            wrong.push(format!("{id}: want {p:?} {status}, got {code} {got:?}"));
+        }
+    }
+    for (id, _) in mine.iter().skip(200).take(30) {
+        let (code, d, _) = get(http, &format!("{}/v1/drivers/{id}", b.base));
+        if code != 404 {
+            wrong.push(format!("{id} was removed, got {code} {d}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} wrong of {}:\n{}",
+        wrong.len(),
+        want.len(),
+        wrong.join("\n")
+    );
+    // And nothing else: each region holds exactly the drivers it should.
+    let mut per_region: BTreeMap<String, u64> = BTreeMap::new();
+    for (p, _) in want.values() {
+        *per_region
+            .entry(map.region_of(*p).expect("region").to_string())
+            .or_default() += 1;
+    }
+    let (_, listed, _) = get(http, &format!("{}/v1/regions", b.base));
+    let listed: BTreeMap<String, u64> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|r| Some((r["region"].as_str()?.to_owned(), r["drivers"].as_u64()?)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(listed, per_region);
+}
+
+/// Each snapshot trims its region's journal to what the previous snapshot
+/// does not cover: a steady fleet's journals shrink to their last entries.
+#[test]
+fn snapshots_trim_the_region_journals() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("trim");
+    let regions = region_ids();
+    let a = start(&url, &prefix, "a", &["*".to_owned()]);
+    let http = &http();
+    wait_settled(http, &[&a], &[(0, regions.clone())].into());
+    let fleet = load(http, &[&a], 800);
+    let mut redis = RedisServer::conn(&url);
+    // Every region's, the one of positions outside the polygons included.
+    let journals: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:{{region:*}}:locations"))
+        .query(&mut redis)
+        .expect("keys");
+    let xinfo = |redis: &mut redis::Connection, key: &str, field: &str| -> u64 {
+        let info: HashMap<String, redis::Value> = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(key)
+            .query(redis)
+            .unwrap_or_default();
+        match info.get(field) {
+            Some(redis::Value::Int(n)) => *n as u64,
+            _ => 0,
+        }
+    };
+    let added: u64 = journals
+        .iter()
+        .map(|j| xinfo(&mut redis, j, "entries-added"))
+        .sum();
+    assert_eq!(added, fleet.len() as u64, "every driver journalled once");
+    poll(10, "the journals to be trimmed", || {
+        let left: u64 = journals
+            .iter()
+            .map(|j| xinfo(&mut redis, j, "length"))
+            .sum();
+        (left <= journals.len() as u64).then_some(())
+    });
 }
 
 /// Node `a` owning every region with 1,000 drivers (snapshotted), node

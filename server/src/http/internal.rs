@@ -62,8 +62,8 @@ async fn reserve(
 async fn handoff(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<HandoffRequest>,
-) -> Json<HandoffAnswer> {
-    Json(state.svc.hand_over(&body))
+) -> ApiResult<Json<HandoffAnswer>> {
+    state.svc.hand_over(&body).await.map(Json)
 }
 
 async fn locations(

@@ -299,6 +299,7 @@ pub async fn eval_durable(
 /// | --- | --- | --- |
 /// | `p:{ns:N}:…` | a namespace: a node id, or `default` | snapshots (manifests, generation counter, chunks); a single node's matches |
 /// | `p:{region:R}:lease` / `:epoch` / `:matches` | a region | its lease, its fencing epoch, its live matches (cluster) |
+/// | `p:{region:R}:snap:…` / `:locations` | a region | its snapshot and journal offset, its journal (cluster) |
 /// | `p:{order:O}` | an order | the region (and lease) holding its match (cluster) |
 /// | `p:{cluster}:owners` / `:nodes` / `:version` | the map | the region → node map |
 /// | `p:locations` / `p:locations:dead` | — | the location stream and its dead letters (one key per command) |
@@ -395,6 +396,15 @@ mod tests {
             let s = slot(&k.region(r, "lease"));
             assert_eq!(s, slot(&k.region(r, "epoch")));
             assert_eq!(s, slot(&k.region(r, "matches")));
+            // Its journal, and the snapshot switch that trims it.
+            for suffix in [
+                "locations",
+                "snap:manifest",
+                "snap:offset:prev",
+                "snap:g3:1",
+            ] {
+                assert_eq!(s, slot(&k.region(r, suffix)), "{suffix}");
+            }
         }
         // A snapshot's manifest switch and its chunks.
         let s = slot(&k.ns("node-a", "snap:manifest"));

@@ -11,6 +11,8 @@
 //! | `p:{ns:n}:matches` | hash: order id → durable record of each live match (one node) |
 //! | `p:{region:r}:matches` | the same, per region (cluster: written under the region's lease) |
 //! | `p:{order:o}` | `region\|lease` holding order `o`'s match (cluster) |
+//! | `p:{region:r}:snap:…` | a region's snapshot, as above (cluster) |
+//! | `p:{region:r}:locations`, `…:snap:offset` | a region's journal and the entry its snapshot covers ([`journal`]) |
 //! | `p:locations` / `p:locations:dead` | update stream (group `hexmatch`) / dead letters |
 //!
 //! A single node's first restore after an upgrade reads the layout before
@@ -46,6 +48,7 @@
 //!   serving from memory, and `/readyz` says `degraded`.
 
 pub mod conn;
+pub mod journal;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -90,6 +93,8 @@ pub struct Persistence {
     /// lease) however far its driver moves, so its later writes go there
     /// too, and losing that region means losing the match.
     homes: parking_lot::Mutex<HashMap<String, String>>,
+    /// In a cluster: the last journal entry of each region served.
+    tails: journal::Tails,
 }
 
 /// A Redis command that failed, with the key it was about.
@@ -156,14 +161,12 @@ impl Health {
 /// How long an order's region record outlives its last write.
 const ORDER_KEY_TTL_MS: u64 = 24 * 3600 * 1000;
 
-/// Switches a snapshot's manifest: the current one becomes `prev`. KEYS:
-/// manifest, prev, and for a region its lease. ARGV: the new manifest, and
-/// for a region the lease token, which must still hold it. Returns the
-/// `prev` replaced (its generation's chunks are no longer referenced).
+/// Switches a node's snapshot manifest: the current one becomes `prev`.
+/// KEYS: manifest, prev. ARGV: the new manifest. Returns the `prev`
+/// replaced (its generation's chunks are no longer referenced). A region's
+/// snapshot switches with its journal offset instead
+/// ([`journal::REGION_SWITCH`]).
 const SWITCH_MANIFEST: &str = r"
-if KEYS[3] and redis.call('GET', KEYS[3]) ~= ARGV[2] then
-  return redis.error_reply('NOTOWNER this node no longer holds the lease')
-end
 local cur = redis.call('GET', KEYS[1])
 local old = redis.call('GET', KEYS[2])
 if cur then redis.call('SET', KEYS[2], cur) end
@@ -375,6 +378,7 @@ impl Persistence {
             fence: std::sync::OnceLock::new(),
             health: parking_lot::Mutex::default(),
             homes: parking_lot::Mutex::default(),
+            tails: journal::Tails::default(),
         }))
     }
 
@@ -704,6 +708,7 @@ impl Persistence {
     /// lost) and returns their orders: their drivers leave this node with
     /// the region, wherever they are now.
     pub fn release_region(&self, region: &str) -> Vec<String> {
+        self.tails.forget(region);
         let mut homes = self.homes.lock();
         let orders: Vec<String> = homes
             .iter()
@@ -866,6 +871,7 @@ impl Persistence {
                 e.to_string(),
             )),
         };
+        let mut offsets: HashMap<String, journal::EntryId> = HashMap::new();
         let snaps: Vec<(SnapPlace, hexmatch::Snapshot)> = match self.fence.get() {
             None => {
                 let place = SnapPlace::Ns(self.keys.clone(), self.ns.clone());
@@ -884,6 +890,12 @@ impl Persistence {
                     self.next_generation(&place).await.map(|g| (region, g))
                 });
                 let parts = futures_util::future::try_join_all(asks).await?;
+                // Read before the snapshot is taken: every journal entry up
+                // to these offsets is in it (see [`journal`]).
+                offsets = parts
+                    .iter()
+                    .map(|(r, _)| (r.clone(), self.tails.offset(r)))
+                    .collect();
                 let (e, f) = (Arc::clone(engine), Arc::clone(fence));
                 let snaps = tokio::task::spawn_blocking(move || {
                     e.snapshot_parts(&parts, CHUNK_DRIVERS, |d| f.region_of_pos(d.pos).ok())
@@ -900,13 +912,17 @@ impl Persistence {
         // most `STORES_AT_ONCE` at a time.
         let (mut bytes, mut drivers, mut taken_at_ms, mut first_error) = (0, 0, 0, None);
         let stores = snaps.into_iter().filter_map(|(place, snap)| {
-            let lease = match (&place, self.fence.get()) {
+            let fenced = match (&place, self.fence.get()) {
                 // Lost meanwhile: the new owner snapshots it.
-                (SnapPlace::Region(_, region), Some(fence)) => Some(fence.lease(region).ok()?),
+                (SnapPlace::Region(_, region), Some(fence)) => Some((
+                    fence.lease(region).ok()?,
+                    offsets.get(region).copied().unwrap_or_default(),
+                )),
                 _ => None,
             };
             Some(async move {
-                let stored = self.store_snapshot(&place, &snap, lease.as_ref()).await;
+                let fenced = fenced.as_ref().map(|(l, o)| (l, *o));
+                let stored = self.store_snapshot(&place, &snap, fenced).await;
                 (stored, snap.manifest.drivers, snap.manifest.taken_at_ms)
             })
         });
@@ -933,20 +949,23 @@ impl Persistence {
     }
 
     /// Stores one snapshot at `place`: its chunks, then the manifest
-    /// switch (fenced by `lease` for a region); a generation that did not
+    /// switch (for a region, fenced by its lease and with the journal
+    /// offset the snapshot covers); a generation that did not
     /// become current leaves no key behind, and the one two generations
     /// old is unlinked. Returns the bytes written.
     async fn store_snapshot(
         &self,
         place: &SnapPlace,
         snap: &hexmatch::Snapshot,
-        lease: Option<&Lease>,
+        fenced: Option<(&Lease, journal::EntryId)>,
     ) -> Result<usize, KeyError> {
         let generation = snap.manifest.generation;
         let chunk_keys: Vec<String> = (0..snap.chunks.len())
             .map(|i| place.chunk_key(generation, i))
             .collect();
-        let written = self.write_generation(place, snap, &chunk_keys, lease).await;
+        let written = self
+            .write_generation(place, snap, &chunk_keys, fenced)
+            .await;
         if written.is_err() && !chunk_keys.is_empty() {
             // Nothing refers to this generation: leave none of it behind.
             let mut conn = self.conn.clone();
@@ -973,7 +992,7 @@ impl Persistence {
         place: &SnapPlace,
         snap: &hexmatch::Snapshot,
         chunk_keys: &[String],
-        lease: Option<&Lease>,
+        fenced: Option<(&Lease, journal::EntryId)>,
     ) -> Result<Option<Vec<u8>>, KeyError> {
         let mut conn = self.conn.clone();
         let (manifest_key, prev_key) =
@@ -991,7 +1010,7 @@ impl Persistence {
         }
         // One read each first, so that a key of the wrong type is named (a
         // region's keys are only ever written by this code).
-        let named: &[&String] = if lease.is_none() {
+        let named: &[&String] = if fenced.is_none() {
             &[&manifest_key, &prev_key]
         } else {
             &[]
@@ -1006,23 +1025,22 @@ impl Persistence {
         // Then one script in the place's slot (not a MULTI, whose MOVED a
         // Redis Cluster client does not follow).
         let manifest = snap.manifest.encode();
-        let mut keys = vec![manifest_key.as_str(), prev_key.as_str()];
-        let mut args: Vec<&[u8]> = vec![&manifest];
-        if let Some(lease) = lease {
-            keys.push(&lease.key);
-            args.push(lease.token.as_bytes());
-        }
+        let mut keys = vec![manifest_key.clone(), prev_key.clone()];
+        let mut args: Vec<Vec<u8>> = vec![manifest];
+        let script = match fenced {
+            None => SWITCH_MANIFEST,
+            Some((lease, offset)) => {
+                keys.push(lease.key.clone());
+                keys.extend(["snap:offset", "snap:offset:prev", "locations"].map(|s| place.key(s)));
+                args.push(lease.token.clone().into_bytes());
+                args.push(offset.to_string().into_bytes());
+                journal::REGION_SWITCH
+            }
+        };
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
         let (previous, _) = self
-            .note(
-                conn::eval_durable(
-                    &mut conn,
-                    Durability::default(),
-                    SWITCH_MANIFEST,
-                    &keys,
-                    &args,
-                )
-                .await,
-            )
+            .note(conn::eval_durable(&mut conn, Durability::default(), script, &keys, &args).await)
             .map_err(|error| KeyError {
                 key: manifest_key.clone(),
                 error,
@@ -1164,8 +1182,9 @@ impl Persistence {
     }
 
     /// Restores `regions`, taken over (cluster mode): each region's
-    /// latest good snapshot (its drivers that `region_of` maps to a region
-    /// being taken), then the live matches in each region's records,
+    /// latest good snapshot (its drivers that `region_of` maps to the
+    /// region), with the region's journal replayed from the offset that
+    /// snapshot covers, then the live matches in each region's records,
     /// loaded into a running engine. Returns (drivers, matches) restored
     /// per region.
     ///
@@ -1178,34 +1197,22 @@ impl Persistence {
         regions: &[String],
         region_of: &(dyn Fn(hexmatch::Position) -> Option<String> + Sync),
     ) -> Result<HashMap<String, (usize, usize)>, String> {
-        let mut drivers = Vec::new();
+        // Every read comes before the engine is touched.
+        let mut drivers: Vec<(String, Vec<DriverUpdate>, journal::EntryId)> = Vec::new();
         for region in regions {
-            let place = SnapPlace::Region(self.keys.clone(), region.clone());
-            let chunk_key = |g: u64, i: usize| place.chunk_key(g, i);
-            let mut problems = Vec::new();
-            let mut found = false;
-            for suffix in ["snap:manifest", "snap:manifest:prev"] {
-                let key = place.key(suffix);
-                match self.read_snapshot(&key, &chunk_key).await {
-                    Ok(None) => {}
-                    Ok(Some((manifest, chunks))) => {
-                        match hexmatch::decode_snapshot(&manifest, &chunks) {
-                            Ok(all) => {
-                                drivers.extend(all);
-                                found = true;
-                                break;
-                            }
-                            Err(e) => problems.push(format!("{key}: {e}")),
-                        }
-                    }
-                    Err(ReadError::Damaged(e) | ReadError::Redis(e)) => problems.push(e),
-                }
-            }
-            if !found && !problems.is_empty() {
-                return Err(problems.join("; "));
-            }
+            let (base, offset) = self.region_snapshot(region).await?;
+            let (entries, tail) = self.journal_after(region, offset).await.map_err(|error| {
+                let key = self.keys.region(region, "locations");
+                KeyError { key, error }.to_string()
+            })?;
+            let in_region = |u: &DriverUpdate| region_of(u.pos).as_deref() == Some(region);
+            let base = base.into_iter().map(as_update).filter(in_region);
+            let finals = journal::replay(base, entries)
+                .into_iter()
+                .filter(in_region)
+                .collect();
+            drivers.push((region.clone(), finals, tail));
         }
-        // Every region's records are read before the engine is touched.
         let mut conn = self.conn.clone();
         let mut records: Vec<(String, DurableMatch)> = Vec::new();
         for region in regions {
@@ -1224,18 +1231,14 @@ impl Persistence {
             }
         }
         let mut counts: HashMap<String, (usize, usize)> = HashMap::new();
-        let mine: Vec<hexmatch::Driver> = drivers
-            .into_iter()
-            .filter(|d| match region_of(d.pos) {
-                Some(r) => {
-                    counts.entry(r).or_default().0 += 1;
-                    true
-                }
-                None => false,
-            })
-            .collect();
+        let mut all = Vec::new();
+        for (region, finals, tail) in drivers {
+            counts.entry(region.clone()).or_default().0 = finals.len();
+            all.extend(finals);
+            self.tails.start(&region, tail);
+        }
         let e = Arc::clone(engine);
-        tokio::task::spawn_blocking(move || upsert_drivers(&e, mine))
+        tokio::task::spawn_blocking(move || load_drivers(&e, all))
             .await
             .map_err(|e| e.to_string())?;
         let report = engine.restore_matches(records.iter().map(|(_, r)| r.clone()));
@@ -1250,6 +1253,59 @@ impl Persistence {
             }
         }
         Ok(counts)
+    }
+
+    /// A region's latest good snapshot (the previous one when the latest
+    /// is damaged; none when it has none) and the journal offset it
+    /// covers.
+    ///
+    /// # Errors
+    /// Redis cannot be read, or both snapshots are damaged.
+    async fn region_snapshot(
+        &self,
+        region: &str,
+    ) -> Result<(Vec<Driver>, journal::EntryId), String> {
+        let place = SnapPlace::Region(self.keys.clone(), region.to_owned());
+        let chunk_key = |g: u64, i: usize| place.chunk_key(g, i);
+        let mut problems = Vec::new();
+        let mut found = None;
+        for (manifest, offset) in [
+            ("snap:manifest", "snap:offset"),
+            ("snap:manifest:prev", "snap:offset:prev"),
+        ] {
+            let key = place.key(manifest);
+            match self.read_snapshot(&key, &chunk_key).await {
+                Ok(None) => {}
+                Ok(Some((manifest, chunks))) => match hexmatch::decode_snapshot(&manifest, &chunks)
+                {
+                    Ok(all) => {
+                        found = Some((all, offset));
+                        break;
+                    }
+                    Err(e) => problems.push(format!("{key}: {e}")),
+                },
+                Err(ReadError::Damaged(e) | ReadError::Redis(e)) => problems.push(e),
+            }
+        }
+        let Some((drivers, offset_suffix)) = found else {
+            // No snapshot: the whole journal is the region.
+            return if problems.is_empty() {
+                Ok((Vec::new(), journal::EntryId::default()))
+            } else {
+                Err(problems.join("; "))
+            };
+        };
+        let key = place.key(offset_suffix);
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = self
+            .note(conn.get(&key).await)
+            .map_err(|error| KeyError { key, error }.to_string())?;
+        // A snapshot written before journals had none: replay them all.
+        let offset = raw
+            .as_deref()
+            .and_then(journal::EntryId::parse)
+            .unwrap_or_default();
+        Ok((drivers, offset))
     }
 
     /// Pings Redis; on recovery, runs a pending resync.
@@ -1517,6 +1573,23 @@ enum ReadError {
     Damaged(String),
 }
 
+/// A restored driver as an update: reserved comes back available (its
+/// match sets it reserved again).
+fn as_update(d: Driver) -> DriverUpdate {
+    let status = match d.status {
+        Status::Reserved => Status::Available,
+        s => s,
+    };
+    DriverUpdate {
+        id: d.id,
+        pos: d.pos,
+        ts: Some(d.ts),
+        status: Some(status),
+        vehicle: Some(d.vehicle),
+        capabilities: Some(d.capabilities),
+    }
+}
+
 /// Loads restored drivers into a running engine one by one (it may already
 /// hold other regions, so bulk loading does not apply). Reserved drivers
 /// come back available; their matches set them reserved again. A driver
@@ -1524,6 +1597,12 @@ enum ReadError {
 /// its truth, and a snapshot's copy (say, held `busy` by a node it had
 /// moved to) would end it.
 pub fn upsert_drivers(engine: &Engine, drivers: Vec<Driver>) -> usize {
+    load_drivers(engine, drivers.into_iter().map(as_update).collect())
+}
+
+/// [`upsert_drivers`] for whole driver states (a snapshot's, replayed
+/// through a journal).
+fn load_drivers(engine: &Engine, drivers: Vec<DriverUpdate>) -> usize {
     // One pass over the live matches, not a match lookup per driver.
     let matched: std::collections::HashSet<hexmatch::DriverId> = engine
         .durable_matches()
@@ -1531,22 +1610,10 @@ pub fn upsert_drivers(engine: &Engine, drivers: Vec<Driver>) -> usize {
         .map(|r| r.m.driver_id)
         .collect();
     let mut n = 0;
-    for d in drivers {
-        if matched.contains(&d.id) {
+    for u in drivers {
+        if matched.contains(&u.id) {
             continue;
         }
-        let status = match d.status {
-            Status::Reserved => Status::Available,
-            s => s,
-        };
-        let u = DriverUpdate {
-            id: d.id,
-            pos: d.pos,
-            ts: Some(d.ts),
-            status: Some(status),
-            vehicle: Some(d.vehicle),
-            capabilities: Some(d.capabilities),
-        };
         // A fix stamped too far ahead of this node's clock comes back as
         // if stamped now, so the driver's next correct update is not stale.
         let applied = match engine.upsert(&u) {

@@ -21,6 +21,7 @@ use metrics::counter;
 use super::{Scope, Service};
 use crate::cluster::{Cluster, Owner};
 use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::persist::journal::Change;
 use crate::persist::{DeadLetter, Persistence, StreamEntry};
 use crate::wire::{
     BatchTally, DriverOut, DriverPut, DriverPutOut, HandoffAnswer, HandoffRequest, LocationIn,
@@ -101,10 +102,14 @@ impl Service {
             .status
             .and_then(|_| self.engine.driver(&id))
             .and_then(|d| d.order_id);
+        let before = self.before([&id]);
         let applied = self.engine.upsert(&update)?;
         count_update(&applied);
         if let (Some(order), Some(p)) = (held, self.persist()) {
             p.sync_order(&self.engine, &order).await;
+        }
+        if matches!(applied, Applied::Applied(_)) {
+            self.journal(before).await?;
         }
         Ok(match applied {
             Applied::Applied(d) => DriverPutOut {
@@ -131,8 +136,12 @@ impl Service {
     pub async fn post_location(&self, id: DriverId, body: LocationIn) -> ApiResult<LocationOut> {
         let u = body.into_update(id)?;
         self.adopt_one(&u.id).await?;
+        let before = self.before([&u.id]);
         let applied = self.engine.update_location(&u.id, u.pos, u.ts)?;
         count_update(&applied);
+        if matches!(applied, Applied::Applied(_)) {
+            self.journal(before).await?;
+        }
         Ok(match applied {
             Applied::Applied(_) => LocationOut {
                 applied: true,
@@ -169,6 +178,7 @@ impl Service {
     /// # Errors
     /// `unknown_driver`.
     pub async fn remove_driver(&self, id: &DriverId, scope: Scope) -> ApiResult<()> {
+        let before = self.before([id]);
         if let Some((_, event)) = self.engine.remove(id) {
             if let Some(ev) = event {
                 counter!("hexmatch_match_ends_total", "state" => "released").increment(1);
@@ -176,7 +186,7 @@ impl Service {
                     p.sync_order(&self.engine, &ev.m.order_id).await;
                 }
             }
-            return Ok(());
+            return self.journal(before).await;
         }
         if let (Some(cluster), Scope::Cluster) = (self.cluster(), scope) {
             let answers = cluster
@@ -246,22 +256,50 @@ impl Service {
                 }
             }
         }
+        let before = self.before(
+            local
+                .iter()
+                .filter_map(|(_, u)| u.as_ref().ok().map(|u| &u.id)),
+        );
+        let journalled = !before.is_empty();
         let apply = move |engine: &Engine, mut tally: BatchTally| {
+            let mut applied = Vec::new();
             for (i, update) in local {
-                tally_one(&mut tally, i, apply_one(engine, update));
+                let id = journalled
+                    .then(|| update.as_ref().ok().map(|u| u.id.clone()))
+                    .flatten();
+                let outcome = apply_one(engine, update);
+                if let (Some(id), Ok(Applied::Applied(_))) = (id, &outcome) {
+                    applied.push((i, id));
+                }
+                tally_one(&mut tally, i, outcome);
             }
-            tally.rejected.sort_by_key(|r| r.index);
-            tally
+            (tally, applied)
         };
         // A few updates take microseconds: no thread hop for them (a
         // WebSocket frame is one update).
-        if n_local <= INLINE_UPDATES {
-            return Ok(apply(&self.engine, tally));
+        let (mut tally, applied) = if n_local <= INLINE_UPDATES {
+            apply(&self.engine, tally)
+        } else {
+            let engine = self.engine.clone();
+            tokio::task::spawn_blocking(move || apply(&engine, tally))
+                .await
+                .map_err(|e| ApiError::internal(format!("batch task failed: {e}")))?
+        };
+        let done: std::collections::HashSet<&DriverId> = applied.iter().map(|(_, id)| id).collect();
+        let before = before
+            .into_iter()
+            .filter(|(id, _)| done.contains(id))
+            .collect();
+        if let Err(e) = self.journal(before).await {
+            // Applied here but not durable: not acknowledged either.
+            for (i, _) in &applied {
+                tally.applied -= 1;
+                tally.reject(*i, &e);
+            }
         }
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || apply(&engine, tally))
-            .await
-            .map_err(|e| ApiError::internal(format!("batch task failed: {e}")))
+        tally.rejected.sort_by_key(|r| r.index);
+        Ok(tally)
     }
 
     /// Splits updates by region owner: returns those to apply here (with
@@ -476,8 +514,13 @@ impl Service {
 
     /// Hands over the drivers another node asks for: returns them and
     /// removes those not in a match (a matched driver stays, held, until
-    /// its match ends).
-    pub fn hand_over(&self, ask: &HandoffRequest) -> HandoffAnswer {
+    /// its match ends). The departures are journalled before anything is
+    /// removed or answered, so no taker of their region brings them back.
+    ///
+    /// # Errors
+    /// `unavailable` when the departures could not be journalled; nothing
+    /// is handed over then, and the asker keeps refusing the update.
+    pub async fn hand_over(&self, ask: &HandoffRequest) -> ApiResult<HandoffAnswer> {
         let mut out = HandoffAnswer::default();
         if let Some(deadline) = ask.deadline_ms
             && self.engine.clock().now().as_millis() > deadline
@@ -487,20 +530,33 @@ impl Service {
                 drivers = ask.driver_ids.len(),
                 "handoff request read after its deadline; nothing handed over"
             );
-            return out;
+            return Ok(out);
         }
+        let mut leaving = Vec::new();
         for id in &ask.driver_ids {
             let Ok(id) = DriverId::new(id) else { continue };
             let Some(d) = self.engine.driver(&id) else {
                 continue;
             };
-            let matched = d.order_id.is_some();
-            out.drivers.push(d.into());
-            if !matched {
-                self.engine.remove(&id);
+            if d.order_id.is_none() {
+                leaving.push(id);
             }
+            out.drivers.push(d.into());
         }
-        out
+        let departures = self
+            .before(&leaving)
+            .into_iter()
+            .filter_map(|(id, region)| Some((region?, Change::Gone(id))))
+            .collect();
+        if let Some(p) = self.persist() {
+            p.journal(departures).await.map_err(|e| {
+                ApiError::unavailable(format!("the handoff could not be journalled: {e}"))
+            })?;
+        }
+        for id in &leaving {
+            self.engine.remove(id);
+        }
+        Ok(out)
     }
 }
 

@@ -356,7 +356,12 @@ impl Service {
         if result.is_err() {
             p.sync_order(&self.engine, order).await;
         }
-        Ok(self.match_out(result?))
+        let m = result?;
+        // The driver's status changed with the match: journal it, or a
+        // taker would bring it back as the last location update left it.
+        let before = self.before([&m.driver_id]);
+        self.journal_quietly(before).await;
+        Ok(self.match_out(m))
     }
 
     /// Confirms a reservation: the driver becomes busy.

@@ -15,6 +15,7 @@
 //! - [`ops`](Service::readiness): readiness, regions and the cluster view.
 
 mod drivers;
+mod journal;
 mod matches;
 mod ops;
 

@@ -1,0 +1,83 @@
+//! Cluster mode: every driver change this node acknowledges is first in
+//! its region's journal ([`crate::persist::journal`]), so a node taking
+//! the region over brings the driver back exactly as acknowledged.
+//!
+//! A change is journalled where the driver is after it. A driver that
+//! left a region this node serves (moved out, handed over, removed) also
+//! gets a departure in that region, so no taker brings it back there.
+//! Drivers outside every region this node serves (a matched driver held
+//! here while its updates go to another region) are not journalled.
+
+use hexmatch::DriverId;
+use metrics::counter;
+
+use super::Service;
+use crate::error::{ApiError, ApiResult};
+use crate::persist::journal::Change;
+
+/// Where a driver was before a change: its id and the region it was in,
+/// if this node serves that region.
+pub(super) type Before = (DriverId, Option<String>);
+
+impl Service {
+    /// The region this node serves that holds each of `ids` now (`None`:
+    /// unknown here, or in no region this node serves). Empty without a
+    /// cluster: nothing is journalled then.
+    pub(super) fn before<'a>(&self, ids: impl IntoIterator<Item = &'a DriverId>) -> Vec<Before> {
+        if self.cluster().is_none() {
+            return Vec::new();
+        }
+        ids.into_iter()
+            .map(|id| (id.clone(), self.served_region_of(id)))
+            .collect()
+    }
+
+    fn served_region_of(&self, id: &DriverId) -> Option<String> {
+        let cluster = self.cluster()?;
+        let d = self.engine.driver(id)?;
+        let region = cluster.region_of(d.pos).ok()?.to_string();
+        cluster.serves(&region).then_some(region)
+    }
+
+    /// Appends to the journals what became of each driver of `before`:
+    /// its state in the region it is in now, and its departure from the
+    /// region it was in, if different.
+    ///
+    /// # Errors
+    /// `unavailable` when a journal could not take the changes (Redis
+    /// down, or the lease lost meanwhile): the change is applied in memory
+    /// but not acknowledged; the client's retry journals it.
+    pub(super) async fn journal(&self, before: Vec<Before>) -> ApiResult<()> {
+        let Some(p) = self.persist() else {
+            return Ok(());
+        };
+        if before.is_empty() {
+            return Ok(());
+        }
+        let mut changes = Vec::with_capacity(before.len());
+        for (id, was) in before {
+            let now = self.served_region_of(&id);
+            if let Some(was) = was.filter(|w| now.as_ref() != Some(w)) {
+                changes.push((was, Change::Gone(id.clone())));
+            }
+            if let (Some(region), Some(d)) = (now, self.engine.driver(&id)) {
+                changes.push((region, Change::Put(d)));
+            }
+        }
+        p.journal(changes).await.map_err(|e| {
+            counter!("hexmatch_journal_failures_total").increment(1);
+            ApiError::unavailable(format!(
+                "the change could not be written to its region's journal: {e}; retry"
+            ))
+        })
+    }
+
+    /// [`Service::journal`] for a change already acknowledged by other
+    /// means (a match change, written through its record): a failure is
+    /// logged and counted, and the driver's next update journals it.
+    pub(super) async fn journal_quietly(&self, before: Vec<Before>) {
+        if let Err(e) = self.journal(before).await {
+            tracing::warn!(error = %e, "driver change not journalled");
+        }
+    }
+}
