@@ -383,6 +383,19 @@ impl MatchBook {
         Some(m)
     }
 
+    /// Forgets the driver's live match, if any, without ending it: no
+    /// ended entry is kept.
+    pub(crate) fn forget_driver(&mut self, driver: &DriverId) {
+        let Some(order) = self.by_driver.remove(driver) else {
+            return;
+        };
+        if let Some(e) = self.live.remove(&order)
+            && e.m.state == MatchState::Reserved
+        {
+            self.deadlines.remove(&(e.m.reserved_until, order));
+        }
+    }
+
     /// Enters a new reserved match, with its deadline.
     pub(crate) fn insert(&mut self, m: Match, request: ClaimRequest) {
         self.deadlines

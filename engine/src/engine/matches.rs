@@ -354,6 +354,21 @@ impl Engine {
     pub fn live_matches(&self) -> usize {
         self.book.lock().live_count()
     }
+
+    /// Drops drivers this engine no longer answers for, with their live
+    /// matches, which are forgotten rather than ended: whoever answers for
+    /// them now (another node of a cluster, restoring them from durable
+    /// records) still holds those matches live, and this engine must not
+    /// answer for them as ended. Returns how many drivers were dropped.
+    pub fn evict(&self, ids: &[DriverId]) -> usize {
+        let mut book = self.book.lock();
+        ids.iter()
+            .filter(|id| {
+                book.forget_driver(id);
+                self.index.remove_where(id, |_| true).is_some()
+            })
+            .count()
+    }
 }
 
 #[cfg(test)]
@@ -397,6 +412,29 @@ mod tests {
 
     fn status(f: &Fixture, d: &str) -> Status {
         f.engine.driver(&did(d)).unwrap().status
+    }
+
+    #[test]
+    fn evicted_drivers_take_their_live_matches_along_unended() {
+        let f = fixture();
+        let (m, _) = f.engine.claim(&oid("o1"), &pickup()).unwrap();
+        f.engine.confirm(&oid("o1")).unwrap();
+        let (m2, _) = f.engine.claim(&oid("o2"), &pickup()).unwrap();
+        assert_eq!((m.driver_id.as_str(), m2.driver_id.as_str()), ("d1", "d2"));
+        assert_eq!(f.engine.evict(&[did("d1"), did("d2"), did("nobody")]), 2);
+        // Gone, and neither match is known here, live or ended.
+        for (d, o) in [("d1", "o1"), ("d2", "o2")] {
+            assert!(f.engine.driver(&did(d)).is_none());
+            assert!(f.engine.get_match(&oid(o)).is_none(), "{o}");
+        }
+        assert_eq!(f.engine.live_matches(), 0);
+        assert!(f.engine.durable_matches().is_empty());
+        // The deadline of the reserved one went too: nothing expires.
+        f.clock.advance(MAX_HOLD_MS + 1);
+        assert!(f.engine.expire_matches().is_empty());
+        // The others stay as they were.
+        assert_eq!(status(&f, "d3"), Status::Available);
+        assert_eq!(f.engine.len(), 1);
     }
 
     #[test]

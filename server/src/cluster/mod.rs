@@ -759,7 +759,8 @@ impl Cluster {
 /// Removes from `engine` every driver in `region`, and every driver of a
 /// match in `orders` (those whose records are in the region's hash, even
 /// if the driver has moved out since): its lease was lost, and the new
-/// owner restores them. Their matches go with them, without touching
+/// owner restores them. Their matches go with them, forgotten rather than
+/// ended (this node must not answer for them as ended), without touching
 /// Redis, where the new owner now holds them.
 fn drop_region(engine: &Engine, regions: &RegionMap, region: &str, orders: &[String]) -> usize {
     let mut gone: Vec<hexmatch::DriverId> = engine
@@ -778,10 +779,7 @@ fn drop_region(engine: &Engine, regions: &RegionMap, region: &str, orders: &[Str
     );
     gone.sort();
     gone.dedup();
-    for d in &gone {
-        engine.remove(d);
-    }
-    gone.len()
+    engine.evict(&gone)
 }
 
 impl Fence for Cluster {
