@@ -1066,6 +1066,77 @@ fn stream_updates_reach_the_owner_of_their_region() {
     assert_eq!(dead, 1);
 }
 
+/// Drivers a node holds, per region, as its `/v1/regions` says.
+fn held_by(http: &reqwest::blocking::Client, node: &Node) -> HashMap<String, u64> {
+    let (_, regions, _) = get(http, &format!("{}/v1/regions", node.base));
+    regions
+        .as_array()
+        .expect("regions")
+        .iter()
+        .filter_map(|r| Some((r["region"].as_str()?.to_owned(), r["drivers"].as_u64()?)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+/// Updates sent over the WebSocket stream of one node go to the owners
+/// of their regions, as `POST /v1/locations` items do.
+#[test]
+fn websocket_updates_reach_the_owner_of_their_region() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("ws");
+    let regions = region_ids();
+    let own = spread(&regions, 2);
+    let a = start(&url, &prefix, "a", &own[&0]);
+    let b = start(&url, &prefix, "b", &own[&1]);
+    let http = &http();
+    wait_settled(http, &[&a, &b], &own);
+    let map = region_map();
+    let in_a = position_in(&map, &own[&0], None, 0.0);
+    let in_b = position_in(&map, &own[&1], None, 0.0);
+    let ack: Value = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(async {
+            let ws_url = format!(
+                "{}/v1/locations/stream?ack_every=2",
+                b.base.replacen("http", "ws", 1)
+            );
+            let mut req = ws_url.into_client_request().expect("request");
+            req.headers_mut().insert(
+                "authorization",
+                format!("Bearer {TOKEN}").parse().expect("header"),
+            );
+            let (mut ws, _) = tokio_tungstenite::connect_async(req)
+                .await
+                .expect("upgrade");
+            for (id, p) in [("ws-a", in_a), ("ws-b", in_b)] {
+                let frame = json!({"driver_id": id, "lat": p.lat(), "lon": p.lon()});
+                ws.send(Message::text(frame.to_string()))
+                    .await
+                    .expect("send");
+            }
+            loop {
+                if let Message::Text(t) = ws.next().await.expect("an ack").expect("frame") {
+                    break serde_json::from_str(t.as_str()).expect("json");
+                }
+            }
+        });
+    assert_eq!(
+        (
+            ack["applied"].as_u64(),
+            ack["rejected"].as_array().map(Vec::len)
+        ),
+        (Some(2), Some(0)),
+        "{ack}"
+    );
+    let region = |p: Position| map.region_of(p).expect("region").to_string();
+    assert_eq!(held_by(http, &a), [(region(in_a), 1)].into());
+    assert_eq!(held_by(http, &b), [(region(in_b), 1)].into());
+}
+
 /// A position of the trips data in one of `regions`, at least `apart_m`
 /// from `avoid`.
 fn position_in(
