@@ -89,7 +89,11 @@ impl ClaimRequest {
         }
     }
 
-    pub(crate) fn validate(&self) -> Result<()> {
+    /// Checks the radius and the hold.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for a radius or a hold out of range.
+    pub fn validate(&self) -> Result<()> {
         if let Some(r) = self.radius_m {
             validate_radius(r)?;
         }
@@ -102,8 +106,12 @@ impl ClaimRequest {
         Ok(())
     }
 
-    /// The nearest query for `k` candidates of this request.
-    pub(crate) fn query(&self, k: usize) -> Result<NearestQuery> {
+    /// The nearest query for `k` candidates of this request: its pickup,
+    /// radius and filters.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for `k` out of range.
+    pub fn query(&self, k: usize) -> Result<NearestQuery> {
         let mut q = NearestQuery::new(self.pickup, k)?;
         q.radius_m = self.radius_m;
         q.vehicle = self.vehicle;

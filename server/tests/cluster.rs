@@ -1137,6 +1137,87 @@ fn websocket_updates_reach_the_owner_of_their_region() {
     assert_eq!(held_by(http, &b), [(region(in_b), 1)].into());
 }
 
+/// A batch sent to one node is served from every node's drivers: orders
+/// at the positions of drivers of both nodes' regions each get a driver
+/// at their pickup (the least total distance, 0), reserved on the node
+/// that holds it; sent again, the same matches come back.
+#[test]
+fn a_batch_is_served_from_the_drivers_of_every_node() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("batch");
+    let regions = region_ids();
+    let own = spread(&regions, 2);
+    let a = start(&url, &prefix, "a", &own[&0]);
+    let b = start(&url, &prefix, "b", &own[&1]);
+    let http = &http();
+    wait_settled(http, &[&a, &b], &own);
+    let fleet = load(http, &[&a, &b], 1500);
+    let map = region_map();
+    let node_of = |p: &Position| {
+        let r = map.region_of(*p).expect("region").to_string();
+        if own[&0].contains(&r) { "a" } else { "b" }
+    };
+    // Twelve distinct pickups on each node's side.
+    let mut pickups: Vec<Position> = Vec::new();
+    for side in ["a", "b"] {
+        let mut taken = 0;
+        for (_, p) in &fleet {
+            if taken < 12 && node_of(p) == side && !pickups.contains(p) {
+                pickups.push(*p);
+                taken += 1;
+            }
+        }
+    }
+    let mut orders: Vec<Value> = pickups
+        .iter()
+        .enumerate()
+        .map(|(i, p)| json!({"order_id": format!("b-{i}"), "pickup": {"lat": p.lat(), "lon": p.lon()}, "radius_m": 1, "hold_ms": 600_000}))
+        .collect();
+    // Lake Michigan: nobody within a metre.
+    orders.push(json!({"order_id": "lake", "pickup": {"lat": 41.9, "lon": -87.5}, "radius_m": 1}));
+    let body = json!({ "orders": orders });
+    let (status, out, _) = post(http, &format!("{}/v1/matches/batch", a.base), &body);
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["unmatched"], json!(["lake"]), "{out}");
+    let matches = out["matches"].as_array().expect("matches").clone();
+    assert_eq!(matches.len(), pickups.len(), "{out}");
+    let mut drivers = HashSet::new();
+    for m in &matches {
+        assert_eq!(m["distance_m"].as_f64(), Some(0.0), "{m}");
+        let driver = m["driver_id"].as_str().expect("driver");
+        assert!(drivers.insert(driver.to_owned()), "{driver} twice: {out}");
+        let i: usize = m["order_id"].as_str().expect("order")[2..]
+            .parse()
+            .expect("index");
+        // Reserved on the node whose region holds it, for this order.
+        let holder = if node_of(&pickups[i]) == "a" { &a } else { &b };
+        let (status, d, by) = get(http, &format!("{}/v1/drivers/{driver}", holder.base));
+        assert_eq!((status, by.as_str()), (200, node_of(&pickups[i])), "{d}");
+        assert_eq!(
+            (d["status"].as_str(), d["order_id"].as_str()),
+            (Some("reserved"), m["order_id"].as_str()),
+            "{d}"
+        );
+    }
+    // Idempotent by order id across nodes, sent through the other node.
+    let (status, again, _) = post(http, &format!("{}/v1/matches/batch", b.base), &body);
+    assert_eq!(status, 200, "{again}");
+    let pairs = |v: &Value| -> BTreeMap<String, String> {
+        v["matches"]
+            .as_array()
+            .expect("matches")
+            .iter()
+            .map(|m| {
+                (
+                    m["order_id"].as_str().unwrap_or("").to_owned(),
+                    m["driver_id"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(pairs(&again), pairs(&out));
+}
+
 /// A position of the trips data in one of `regions`, at least `apart_m`
 /// from `avoid`.
 fn position_in(

@@ -12,7 +12,9 @@
 //!   on the node that holds it, trying the next when one was taken
 //!   meanwhile.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+
+use futures_util::StreamExt;
 
 use hexmatch::{BatchOrder, DriverId, NearestQuery, Neighbor, OrderId};
 use metrics::counter;
@@ -29,6 +31,10 @@ const CLAIM_CANDIDATES: usize = 8;
 const CLAIM_ROUNDS: usize = 3;
 /// Candidate drivers per order of a batch, unless the request says.
 const BATCH_CANDIDATES: usize = 16;
+
+/// A cluster batch's searches (and then its reservations) run this many at
+/// a time.
+const BATCH_SEARCHES_AT_ONCE: usize = 32;
 
 /// A nearest answer and the nodes that contributed to it.
 #[derive(Debug, Clone, PartialEq)]
@@ -234,11 +240,7 @@ impl Service {
     /// A claim on the node that owns the pickup: searches the cluster,
     /// then reserves the nearest candidate on the node that holds it.
     async fn claim_across(&self, cluster: &Cluster, order: &BatchOrder) -> ApiResult<Claimed> {
-        let req = &order.request;
-        let mut q = NearestQuery::new(req.pickup, CLAIM_CANDIDATES)?;
-        q.radius_m = req.radius_m;
-        q.vehicle = req.vehicle;
-        q.capabilities = req.capabilities;
+        let q = order.request.query(CLAIM_CANDIDATES)?;
         let _serial = self.lock_order(&order.order_id).await?;
         let peer = cluster.peer();
         // Idempotent by order id across nodes: an order held elsewhere is
@@ -437,6 +439,10 @@ impl Service {
             .map(OrderIn::parse)
             .collect::<ApiResult<Vec<_>>>()?;
         let durable = self.durable()?;
+        let candidates = body.candidates.unwrap_or(BATCH_CANDIDATES);
+        if let Some(cluster) = self.cluster() {
+            return self.batch_across(cluster, orders, candidates).await;
+        }
         let was_live: HashSet<OrderId> = orders
             .iter()
             .filter(|o| {
@@ -447,7 +453,6 @@ impl Service {
             .map(|o| o.order_id.clone())
             .collect();
         let engine = self.engine.clone();
-        let candidates = body.candidates.unwrap_or(BATCH_CANDIDATES);
         let out = tokio::task::spawn_blocking(move || engine.claim_batch(&orders, candidates))
             .await
             .map_err(|e| ApiError::internal(format!("batch task failed: {e}")))??;
@@ -458,6 +463,167 @@ impl Service {
         Ok(BatchOut {
             matches: out.matches.into_iter().map(|m| self.match_out(m)).collect(),
             unmatched: out.unmatched.into_iter().map(|o| o.to_string()).collect(),
+        })
+    }
+
+    /// A batch in a cluster: each order's `candidates` nearest eligible
+    /// drivers across the cluster (as a nearest query finds them), one
+    /// min-total-distance assignment over them, then each chosen driver
+    /// reserved on the node that holds it, as a single claim reserves it.
+    /// An order whose driver was taken meanwhile, that already has a match
+    /// somewhere, or that the assignment left without a driver, is claimed
+    /// on its own; an order that still gets none (none in reach, or a node
+    /// that did not answer) is unmatched.
+    async fn batch_across(
+        &self,
+        cluster: &Cluster,
+        orders: Vec<BatchOrder>,
+        candidates: usize,
+    ) -> ApiResult<BatchOut> {
+        if !(1..=100).contains(&candidates) {
+            return Err(ApiError::invalid_parameter(format!(
+                "candidates {candidates} is not in 1..=100"
+            )));
+        }
+        let mut seen = HashSet::with_capacity(orders.len());
+        for o in &orders {
+            o.request.validate()?;
+            if !seen.insert(&o.order_id) {
+                return Err(ApiError::invalid_parameter(format!(
+                    "order {} appears twice in the batch",
+                    o.order_id
+                )));
+            }
+        }
+        // Orders that have a match somewhere are claimed on their own
+        // (their holder answers with it), and take no candidates from the
+        // others. Where Redis cannot say, the single claim is the safe way.
+        let has_match: Vec<_> = orders
+            .iter()
+            .map(|o| async move {
+                self.engine
+                    .get_match(&o.order_id)
+                    .is_some_and(|m| m.state.is_live())
+                    || !matches!(cluster.order_region(o.order_id.as_str()).await, Ok(None))
+            })
+            .collect();
+        let has_match: Vec<bool> = futures_util::stream::iter(has_match)
+            .buffered(BATCH_SEARCHES_AT_ONCE)
+            .collect()
+            .await;
+        let (repeats, orders): (Vec<_>, Vec<_>) = orders
+            .into_iter()
+            .zip(has_match)
+            .partition(|(_, held)| *held);
+        let repeats: Vec<BatchOrder> = repeats.into_iter().map(|(o, _)| o).collect();
+        let orders: Vec<BatchOrder> = orders.into_iter().map(|(o, _)| o).collect();
+        // Every other order's candidates, a bounded number of searches at once.
+        let searches: Vec<_> = orders
+            .iter()
+            .map(|o| async move {
+                let q = o.request.query(candidates)?;
+                self.gather_held(cluster, &q).await.map(|(found, _)| found)
+            })
+            .collect();
+        let found: Vec<ApiResult<Vec<(Neighbor, String)>>> = futures_util::stream::iter(searches)
+            .buffered(BATCH_SEARCHES_AT_ONCE)
+            .collect()
+            .await;
+        // Drivers are the columns; the cost is the pickup distance in mm.
+        let mut columns: HashMap<DriverId, usize> = HashMap::new();
+        let mut holders: Vec<(DriverId, String)> = Vec::new();
+        let rows: Vec<Vec<(usize, i64)>> = found
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_default()
+                    .into_iter()
+                    .map(|(n, holder)| {
+                        let col = *columns.entry(n.id.clone()).or_insert_with(|| {
+                            holders.push((n.id.clone(), holder));
+                            holders.len() - 1
+                        });
+                        (col, (n.distance_m * 1000.0).round() as i64)
+                    })
+                    .collect()
+            })
+            .collect();
+        let chosen = hexmatch::assign_min_cost(holders.len(), &rows).pairs;
+        let reservations: Vec<_> = orders
+            .iter()
+            .zip(chosen)
+            .map(|(order, col)| (order, col.map(|c| &holders[c])))
+            .chain(repeats.iter().map(|order| (order, None)))
+            .map(|(order, chosen)| async move {
+                (order, self.serve_batch_order(cluster, order, chosen).await)
+            })
+            .collect();
+        let done: Vec<(&BatchOrder, ApiResult<Claimed>)> = futures_util::stream::iter(reservations)
+            .buffered(BATCH_SEARCHES_AT_ONCE)
+            .collect()
+            .await;
+        let mut out = BatchOut {
+            matches: Vec::new(),
+            unmatched: Vec::new(),
+        };
+        for (order, reserved) in done {
+            match reserved {
+                Ok(c) => out.matches.push(c.m),
+                Err(e) => {
+                    if e.code() != ErrorCode::NoDriverAvailable {
+                        tracing::warn!(order = %order.order_id, error = %e, "batch order not matched");
+                    }
+                    out.unmatched.push(order.order_id.to_string());
+                }
+            }
+        }
+        counter!("hexmatch_matches_total", "result" => "batch").increment(out.matches.len() as u64);
+        Ok(out)
+    }
+
+    /// One order of a cluster batch: its chosen driver reserved on the
+    /// node that holds it; the order claimed on its own when it has no
+    /// driver chosen (none left to it, or it has a match already) or its
+    /// driver was taken meanwhile.
+    async fn serve_batch_order(
+        &self,
+        cluster: &Cluster,
+        order: &BatchOrder,
+        chosen: Option<&(DriverId, String)>,
+    ) -> ApiResult<Claimed> {
+        if let Some((driver, holder)) = chosen {
+            match self.reserve_on(cluster, order, driver, holder).await {
+                Err(e) if e.code() != ErrorCode::Unavailable => {}
+                other => return other,
+            }
+        }
+        self.claim_across(cluster, order).await
+    }
+
+    /// Reserves `driver` for `order` on `holder` (this node or another),
+    /// under the order's lock there.
+    async fn reserve_on(
+        &self,
+        cluster: &Cluster,
+        order: &BatchOrder,
+        driver: &DriverId,
+        holder: &str,
+    ) -> ApiResult<Claimed> {
+        if holder == cluster.node() {
+            let _serial = self.lock_order(&order.order_id).await?;
+            return self.claim_here(order, Some(driver)).await;
+        }
+        let url = cluster.map().nodes.get(holder).cloned().ok_or_else(|| {
+            ApiError::new(ErrorCode::NotOwner, format!("node {holder} left the map"))
+        })?;
+        let ask = ReserveRequest {
+            driver_id: Some(driver.clone()),
+            order: PeerOrder::from(order),
+        };
+        let r = cluster.peer().reserve(&url, &ask).await?;
+        Ok(Claimed {
+            m: r.m,
+            created: r.created,
+            by: Some(holder.to_owned()),
         })
     }
 
