@@ -151,6 +151,8 @@ pub struct Cluster {
     durability: Durability,
     ttl: Duration,
     held: RwLock<HashMap<String, Held>>,
+    /// Times leases were lost (see [`Fence::losses`]).
+    losses: std::sync::atomic::AtomicU64,
     map: RwLock<Arc<ClusterMap>>,
     peer: PeerClient,
 }
@@ -214,6 +216,7 @@ impl Cluster {
             durability,
             ttl,
             held: RwLock::default(),
+            losses: std::sync::atomic::AtomicU64::new(0),
             map: RwLock::default(),
             peer,
         });
@@ -716,7 +719,14 @@ impl Cluster {
     /// lost), re-read the map, and take over free regions this node wants.
     /// Returns the takeovers made.
     pub async fn tick(&self, engine: &Arc<Engine>, persist: &Persistence) -> Vec<Takeover> {
-        for region in self.renew().await {
+        let lost = self.renew().await;
+        if !lost.is_empty() {
+            // Counted before anything is dropped: a claim made before
+            // this loss cannot be written after it.
+            self.losses
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        for region in lost {
             let orders = persist.release_region(&region);
             let dropped = drop_region(engine, &self.regions, &region, &orders);
             tracing::warn!(region, dropped, "lease lost: stopped serving the region");
@@ -800,5 +810,9 @@ impl Fence for Cluster {
 
     fn held_regions(&self) -> Vec<String> {
         self.held().into_iter().map(|(r, _)| r).collect()
+    }
+
+    fn losses(&self) -> u64 {
+        self.losses.load(std::sync::atomic::Ordering::SeqCst)
     }
 }

@@ -246,14 +246,21 @@ impl Tails {
 
 impl Persistence {
     /// Appends `changes` (each with its region) to the regions' journals,
-    /// in order within each region, each region's under its lease. Without
-    /// a fence (a single node) there is nothing to do.
+    /// in order within each region, each region's under its lease; the
+    /// changes were applied in memory when [`Persistence::losses`] was
+    /// `since`. Without a fence (a single node) there is nothing to do.
     ///
     /// # Errors
     /// `NotOwner` when this node does not hold a region's lease (any
-    /// more); Redis errors. Changes already applied in memory stay: the
-    /// caller answers 503 and the client's retry is journalled.
-    pub async fn journal(&self, changes: Vec<(String, Change)>) -> Result<(), WriteError> {
+    /// more), or lost a lease since the changes were applied (a takeover
+    /// after that loss restored a state without them); Redis errors.
+    /// Changes already applied in memory stay: the caller answers 503 and
+    /// the client's retry is journalled.
+    pub async fn journal(
+        &self,
+        changes: Vec<(String, Change)>,
+        since: u64,
+    ) -> Result<(), WriteError> {
         let Some(fence) = self.fence.get() else {
             return Ok(());
         };
@@ -267,47 +274,54 @@ impl Persistence {
                 None => by_region.push((region, vec![change])),
             }
         }
-        let appends = by_region.into_iter().map(|(region, changes)| {
-            let lease = fence.lease(&region);
-            async move {
-                let lease = lease.map_err(|region| WriteError::NotOwner { region })?;
-                let stream = self.keys.region(&region, "locations");
-                for part in changes.chunks(ENTRIES_PER_CALL) {
-                    let encoded: Vec<Vec<(&str, String)>> =
-                        part.iter().map(Change::fields).collect();
-                    let counts: Vec<String> =
-                        encoded.iter().map(|f| (f.len() * 2).to_string()).collect();
-                    let mut args: Vec<&[u8]> = vec![lease.token.as_bytes()];
-                    for (fields, count) in encoded.iter().zip(&counts) {
-                        args.push(count.as_bytes());
-                        for (k, v) in fields {
-                            args.push(k.as_bytes());
-                            args.push(v.as_bytes());
+        let leases: Vec<_> = by_region.iter().map(|(r, _)| fence.lease(r)).collect();
+        // Read after the leases: a takeover counts its loss before it starts.
+        if fence.losses() != since {
+            let region = by_region.swap_remove(0).0;
+            return Err(WriteError::NotOwner { region });
+        }
+        let appends =
+            by_region
+                .into_iter()
+                .zip(leases)
+                .map(|((region, changes), lease)| async move {
+                    let lease = lease.map_err(|region| WriteError::NotOwner { region })?;
+                    let stream = self.keys.region(&region, "locations");
+                    for part in changes.chunks(ENTRIES_PER_CALL) {
+                        let encoded: Vec<Vec<(&str, String)>> =
+                            part.iter().map(Change::fields).collect();
+                        let counts: Vec<String> =
+                            encoded.iter().map(|f| (f.len() * 2).to_string()).collect();
+                        let mut args: Vec<&[u8]> = vec![lease.token.as_bytes()];
+                        for (fields, count) in encoded.iter().zip(&counts) {
+                            args.push(count.as_bytes());
+                            for (k, v) in fields {
+                                args.push(k.as_bytes());
+                                args.push(v.as_bytes());
+                            }
+                        }
+                        let mut conn = self.conn.clone();
+                        let (last, _) = self.note(
+                            conn::eval_durable(
+                                &mut conn,
+                                Durability::default(),
+                                FENCED_APPEND,
+                                &[&lease.key, &stream],
+                                &args,
+                            )
+                            .await,
+                        )?;
+                        match bulk_string(last).as_deref().and_then(EntryId::parse) {
+                            Some(id) => self.tails.advance(&region, id),
+                            None => {
+                                return Err(WriteError::NotOwner {
+                                    region: region.clone(),
+                                });
+                            }
                         }
                     }
-                    let mut conn = self.conn.clone();
-                    let (last, _) = self.note(
-                        conn::eval_durable(
-                            &mut conn,
-                            Durability::default(),
-                            FENCED_APPEND,
-                            &[&lease.key, &stream],
-                            &args,
-                        )
-                        .await,
-                    )?;
-                    match bulk_string(last).as_deref().and_then(EntryId::parse) {
-                        Some(id) => self.tails.advance(&region, id),
-                        None => {
-                            return Err(WriteError::NotOwner {
-                                region: region.clone(),
-                            });
-                        }
-                    }
-                }
-                Ok(())
-            }
-        });
+                    Ok(())
+                });
         let results = futures_util::future::join_all(appends).await;
         results.into_iter().collect::<Result<Vec<()>, _>>()?;
         Ok(())

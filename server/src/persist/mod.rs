@@ -258,6 +258,13 @@ pub trait Fence: Send + Sync + std::fmt::Debug {
 
     /// The regions this node serves now.
     fn held_regions(&self) -> Vec<String>;
+
+    /// How many times this node has lost leases so far (it counts up
+    /// before the regions' drivers and matches are dropped). A match made
+    /// in memory before a loss must not be written after it: a later
+    /// takeover of the same region by this node restored what Redis held
+    /// then, without that match.
+    fn losses(&self) -> u64;
 }
 
 /// Why a match write was not made.
@@ -459,13 +466,35 @@ impl Persistence {
     /// Redis errors, too few replicas, or a lease lost; the caller decides
     /// whether to undo or answer 503.
     pub async fn put_match(&self, rec: &DurableMatch) -> Result<(), WriteError> {
-        let r = self.put_match_unnoted(rec).await;
+        let r = self.put_match_unnoted(rec, None).await;
         self.note_write(r)
     }
 
-    async fn put_match_unnoted(&self, rec: &DurableMatch) -> Result<(), WriteError> {
+    /// [`Persistence::put_match`] for a match made in memory when
+    /// [`Persistence::losses`] was `since`: in a cluster, refused
+    /// (`NotOwner`) if this node has lost a lease since.
+    ///
+    /// # Errors
+    /// As [`Persistence::put_match`].
+    pub async fn put_match_since(&self, rec: &DurableMatch, since: u64) -> Result<(), WriteError> {
+        let r = self.put_match_unnoted(rec, Some(since)).await;
+        self.note_write(r)
+    }
+
+    /// How many times this node has lost region leases (0 outside a
+    /// cluster): read before a match is made in memory, and given to
+    /// [`Persistence::put_match_since`].
+    pub fn losses(&self) -> u64 {
+        self.fence.get().map_or(0, |f| f.losses())
+    }
+
+    async fn put_match_unnoted(
+        &self,
+        rec: &DurableMatch,
+        since: Option<u64>,
+    ) -> Result<(), WriteError> {
         if let Some(fence) = self.fence.get() {
-            return self.put_match_fenced(fence.as_ref(), rec).await;
+            return self.put_match_fenced(fence.as_ref(), rec, since).await;
         }
         // A single node's records: its own hash, no lease.
         let key = self.key("matches");
@@ -513,6 +542,7 @@ impl Persistence {
         &self,
         fence: &dyn Fence,
         rec: &DurableMatch,
+        since: Option<u64>,
     ) -> Result<(), WriteError> {
         if !rec.m.state.is_live() {
             // Deleted where the record is (never where the driver is now).
@@ -529,6 +559,12 @@ impl Persistence {
         let lease = fence
             .lease(&region)
             .map_err(|region| WriteError::NotOwner { region })?;
+        // A loss since the match was made: the lease read above may be of
+        // a later takeover, whose restore did not see this match. (Read
+        // after the lease: a takeover counts its loss before it starts.)
+        if since.is_some_and(|g| g != fence.losses()) {
+            return Err(WriteError::NotOwner { region });
+        }
         let order_key = self.keys.order(order);
         let value = format!("{}|{}", lease.region, lease.token);
         let ttl = ORDER_KEY_TTL_MS.to_string();
@@ -760,11 +796,16 @@ impl Persistence {
     }
 
     async fn resync_regions(&self, fence: &dyn Fence, engine: &Engine) -> RedisResult<()> {
-        let mut by_region: HashMap<String, Vec<DurableMatch>> = fence
+        // The leases first, then the matches: a region lost and taken
+        // back meanwhile refuses these tokens, so a match dropped with it
+        // is never written into its new epoch's records.
+        let leases: HashMap<String, Lease> = fence
             .held_regions()
             .into_iter()
-            .map(|r| (r, Vec::new()))
+            .filter_map(|r| Some((r.clone(), fence.lease(&r).ok()?)))
             .collect();
+        let mut by_region: HashMap<String, Vec<DurableMatch>> =
+            leases.keys().map(|r| (r.clone(), Vec::new())).collect();
         for rec in engine.durable_matches() {
             let home = self.homes.lock().get(rec.m.order_id.as_str()).cloned();
             if let Some(region) = home.or_else(|| fence.region_of_pos(rec.driver_pos).ok())
@@ -774,7 +815,7 @@ impl Persistence {
             }
         }
         for (region, recs) in by_region {
-            let Ok(lease) = fence.lease(&region) else {
+            let Some(lease) = leases.get(&region) else {
                 continue;
             };
             let hash = self.keys.region(&region, "matches");
@@ -1237,14 +1278,17 @@ impl Persistence {
             all.extend(finals);
             self.tails.start(&region, tail);
         }
-        let e = Arc::clone(engine);
-        tokio::task::spawn_blocking(move || load_drivers(&e, all))
-            .await
-            .map_err(|e| e.to_string())?;
+        // Matches first: a driver of a live match is never in the engine
+        // as available, where a claim of a region served already (across
+        // a border) could take it.
         let report = engine.restore_matches(records.iter().map(|(_, r)| r.clone()));
         for (order, why) in &report.skipped {
             tracing::warn!(%order, why, "match not restored in takeover");
         }
+        let e = Arc::clone(engine);
+        tokio::task::spawn_blocking(move || load_drivers(&e, all))
+            .await
+            .map_err(|e| e.to_string())?;
         let mut homes = self.homes.lock();
         for (region, r) in &records {
             if !report.skipped.iter().any(|(o, _)| *o == r.m.order_id) {
@@ -1593,9 +1637,9 @@ fn as_update(d: Driver) -> DriverUpdate {
 /// Loads restored drivers into a running engine one by one (it may already
 /// hold other regions, so bulk loading does not apply). Reserved drivers
 /// come back available; their matches set them reserved again. A driver
-/// this engine holds in a live match is left as it is: the match here is
-/// its truth, and a snapshot's copy (say, held `busy` by a node it had
-/// moved to) would end it.
+/// this engine holds in a live match keeps its status (the match here is
+/// its truth, and a snapshot's copy, say held `busy` by a node it had
+/// moved to, would end it); only its position is updated.
 pub fn upsert_drivers(engine: &Engine, drivers: Vec<Driver>) -> usize {
     load_drivers(engine, drivers.into_iter().map(as_update).collect())
 }
@@ -1612,6 +1656,8 @@ fn load_drivers(engine: &Engine, drivers: Vec<DriverUpdate>) -> usize {
     let mut n = 0;
     for u in drivers {
         if matched.contains(&u.id) {
+            // Held by its match; only its position is the journal's.
+            let _ = engine.update_location(&u.id, u.pos, u.ts);
             continue;
         }
         // A fix stamped too far ahead of this node's clock comes back as

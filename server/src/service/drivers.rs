@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use hexmatch::{Applied, DriverId, DriverUpdate, Engine};
 use metrics::counter;
 
+use super::journal::Before;
 use super::{Scope, Service};
 use crate::cluster::{Cluster, Owner};
 use crate::error::{ApiError, ApiResult, ErrorCode};
@@ -261,7 +262,7 @@ impl Service {
                 .iter()
                 .filter_map(|(_, u)| u.as_ref().ok().map(|u| &u.id)),
         );
-        let journalled = !before.is_empty();
+        let journalled = !before.drivers.is_empty();
         let apply = move |engine: &Engine, mut tally: BatchTally| {
             let mut applied = Vec::new();
             for (i, update) in local {
@@ -287,10 +288,14 @@ impl Service {
                 .map_err(|e| ApiError::internal(format!("batch task failed: {e}")))?
         };
         let done: std::collections::HashSet<&DriverId> = applied.iter().map(|(_, id)| id).collect();
-        let before = before
-            .into_iter()
-            .filter(|(id, _)| done.contains(id))
-            .collect();
+        let before = Before {
+            drivers: before
+                .drivers
+                .into_iter()
+                .filter(|(id, _)| done.contains(id))
+                .collect(),
+            since: before.since,
+        };
         if let Err(e) = self.journal(before).await {
             // Applied here but not durable: not acknowledged either.
             for (i, _) in &applied {
@@ -543,13 +548,14 @@ impl Service {
             }
             out.drivers.push(d.into());
         }
-        let departures = self
-            .before(&leaving)
+        let before = self.before(&leaving);
+        let departures = before
+            .drivers
             .into_iter()
             .filter_map(|(id, region)| Some((region?, Change::Gone(id))))
             .collect();
         if let Some(p) = self.persist() {
-            p.journal(departures).await.map_err(|e| {
+            p.journal(departures, before.since).await.map_err(|e| {
                 ApiError::unavailable(format!("the handoff could not be journalled: {e}"))
             })?;
         }

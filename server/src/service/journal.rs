@@ -15,21 +15,31 @@ use super::Service;
 use crate::error::{ApiError, ApiResult};
 use crate::persist::journal::Change;
 
-/// Where a driver was before a change: its id and the region it was in,
-/// if this node serves that region.
-pub(super) type Before = (DriverId, Option<String>);
+/// Where drivers were before a change: each id with the region it was in
+/// (if this node serves it), and when ([`crate::persist::Persistence::losses`]).
+#[derive(Debug, Default)]
+pub(super) struct Before {
+    pub(super) drivers: Vec<(DriverId, Option<String>)>,
+    pub(super) since: u64,
+}
 
 impl Service {
     /// The region this node serves that holds each of `ids` now (`None`:
     /// unknown here, or in no region this node serves). Empty without a
     /// cluster: nothing is journalled then.
-    pub(super) fn before<'a>(&self, ids: impl IntoIterator<Item = &'a DriverId>) -> Vec<Before> {
-        if self.cluster().is_none() {
-            return Vec::new();
+    pub(super) fn before<'a>(&self, ids: impl IntoIterator<Item = &'a DriverId>) -> Before {
+        let (Some(_), Some(p)) = (self.cluster(), self.persist()) else {
+            return Before::default();
+        };
+        // Read first: a loss after this refuses the journal write.
+        let since = p.losses();
+        Before {
+            drivers: ids
+                .into_iter()
+                .map(|id| (id.clone(), self.served_region_of(id)))
+                .collect(),
+            since,
         }
-        ids.into_iter()
-            .map(|id| (id.clone(), self.served_region_of(id)))
-            .collect()
     }
 
     fn served_region_of(&self, id: &DriverId) -> Option<String> {
@@ -47,15 +57,15 @@ impl Service {
     /// `unavailable` when a journal could not take the changes (Redis
     /// down, or the lease lost meanwhile): the change is applied in memory
     /// but not acknowledged; the client's retry journals it.
-    pub(super) async fn journal(&self, before: Vec<Before>) -> ApiResult<()> {
+    pub(super) async fn journal(&self, before: Before) -> ApiResult<()> {
         let Some(p) = self.persist() else {
             return Ok(());
         };
-        if before.is_empty() {
+        if before.drivers.is_empty() {
             return Ok(());
         }
-        let mut changes = Vec::with_capacity(before.len());
-        for (id, was) in before {
+        let mut changes = Vec::with_capacity(before.drivers.len());
+        for (id, was) in before.drivers {
             let now = self.served_region_of(&id);
             if let Some(was) = was.filter(|w| now.as_ref() != Some(w)) {
                 changes.push((was, Change::Gone(id.clone())));
@@ -64,7 +74,7 @@ impl Service {
                 changes.push((region, Change::Put(d)));
             }
         }
-        p.journal(changes).await.map_err(|e| {
+        p.journal(changes, before.since).await.map_err(|e| {
             counter!("hexmatch_journal_failures_total").increment(1);
             ApiError::unavailable(format!(
                 "the change could not be written to its region's journal: {e}; retry"
@@ -75,7 +85,7 @@ impl Service {
     /// [`Service::journal`] for a change already acknowledged by other
     /// means (a match change, written through its record): a failure is
     /// logged and counted, and the driver's next update journals it.
-    pub(super) async fn journal_quietly(&self, before: Vec<Before>) {
+    pub(super) async fn journal_quietly(&self, before: Before) {
         if let Err(e) = self.journal(before).await {
             tracing::warn!(error = %e, "driver change not journalled");
         }

@@ -210,6 +210,7 @@ impl Service {
         driver: Option<&DriverId>,
     ) -> ApiResult<Claimed> {
         let durable = self.durable()?;
+        let since = durable.map_or(0, |p| p.losses());
         let result = match driver {
             None => self.engine.claim(&order.order_id, &order.request),
             Some(d) => self.engine.claim_driver(&order.order_id, &order.request, d),
@@ -223,9 +224,14 @@ impl Service {
         let (m, created) = result?;
         if let (Some(p), true) = (durable, created) {
             // Durable before the response; if Redis refuses, undo and say so.
-            if let Some(rec) = self.engine.durable_match(&m.order_id)
-                && let Err(e) = p.put_match(&rec).await
-            {
+            let Some(rec) = self.engine.durable_match(&m.order_id) else {
+                // Dropped with a region lost meanwhile: never acknowledged.
+                return Err(ApiError::unavailable(format!(
+                    "the region of order {} changed hands during the claim; retry",
+                    m.order_id
+                )));
+            };
+            if let Err(e) = p.put_match_since(&rec, since).await {
                 let _ = self.engine.release(&m.order_id, Some("persistence_failed"));
                 return Err(unavailable(&e));
             }
@@ -343,13 +349,14 @@ impl Service {
             return Ok(self.match_out(act(&self.engine)?));
         };
         let _serial = p.lock_order(order).await;
+        let since = p.losses();
         let current = self
             .engine
             .durable_match(order)
             .ok_or_else(|| unknown(order))?;
         if current.m.state.is_live() {
             let written = match durable_first(current.clone()) {
-                Some(next) => p.put_match(&next).await,
+                Some(next) => p.put_match_since(&next, since).await,
                 None => p.end_match(&current).await,
             };
             written.map_err(|e| unavailable(&e))?;

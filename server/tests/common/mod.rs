@@ -269,10 +269,12 @@ impl Node {
         };
         // Keep draining the log so the child never blocks on a full pipe.
         let verbose = std::env::var_os("HEXMATCH_TEST_LOG").is_some();
+        let port = addr.rsplit(':').next().unwrap_or_default().to_owned();
         std::thread::spawn(move || {
             for l in lines.map_while(Result::ok) {
                 if verbose {
-                    eprintln!("{l}");
+                    // Which process said it, when several run.
+                    eprintln!("[:{port}] {l}");
                 }
             }
         });
