@@ -606,9 +606,12 @@ impl Persistence {
                 .lock()
                 .insert(order.to_owned(), lease.region.clone());
         }
-        if written.is_err() && created {
-            // No match was made: free the order for a twin elsewhere (only
-            // if the record is still the one taken here).
+        // Free the order for a twin elsewhere only when Redis refused the
+        // write (nothing was written), and only if the order's record is
+        // still the one taken here. A write that may have been made (not
+        // replicated in time, or no answer) keeps the order held: a live
+        // record without its order's record would let a twin match it twice.
+        if matches!(written, Err(WriteError::NotOwner { .. })) && created {
             let _ = self
                 .note(
                     conn::eval_durable(
