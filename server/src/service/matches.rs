@@ -232,7 +232,17 @@ impl Service {
                 )));
             };
             if let Err(e) = p.put_match_since(&rec, since).await {
-                let _ = self.engine.release(&m.order_id, Some("persistence_failed"));
+                // Undo only the match made here: a takeover since may have
+                // restored the order's durable match (made on another
+                // node) in its place.
+                let ours = self.engine.get_match(&m.order_id).is_some_and(|now| {
+                    now.state.is_live()
+                        && now.driver_id == m.driver_id
+                        && now.created_at == m.created_at
+                });
+                if ours {
+                    let _ = self.engine.release(&m.order_id, Some("persistence_failed"));
+                }
                 return Err(unavailable(&e));
             }
         }
