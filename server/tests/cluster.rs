@@ -2073,7 +2073,7 @@ fn unavailability(
 /// newer one, and each region's unavailability bounded.
 /// `HEXMATCH_FAULT_SECS` sets the length (default 20 s).
 ///
-/// Not run by `cargo test`: about one run in four still finds an
+/// Not run by `cargo test`: about one run in three still finds an
 /// acknowledged claim that no node knows after the takeovers; see
 /// ARCHITECTURE.md, "Not built, or limited". It is the reproduction of
 /// that bug: `benches/scripts/fault_injection.sh` runs it.
