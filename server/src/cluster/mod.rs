@@ -137,6 +137,8 @@ pub struct Takeover {
     pub drivers: usize,
     /// Live matches restored from its records.
     pub matches: usize,
+    /// How long the restore took (of every region taken with it).
+    pub restore: Duration,
 }
 
 /// This node's view of the cluster.
@@ -647,6 +649,7 @@ impl Cluster {
                 .filter(|r| wanted.contains(r.as_str()))
                 .map(|r| r.to_string())
         };
+        let restoring = Instant::now();
         let counts = match persist.restore_region(engine, &names, &region_of).await {
             Ok(c) => c,
             Err(e) => {
@@ -658,6 +661,7 @@ impl Cluster {
                 return out;
             }
         };
+        let restore = restoring.elapsed();
         for (region, held, previous) in got {
             if held.deadline <= Instant::now() {
                 self.give_up_one(&region, &held.token).await;
@@ -673,6 +677,7 @@ impl Cluster {
                 previous,
                 drivers,
                 matches,
+                restore,
             }));
             self.held.write().insert(region, held);
         }
@@ -746,7 +751,7 @@ impl Cluster {
         for result in self.take(&wanted, engine, persist).await {
             match result {
                 Ok(t) => {
-                    tracing::info!(region = %t.region, epoch = t.epoch, previous = ?t.previous, drivers = t.drivers, matches = t.matches, "took region");
+                    tracing::info!(region = %t.region, epoch = t.epoch, previous = ?t.previous, drivers = t.drivers, matches = t.matches, restore_ms = t.restore.as_millis() as u64, "took region");
                     taken.push(t);
                 }
                 Err(e) => tracing::error!(error = %e, "takeover failed"),
