@@ -498,10 +498,18 @@ pub fn chicago_pickups() -> Vec<Position> {
 /// A default-config engine on a [`ManualClock`] standing at [`base_ts`],
 /// bulk-loaded with `drivers`. The manual clock lets the match benches
 /// age released matches past their retention and purge them.
+///
+/// One setting differs from the default: any `ts` ahead of the clock is
+/// accepted (`max_future_ms`). Moves carry timestamps from [`next_ts`],
+/// 1 ms apart, which run minutes ahead of the standing clock after a few
+/// hundred thousand moves.
 pub fn build_engine(drivers: impl IntoIterator<Item = Driver>) -> (Engine, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(base_ts()));
-    let engine = Engine::with_clock(EngineConfig::default(), clock.clone())
-        .expect("the default config is valid");
+    let config = EngineConfig {
+        max_future_ms: u64::MAX,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::with_clock(config, clock.clone()).expect("the config is valid");
     engine
         .bulk_load(drivers)
         .expect("generated drivers are never reserved and the engine is empty");
