@@ -258,9 +258,13 @@ fn by_size(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("country", n), &engine, |b, e| {
             bench_queries(b, e, &country_queries);
         });
-        group.bench_with_input(BenchmarkId::new("country_none_match", n), &engine, |b, e| {
-            bench_queries(b, e, &country_none);
-        });
+        group.bench_with_input(
+            BenchmarkId::new("country_none_match", n),
+            &engine,
+            |b, e| {
+                bench_queries(b, e, &country_none);
+            },
+        );
     }
     if std::env::var_os("HEXMATCH_BENCH_10M").is_some() {
         const HUGE: usize = 10_000_000;
