@@ -20,16 +20,17 @@
 //! beyond the candidate list, one node queue per visited cell and the
 //! result.
 
-use std::collections::BinaryHeap;
+use std::cell::RefCell;
 
-use rstar::{AABB, ParentNode, RTreeNode};
+use rstar::{AABB, DefaultParams, ParentNode, RTreeNode, RTreeParams};
 
 use crate::driver::{Capabilities, Vehicle};
 use crate::error::{Error, Result};
+use crate::filter::Traits;
 use crate::ids::DriverId;
 use crate::index::{CellEntry, Cells, Index, ShardData};
-use crate::position::{EARTH_RADIUS_M, Position, chord_of_metres, chord2};
-use crate::rtree::{Item, NodeRef};
+use crate::position::{DistanceFrom, EARTH_RADIUS_M, Position, chord_of_metres, chord2};
+use crate::rtree::{Item, M, NodeRef};
 use crate::time::Timestamp;
 
 /// The largest `k` the engine accepts (the HTTP API allows 1..=100).
@@ -159,145 +160,165 @@ fn box_d2(b: &AABB<[f64; 3]>, q: &[f64; 3]) -> f64 {
     .d2(q)
 }
 
-/// An entry of a best-first queue, nearest first: a tree node, or (in the
-/// walk over cells) a cell.
-struct Pending<N> {
-    d2: f64,
-    next: N,
+/// Most children of a node of either tree: a shard tree's [`M`], and the
+/// top-level rstar tree's (its default parameters).
+const MAX_CHILDREN: usize = M;
+const _: () = assert!(<DefaultParams as RTreeParams>::MAX_SIZE <= MAX_CHILDREN);
+
+/// A node's children within the cut, nearest box first: the walk descends
+/// into them in this order. Squared distances are never negative, so their
+/// bits order them as the numbers do.
+struct Ranked {
+    len: usize,
+    /// (squared distance's bits, child index), sorted.
+    at: [(u64, u8); MAX_CHILDREN],
 }
 
-impl<N> PartialEq for Pending<N> {
-    fn eq(&self, other: &Self) -> bool {
-        self.d2.total_cmp(&other.d2).is_eq()
+impl Ranked {
+    fn new() -> Self {
+        Self {
+            len: 0,
+            at: [(0, 0); MAX_CHILDREN],
+        }
+    }
+
+    /// Adds child `i` at squared distance `d2` (equal distances keep the
+    /// order of their children).
+    #[inline]
+    fn add(&mut self, d2: f64, i: usize) {
+        let key = d2.to_bits();
+        let mut at = self.len;
+        while at > 0 && self.at[at - 1].0 > key {
+            self.at[at] = self.at[at - 1];
+            at -= 1;
+        }
+        self.at[at] = (key, i as u8);
+        self.len += 1;
+    }
+
+    /// The children, nearest first, with their squared distances.
+    fn iter(&self) -> impl Iterator<Item = (f64, usize)> + '_ {
+        self.at[..self.len]
+            .iter()
+            .map(|&(key, i)| (f64::from_bits(key), usize::from(i)))
     }
 }
 
-impl<N> Eq for Pending<N> {}
-
-impl<N> PartialOrd for Pending<N> {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
+/// The buffers of a walk, kept by each thread from one query to the next:
+/// a query then allocates only its result.
+#[derive(Default)]
+struct Scratch {
+    cands: Vec<Candidate>,
 }
 
-impl<N> Ord for Pending<N> {
-    /// Reversed: `BinaryHeap` is a max-heap, the walk wants the nearest.
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        other.d2.total_cmp(&self.d2)
-    }
-}
+/// Candidates kept in a thread's [`Scratch`] between queries at most; a
+/// larger `k` gives its excess back.
+const SCRATCH_KEEP: usize = 1024;
 
-/// What the walk over cells queues: a node of the top-level tree, or a cell.
-enum CellStep<'a> {
-    Node(&'a ParentNode<CellEntry>),
-    Cell(&'a CellEntry),
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// The state of one query's walk.
-struct Walk<'q> {
-    q: &'q NearestQuery,
+struct Walk {
+    k: usize,
     qv: [f64; 3],
+    /// What the filters require of a driver.
+    required: Traits,
+    /// The candidates, nearest first (equal chords in the order found).
     cands: Vec<Candidate>,
-    /// The records' fields of candidates that survived their shard's walk.
+    /// The records' fields of candidates that survived their shard's walk:
+    /// the result, once the candidates pushed out later are dropped.
     found: Vec<Neighbor>,
     /// Nothing farther than this (squared chord) can still be in the answer.
     cut2: f64,
 }
 
-impl Walk<'_> {
-    /// Walks the cells nearest box first, and each cell's shard as its
-    /// turn comes: a cell's box bounds every driver in it from below, so
-    /// the walk ends at the first cell beyond the cut.
+impl Walk {
+    /// Walks the cells, descending nearest box first into each node of the
+    /// top-level tree, and walks each cell's shard as its turn comes: a
+    /// cell's box bounds every driver in it from below. A cell whose
+    /// shard's summary cannot satisfy the filters is never measured.
     fn cells(&mut self, cells: &Cells) {
         let root = cells.tree.root();
-        let mut queue = BinaryHeap::with_capacity(64);
-        queue.push(Pending {
-            d2: box_d2(&root.envelope(), &self.qv),
-            next: CellStep::Node(root),
-        });
-        while let Some(Pending { d2, next }) = queue.pop() {
+        if box_d2(&root.envelope(), &self.qv) <= self.cut2 {
+            self.cell_node(root);
+        }
+    }
+
+    fn cell_node(&mut self, node: &ParentNode<CellEntry>) {
+        let children = node.children();
+        let mut ranked = Ranked::new();
+        for (i, child) in children.iter().enumerate().take(MAX_CHILDREN) {
+            let d2 = match child {
+                RTreeNode::Leaf(entry) => {
+                    if !entry.shard.traits().admits(self.required) {
+                        continue;
+                    }
+                    box_d2(&entry.bbox, &self.qv)
+                }
+                RTreeNode::Parent(p) => box_d2(&p.envelope(), &self.qv),
+            };
+            if d2 <= self.cut2 {
+                ranked.add(d2, i);
+            }
+        }
+        for (d2, i) in ranked.iter() {
             if d2 > self.cut2 {
                 break;
             }
-            match next {
-                CellStep::Cell(entry) => self.shard(&entry.shard.data.read()),
-                CellStep::Node(node) => {
-                    for child in node.children() {
-                        let (d2, next) = match child {
-                            RTreeNode::Leaf(entry) => {
-                                (box_d2(&entry.bbox, &self.qv), CellStep::Cell(entry))
-                            }
-                            RTreeNode::Parent(p) => {
-                                (box_d2(&p.envelope(), &self.qv), CellStep::Node(p))
-                            }
-                        };
-                        if d2 <= self.cut2 {
-                            queue.push(Pending { d2, next });
-                        }
-                    }
-                }
+            match &children[i] {
+                RTreeNode::Leaf(entry) => self.shard(&entry.shard.data.read()),
+                RTreeNode::Parent(p) => self.cell_node(p),
             }
         }
     }
 
-    /// Offers one tree item: kept if near enough and eligible.
+    /// Offers one tree item: kept, in chord order, if near enough and
+    /// eligible; the cut then tightens to the new k-th best.
     #[inline]
     fn offer(&mut self, item: &Item) {
         let d2 = chord2(&item.v, &self.qv);
-        if d2 > self.cut2
-            || self.q.vehicle.is_some_and(|v| v != item.vehicle)
-            || !item.caps.contains(self.q.capabilities)
-        {
+        if d2 > self.cut2 || !item.traits.has(self.required) {
             return;
         }
-        let at = self.cands.partition_point(|c| c.d2 <= d2);
-        self.cands.insert(
-            at,
-            Candidate {
-                d2,
-                slot: item.slot,
-                found: UNREAD,
-            },
-        );
-        let k = self.q.k;
-        if self.cands.len() >= k {
-            self.cut2 = self.cut2.min(keep_below(self.cands[k - 1].d2));
-            let keep = self.cands.partition_point(|c| c.d2 <= self.cut2);
-            self.cands.truncate(keep);
+        let new = Candidate {
+            d2,
+            slot: item.slot,
+            found: UNREAD,
+        };
+        // Insertion from the back: most candidates land near it, and a
+        // few moves of 16 bytes beat a call to `memmove`.
+        let c = &mut self.cands;
+        c.push(new);
+        let mut at = c.len() - 1;
+        while at > 0 && c[at - 1].d2 > d2 {
+            c[at] = c[at - 1];
+            at -= 1;
+        }
+        c[at] = new;
+        // Only a candidate among the first k changes the k-th best.
+        if at < self.k && c.len() >= self.k {
+            self.cut2 = self.cut2.min(keep_below(c[self.k - 1].d2));
+            while c.last().is_some_and(|x| x.d2 > self.cut2) {
+                c.pop();
+            }
         }
     }
 
-    /// Walks one shard's tree best-first, nearest box first, queueing only
-    /// nodes whose box is within the cut (an inner node holds its
-    /// children's boxes, so ranking them reads no child).
+    /// Walks one shard's tree, descending nearest box first into the
+    /// children whose box is within the cut and whose summary can satisfy
+    /// the filters (an inner node holds its children's boxes and summaries,
+    /// so ranking them reads no child).
     /// Exact: an item within the final cut lies in boxes that were within
     /// every earlier cut (the cut only shrinks), so all of them were opened.
     fn shard(&mut self, data: &ShardData) {
-        let mut queue = BinaryHeap::with_capacity(32);
+        if !data.tree.traits().admits(self.required) {
+            return;
+        }
         let (root, bbox) = data.tree.root();
-        queue.push(Pending {
-            d2: bbox.d2(&self.qv),
-            next: root,
-        });
-        while let Some(Pending { d2, next: node }) = queue.pop() {
-            if d2 > self.cut2 {
-                break;
-            }
-            match node {
-                NodeRef::Leaf(leaf) => {
-                    for item in data.tree.items(leaf) {
-                        self.offer(item);
-                    }
-                }
-                NodeRef::Inner(inner) => {
-                    for (child, b) in data.tree.children(inner) {
-                        let d2 = b.d2(&self.qv);
-                        if d2 <= self.cut2 {
-                            queue.push(Pending { d2, next: child });
-                        }
-                    }
-                }
-            }
+        if bbox.d2(&self.qv) <= self.cut2 {
+            self.tree_node(data, root);
         }
         // The survivors found in this shard read their records now, under
         // the same read lock that the walk held.
@@ -309,23 +330,78 @@ impl Walk<'_> {
             let Some(rec) = data.record(c.slot) else {
                 return false;
             };
-            c.found = u32::try_from(found.len()).unwrap_or(UNREAD);
+            let Ok(at) = u32::try_from(found.len()) else {
+                return false;
+            };
+            c.found = at;
             found.push(Neighbor {
                 id: rec.id.clone(),
                 pos: rec.pos,
-                distance_m: 0.0,
+                // Not (yet) wanted: see `rank`.
+                distance_m: -1.0,
                 vehicle: rec.vehicle,
                 capabilities: rec.caps,
                 ts: rec.ts,
             });
-            c.found != UNREAD
+            true
         });
+    }
+
+    /// Offers a leaf's items, or descends into an inner node's children.
+    fn tree_node(&mut self, data: &ShardData, node: NodeRef) {
+        match node {
+            NodeRef::Leaf(leaf) => {
+                for item in data.tree.items(leaf) {
+                    self.offer(item);
+                }
+            }
+            NodeRef::Inner(inner) => {
+                let c = data.tree.children(inner);
+                let mut ranked = Ranked::new();
+                for (i, b) in c.boxes.iter().enumerate() {
+                    if c.traits[i].has(self.required) {
+                        let d2 = b.d2(&self.qv);
+                        if d2 <= self.cut2 {
+                            ranked.add(d2, i);
+                        }
+                    }
+                }
+                for (d2, i) in ranked.iter() {
+                    if d2 > self.cut2 {
+                        break;
+                    }
+                    self.tree_node(data, c.node(i));
+                }
+            }
+        }
+    }
+
+    /// The answer: the records of the candidates still standing (a record
+    /// read for a candidate that a later shard pushed out is dropped), by
+    /// haversine metres within `limit_m`, ties by driver id, the first k.
+    fn rank(&mut self, from: Position, limit_m: f64) -> Vec<Neighbor> {
+        let mut out = std::mem::take(&mut self.found);
+        let from = DistanceFrom::new(from);
+        for c in &self.cands {
+            if let Some(n) = out.get_mut(c.found as usize) {
+                n.distance_m = from.to(n.pos);
+            }
+        }
+        out.retain(|n| (0.0..=limit_m).contains(&n.distance_m));
+        out.sort_unstable_by(|a, b| {
+            a.distance_m
+                .total_cmp(&b.distance_m)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        out.truncate(self.k);
+        out
     }
 }
 
 /// The `k` nearest available drivers of `index` passing the query's
 /// filters, by great-circle distance, ties broken by driver id. A query
-/// without a radius searches as far as `max_radius_m`.
+/// without a radius searches as far as `max_radius_m`. A filter that no
+/// shard's summary can satisfy is answered before the first cell.
 ///
 /// # Errors
 /// [`Error::InvalidParameter`] for an invalid `k` or radius (only possible
@@ -340,41 +416,35 @@ pub(crate) fn nearest(index: &Index, q: &NearestQuery, max_radius_m: f64) -> Res
     if let Some(r) = q.radius_m {
         validate_radius(r)?;
     }
+    let required = Traits::required(q.vehicle, q.capabilities);
+    if !index.may_have(required) {
+        return Ok(Vec::new());
+    }
     let limit_m = q.radius_m.unwrap_or(max_radius_m);
-    let mut walk = Walk {
-        q,
-        qv: q.pos.to_unit_vector(),
-        cands: Vec::with_capacity(q.k + 4),
-        found: Vec::with_capacity(q.k + 4),
-        cut2: keep_below(chord_of_metres(limit_m).powi(2)),
+    let search = |scratch: &mut Scratch| {
+        let mut walk = Walk {
+            k: q.k,
+            qv: q.pos.to_unit_vector(),
+            required,
+            cands: std::mem::take(&mut scratch.cands),
+            found: Vec::with_capacity(q.k + 2),
+            cut2: keep_below(chord_of_metres(limit_m).powi(2)),
+        };
+        walk.cands.clear();
+        walk.cells(&index.read_cells());
+        let out = walk.rank(q.pos, limit_m);
+        let mut cands = walk.cands;
+        cands.clear();
+        cands.shrink_to(SCRATCH_KEEP);
+        scratch.cands = cands;
+        out
     };
-    walk.cells(&index.read_cells());
-
-    // A read record belongs to one candidate still standing, or to
-    // none (a later shard pushed its candidate out). The order does not
-    // matter: the survivors are ranked by metres below.
-    let mut wanted = vec![false; walk.found.len()];
-    for c in &walk.cands {
-        if let Some(w) = wanted.get_mut(c.found as usize) {
-            *w = true;
-        }
-    }
-    let mut out = Vec::with_capacity(walk.cands.len());
-    for (mut n, w) in walk.found.into_iter().zip(wanted) {
-        if w {
-            n.distance_m = q.pos.distance_m(n.pos);
-            if n.distance_m <= limit_m {
-                out.push(n);
-            }
-        }
-    }
-    out.sort_unstable_by(|a, b| {
-        a.distance_m
-            .total_cmp(&b.distance_m)
-            .then_with(|| a.id.cmp(&b.id))
-    });
-    out.truncate(q.k);
-    Ok(out)
+    // A nested search (none today) would find the scratch borrowed, and
+    // use buffers of its own.
+    Ok(SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut scratch) => search(&mut scratch),
+        Err(_) => search(&mut Scratch::default()),
+    }))
 }
 
 /// Half the Earth's circumference: no two points are farther apart.
