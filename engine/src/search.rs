@@ -127,8 +127,8 @@ pub struct Neighbor {
 /// A candidate during the walk: its squared chord, its slot in the shard
 /// being walked, and, once that shard's walk ends, the index of its
 /// record's fields in [`Walk::found`] (most candidates are dropped before
-/// that and never cost a record read). Small, because candidates shift
-/// on every sorted insert.
+/// that and never cost a record read). Small, because candidates move in
+/// the heap of the k best.
 #[derive(Clone, Copy)]
 struct Candidate {
     d2: f64,
@@ -138,6 +138,63 @@ struct Candidate {
 
 /// [`Candidate::found`] of a candidate whose record is not read yet.
 const UNREAD: u32 = u32::MAX;
+/// [`Candidate::found`] of a candidate whose record is gone.
+const LOST: u32 = u32::MAX - 1;
+
+/// Restores a max-heap on `d2` (the k best candidates) after a push.
+#[inline]
+fn sift_up(heap: &mut [Candidate]) {
+    let Some(mut at) = heap.len().checked_sub(1) else {
+        return;
+    };
+    let moving = heap[at];
+    while at > 0 {
+        let parent = (at - 1) / 2;
+        if heap[parent].d2 >= moving.d2 {
+            break;
+        }
+        heap[at] = heap[parent];
+        at = parent;
+    }
+    heap[at] = moving;
+}
+
+/// Restores a max-heap on `d2` after its top was replaced.
+#[inline]
+fn sift_down(heap: &mut [Candidate]) {
+    sift_down_from(heap, 0);
+}
+
+#[inline]
+fn sift_down_from(heap: &mut [Candidate], mut at: usize) {
+    let n = heap.len();
+    if at >= n {
+        return;
+    }
+    let moving = heap[at];
+    loop {
+        let mut child = 2 * at + 1;
+        if child >= n {
+            break;
+        }
+        if child + 1 < n && heap[child + 1].d2 > heap[child].d2 {
+            child += 1;
+        }
+        if heap[child].d2 <= moving.d2 {
+            break;
+        }
+        heap[at] = heap[child];
+        at = child;
+    }
+    heap[at] = moving;
+}
+
+/// Makes a max-heap on `d2` of any order.
+fn heapify(heap: &mut [Candidate]) {
+    for at in (0..heap.len() / 2).rev() {
+        sift_down_from(heap, at);
+    }
+}
 
 /// The squared chord below which a candidate must be kept, given the
 /// squared chord of the current k-th best.
@@ -165,42 +222,51 @@ fn box_d2(b: &AABB<[f64; 3]>, q: &[f64; 3]) -> f64 {
 const MAX_CHILDREN: usize = M;
 const _: () = assert!(<DefaultParams as RTreeParams>::MAX_SIZE <= MAX_CHILDREN);
 
-/// A node's children within the cut, nearest box first: the walk descends
-/// into them in this order. Squared distances are never negative, so their
-/// bits order them as the numbers do.
+/// A node's children within the cut, handed out nearest box first: the
+/// walk descends into them in this order, and stops at the first one
+/// beyond the cut (which shrinks as it goes). Each is a key: the bits of
+/// its squared distance (never negative, so the bits order them as the
+/// numbers do) with the lowest four replaced by the child's index. The key
+/// without the index is a hair below the distance, so still a lower bound.
 struct Ranked {
     len: usize,
-    /// (squared distance's bits, child index), sorted.
-    at: [(u64, u8); MAX_CHILDREN],
+    keys: [u64; MAX_CHILDREN],
 }
+
+/// The bits of a [`Ranked`] key that hold the child's index.
+const CHILD_BITS: u64 = 0xF;
+const _: () = assert!(MAX_CHILDREN as u64 <= CHILD_BITS + 1);
 
 impl Ranked {
     fn new() -> Self {
         Self {
             len: 0,
-            at: [(0, 0); MAX_CHILDREN],
+            keys: [0; MAX_CHILDREN],
         }
     }
 
-    /// Adds child `i` at squared distance `d2` (equal distances keep the
-    /// order of their children).
+    /// Adds child `i` (below [`MAX_CHILDREN`]) at squared distance `d2`.
     #[inline]
     fn add(&mut self, d2: f64, i: usize) {
-        let key = d2.to_bits();
-        let mut at = self.len;
-        while at > 0 && self.at[at - 1].0 > key {
-            self.at[at] = self.at[at - 1];
-            at -= 1;
+        if let Some(key) = self.keys.get_mut(self.len) {
+            *key = (d2.to_bits() & !CHILD_BITS) | i as u64;
+            self.len += 1;
         }
-        self.at[at] = (key, i as u8);
-        self.len += 1;
     }
 
-    /// The children, nearest first, with their squared distances.
-    fn iter(&self) -> impl Iterator<Item = (f64, usize)> + '_ {
-        self.at[..self.len]
-            .iter()
-            .map(|&(key, i)| (f64::from_bits(key), usize::from(i)))
+    /// Takes the nearest child left, if it is within `cut2`. Picking the
+    /// least of a few keys beats sorting them: the cut usually stops the
+    /// walk after the first one or two.
+    #[inline]
+    fn next_within(&mut self, cut2: f64) -> Option<usize> {
+        let keys = &mut self.keys[..self.len];
+        let (at, &key) = keys.iter().enumerate().min_by_key(|&(_, k)| *k)?;
+        if f64::from_bits(key & !CHILD_BITS) > cut2 {
+            return None;
+        }
+        keys[at] = keys[keys.len() - 1];
+        self.len -= 1;
+        Some((key & CHILD_BITS) as usize)
     }
 }
 
@@ -208,7 +274,9 @@ impl Ranked {
 /// a query then allocates only its result.
 #[derive(Default)]
 struct Scratch {
-    cands: Vec<Candidate>,
+    best: Vec<Candidate>,
+    ties: Vec<Candidate>,
+    order: Vec<(u64, u32)>,
 }
 
 /// Candidates kept in a thread's [`Scratch`] between queries at most; a
@@ -225,8 +293,14 @@ struct Walk {
     qv: [f64; 3],
     /// What the filters require of a driver.
     required: Traits,
-    /// The candidates, nearest first (equal chords in the order found).
-    cands: Vec<Candidate>,
+    /// The k nearest candidates so far, as a max-heap on `d2`: the k-th
+    /// best is at the top.
+    best: Vec<Candidate>,
+    /// Candidates beyond the k best but within the cut: (near) ties of the
+    /// k-th, kept for the exact ranking. Usually none.
+    ties: Vec<Candidate>,
+    /// The ranking's keys (see `rank`).
+    order: Vec<(u64, u32)>,
     /// The records' fields of candidates that survived their shard's walk:
     /// the result, once the candidates pushed out later are dropped.
     found: Vec<Neighbor>,
@@ -263,10 +337,7 @@ impl Walk {
                 ranked.add(d2, i);
             }
         }
-        for (d2, i) in ranked.iter() {
-            if d2 > self.cut2 {
-                break;
-            }
+        while let Some(i) = ranked.next_within(self.cut2) {
             match &children[i] {
                 RTreeNode::Leaf(entry) => self.shard(&entry.shard.data.read()),
                 RTreeNode::Parent(p) => self.cell_node(p),
@@ -274,12 +345,14 @@ impl Walk {
         }
     }
 
-    /// Offers one tree item: kept, in chord order, if near enough and
-    /// eligible; the cut then tightens to the new k-th best.
+    /// Offers one tree item: kept if near enough and eligible (`FILTERED`:
+    /// whether the query has filters to check). Among the k best it goes
+    /// into the heap, pushing the old k-th out (to the ties, if still
+    /// within the new cut); beyond them but within the cut, to the ties.
     #[inline]
-    fn offer(&mut self, item: &Item) {
+    fn offer<const FILTERED: bool>(&mut self, item: &Item) {
         let d2 = chord2(&item.v, &self.qv);
-        if d2 > self.cut2 || !item.traits.has(self.required) {
+        if d2 > self.cut2 || (FILTERED && !item.traits.has(self.required)) {
             return;
         }
         let new = Candidate {
@@ -287,22 +360,33 @@ impl Walk {
             slot: item.slot,
             found: UNREAD,
         };
-        // Insertion from the back: most candidates land near it, and a
-        // few moves of 16 bytes beat a call to `memmove`.
-        let c = &mut self.cands;
-        c.push(new);
-        let mut at = c.len() - 1;
-        while at > 0 && c[at - 1].d2 > d2 {
-            c[at] = c[at - 1];
-            at -= 1;
-        }
-        c[at] = new;
-        // Only a candidate among the first k changes the k-th best.
-        if at < self.k && c.len() >= self.k {
-            self.cut2 = self.cut2.min(keep_below(c[self.k - 1].d2));
-            while c.last().is_some_and(|x| x.d2 > self.cut2) {
-                c.pop();
+        let best = &mut self.best;
+        if best.len() < self.k {
+            best.push(new);
+            sift_up(best);
+            if best.len() == self.k {
+                self.tighten();
             }
+        } else if d2 < best[0].d2 {
+            let out = std::mem::replace(&mut best[0], new);
+            sift_down(best);
+            self.tighten();
+            if out.d2 <= self.cut2 {
+                self.ties.push(out);
+            }
+        } else {
+            self.ties.push(new);
+        }
+    }
+
+    /// The k-th best changed: the cut follows it, and ties beyond the new
+    /// cut go.
+    #[inline]
+    fn tighten(&mut self) {
+        self.cut2 = self.cut2.min(keep_below(self.best[0].d2));
+        if !self.ties.is_empty() {
+            let cut2 = self.cut2;
+            self.ties.retain(|c| c.d2 <= cut2);
         }
     }
 
@@ -318,59 +402,69 @@ impl Walk {
         }
         let (root, bbox) = data.tree.root();
         if bbox.d2(&self.qv) <= self.cut2 {
-            self.tree_node(data, root);
+            // Without filters, no summary or item needs checking.
+            if self.required.is_empty() {
+                self.tree_node::<false>(data, root);
+            } else {
+                self.tree_node::<true>(data, root);
+            }
         }
         // The survivors found in this shard read their records now, under
         // the same read lock that the walk held.
-        let found = &mut self.found;
-        self.cands.retain_mut(|c| {
+        let mut lost = false;
+        for c in self.best.iter_mut().chain(&mut self.ties) {
             if c.found != UNREAD {
-                return true;
+                continue;
             }
-            let Some(rec) = data.record(c.slot) else {
-                return false;
-            };
-            let Ok(at) = u32::try_from(found.len()) else {
-                return false;
-            };
-            c.found = at;
-            found.push(Neighbor {
-                id: rec.id.clone(),
-                pos: rec.pos,
-                // Not (yet) wanted: see `rank`.
-                distance_m: -1.0,
-                vehicle: rec.vehicle,
-                capabilities: rec.caps,
-                ts: rec.ts,
-            });
-            true
-        });
+            let rec = data.record(c.slot);
+            match (rec, u32::try_from(self.found.len())) {
+                (Some(rec), Ok(at)) if at != UNREAD && at != LOST => {
+                    c.found = at;
+                    self.found.push(Neighbor {
+                        id: rec.id.clone(),
+                        pos: rec.pos,
+                        // Set by `rank`.
+                        distance_m: 0.0,
+                        vehicle: rec.vehicle,
+                        capabilities: rec.caps,
+                        ts: rec.ts,
+                    });
+                }
+                _ => {
+                    c.found = LOST;
+                    lost = true;
+                }
+            }
+        }
+        if lost {
+            self.best.retain(|c| c.found != LOST);
+            self.ties.retain(|c| c.found != LOST);
+            heapify(&mut self.best);
+        }
     }
 
-    /// Offers a leaf's items, or descends into an inner node's children.
-    fn tree_node(&mut self, data: &ShardData, node: NodeRef) {
+    /// Offers a leaf's items, or descends into an inner node's children
+    /// (`FILTERED`: whether the query has filters to check).
+    fn tree_node<const FILTERED: bool>(&mut self, data: &ShardData, node: NodeRef) {
         match node {
             NodeRef::Leaf(leaf) => {
                 for item in data.tree.items(leaf) {
-                    self.offer(item);
+                    self.offer::<FILTERED>(item);
                 }
             }
             NodeRef::Inner(inner) => {
                 let c = data.tree.children(inner);
                 let mut ranked = Ranked::new();
-                for (i, b) in c.boxes.iter().enumerate() {
-                    if c.traits[i].has(self.required) {
+                for (i, (b, t)) in c.boxes.iter().zip(c.traits).enumerate() {
+                    if !FILTERED || t.has(self.required) {
                         let d2 = b.d2(&self.qv);
                         if d2 <= self.cut2 {
                             ranked.add(d2, i);
                         }
                     }
                 }
-                for (d2, i) in ranked.iter() {
-                    if d2 > self.cut2 {
-                        break;
-                    }
-                    self.tree_node(data, c.node(i));
+                while let Some(i) = ranked.next_within(self.cut2) {
+                    self.tree_node::<FILTERED>(data, c.node(i));
                 }
             }
         }
@@ -379,21 +473,50 @@ impl Walk {
     /// The answer: the records of the candidates still standing (a record
     /// read for a candidate that a later shard pushed out is dropped), by
     /// haversine metres within `limit_m`, ties by driver id, the first k.
+    /// The ranking sorts small keys, then moves each chosen record once.
     fn rank(&mut self, from: Position, limit_m: f64) -> Vec<Neighbor> {
         let mut out = std::mem::take(&mut self.found);
         let from = DistanceFrom::new(from);
-        for c in &self.cands {
-            if let Some(n) = out.get_mut(c.found as usize) {
-                n.distance_m = from.to(n.pos);
+        // (metres' bits, index in `out`): metres are never negative, so
+        // their bits order them as the numbers do.
+        let order = &mut self.order;
+        order.clear();
+        // The heap of the k best has its farthest first: read backwards,
+        // the candidates come nearly in order, and insertion moves little.
+        for c in self.best.iter().rev().chain(&self.ties) {
+            let Some(n) = out.get(c.found as usize) else {
+                continue;
+            };
+            let m = from.to(n.pos);
+            if m > limit_m {
+                continue;
             }
+            // Insertion by (metres, id): a dozen keys, no call.
+            let key = (m.to_bits(), c.found);
+            let after =
+                |e: &(u64, u32)| e.0 > key.0 || (e.0 == key.0 && out[e.1 as usize].id > n.id);
+            order.push(key);
+            let mut at = order.len() - 1;
+            while at > 0 && after(&order[at - 1]) {
+                order[at] = order[at - 1];
+                at -= 1;
+            }
+            order[at] = key;
         }
-        out.retain(|n| (0.0..=limit_m).contains(&n.distance_m));
-        out.sort_unstable_by(|a, b| {
-            a.distance_m
-                .total_cmp(&b.distance_m)
-                .then_with(|| a.id.cmp(&b.id))
-        });
-        out.truncate(self.k);
+        order.truncate(self.k);
+        // Step i swaps into place the record `order[i]` names, following
+        // the earlier steps that moved it away (each step records in
+        // `order` where it took its record from).
+        for i in 0..order.len() {
+            let mut from = order[i].1 as usize;
+            while from < i {
+                from = order[from].1 as usize;
+            }
+            order[i].1 = from as u32;
+            out.swap(i, from);
+            out[i].distance_m = f64::from_bits(order[i].0);
+        }
+        out.truncate(order.len());
         out
     }
 }
@@ -426,17 +549,27 @@ pub(crate) fn nearest(index: &Index, q: &NearestQuery, max_radius_m: f64) -> Res
             k: q.k,
             qv: q.pos.to_unit_vector(),
             required,
-            cands: std::mem::take(&mut scratch.cands),
+            best: std::mem::take(&mut scratch.best),
+            ties: std::mem::take(&mut scratch.ties),
+            order: std::mem::take(&mut scratch.order),
             found: Vec::with_capacity(q.k + 2),
             cut2: keep_below(chord_of_metres(limit_m).powi(2)),
         };
-        walk.cands.clear();
+        walk.best.clear();
+        walk.ties.clear();
         walk.cells(&index.read_cells());
         let out = walk.rank(q.pos, limit_m);
-        let mut cands = walk.cands;
-        cands.clear();
-        cands.shrink_to(SCRATCH_KEEP);
-        scratch.cands = cands;
+        for (mut kept, to) in [
+            (walk.best, &mut scratch.best),
+            (walk.ties, &mut scratch.ties),
+        ] {
+            kept.clear();
+            kept.shrink_to(SCRATCH_KEEP);
+            *to = kept;
+        }
+        walk.order.clear();
+        walk.order.shrink_to(SCRATCH_KEEP);
+        scratch.order = walk.order;
         out
     };
     // A nested search (none today) would find the scratch borrowed, and
