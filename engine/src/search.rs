@@ -1,24 +1,32 @@
 //! Exact k-nearest search over the shards.
 //!
 //! # Algorithm
-//! Best-first over two levels. The top-level R-tree yields shards in
-//! increasing order of the distance from the query to their cell's box,
-//! which is a lower bound for every driver in that shard. Each shard's
-//! R-tree is walked nearest box first, opening only boxes within the
-//! current k-th best (`Walk::shard`). Both walks stop as soon as the next
-//! lower bound exceeds the current k-th best (or the radius). So the
-//! search visits only the cells that could still hold a better answer: one
-//! or two in a dense city, however many it takes in a sparse country, with
-//! no cost for empty cells in between.
+//! Depth-first, nearest box first, over two levels: the top-level R-tree
+//! of cells, then each cell's shard tree as its turn comes. At every node
+//! the children within the current cut (the k-th best so far, or the
+//! radius) are measured, and the walk descends into them nearest first,
+//! stopping at the first one beyond the cut: the cut only shrinks, so a
+//! child beyond it stays beyond it. A cell's box bounds every driver in
+//! it from below, so the search visits only the cells that could still
+//! hold a better answer: one or two in a dense city, however many it takes
+//! in a sparse country, with no cost for empty cells in between.
+//!
+//! Filters prune at every level through the summaries (`filter`): the
+//! index's before the first cell (a filter nobody matches costs a few
+//! atomic loads), a shard's before its cell is measured (no lock taken), a
+//! child's before its box is measured, then each item's own traits. A
+//! query without filters skips the checks below the shards.
 //!
 //! Chord order equals great-circle order, so the result is exact. To agree
 //! to the last bit with a haversine oracle, the walk keeps every candidate
-//! within a hair (1e-9 relative, ~6 µm absolute) of the k-th chord, then
-//! ranks the survivors by haversine metres and driver id.
+//! within a hair (1e-9 relative, ~6 µm absolute) of the k-th chord (the k
+//! best in a max-heap, near ties beside it), then ranks the survivors by
+//! haversine metres and driver id.
 //!
-//! Cost: O(c·log n) for c visited cells of n drivers each; no allocation
-//! beyond the candidate list, one node queue per visited cell and the
-//! result.
+//! Cost: O(c·log n) for c visited cells of n drivers each; no queue, and no
+//! allocation but the result (the candidate buffers are kept per thread).
+//! Unfiltered k = 10 among 1M drivers is about 12.8k instructions, a
+//! quarter of it the ten haversine distances of the ranking.
 
 use std::cell::RefCell;
 

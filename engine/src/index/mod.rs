@@ -8,7 +8,7 @@
 //!   own `RwLock`.
 //! - A small top-level rstar R-tree holds each shard's cell as a 3D
 //!   bounding box ([`Cells`], with the rest of the cell geometry in
-//!   `cells`); the search walks it best-first (see `search`). It changes
+//!   `cells`); the search walks it nearest box first (see `search`). It changes
 //!   only when a cell gets its first driver.
 //! - Filter summaries (`filter`): each shard publishes the union of its
 //!   available drivers' traits (its tree root's) when a write guard
