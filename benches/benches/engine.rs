@@ -1,13 +1,14 @@
 //! Criterion benches of the engine on city-scale workloads.
 //!
 //! Groups (see `benches/README.md` for what each one tells you):
-//! - `nearest_1m` — nearest k = 1 / 10 / 50, unfiltered and filtered, on 1M
-//!   clustered drivers (500k available);
+//! - `nearest_1m` — nearest k = 1 / 10 / 50, unfiltered and filtered (35 %,
+//!   5 %, 1 % and 0.1 % of drivers match, and filters nobody matches), on
+//!   1M clustered drivers (500k available);
 //! - `move_1m` — location updates of existing drivers;
 //! - `nearest_1m_with_writer` — nearest k = 10 while another thread moves
 //!   drivers as fast as it can (its rate is printed);
 //! - `nearest_k10_by_size` — city 10k / 100k / 1M and country 10k / 100k /
-//!   1M; with `HEXMATCH_BENCH_10M=1` also both at 10M (about 4 GB of RAM
+//!   1M, unfiltered and with a filter nobody matches; with `HEXMATCH_BENCH_10M=1` also both at 10M (about 4 GB of RAM
 //!   and a few more minutes);
 //! - `claim_1m` — claim + release of a fresh order;
 //! - `batch_1m` — `claim_batch` of 1000 orders × 10 candidates at
@@ -110,43 +111,71 @@ fn bench_queries(b: &mut criterion::Bencher<'_>, engine: &Engine, queries: &[Nea
     });
 }
 
+/// A capability set by name.
+fn caps(names: &str) -> Capabilities {
+    names.parse().expect("known capabilities")
+}
+
 fn nearest(c: &mut Criterion) {
     let w = &*CITY;
-    let cash: Capabilities = "cash".parse().expect("known capability");
-    let wheelchair: Capabilities = "wheelchair".parse().expect("known capability");
     let none = Capabilities::NONE;
     let mut group = c.benchmark_group("nearest_1m");
     group.throughput(Throughput::Elements(1));
+    // (name, k, vehicle, capabilities, drivers found: k, or 0 for a filter
+    // nobody matches).
     let cases = [
-        ("k1", 1, None, none),
-        ("k10", 10, None, none),
-        ("k50", 50, None, none),
+        ("k1", 1, None, none, 1),
+        ("k10", 10, None, none, 10),
+        ("k50", 50, None, none, 50),
         // 5 % of drivers are vans.
-        ("k10_van", 10, Some(Vehicle::Van), none),
+        ("k10_van", 10, Some(Vehicle::Van), none, 10),
         // 35 % of drivers take cash.
-        ("k10_cash", 10, None, cash),
-        // 1 % of drivers: filters are checked during the walk, not indexed.
-        ("k10_wheelchair", 10, None, wheelchair),
+        ("k10_cash", 10, None, caps("cash"), 10),
+        // 1 % of drivers.
+        ("k10_wheelchair", 10, None, caps("wheelchair"), 10),
+        // 0.1 % of drivers: one rare capability.
+        ("k10_refrigerated", 10, None, caps("refrigerated"), 10),
+        // 0.1 % of drivers: two capabilities (1 % and 10 %) together.
+        ("k10_wheelchair_pets", 10, None, caps("wheelchair,pets"), 10),
+        // Nobody: a capability no driver has.
+        ("k10_none_hazmat", 10, None, caps("hazmat"), 0),
+        // Nobody: walkers and large items both exist, never together.
+        (
+            "k10_none_walker_large_items",
+            10,
+            Some(Vehicle::Walker),
+            caps("large_items"),
+            0,
+        ),
     ];
-    for (name, k, vehicle, caps) in cases {
-        let queries: Vec<NearestQuery> = w
-            .pickups
-            .iter()
-            .map(|&p| {
-                let q = NearestQuery::new(p, k)
-                    .expect("valid k")
-                    .with_capabilities(caps);
-                match vehicle {
-                    Some(v) => q.with_vehicle(v),
-                    None => q,
-                }
-            })
-            .collect();
+    for (name, k, vehicle, caps, expect) in cases {
+        let queries = queries_at(&w.pickups, k, vehicle, caps);
         let found = w.engine.nearest(&queries[0]).expect("valid query").len();
-        assert_eq!(found, k, "{name}: the city set has enough matching drivers");
+        assert_eq!(found, expect, "{name}: drivers found in the city set");
         group.bench_function(name, |b| bench_queries(b, &w.engine, &queries));
     }
     group.finish();
+}
+
+/// A query of `k` with these filters at each point.
+fn queries_at(
+    points: &[Position],
+    k: usize,
+    vehicle: Option<Vehicle>,
+    caps: Capabilities,
+) -> Vec<NearestQuery> {
+    points
+        .iter()
+        .map(|&p| {
+            let q = NearestQuery::new(p, k)
+                .expect("valid k")
+                .with_capabilities(caps);
+            match vehicle {
+                Some(v) => q.with_vehicle(v),
+                None => q,
+            }
+        })
+        .collect()
 }
 
 fn moves(c: &mut Criterion) {
@@ -199,28 +228,43 @@ fn by_size(c: &mut Criterion) {
     let mut group = c.benchmark_group("nearest_k10_by_size");
     group.throughput(Throughput::Elements(1));
     let pickups = chicago_pickups();
-    let city_queries: Vec<NearestQuery> = pickups
-        .iter()
-        .map(|&p| NearestQuery::new(p, 10).expect("valid k"))
-        .collect();
+    let city_queries = queries_at(&pickups, 10, None, Capabilities::NONE);
+    // A capability no driver has: the search ends at the top, whatever the
+    // fleet's size or spread.
+    let hazmat = caps("hazmat");
+    let city_none = queries_at(&pickups, 10, None, hazmat);
     for n in [10_000, 100_000] {
         let (engine, _clock) = build_engine(city_drivers(n, SEED));
         group.bench_with_input(BenchmarkId::new("city", n), &engine, |b, e| {
             bench_queries(b, e, &city_queries);
         });
+        group.bench_with_input(BenchmarkId::new("city_none_match", n), &engine, |b, e| {
+            bench_queries(b, e, &city_none);
+        });
     }
     group.bench_with_input(BenchmarkId::new("city", BIG), &CITY.engine, |b, e| {
         bench_queries(b, e, &city_queries);
     });
-    let country_queries: Vec<NearestQuery> = random_positions(US_BOUNDS, 10_000, SEED + 1)
-        .into_iter()
-        .map(|p| NearestQuery::new(p, 10).expect("valid k"))
-        .collect();
+    group.bench_with_input(
+        BenchmarkId::new("city_none_match", BIG),
+        &CITY.engine,
+        |b, e| bench_queries(b, e, &city_none),
+    );
+    let country_points = random_positions(US_BOUNDS, 10_000, SEED + 1);
+    let country_queries = queries_at(&country_points, 10, None, Capabilities::NONE);
+    let country_none = queries_at(&country_points, 10, None, hazmat);
     for n in [10_000, 100_000, BIG] {
         let (engine, _clock) = build_engine(country_drivers(n, SEED));
         group.bench_with_input(BenchmarkId::new("country", n), &engine, |b, e| {
             bench_queries(b, e, &country_queries);
         });
+        group.bench_with_input(
+            BenchmarkId::new("country_none_match", n),
+            &engine,
+            |b, e| {
+                bench_queries(b, e, &country_none);
+            },
+        );
     }
     if std::env::var_os("HEXMATCH_BENCH_10M").is_some() {
         const HUGE: usize = 10_000_000;

@@ -5,6 +5,8 @@
 #
 #   bash benches/scripts/callgrind.sh            # 100k drivers, 20k nearest, 20k moves
 #   DRIVERS=1000000 OPS=50000 bash benches/scripts/callgrind.sh
+#   CAPS=wheelchair bash benches/scripts/callgrind.sh   # filtered nearest
+#   VEHICLE=walker CAPS=large_items MODES=nearest bash benches/scripts/callgrind.sh
 #   KEEP=target/callgrind bash benches/scripts/callgrind.sh   # then:
 #   callgrind_annotate target/callgrind/nearest.out | head -40
 #
@@ -21,6 +23,9 @@ cd "$(dirname "$0")/../.."
 DRIVERS="${DRIVERS:-100000}"
 OPS="${OPS:-20000}"
 K="${K:-10}"
+CAPS="${CAPS:-}"        # capabilities the nearest queries require
+VEHICLE="${VEHICLE:-}"  # vehicle class the nearest queries require
+MODES="${MODES:-nearest move}"
 
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install -y valgrind)" >&2; exit 1; }
 cargo build --release -q -p hexmatch-benches --bin icount
@@ -37,17 +42,22 @@ fi
 # Instructions ("Collected : N") inside the function $2 during one run.
 count() {
     local mode="$1" func="$2"
+    local filters=(--capabilities "$CAPS")
+    if [ -n "$VEHICLE" ]; then filters+=(--vehicle "$VEHICLE"); fi
     valgrind --tool=callgrind --callgrind-out-file="$out/$mode.out" \
         --toggle-collect="$func" \
-        "$bin" "$mode" --drivers "$DRIVERS" --ops "$OPS" --k "$K" \
+        "$bin" "$mode" --drivers "$DRIVERS" --ops "$OPS" --k "$K" "${filters[@]}" \
         2>"$out/$mode.log" >/dev/null
     sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$out/$mode.log"
 }
 
 printf '%-22s %14s %12s\n' operation instructions "instr/op"
-for mode in nearest move; do
+filter=""
+if [ -n "$VEHICLE" ]; then filter=" $VEHICLE"; fi
+if [ -n "$CAPS" ]; then filter="$filter $CAPS"; fi
+for mode in $MODES; do
     case "$mode" in
-        nearest) func='*run_queries*'; label="nearest k=$K" ;;
+        nearest) func='*run_queries*'; label="nearest k=$K$filter" ;;
         move) func='*run_moves*'; label=move ;;
     esac
     total=$(count "$mode" "$func")

@@ -5,6 +5,7 @@
 #   DRIVERS=100000 DURATION=5s THREADS=1 CONNS=16 bash benches/scripts/http_load.sh
 #   WORKERS=0 THREADS=2 CONNS=32 bash benches/scripts/http_load.sh   # all cores each
 #   HEXMATCH_BIN=path/to/hexmatch bash benches/scripts/http_load.sh  # another build (A/B)
+#   FILTERS= bash benches/scripts/http_load.sh   # no filtered nearest runs
 #
 # 1. installs wrk (apt) if it is missing;
 # 2. builds `hexmatch` and `gen_drivers` in release;
@@ -13,7 +14,9 @@
 # 4. starts `hexmatch serve --bind 127.0.0.1:PORT --load-drivers CSV
 #    --driver-ttl-s 0` (memory only, default logging) and waits for /readyz;
 # 5. runs wrk (THREADS, CONNS, DURATION; a short untimed warm-up first):
-#    GET /v1/drivers/nearest cycling over the pickups, then
+#    GET /v1/drivers/nearest cycling over the pickups, unfiltered, then
+#    once per filter of FILTERS (each printed with its throughput as a
+#    share of the unfiltered run's), then
 #    POST /v1/matches + POST /v1/matches/{id}/release pairs;
 # 6. prints req/s, latency percentiles, the server's CPU per request and
 #    its resident memory, and stops the server (also on error or ^C).
@@ -34,6 +37,9 @@ THREADS="${THREADS:-1}"
 CONNS="${CONNS:-8}"
 K="${K:-10}"
 WORKERS="${WORKERS:-1}"   # the server's request threads; 0 = one per core
+# Nearest filters, space-separated query strings: 1 % and 0.1 % of the
+# drivers match the first two, nobody the last two.
+FILTERS="${FILTERS-capabilities=wheelchair capabilities=refrigerated capabilities=hazmat vehicle=walker&capabilities=large_items}"
 OUT=target/http-load
 
 source benches/scripts/lib.sh
@@ -78,10 +84,11 @@ awk -v s="$started" -v r="$ready" -v kb="$rss_kb" -v n="$DRIVERS" 'BEGIN {
 clk_tck=$(getconf CLK_TCK)
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$server/stat"; }
 
-# run NAME SCRIPT: a warm-up, then the timed run; prints the RESULT line
-# plus the server's CPU time per request.
+# run NAME SCRIPT [FILTER]: a warm-up, then the timed run; prints the
+# RESULT line plus the server's CPU time per request.
 run() {
     local name="$1" script="$2"
+    export HEXMATCH_FILTER="${3:-}"
     HEXMATCH_PICKUPS="$pickups" HEXMATCH_K="$K" \
         wrk -t"$THREADS" -c"$CONNS" -d"$WARMUP" -s "$script" "$base" >/dev/null
     local before after
@@ -91,7 +98,7 @@ run() {
     after=$(cpu_ticks)
     local line
     line=$(grep '^RESULT' "$OUT/$name.txt")
-    echo "$name: ${line#RESULT }"
+    echo "$name${HEXMATCH_FILTER:+ ($HEXMATCH_FILTER)}: ${line#RESULT }"
     echo "$line" | awk -v b="$before" -v a="$after" -v t="$clk_tck" '{
         for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
         printf "  server CPU %.1f s = %.1f µs/request (%.2f cores)\n",
@@ -104,5 +111,14 @@ awk '{ for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
     ok = v["rps"] >= 40000 && v["p99_us"] <= 1000
     printf "  target: nearest >= 40000 req/s with p99 <= 1 ms: %s\n", ok ? "met" : "missed" }' \
     <<<"$(grep '^RESULT' "$OUT/nearest.txt")"
+rps() { sed -n 's/^RESULT.* rps=\([0-9]*\).*/\1/p' "$1"; }
+unfiltered=$(rps "$OUT/nearest.txt")
+i=0
+for filter in $FILTERS; do
+    i=$((i + 1))
+    run "nearest_filter$i" benches/scripts/wrk/nearest.lua "$filter"
+    awk -v f="$filter" -v r="$(rps "$OUT/nearest_filter$i.txt")" -v u="$unfiltered" \
+        'BEGIN { printf "  %s: %.2fx the unfiltered throughput\n", f, r / u }'
+done
 run matches benches/scripts/wrk/matches.lua
-echo "full wrk output: $OUT/nearest.txt $OUT/matches.txt; server log: $OUT/server.log"
+echo "full wrk output: $OUT/nearest*.txt $OUT/matches.txt; server log: $OUT/server.log"

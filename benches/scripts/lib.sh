@@ -21,7 +21,8 @@ driver_set() {
     mkdir -p "$1"
     csv="$1/drivers-$2.csv"
     pickups="$1/pickups.csv"
-    if [ ! -s "$csv" ] || [ ! -s "$pickups" ]; then
+    # A set written before the CSV had its capabilities column is rewritten.
+    if [ ! -s "$csv" ] || [ ! -s "$pickups" ] || ! head -n1 "$csv" | grep -q capabilities; then
         echo "writing $csv and $pickups" >&2
         target/release/gen_drivers --drivers "$2" --out "$csv" --pickups "$pickups"
     fi

@@ -224,6 +224,7 @@ struct CapBits {
     pets: u16,
     wheelchair: u16,
     child_seat: u16,
+    refrigerated: u16,
 }
 
 impl CapBits {
@@ -240,6 +241,7 @@ impl CapBits {
             pets: bit("pets"),
             wheelchair: bit("wheelchair"),
             child_seat: bit("child_seat"),
+            refrigerated: bit("refrigerated"),
         }
     }
 }
@@ -287,8 +289,26 @@ fn attributes(rng: &mut SplitMix64, bits: CapBits) -> (Status, Vehicle, Capabili
     (status, vehicle, Capabilities::from_bits_truncate(caps))
 }
 
-fn driver(i: usize, pos: Position, rng: &mut SplitMix64, bits: CapBits) -> Driver {
-    let (status, vehicle, capabilities) = attributes(rng, bits);
+/// Share of drivers with the rare capability (`refrigerated`).
+pub const RARE_SHARE: f64 = 0.001;
+
+/// The seed of the rare capability's own stream, mixed with the set's seed.
+const RARE_STREAM: u64 = 0x0AAC_0FF1_CE00_0001;
+
+/// Generated driver `i`. The rare capability is drawn from a stream of
+/// its own (`rare`), independent of the one for positions and the other
+/// attributes.
+fn driver(
+    i: usize,
+    pos: Position,
+    rng: &mut SplitMix64,
+    rare: &mut SplitMix64,
+    bits: CapBits,
+) -> Driver {
+    let (status, vehicle, mut capabilities) = attributes(rng, bits);
+    if rare.chance(RARE_SHARE) {
+        capabilities = Capabilities::from_bits_truncate(capabilities.bits() | bits.refrigerated);
+    }
     Driver {
         id: driver_id(i),
         pos,
@@ -394,17 +414,20 @@ impl CityModel {
 ///
 /// Status: 50 % available, 30 % busy, 20 % offline. Vehicle: 85 % car, 5 %
 /// van, 4 % scooter, 3 % bike, 2 % truck, 1 % walker. Capabilities: card
-/// 95 %, cash 35 %, pets 10 %, child seat 5 %, wheelchair 1 %, and large
-/// items for 70 % of vans and trucks.
+/// 95 %, cash 35 %, pets 10 %, child seat 5 %, wheelchair 1 %,
+/// refrigerated 0.1 % ([`RARE_SHARE`]), and large items for 70 % of vans
+/// and trucks. No driver has `hazmat` (nor any other capability), so a
+/// filter on it matches nobody.
 ///
 /// Lazy, so an engine can be bulk-loaded without a second copy of the set.
 pub fn city_drivers(n: usize, seed: u64) -> impl Iterator<Item = Driver> {
     let mut rng = SplitMix64::new(seed);
+    let mut rare = SplitMix64::new(seed ^ RARE_STREAM);
     let model = CityModel::new(&mut rng);
     let bits = CapBits::new();
     (0..n).map(move |i| {
         let pos = model.sample(&mut rng);
-        driver(i, pos, &mut rng, bits)
+        driver(i, pos, &mut rng, &mut rare, bits)
     })
 }
 
@@ -412,10 +435,11 @@ pub fn city_drivers(n: usize, seed: u64) -> impl Iterator<Item = Driver> {
 /// same attribute mix as [`city_drivers`].
 pub fn country_drivers(n: usize, seed: u64) -> impl Iterator<Item = Driver> {
     let mut rng = SplitMix64::new(seed);
+    let mut rare = SplitMix64::new(seed ^ RARE_STREAM);
     let bits = CapBits::new();
     (0..n).map(move |i| {
         let pos = US_BOUNDS.random_position(&mut rng);
-        driver(i, pos, &mut rng, bits)
+        driver(i, pos, &mut rng, &mut rare, bits)
     })
 }
 
@@ -474,10 +498,18 @@ pub fn chicago_pickups() -> Vec<Position> {
 /// A default-config engine on a [`ManualClock`] standing at [`base_ts`],
 /// bulk-loaded with `drivers`. The manual clock lets the match benches
 /// age released matches past their retention and purge them.
+///
+/// One setting differs from the default: any `ts` ahead of the clock is
+/// accepted (`max_future_ms`). Moves carry timestamps from [`next_ts`],
+/// 1 ms apart, which run minutes ahead of the standing clock after a few
+/// hundred thousand moves.
 pub fn build_engine(drivers: impl IntoIterator<Item = Driver>) -> (Engine, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(base_ts()));
-    let engine = Engine::with_clock(EngineConfig::default(), clock.clone())
-        .expect("the default config is valid");
+    let config = EngineConfig {
+        max_future_ms: u64::MAX,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::with_clock(config, clock.clone()).expect("the config is valid");
     engine
         .bulk_load(drivers)
         .expect("generated drivers are never reserved and the engine is empty");

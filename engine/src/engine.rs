@@ -468,6 +468,105 @@ mod tests {
         }
     }
 
+    /// Every shard's published summary is its tree's, and the index-wide
+    /// one is their union; the trees' own invariants hold.
+    fn check_summaries(e: &Engine) {
+        let mut union = crate::filter::Traits::NONE;
+        for shard in e.index.shards() {
+            let data = shard.data.read();
+            data.tree.check();
+            assert_eq!(shard.traits(), data.tree.traits(), "shard {}", shard.cell);
+            union = union.union(shard.traits());
+        }
+        assert_eq!(e.index.fleet_traits(), union);
+    }
+
+    /// Summaries follow status changes, attribute changes, moves across
+    /// cells and removals, in both directions: a filter nobody matches any
+    /// more is answered at the top again.
+    #[test]
+    fn summaries_follow_every_change() {
+        use crate::{Capabilities, NearestQuery, Vehicle};
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        let wheelchair: Capabilities = "wheelchair".parse().unwrap();
+        let at = |i: u32| {
+            let f = f64::from(i);
+            pos(
+                41.6 + (f * 0.618_034).fract() * 0.5,
+                -87.9 + (f * 0.414_214).fract() * 0.5,
+            )
+        };
+        let drivers = (0..2000u32).map(|i| Driver {
+            vehicle: if i % 50 == 0 {
+                Vehicle::Van
+            } else {
+                Vehicle::Car
+            },
+            capabilities: if i % 100 == 0 {
+                wheelchair
+            } else {
+                Capabilities::NONE
+            },
+            ..Driver::available(id(&format!("d{i}")), at(i), Timestamp::EPOCH)
+        });
+        e.bulk_load(drivers).unwrap();
+        check_summaries(&e);
+        let q = NearestQuery::new(pos(41.85, -87.65), 3).unwrap();
+        let vans_with_wheelchairs = q
+            .clone()
+            .with_vehicle(Vehicle::Van)
+            .with_capabilities(wheelchair);
+        assert_eq!(e.nearest(&vans_with_wheelchairs).unwrap().len(), 3);
+        // The wheelchair vans go busy, or lose the wheelchair, or move far
+        // away, or leave: none is left.
+        for (n, i) in (0..2000u32).step_by(100).enumerate() {
+            let d = id(&format!("d{i}"));
+            let mut u = DriverUpdate::location(d.clone(), at(i), None);
+            match n % 4 {
+                0 => u.status = Some(Status::Busy),
+                1 => u.capabilities = Some(Capabilities::NONE),
+                2 => u.pos = pos(48.85, 2.35),
+                _ => {
+                    e.remove(&d).unwrap();
+                    continue;
+                }
+            }
+            e.upsert(&u).unwrap();
+            check_summaries(&e);
+        }
+        assert!(e.nearest(&vans_with_wheelchairs).unwrap().is_empty());
+        let paris: Vec<String> = (0..2000u32)
+            .step_by(100)
+            .enumerate()
+            .filter(|(n, _)| n % 4 == 2)
+            .map(|(_, i)| format!("d{i}"))
+            .collect();
+        let found = e
+            .nearest(&vans_with_wheelchairs.clone().with_radius(1e7).unwrap())
+            .unwrap();
+        assert_eq!(found.len(), 3);
+        assert!(
+            found
+                .iter()
+                .all(|n| paris.iter().any(|p| p == n.id.as_str())),
+            "only the ones in Paris"
+        );
+        // Attributes come back without a move: the summaries grow again.
+        for i in (0..2000u32).step_by(100).filter(|i| i % 400 == 100) {
+            let mut u = DriverUpdate::location(id(&format!("d{i}")), at(i), None);
+            u.capabilities = Some(wheelchair);
+            e.upsert(&u).unwrap();
+        }
+        check_summaries(&e);
+        assert_eq!(e.nearest(&vans_with_wheelchairs).unwrap().len(), 3);
+        // Everybody leaves: every summary is empty.
+        for i in 0..2000u32 {
+            e.remove(&id(&format!("d{i}")));
+        }
+        check_summaries(&e);
+        assert_eq!(e.index.fleet_traits(), crate::filter::Traits::NONE);
+    }
+
     #[test]
     fn driver_map_survives_hash_collisions() {
         // Four distinct hashes for all ids: nearly every id collides.

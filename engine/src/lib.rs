@@ -38,6 +38,7 @@ mod assign;
 mod driver;
 mod engine;
 mod error;
+mod filter;
 mod ids;
 mod index;
 mod matching;

@@ -74,11 +74,7 @@ impl Position {
 
     /// Great-circle distance in metres (haversine formula, mean Earth radius).
     pub fn distance_m(self, other: Self) -> f64 {
-        let (lat1, lat2) = (self.lat.to_radians(), other.lat.to_radians());
-        let dlat = lat2 - lat1;
-        let dlon = (other.lon - self.lon).to_radians();
-        let h = (dlat / 2.0).sin().powi(2) + lat1.cos() * lat2.cos() * (dlon / 2.0).sin().powi(2);
-        2.0 * EARTH_RADIUS_M * h.sqrt().min(1.0).asin()
+        DistanceFrom::new(self).to(other)
     }
 
     /// The H3 cell containing this position at `resolution`.
@@ -98,6 +94,37 @@ impl fmt::Debug for Position {
 }
 
 /// Squared chord length on the unit sphere between two unit vectors.
+/// Haversine distances from one position, its own trigonometry done once
+/// (a search ranks its candidates with it). [`Position::distance_m`] is
+/// this very computation, so both agree to the last bit.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DistanceFrom {
+    lon: f64,
+    lat: f64,
+    cos_lat: f64,
+}
+
+impl DistanceFrom {
+    pub(crate) fn new(from: Position) -> Self {
+        let lat = from.lat.to_radians();
+        Self {
+            lon: from.lon,
+            lat,
+            cos_lat: lat.cos(),
+        }
+    }
+
+    /// Haversine metres to `other`.
+    #[inline]
+    pub(crate) fn to(&self, other: Position) -> f64 {
+        let lat2 = other.lat.to_radians();
+        let dlat = lat2 - self.lat;
+        let dlon = (other.lon - self.lon).to_radians();
+        let h = (dlat / 2.0).sin().powi(2) + self.cos_lat * lat2.cos() * (dlon / 2.0).sin().powi(2);
+        2.0 * EARTH_RADIUS_M * h.sqrt().min(1.0).asin()
+    }
+}
+
 #[inline]
 pub(crate) fn chord2(a: &[f64; 3], b: &[f64; 3]) -> f64 {
     let (dx, dy, dz) = (a[0] - b[0], a[1] - b[1], a[2] - b[2]);

@@ -13,12 +13,19 @@
 //!   other by index. A leaf holds up to [`M`] items inline; an inner node
 //!   holds up to [`M`] children **and their boxes**, so a search reads one
 //!   node to rank all of its children.
+//! - Beside each child's box, an inner node holds the child's **filter
+//!   summary**: the union of the [`Traits`] (vehicle class and
+//!   capabilities) of every item below it. A search skips a child whose
+//!   summary lacks an attribute its filter requires, so a rare filter
+//!   opens few nodes and a filter nobody matches opens none.
 //! - `leaf_of[slot]` is the leaf holding the item of that slot: a move or
 //!   removal finds its item with no descent.
 //!
 //! # Invariants (checked by `check` in the tests)
 //! - Every box in an inner node contains every point below that child
 //!   (boxes may be loose, never short); `root_box` contains every point.
+//! - Every summary in an inner node is exactly the union of the traits of
+//!   the items below that child; `root_traits` is that of every item.
 //! - Every node but the root has between 1 and [`M`] entries; leaves below
 //!   [`MIN_LEAF`] after a removal are dissolved and their items reinserted.
 //! - All leaves are at the same depth (`height` levels below the root).
@@ -26,13 +33,19 @@
 //!
 //! # Algorithms
 //! Insertion descends by least box enlargement (volume, then margin, then
-//! the smaller box); an overflowing node splits R*-style (the axis of least
-//! total margin, then the cut of least overlap). A move that stays inside
-//! its leaf's box rewrites the item in place; any other move is a removal
-//! and an insertion. Bulk loading partitions k-d style, always cutting the
-//! longest axis, into nodes filled to [`BULK_FILL`].
+//! the smaller box), adding the item's traits to each summary on the way;
+//! an overflowing node splits R*-style (the axis of least total margin,
+//! then the cut of least overlap), and each half's summary is the union of
+//! its entries. A move that stays inside its leaf's box, its traits
+//! unchanged, rewrites the item in place (no box or summary changes); any
+//! other update is a removal and an insertion. A removal recomputes the
+//! box and the summary of each node above the item, from that node's own
+//! entries, up to the first node where neither changes: summaries are
+//! never left loose (a union of at most [`M`] entries costs a few
+//! instructions per level). Bulk loading partitions k-d style, always
+//! cutting the longest axis, into nodes filled to [`BULK_FILL`].
 
-use crate::driver::{Capabilities, Vehicle};
+use crate::filter::Traits;
 
 /// Most entries of a node.
 pub(crate) const M: usize = 16;
@@ -53,16 +66,25 @@ pub(crate) struct Item {
     pub(crate) v: [f64; 3],
     /// Its slot in the shard.
     pub(crate) slot: u32,
-    pub(crate) vehicle: Vehicle,
-    pub(crate) caps: Capabilities,
+    /// Its vehicle class and capabilities.
+    pub(crate) traits: Traits,
 }
 
 const NO_ITEM: Item = Item {
     v: [0.0; 3],
     slot: NONE,
-    vehicle: Vehicle::Car,
-    caps: Capabilities::NONE,
+    traits: Traits::NONE,
 };
+
+/// The union of the items' traits.
+fn traits_of_items(items: &[Item]) -> Traits {
+    items.iter().fold(Traits::NONE, |t, it| t.union(it.traits))
+}
+
+/// The union of the summaries.
+fn traits_of(summaries: &[Traits]) -> Traits {
+    summaries.iter().fold(Traits::NONE, |t, s| t.union(*s))
+}
 
 /// An axis-aligned box in 3D.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -135,7 +157,12 @@ impl Aabb {
     pub(crate) fn d2(&self, q: &[f64; 3]) -> f64 {
         let mut s = 0.0;
         for ((lo, hi), x) in self.lo.iter().zip(&self.hi).zip(q) {
-            let d = (lo - x).max(x - hi).max(0.0);
+            let below = lo - x;
+            let above = x - hi;
+            // Plain comparisons, not `f64::max` (which pays for NaN
+            // rules that finite boxes never need): one `maxsd` each.
+            let d = if below > above { below } else { above };
+            let d = if d > 0.0 { d } else { 0.0 };
             s += d * d;
         }
         s
@@ -174,6 +201,8 @@ struct Inner {
     /// 1: the children are leaves; otherwise inner nodes one lower.
     height: u8,
     boxes: [Aabb; M],
+    /// The filter summary of each child.
+    traits: [Traits; M],
     children: [u32; M],
 }
 
@@ -184,6 +213,30 @@ pub(crate) enum NodeRef {
     Leaf(u32),
     /// An inner node: read its children with [`ShardTree::children`].
     Inner(u32),
+}
+
+/// The children of an inner node, for a walk: entry `i` is child
+/// `nodes[i]` (a leaf if `leaves`), its box `boxes[i]` and its filter
+/// summary `traits[i]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Children<'a> {
+    /// Whether the children are leaves (else inner nodes).
+    pub(crate) leaves: bool,
+    pub(crate) nodes: &'a [u32],
+    pub(crate) boxes: &'a [Aabb],
+    pub(crate) traits: &'a [Traits],
+}
+
+impl Children<'_> {
+    /// Child `i` as a node reference.
+    #[inline]
+    pub(crate) fn node(&self, i: usize) -> NodeRef {
+        if self.leaves {
+            NodeRef::Leaf(self.nodes[i])
+        } else {
+            NodeRef::Inner(self.nodes[i])
+        }
+    }
 }
 
 /// The R-tree of one shard (see the module docs).
@@ -197,6 +250,8 @@ pub(crate) struct ShardTree {
     /// 0: the root is a leaf.
     height: u8,
     root_box: Aabb,
+    /// The union of every item's traits.
+    root_traits: Traits,
     /// slot → the leaf holding its item, or `NONE`.
     leaf_of: Vec<u32>,
     len: usize,
@@ -216,6 +271,7 @@ impl Default for ShardTree {
             root: 0,
             height: 0,
             root_box: Aabb::EMPTY,
+            root_traits: Traits::NONE,
             leaf_of: Vec::new(),
             len: 0,
         }
@@ -226,6 +282,7 @@ impl Default for ShardTree {
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     bbox: Aabb,
+    traits: Traits,
     child: u32,
 }
 
@@ -252,29 +309,28 @@ impl ShardTree {
         (node, self.root_box)
     }
 
+    /// The union of every item's traits (empty when there are none).
+    pub(crate) fn traits(&self) -> Traits {
+        self.root_traits
+    }
+
     /// The items of a leaf.
     #[inline]
     pub(crate) fn items(&self, leaf: u32) -> &[Item] {
         self.leaves[leaf as usize].items()
     }
 
-    /// The children of an inner node, with their boxes.
+    /// The children of an inner node, with their boxes and summaries.
     #[inline]
-    pub(crate) fn children(&self, inner: u32) -> impl Iterator<Item = (NodeRef, &Aabb)> {
+    pub(crate) fn children(&self, inner: u32) -> Children<'_> {
         let n = &self.inners[inner as usize];
         let len = usize::from(n.len);
-        let leaves = n.height == 1;
-        n.children[..len]
-            .iter()
-            .zip(&n.boxes[..len])
-            .map(move |(&c, b)| {
-                let node = if leaves {
-                    NodeRef::Leaf(c)
-                } else {
-                    NodeRef::Inner(c)
-                };
-                (node, b)
-            })
+        Children {
+            leaves: n.height == 1,
+            nodes: &n.children[..len],
+            boxes: &n.boxes[..len],
+            traits: &n.traits[..len],
+        }
     }
 
     /// Every item, in no particular order.
@@ -314,15 +370,17 @@ impl ShardTree {
             cap = cap.saturating_mul(BULK_FILL);
             height += 1;
         }
-        let (root, bbox) = t.build(&mut items, height, NONE);
+        let (root, bbox, traits) = t.build(&mut items, height, NONE);
         t.root = root;
         t.height = height;
         t.root_box = bbox;
+        t.root_traits = traits;
         t
     }
 
-    /// Builds the subtree of `items` at `height`; returns it and its box.
-    fn build(&mut self, items: &mut [Item], height: u8, parent: u32) -> (u32, Aabb) {
+    /// Builds the subtree of `items` at `height`; returns it, its box and
+    /// its summary.
+    fn build(&mut self, items: &mut [Item], height: u8, parent: u32) -> (u32, Aabb, Traits) {
         if height == 0 {
             let idx = self.leaves.len() as u32;
             let mut leaf = Leaf {
@@ -335,7 +393,7 @@ impl ShardTree {
                 self.leaf_of[it.slot as usize] = idx;
             }
             self.leaves.push(leaf);
-            return (idx, Aabb::of_items(items));
+            return (idx, Aabb::of_items(items), traits_of_items(items));
         }
         let cap = BULK_FILL.pow(u32::from(height));
         let groups = items.len().div_ceil(cap);
@@ -345,22 +403,26 @@ impl ShardTree {
             len: 0,
             height,
             boxes: [Aabb::EMPTY; M],
+            traits: [Traits::NONE; M],
             children: [NONE; M],
         });
         let mut bounds = Vec::with_capacity(groups + 1);
         bounds.push(0);
         kd_partition(items, Aabb::of_items(items), 0, groups, &mut bounds);
         let mut bbox = Aabb::EMPTY;
+        let mut traits = Traits::NONE;
         for w in bounds.windows(2) {
-            let (child, b) = self.build(&mut items[w[0]..w[1]], height - 1, idx);
+            let (child, b, t) = self.build(&mut items[w[0]..w[1]], height - 1, idx);
             let n = &mut self.inners[idx as usize];
             let at = usize::from(n.len);
             n.children[at] = child;
             n.boxes[at] = b;
+            n.traits[at] = t;
             n.len += 1;
             bbox.merge(&b);
+            traits = traits.union(t);
         }
-        (idx, bbox)
+        (idx, bbox, traits)
     }
 
     /// Adds an item; its slot must not be in the tree.
@@ -377,11 +439,13 @@ impl ShardTree {
             self.leaf_of.resize(slot + 1, NONE);
         }
         self.root_box.grow(&item.v);
+        self.root_traits = self.root_traits.union(item.traits);
         let mut node = self.root;
         for _ in 0..self.height {
             let n = &mut self.inners[node as usize];
             let i = choose_child(&n.boxes[..usize::from(n.len)], &item.v);
             n.boxes[i].grow(&item.v);
+            n.traits[i] = n.traits[i].union(item.traits);
             node = n.children[i];
         }
         self.push_item(node, item);
@@ -418,8 +482,9 @@ impl ShardTree {
     }
 
     /// Replaces the item of `item.slot` with `item`: in place when its
-    /// leaf's box holds the new point, else by a removal and an insertion
-    /// (only an insertion if the slot is not in the tree).
+    /// leaf's box holds the new point and its traits are unchanged, else
+    /// by a removal and an insertion (only an insertion if the slot is not
+    /// in the tree).
     pub(crate) fn update(&mut self, item: Item) {
         let slot = item.slot;
         let Some(leaf) = self.leaf_holding(slot) else {
@@ -432,7 +497,10 @@ impl ShardTree {
         if inside {
             let l = &mut self.leaves[leaf as usize];
             let len = usize::from(l.len);
-            if let Some(it) = l.items[..len].iter_mut().find(|it| it.slot == slot) {
+            if let Some(it) = l.items[..len]
+                .iter_mut()
+                .find(|it| it.slot == slot && it.traits == item.traits)
+            {
                 *it = item;
                 return;
             }
@@ -467,31 +535,36 @@ impl ShardTree {
         }
     }
 
-    fn box_of(&self, node: u32, height: u8) -> Aabb {
+    /// A node's box and summary, from its own entries.
+    fn box_of(&self, node: u32, height: u8) -> (Aabb, Traits) {
         if height == 0 {
-            Aabb::of_items(self.items(node))
+            let items = self.items(node);
+            (Aabb::of_items(items), traits_of_items(items))
         } else {
             let n = &self.inners[node as usize];
-            Aabb::of_boxes(&n.boxes[..usize::from(n.len)])
+            let len = usize::from(n.len);
+            (Aabb::of_boxes(&n.boxes[..len]), traits_of(&n.traits[..len]))
         }
     }
 
-    /// Tightens the boxes above a node that lost an entry, up to the first
-    /// one that does not change.
+    /// Tightens the boxes and summaries above a node that lost an entry,
+    /// up to the first one where neither changes.
     fn shrink_up(&mut self, mut node: u32, mut height: u8) {
         loop {
-            let b = self.box_of(node, height);
+            let (b, t) = self.box_of(node, height);
             match self.parent_slot(node, height) {
                 None => {
                     self.root_box = b;
+                    self.root_traits = t;
                     return;
                 }
                 Some((p, i)) => {
-                    let slot = &mut self.inners[p as usize].boxes[i];
-                    if *slot == b {
+                    let n = &mut self.inners[p as usize];
+                    if n.boxes[i] == b && n.traits[i] == t {
                         return;
                     }
-                    *slot = b;
+                    n.boxes[i] = b;
+                    n.traits[i] = t;
                     node = p;
                     height += 1;
                 }
@@ -510,6 +583,7 @@ impl ShardTree {
         let last = usize::from(n.len) - 1;
         n.children[i] = n.children[last];
         n.boxes[i] = n.boxes[last];
+        n.traits[i] = n.traits[last];
         n.len -= 1;
         if n.len == 0 && p != self.root {
             self.detach(p, height + 1);
@@ -520,6 +594,7 @@ impl ShardTree {
             let old = self.root;
             self.root = self.inners[old as usize].children[0];
             self.root_box = self.inners[old as usize].boxes[0];
+            self.root_traits = self.inners[old as usize].traits[0];
             self.height -= 1;
             self.set_parent(self.root, self.height, NONE);
             self.free(old, self.height + 1);
@@ -555,6 +630,7 @@ impl ShardTree {
             len: 0,
             height,
             boxes: [Aabb::EMPTY; M],
+            traits: [Traits::NONE; M],
             children: [NONE; M],
         };
         alloc(&mut self.inners, &mut self.free_inners, n)
@@ -587,46 +663,62 @@ impl ShardTree {
         for it in b {
             self.leaf_of[it.slot as usize] = new;
         }
-        self.attach(leaf, Aabb::of_items(a), new, Aabb::of_items(b), 0);
+        let old = Entry {
+            bbox: Aabb::of_items(a),
+            traits: traits_of_items(a),
+            child: leaf,
+        };
+        let new = Entry {
+            bbox: Aabb::of_items(b),
+            traits: traits_of_items(b),
+            child: new,
+        };
+        self.attach(old, new, 0);
     }
 
-    /// After `old` (at `height`) split: sets its box in its parent and adds
-    /// `new` beside it, splitting upwards as needed.
-    fn attach(&mut self, old: u32, old_box: Aabb, new: u32, new_box: Aabb, height: u8) {
-        let Some((p, i)) = self.parent_slot(old, height) else {
+    /// After `old.child` (at `height`) split: sets its box and summary in
+    /// its parent and adds `new` beside it, splitting upwards as needed.
+    fn attach(&mut self, old: Entry, new: Entry, height: u8) {
+        let Some((p, i)) = self.parent_slot(old.child, height) else {
             let root = self.new_inner(NONE, height + 1);
             let r = &mut self.inners[root as usize];
-            r.children[..2].copy_from_slice(&[old, new]);
-            r.boxes[..2].copy_from_slice(&[old_box, new_box]);
+            r.children[..2].copy_from_slice(&[old.child, new.child]);
+            r.boxes[..2].copy_from_slice(&[old.bbox, new.bbox]);
+            r.traits[..2].copy_from_slice(&[old.traits, new.traits]);
             r.len = 2;
-            self.set_parent(old, height, root);
-            self.set_parent(new, height, root);
+            self.set_parent(old.child, height, root);
+            self.set_parent(new.child, height, root);
             self.root = root;
             self.height = height + 1;
-            self.root_box = old_box.merged(&new_box);
+            self.root_box = old.bbox.merged(&new.bbox);
+            self.root_traits = old.traits.union(new.traits);
             return;
         };
         let n = &mut self.inners[p as usize];
-        n.boxes[i] = old_box;
+        n.boxes[i] = old.bbox;
+        n.traits[i] = old.traits;
         let len = usize::from(n.len);
         if len < M {
-            n.children[len] = new;
-            n.boxes[len] = new_box;
+            n.children[len] = new.child;
+            n.boxes[len] = new.bbox;
+            n.traits[len] = new.traits;
             n.len += 1;
-            self.set_parent(new, height, p);
+            self.set_parent(new.child, height, p);
             return;
         }
         let mut all = [Entry {
             bbox: Aabb::EMPTY,
+            traits: Traits::NONE,
             child: NONE,
         }; M + 1];
-        for (e, (&child, &bbox)) in all.iter_mut().zip(n.children.iter().zip(&n.boxes)) {
-            *e = Entry { bbox, child };
+        for (j, e) in all[..M].iter_mut().enumerate() {
+            *e = Entry {
+                bbox: n.boxes[j],
+                traits: n.traits[j],
+                child: n.children[j],
+            };
         }
-        all[M] = Entry {
-            bbox: new_box,
-            child: new,
-        };
+        all[M] = new;
         let cut = split(&mut all, |e| e.bbox);
         let (a, b) = all.split_at(cut);
         let grand = n.parent;
@@ -636,23 +728,29 @@ impl ShardTree {
             for (j, e) in part.iter().enumerate() {
                 n.children[j] = e.child;
                 n.boxes[j] = e.bbox;
+                n.traits[j] = e.traits;
             }
             n.len = part.len() as u8;
             for e in part {
                 self.set_parent(e.child, height, node);
             }
         }
-        let a_box = Aabb::of_boxes(&self.inners[p as usize].boxes[..a.len()]);
-        let b_box = Aabb::of_boxes(&self.inners[sibling as usize].boxes[..b.len()]);
-        self.attach(p, a_box, sibling, b_box, height + 1);
+        let half = |part: &[Entry], child: u32| Entry {
+            bbox: part.iter().fold(Aabb::EMPTY, |b, e| b.merged(&e.bbox)),
+            traits: part.iter().fold(Traits::NONE, |t, e| t.union(e.traits)),
+            child,
+        };
+        let (a, b) = (half(a, p), half(b, sibling));
+        self.attach(a, b, height + 1);
     }
 
     /// Checks every invariant of the module docs; panics on a broken one.
     #[cfg(test)]
     pub(crate) fn check(&self) {
         let mut seen = 0;
-        self.check_node(self.root, self.height, &self.root_box, NONE, &mut seen);
+        let traits = self.check_node(self.root, self.height, &self.root_box, NONE, &mut seen);
         assert_eq!(seen, self.len, "item count");
+        assert_eq!(traits, self.root_traits, "the root's summary");
         for (slot, &leaf) in self.leaf_of.iter().enumerate() {
             if leaf != NONE {
                 assert!(
@@ -663,8 +761,16 @@ impl ShardTree {
         }
     }
 
+    /// Checks the subtree of `node`; returns the union of its items' traits.
     #[cfg(test)]
-    fn check_node(&self, node: u32, height: u8, bbox: &Aabb, parent: u32, seen: &mut usize) {
+    fn check_node(
+        &self,
+        node: u32,
+        height: u8,
+        bbox: &Aabb,
+        parent: u32,
+        seen: &mut usize,
+    ) -> Traits {
         if height == 0 {
             let l = &self.leaves[node as usize];
             assert_eq!(l.parent, parent, "leaf {node}'s parent");
@@ -674,20 +780,25 @@ impl ShardTree {
                 assert_eq!(self.leaf_of[it.slot as usize], node, "leaf_of {}", it.slot);
                 *seen += 1;
             }
+            traits_of_items(l.items())
         } else {
             let n = &self.inners[node as usize];
             assert_eq!(n.parent, parent, "inner {node}'s parent");
             assert_eq!(n.height, height, "inner {node}'s height");
             assert!(n.len > 0, "empty inner node {node}");
             assert!(node != self.root || n.len > 1, "root with one child");
+            let mut all = Traits::NONE;
             for j in 0..usize::from(n.len) {
                 let b = &n.boxes[j];
                 assert!(
                     (0..3).all(|i| bbox.lo[i] <= b.lo[i] && b.hi[i] <= bbox.hi[i]),
                     "inner {node}'s child box outside its own"
                 );
-                self.check_node(n.children[j], height - 1, b, node, seen);
+                let below = self.check_node(n.children[j], height - 1, b, node, seen);
+                assert_eq!(n.traits[j], below, "inner {node}'s summary of child {j}");
+                all = all.union(below);
             }
+            all
         }
     }
 }
@@ -812,16 +923,34 @@ fn kd_partition(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::{Capabilities, Vehicle};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
-    fn item(slot: u32, v: [f64; 3]) -> Item {
-        Item {
-            v,
-            slot,
-            vehicle: Vehicle::Car,
-            caps: Capabilities::NONE,
-        }
+    fn item(slot: u32, v: [f64; 3], traits: Traits) -> Item {
+        Item { v, slot, traits }
+    }
+
+    fn car(slot: u32, v: [f64; 3]) -> Item {
+        item(slot, v, Traits::of(Vehicle::Car, Capabilities::NONE))
+    }
+
+    /// A driver's traits: one of three vehicle classes and any of three
+    /// capabilities, so that every combination is common.
+    fn traits() -> impl Strategy<Value = Traits> {
+        (0usize..3, 0u16..8)
+            .prop_map(|(v, c)| Traits::of(Vehicle::ALL[v], Capabilities::from_bits_truncate(c)))
+    }
+
+    /// What a query may require: maybe a vehicle class (one that no item
+    /// has among them), and some of four capabilities (one no item has).
+    fn required() -> impl Strategy<Value = Traits> {
+        (prop::option::of(0usize..4), 0u16..16).prop_map(|(v, c)| {
+            Traits::required(
+                v.map(|v| Vehicle::ALL[v]),
+                Capabilities::from_bits_truncate(c),
+            )
+        })
     }
 
     /// A point of a small patch, as in a city: coordinates from a grid so
@@ -838,23 +967,31 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Put(u32, [f64; 3]),
+        /// Insert, or move (and maybe change traits).
+        Put(u32, [f64; 3], Traits),
+        /// Change only the traits of an item, if it is in the tree.
+        Retrait(u32, Traits),
         Remove(u32),
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            3 => (0u32..300, point()).prop_map(|(s, v)| Op::Put(s, v)),
+            3 => (0u32..300, point(), traits()).prop_map(|(s, v, t)| Op::Put(s, v, t)),
+            1 => (0u32..300, traits()).prop_map(|(s, t)| Op::Retrait(s, t)),
             1 => (0u32..300).prop_map(Op::Remove),
         ]
     }
 
-    /// The items within `d2` of `q`, by a walk that opens only boxes
-    /// within it (what the search relies on), as a sorted slot list.
-    fn within(t: &ShardTree, q: &[f64; 3], d2: f64) -> Vec<u32> {
+    /// The items within `d2` of `q` having `required`, by a walk that
+    /// opens only boxes within it and summaries admitting it (what the
+    /// search relies on), as a sorted slot list.
+    fn within(t: &ShardTree, q: &[f64; 3], d2: f64, required: Traits) -> Vec<u32> {
         let mut out = Vec::new();
         let (root, b) = t.root();
         let mut stack = vec![(root, b)];
+        if !t.traits().admits(required) {
+            stack.clear();
+        }
         while let Some((node, b)) = stack.pop() {
             if b.d2(q) > d2 {
                 continue;
@@ -863,19 +1000,33 @@ mod tests {
                 NodeRef::Leaf(l) => out.extend(
                     t.items(l)
                         .iter()
-                        .filter(|it| crate::position::chord2(&it.v, q) <= d2)
+                        .filter(|it| {
+                            crate::position::chord2(&it.v, q) <= d2 && it.traits.has(required)
+                        })
                         .map(|it| it.slot),
                 ),
-                NodeRef::Inner(n) => stack.extend(t.children(n).map(|(c, b)| (c, *b))),
+                NodeRef::Inner(n) => {
+                    let c = t.children(n);
+                    for i in 0..c.nodes.len() {
+                        if c.traits[i].admits(required) {
+                            stack.push((c.node(i), c.boxes[i]));
+                        }
+                    }
+                }
             }
         }
         out.sort_unstable();
         out
     }
 
-    fn model_within(m: &BTreeMap<u32, [f64; 3]>, q: &[f64; 3], d2: f64) -> Vec<u32> {
+    fn model_within(
+        m: &BTreeMap<u32, ([f64; 3], Traits)>,
+        q: &[f64; 3],
+        d2: f64,
+        required: Traits,
+    ) -> Vec<u32> {
         m.iter()
-            .filter(|(_, v)| crate::position::chord2(v, q) <= d2)
+            .filter(|(_, (v, t))| crate::position::chord2(v, q) <= d2 && t.has(required))
             .map(|(s, _)| *s)
             .collect()
     }
@@ -883,48 +1034,63 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// Random insertions, moves and removals against a map: the
-        /// invariants hold after every step, and box-pruned range walks
-        /// find exactly what a scan of the map finds.
+        /// Random insertions, moves, changes of traits and removals
+        /// against a map: the invariants (summaries included) hold after
+        /// every step, and range walks pruned by box and summary find
+        /// exactly what a scan of the map finds, for every filter.
         #[test]
         fn matches_a_map(
-            start in prop::collection::vec(point(), 0..200),
+            start in prop::collection::vec((point(), traits()), 0..200),
             ops in prop::collection::vec(op(), 1..400),
             q in point(),
             r in 0.0f64..3e-3,
+            filters in prop::collection::vec(required(), 4),
         ) {
-            let mut model: BTreeMap<u32, [f64; 3]> = BTreeMap::new();
-            for (s, v) in start.iter().enumerate() {
-                model.insert(s as u32, *v);
+            let mut model: BTreeMap<u32, ([f64; 3], Traits)> = BTreeMap::new();
+            for (s, vt) in start.iter().enumerate() {
+                model.insert(s as u32, *vt);
             }
             let mut t = ShardTree::bulk_load(
-                model.iter().map(|(&s, &v)| item(s, v)).collect(),
+                model.iter().map(|(&s, &(v, tr))| item(s, v, tr)).collect(),
             );
             t.check();
             for op in ops {
                 match op {
-                    Op::Put(s, v) => {
-                        if model.insert(s, v).is_some() {
-                            t.update(item(s, v));
+                    Op::Put(s, v, tr) => {
+                        if model.insert(s, (v, tr)).is_some() {
+                            t.update(item(s, v, tr));
                         } else {
-                            t.insert(item(s, v));
+                            t.insert(item(s, v, tr));
+                        }
+                    }
+                    Op::Retrait(s, tr) => {
+                        if let Some(e) = model.get_mut(&s) {
+                            e.1 = tr;
+                            t.update(item(s, e.0, tr));
                         }
                     }
                     Op::Remove(s) => {
-                        let got = t.remove(s).map(|it| it.v);
+                        let got = t.remove(s).map(|it| (it.v, it.traits));
                         prop_assert_eq!(got, model.remove(&s));
                     }
                 }
                 t.check();
                 prop_assert_eq!(t.len(), model.len());
             }
-            for (s, v) in &model {
-                prop_assert_eq!(t.get(*s).map(|it| it.v), Some(*v));
+            for (s, vt) in &model {
+                prop_assert_eq!(t.get(*s).map(|it| (it.v, it.traits)), Some(*vt));
             }
             let mut all: Vec<u32> = t.iter().map(|it| it.slot).collect();
             all.sort_unstable();
             prop_assert_eq!(&all, &model.keys().copied().collect::<Vec<_>>());
-            prop_assert_eq!(within(&t, &q, r * r), model_within(&model, &q, r * r));
+            for required in filters.into_iter().chain([Traits::NONE]) {
+                for d2 in [r * r, 4.0] {
+                    prop_assert_eq!(
+                        within(&t, &q, d2, required),
+                        model_within(&model, &q, d2, required)
+                    );
+                }
+            }
         }
     }
 
@@ -934,7 +1100,7 @@ mod tests {
             let items: Vec<Item> = (0..n)
                 .map(|i| {
                     let f = i as f64;
-                    item(
+                    car(
                         i as u32,
                         [
                             0.6 + (f * 0.37).sin() * 1e-3,

@@ -4,8 +4,9 @@ use std::path::Path;
 
 use hexmatch::{Capabilities, Driver, DriverId, Position, Status, Timestamp, Vehicle};
 
-/// Reads drivers from `path`: either `driver_id,lat,lon[,vehicle][,status]`
-/// rows, or a trips file (`trip_id,…,dropoff_time,dropoff_lat,dropoff_lon`)
+/// Reads drivers from `path`: either
+/// `driver_id,lat,lon[,vehicle][,status][,capabilities]` rows (the
+/// capabilities separated by `;`, as in `cash;pets`), or a trips file (`trip_id,…,dropoff_time,dropoff_lat,dropoff_lon`)
 /// of which each drop-off becomes an available driver named after its trip.
 ///
 /// # Errors
@@ -29,6 +30,7 @@ pub fn read_drivers(path: &Path, now: Timestamp) -> Result<Vec<Driver>, String> 
                 lon,
                 vehicle: col("vehicle"),
                 status: col("status"),
+                capabilities: col("capabilities"),
                 ts: None,
             }
         } else if let (Some(id), Some(lat), Some(lon)) =
@@ -40,6 +42,7 @@ pub fn read_drivers(path: &Path, now: Timestamp) -> Result<Vec<Driver>, String> 
                 lon,
                 vehicle: None,
                 status: None,
+                capabilities: None,
                 ts: col("dropoff_time"),
             }
         } else {
@@ -61,6 +64,8 @@ struct Layout {
     lon: usize,
     vehicle: Option<usize>,
     status: Option<usize>,
+    /// Capability names separated by `;`.
+    capabilities: Option<usize>,
     ts: Option<usize>,
 }
 
@@ -97,7 +102,13 @@ impl Layout {
                 .transpose()
                 .map_err(|e| e.to_string())?
                 .unwrap_or_default(),
-            capabilities: Capabilities::NONE,
+            capabilities: opt(self.capabilities)
+                .map(|s| {
+                    Capabilities::from_names(s.split(';').map(str::trim).filter(|n| !n.is_empty()))
+                })
+                .transpose()
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default(),
             order_id: None,
             reserved_until: None,
         })
@@ -115,13 +126,18 @@ mod tests {
         let drivers = dir.join("d.csv");
         std::fs::write(
             &drivers,
-            "driver_id,lat,lon,vehicle,status\na,41.9,-87.6,van,busy\nb,41.8,-87.7,,\n",
+            "driver_id,lat,lon,vehicle,status,capabilities\n\
+             a,41.9,-87.6,van,busy,cash;pets\nb,41.8,-87.7,,,\n",
         )
         .unwrap();
         let got = read_drivers(&drivers, Timestamp::EPOCH).unwrap();
         assert_eq!(
             (got[0].vehicle, got[0].status, got[1].vehicle),
             (Vehicle::Van, Status::Busy, Vehicle::Car)
+        );
+        assert_eq!(
+            (got[0].capabilities, got[1].capabilities),
+            ("cash,pets".parse().unwrap(), Capabilities::NONE)
         );
         let trips = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/chicago_trips.csv");
         assert_eq!(

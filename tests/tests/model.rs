@@ -1,7 +1,9 @@
 //! Model-based test: random sequences of upserts, moves, status changes,
 //! removals, clock advances and TTL sweeps, applied both to the engine and
 //! to a plain map; after every step the two agree on every driver and on
-//! nearest queries.
+//! nearest queries, with and without filters (drivers have two of the
+//! capabilities and two vehicle classes, so a query may match all, some
+//! or none of them).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -35,6 +37,8 @@ enum Op {
         lon: f64,
         k: usize,
         radius: Option<f64>,
+        vehicle: Option<Vehicle>,
+        caps: u16,
     },
 }
 
@@ -51,8 +55,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..IDS).prop_map(Op::Remove),
         2 => (0u32..40_000).prop_map(Op::Advance),
         1 => Just(Op::Expire),
-        3 => (lat, lon, 1usize..8, proptest::option::weighted(0.3, 500.0f64..40_000.0))
-            .prop_map(|(lat, lon, k, radius)| Op::Nearest { lat, lon, k, radius }),
+        3 => (lat, lon, 1usize..8, proptest::option::weighted(0.3, 500.0f64..40_000.0),
+              proptest::option::weighted(0.3, prop_oneof![Just(Vehicle::Car), Just(Vehicle::Bike), Just(Vehicle::Van)]),
+              prop_oneof![2 => Just(0u16), 1 => 1u16..8])
+            .prop_map(|(lat, lon, k, radius, vehicle, caps)| Op::Nearest { lat, lon, k, radius, vehicle, caps }),
     ]
 }
 
@@ -173,9 +179,13 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 lon,
                 k,
                 radius,
+                vehicle,
+                caps,
             } => {
                 let q = NearestQuery {
                     radius_m: *radius,
+                    vehicle: *vehicle,
+                    capabilities: Capabilities::from_bits_truncate(*caps),
                     ..NearestQuery::new(Position::new(*lat, *lon).expect("in range"), *k)
                         .expect("valid k")
                 };

@@ -1,6 +1,9 @@
 //! Property tests: `Engine::nearest` equals a brute-force haversine oracle
 //! on dense cities, sparse countries, the antimeridian and the poles, with
-//! filters and radii, at several partition resolutions.
+//! filters of every selectivity (all drivers match, half, a few, a rare
+//! capability, nobody) and radii, at several partition resolutions; after
+//! a bulk load or upserts, and again after moves, changes of attributes
+//! and status, and removals.
 
 use hexmatch::{
     Capabilities, Driver, Engine, EngineConfig, MAX_DISTANCE_M, NearestQuery, Position, Status,
@@ -61,12 +64,36 @@ fn area() -> impl Strategy<Value = Area> {
     ]
 }
 
+/// Status, vehicle (never a walker) and capabilities: each of the first
+/// three capabilities for half the drivers, the fifth (wheelchair) for one
+/// in 32, the fourth and the sixth and above for nobody.
 fn attrs() -> impl Strategy<Value = (Status, Vehicle, Capabilities)> {
     (
         prop_oneof![6 => Just(Status::Available), 1 => Just(Status::Busy), 1 => Just(Status::Offline)],
         prop_oneof![4 => Just(Vehicle::Car), 1 => Just(Vehicle::Bike), 1 => Just(Vehicle::Van)],
-        (0u16..8).prop_map(Capabilities::from_bits_truncate),
+        (0u16..8, 0u8..32).prop_map(|(c, r)| {
+            Capabilities::from_bits_truncate(c | if r == 0 { 1 << 4 } else { 0 })
+        }),
     )
+}
+
+/// A query's filters: often none (everybody matches), else a vehicle
+/// class (walkers: nobody) and capabilities from the five lowest, which
+/// drivers have from half of them to nobody.
+fn filters() -> impl Strategy<Value = (Option<Vehicle>, Capabilities)> {
+    (
+        proptest::option::weighted(
+            0.3,
+            prop_oneof![
+                Just(Vehicle::Car),
+                Just(Vehicle::Bike),
+                Just(Vehicle::Van),
+                Just(Vehicle::Walker)
+            ],
+        ),
+        proptest::option::weighted(0.4, (1u16..32).prop_map(Capabilities::from_bits_truncate)),
+    )
+        .prop_map(|(v, c)| (v, c.unwrap_or(Capabilities::NONE)))
 }
 
 /// Drivers in an area; some share exact positions to exercise ties.
@@ -92,19 +119,41 @@ fn query_in(area: Area) -> impl Strategy<Value = NearestQuery> {
         point_in(area),
         1usize..25,
         proptest::option::weighted(0.3, 10.0f64..3_000_000.0),
-        proptest::option::weighted(0.2, prop_oneof![Just(Vehicle::Car), Just(Vehicle::Van)]),
-        proptest::option::weighted(0.2, (1u16..4).prop_map(Capabilities::from_bits_truncate)),
+        filters(),
     )
-        .prop_map(|(pos, k, radius_m, vehicle, caps)| NearestQuery {
+        .prop_map(|(pos, k, radius_m, (vehicle, capabilities))| NearestQuery {
             pos,
             k,
             radius_m,
             vehicle,
-            capabilities: caps.unwrap_or(Capabilities::NONE),
+            capabilities,
         })
 }
 
-fn scenario() -> impl Strategy<Value = (u8, f64, Vec<Driver>, Vec<NearestQuery>)> {
+/// A change to the `i`-th driver (modulo their number) after the load.
+#[derive(Debug, Clone)]
+enum Change {
+    /// A move of up to about 0.01° (a few hundred metres to a km).
+    Move(usize, f64, f64),
+    /// New status, vehicle and capabilities, in place.
+    Attributes(usize, (Status, Vehicle, Capabilities)),
+    Remove(usize),
+}
+
+fn change() -> impl Strategy<Value = Change> {
+    prop_oneof![
+        3 => (any::<usize>(), -0.01f64..0.01, -0.01f64..0.01)
+            .prop_map(|(i, a, b)| Change::Move(i, a, b)),
+        2 => (any::<usize>(), attrs()).prop_map(|(i, a)| Change::Attributes(i, a)),
+        1 => any::<usize>().prop_map(Change::Remove),
+    ]
+}
+
+/// A scenario: the resolution, `max_radius_m`, the drivers, the queries,
+/// and the changes made before the queries are asked again.
+type Scenario = (u8, f64, Vec<Driver>, Vec<NearestQuery>, Vec<Change>);
+
+fn scenario() -> impl Strategy<Value = Scenario> {
     (
         area(),
         0u8..=9,
@@ -116,17 +165,47 @@ fn scenario() -> impl Strategy<Value = (u8, f64, Vec<Driver>, Vec<NearestQuery>)
                 Just(max_r),
                 drivers_in(area),
                 proptest::collection::vec(query_in(area), 1..12),
+                proptest::collection::vec(change(), 0..80),
             )
         })
 }
 
+/// Applies `changes` to the engine and to `drivers` alike.
+fn apply(engine: &Engine, drivers: &mut Vec<Driver>, changes: &[Change]) {
+    for c in changes {
+        if drivers.is_empty() {
+            return;
+        }
+        let (Change::Move(i, ..) | Change::Attributes(i, _) | Change::Remove(i)) = c;
+        let i = i % drivers.len();
+        let d = &mut drivers[i];
+        let mut u = hexmatch::DriverUpdate::location(d.id.clone(), d.pos, Some(d.ts));
+        match c {
+            Change::Move(_, dlat, dlon) => {
+                d.pos = clamp_pos(d.pos.lat() + dlat, d.pos.lon() + dlon);
+                u.pos = d.pos;
+            }
+            Change::Attributes(_, (status, vehicle, caps)) => {
+                (d.status, d.vehicle, d.capabilities) = (*status, *vehicle, *caps);
+                u.status = Some(*status);
+                u.vehicle = Some(*vehicle);
+                u.capabilities = Some(*caps);
+            }
+            Change::Remove(_) => {
+                assert!(engine.remove(&d.id).is_some(), "{} is known", d.id);
+                drivers.swap_remove(i);
+                continue;
+            }
+        }
+        engine.upsert(&u).expect("valid update");
+    }
+}
+
 fn check(
-    res: u8,
-    max_r: f64,
-    drivers: &[Driver],
-    queries: &[NearestQuery],
+    (res, max_r, drivers, queries, changes): &Scenario,
     incremental: bool,
 ) -> Result<(), TestCaseError> {
+    let (res, max_r) = (*res, *max_r);
     let engine = Engine::new(EngineConfig {
         resolution: res,
         max_radius_m: max_r,
@@ -146,15 +225,21 @@ fn check(
             .bulk_load(drivers.iter().cloned())
             .expect("bulk load");
     }
-    for q in queries {
-        let got: Vec<_> = engine
-            .nearest(q)
-            .expect("valid query")
-            .into_iter()
-            .map(|n| (n.id, n.distance_m))
-            .collect();
-        let want = oracle_nearest(drivers, q, max_r);
-        prop_assert_eq!(got, want, "query {:?}", q);
+    let mut drivers = drivers.clone();
+    for round in ["loaded", "changed"] {
+        if round == "changed" {
+            apply(&engine, &mut drivers, changes);
+        }
+        for q in queries {
+            let got: Vec<_> = engine
+                .nearest(q)
+                .expect("valid query")
+                .into_iter()
+                .map(|n| (n.id, n.distance_m))
+                .collect();
+            let want = oracle_nearest(&drivers, q, max_r);
+            prop_assert_eq!(got, want, "{} query {:?}", round, q);
+        }
     }
     Ok(())
 }
@@ -163,13 +248,13 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn nearest_equals_oracle_bulk_loaded((res, max_r, drivers, queries) in scenario()) {
-        check(res, max_r, &drivers, &queries, false)?;
+    fn nearest_equals_oracle_bulk_loaded(s in scenario()) {
+        check(&s, false)?;
     }
 
     #[test]
-    fn nearest_equals_oracle_upserted((res, max_r, drivers, queries) in scenario()) {
-        check(res, max_r, &drivers, &queries, true)?;
+    fn nearest_equals_oracle_upserted(s in scenario()) {
+        check(&s, true)?;
     }
 }
 

@@ -1,7 +1,9 @@
 -- wrk script: GET /v1/drivers/nearest, cycling through the query points
 -- of $HEXMATCH_PICKUPS (`lat,lon` per line, as `gen_drivers --pickups`
 -- writes them); each wrk thread starts at a different point. k from
--- $HEXMATCH_K (default 10). Prints one RESULT line at the end.
+-- $HEXMATCH_K (default 10); $HEXMATCH_FILTER, if set, is appended to
+-- every query (`capabilities=wheelchair`, `vehicle=van&capabilities=cash`).
+-- Prints one RESULT line at the end.
 
 local threads = {}
 local next_tid = 0
@@ -17,10 +19,14 @@ local i = 0
 
 function init(args)
   local k = os.getenv("HEXMATCH_K") or "10"
+  local filter = os.getenv("HEXMATCH_FILTER") or ""
+  if filter ~= "" then
+    filter = "&" .. filter
+  end
   for line in io.lines(os.getenv("HEXMATCH_PICKUPS")) do
     local lat, lon = line:match("^([^,]+),([^,]+)$")
     if lat then
-      reqs[#reqs + 1] = wrk.format("GET", "/v1/drivers/nearest?lat=" .. lat .. "&lon=" .. lon .. "&k=" .. k)
+      reqs[#reqs + 1] = wrk.format("GET", "/v1/drivers/nearest?lat=" .. lat .. "&lon=" .. lon .. "&k=" .. k .. filter)
     end
   end
   i = (tid * 997) % #reqs

@@ -1,6 +1,7 @@
 //! `gen_drivers` — writes the benches' clustered Chicago driver set as a
 //! CSV that `hexmatch serve --load-drivers` reads
-//! (`driver_id,lat,lon,vehicle,status`), and optionally the jittered real
+//! (`driver_id,lat,lon,vehicle,status,capabilities`, the capabilities
+//! separated by `;`), and optionally the jittered real
 //! pickups (`lat,lon`) that the HTTP load scripts query.
 //!
 //! ```sh
@@ -59,17 +60,18 @@ fn create(path: &Path) -> io::Result<BufWriter<File>> {
 
 fn run(args: &Args) -> io::Result<()> {
     let mut out = create(&args.out)?;
-    writeln!(out, "driver_id,lat,lon,vehicle,status")?;
+    writeln!(out, "driver_id,lat,lon,vehicle,status,capabilities")?;
     for d in city_drivers(args.drivers, DRIVER_SEED) {
         // `{}` prints the shortest text that parses back to the same f64.
         writeln!(
             out,
-            "{},{},{},{},{}",
+            "{},{},{},{},{},{}",
             d.id,
             d.pos.lat(),
             d.pos.lon(),
             d.vehicle,
-            d.status
+            d.status,
+            d.capabilities.names().collect::<Vec<_>>().join(";")
         )?;
     }
     out.flush()?;

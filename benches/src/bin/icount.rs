@@ -15,7 +15,7 @@ use std::hint::black_box;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use hexmatch::{DriverUpdate, Engine, NearestQuery};
+use hexmatch::{Capabilities, DriverUpdate, Engine, NearestQuery, Vehicle};
 use hexmatch_benches::{
     Mover, build_engine, chicago_bounds, chicago_pickups, city_drivers, jitter, measure_build,
 };
@@ -41,6 +41,12 @@ struct Args {
     /// k of the nearest queries.
     #[arg(long, default_value_t = 10)]
     k: usize,
+    /// Capabilities the nearest queries require (comma-separated names).
+    #[arg(long, default_value = "")]
+    capabilities: String,
+    /// Vehicle class the nearest queries require.
+    #[arg(long)]
+    vehicle: Option<String>,
 }
 
 /// The operation to count.
@@ -48,7 +54,8 @@ struct Args {
 enum Mode {
     /// Set-up only: subtract this from the others.
     Baseline,
-    /// `nearest` k queries at jittered real pickups, no filter.
+    /// `nearest` k queries at jittered real pickups, with the filters of
+    /// `--capabilities` and `--vehicle` (none by default).
     Nearest,
     /// `upsert` location moves of up to 300 m (every one applies).
     Move,
@@ -81,12 +88,34 @@ fn main() -> ExitCode {
         eprintln!("icount: --k {} is out of range", args.k);
         return ExitCode::FAILURE;
     }
+    let caps: Capabilities = match args.capabilities.parse() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("icount: --capabilities: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let vehicle: Option<Vehicle> = match args.vehicle.as_deref().map(str::parse).transpose() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("icount: --vehicle: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let ((engine, _clock), mem) = measure_build(args.drivers, || {
         build_engine(city_drivers(args.drivers, DRIVER_SEED))
     });
     let queries: Vec<NearestQuery> = jitter(&chicago_pickups(), 300.0, JITTER_SEED)
         .into_iter()
-        .map(|p| NearestQuery::new(p, args.k).expect("k was checked"))
+        .map(|p| {
+            let q = NearestQuery::new(p, args.k)
+                .expect("k was checked")
+                .with_capabilities(caps);
+            match vehicle {
+                Some(v) => q.with_vehicle(v),
+                None => q,
+            }
+        })
         .collect();
     let mut mover = Mover::from_drivers(
         city_drivers(args.drivers, DRIVER_SEED),

@@ -125,11 +125,11 @@ impl Index {
                 data.slots.push(Some(rec));
             }
             data.tree = ShardTree::bulk_load(items);
-            *shard.data.write() = data;
+            *self.write(&shard) = data;
         });
         drop(drivers);
         for loc in &replaced {
-            self.shard(loc.shard).data.write().take(loc.slot);
+            self.write(self.shard(loc.shard)).take(loc.slot);
         }
         Ok(locs.len() - replaced.len())
     }

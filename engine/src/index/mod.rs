@@ -8,8 +8,13 @@
 //!   own `RwLock`.
 //! - A small top-level rstar R-tree holds each shard's cell as a 3D
 //!   bounding box ([`Cells`], with the rest of the cell geometry in
-//!   `cells`); the search walks it best-first (see `search`). It changes
+//!   `cells`); the search walks it nearest box first (see `search`). It changes
 //!   only when a cell gets its first driver.
+//! - Filter summaries (`filter`): each shard publishes the union of its
+//!   available drivers' traits (its tree root's) when a write guard
+//!   ([`Shard::write`](shard::Shard::write)) on it drops, and the index
+//!   counts, for each bit, the shards that have it, so a search can skip a
+//!   shard without its lock and a filter nobody matches without a shard.
 //! - A striped map `hash(DriverId) → (shard index, slot)` (`drivers`) finds
 //!   a driver for moves (the record holds the id, and lookups check it).
 //!   The shard index is a place in the append-only
@@ -43,6 +48,7 @@ use h3o::{CellIndex, Resolution};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::driver::Driver;
+use crate::filter::{FleetTraits, Traits};
 use crate::ids::DriverId;
 use crate::position::Position;
 use crate::time::Timestamp;
@@ -53,7 +59,7 @@ pub use shard::StatusCounts;
 pub(crate) use shard::{Record, ShardData};
 pub use update::Applied;
 
-use cells::{InnerDisk, cell_bbox};
+use cells::cell_bbox;
 use drivers::{Found, MapKey, STRIPES, Stripe, StripeMap};
 use shard::{Shard, ShardTable};
 
@@ -65,6 +71,8 @@ pub(crate) struct Index {
     cells: RwLock<Cells>,
     shard_table: ShardTable,
     stripes: Box<[Stripe]>,
+    /// How many shards have each filter attribute (see `filter`).
+    fleet: FleetTraits,
     id_hasher: FixedState,
     /// `u64::MAX`; tests narrow it to force hash collisions.
     id_hash_mask: u64,
@@ -80,6 +88,7 @@ impl Index {
             stripes: (0..STRIPES)
                 .map(|_| Mutex::new(StripeMap::default()))
                 .collect(),
+            fleet: FleetTraits::default(),
             id_hasher: FixedState::with_seed(0x9e37_79b9_7f4a_7c15),
             id_hash_mask: u64::MAX,
         }
@@ -148,12 +157,7 @@ impl Index {
         }
         let idx = u32::try_from(cells.by_cell.len())
             .unwrap_or_else(|_| unreachable!("more than 4 billion partition cells"));
-        let shard = Arc::new(Shard {
-            cell,
-            idx,
-            inner: InnerDisk::of(cell),
-            data: RwLock::new(ShardData::default()),
-        });
+        let shard = Arc::new(Shard::new(cell, idx));
         self.shard_table.push(Arc::clone(&shard));
         cells.by_cell.insert(cell, Arc::clone(&shard));
         cells.tree.insert(CellEntry {
@@ -166,6 +170,24 @@ impl Index {
     /// The cells and their top-level tree, read-locked (for a search).
     pub(crate) fn read_cells(&self) -> RwLockReadGuard<'_, Cells> {
         self.cells.read()
+    }
+
+    /// Whether some available driver may have every attribute of
+    /// `required`: `false` means none has (the index-wide summary lacks
+    /// one of them); `true` promises nothing.
+    pub(crate) fn may_have(&self, required: Traits) -> bool {
+        self.fleet.admit(required)
+    }
+
+    /// The index-wide summary, for tests: the union of every shard's.
+    #[cfg(test)]
+    pub(crate) fn fleet_traits(&self) -> Traits {
+        self.fleet.union()
+    }
+
+    /// Takes a shard's write lock; see [`Shard::write`].
+    fn write<'a>(&'a self, shard: &'a Shard) -> shard::ShardWrite<'a> {
+        shard.write(&self.fleet)
     }
 
     /// The driver as the index holds it (no order or reservation filled

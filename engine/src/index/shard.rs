@@ -1,14 +1,17 @@
 //! One partition cell's drivers: the [`Record`]s in a slab, the R-tree of
 //! the available ones and the counts by status ([`ShardData`]), the
-//! [`Shard`] that locks them, and the [`ShardTable`] of every shard by
-//! index.
+//! [`Shard`] that locks them (written through a [`ShardWrite`], which
+//! keeps the shard's filter summary in step), and the [`ShardTable`] of
+//! every shard by index.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, OnceLock};
 
 use h3o::CellIndex;
-use parking_lot::RwLock;
+use parking_lot::{RwLock, RwLockWriteGuard};
 
 use crate::driver::{Capabilities, Driver, Status, Vehicle};
+use crate::filter::{AtomicTraits, FleetTraits, Traits};
 use crate::ids::DriverId;
 use crate::position::Position;
 use crate::rtree::{Item, ShardTree};
@@ -63,9 +66,13 @@ impl Record {
         Item {
             v: self.pos.to_unit_vector(),
             slot,
-            vehicle: self.vehicle,
-            caps: self.caps,
+            traits: self.traits(),
         }
+    }
+
+    /// Its vehicle class and capabilities, as the filters see them.
+    pub(crate) fn traits(&self) -> Traits {
+        Traits::of(self.vehicle, self.caps)
     }
 
     pub(crate) fn to_driver(&self) -> Driver {
@@ -118,8 +125,7 @@ impl ShardData {
             self.tree.insert(Item {
                 v,
                 slot,
-                vehicle: rec.vehicle,
-                caps: rec.caps,
+                traits: rec.traits(),
             });
         }
         self.slots[slot as usize] = Some(rec);
@@ -163,8 +169,7 @@ impl ShardData {
             Some(Moved { pos: p, v }) if p == rec.pos => Item {
                 v,
                 slot,
-                vehicle: rec.vehicle,
-                caps: rec.caps,
+                traits: rec.traits(),
             },
             _ => rec.item(slot),
         };
@@ -194,10 +199,78 @@ pub(crate) struct Shard {
     pub(crate) cell: CellIndex,
     /// Its index in the index's [`ShardTable`].
     pub(super) idx: u32,
+    /// Read it freely; write it only through [`Shard::write`].
     pub(crate) data: RwLock<ShardData>,
+    /// The tree's summary (the union of its available drivers' traits),
+    /// for searches to skip the shard without taking its lock.
+    traits: AtomicTraits,
     /// A disk around the cell's centre that lies wholly inside the cell:
     /// a move that stays in it needs no H3 lookup.
     pub(super) inner: InnerDisk,
+}
+
+impl Shard {
+    /// The empty shard of `cell`, at `idx` in the shard table.
+    pub(super) fn new(cell: CellIndex, idx: u32) -> Self {
+        Self {
+            cell,
+            idx,
+            data: RwLock::new(ShardData::default()),
+            traits: AtomicTraits::default(),
+            inner: InnerDisk::of(cell),
+        }
+    }
+
+    /// The union of the traits of the shard's available drivers, as of
+    /// its last write.
+    #[inline]
+    pub(crate) fn traits(&self) -> Traits {
+        self.traits.load()
+    }
+
+    /// Takes the write lock. When the returned guard goes, the shard's
+    /// summary and the index-wide counts (`fleet`) follow its tree.
+    pub(super) fn write<'a>(&'a self, fleet: &'a FleetTraits) -> ShardWrite<'a> {
+        ShardWrite {
+            data: self.data.write(),
+            shard: self,
+            fleet,
+        }
+    }
+}
+
+/// A shard's write lock (see [`Shard::write`]).
+pub(super) struct ShardWrite<'a> {
+    data: RwLockWriteGuard<'a, ShardData>,
+    shard: &'a Shard,
+    fleet: &'a FleetTraits,
+}
+
+impl Deref for ShardWrite<'_> {
+    type Target = ShardData;
+    fn deref(&self) -> &ShardData {
+        &self.data
+    }
+}
+
+impl DerefMut for ShardWrite<'_> {
+    fn deref_mut(&mut self) -> &mut ShardData {
+        &mut self.data
+    }
+}
+
+impl Drop for ShardWrite<'_> {
+    /// Publishes the tree's summary, still under the lock: one shard's
+    /// changes reach the counts in order.
+    fn drop(&mut self) {
+        let new = self.data.tree.traits();
+        let old = self.shard.traits.load();
+        if new != old {
+            self.fleet.gained(old, new);
+            self.shard.traits.store(new);
+            self.fleet.lost(old, new);
+        }
+    }
 }
 
 /// Entries in the first chunk of the [`ShardTable`]; chunk `k` holds

@@ -71,7 +71,7 @@ impl Index {
             };
             let driver = rec.to_driver();
             let shard = self.shard_for(u.pos.cell(self.resolution));
-            let slot = shard.data.write().insert(rec, v);
+            let slot = self.write(&shard).insert(rec, v);
             stripe.add(
                 &u.id,
                 h,
@@ -117,7 +117,7 @@ impl Index {
                 rec.caps = c;
             }
         };
-        let mut old = shard.data.write();
+        let mut old = self.write(shard);
         let Some(current) = old.record(loc.slot) else {
             unreachable!("driver map points at an empty slot");
         };
@@ -145,7 +145,7 @@ impl Index {
         update_rec(&mut rec);
         let driver = rec.to_driver();
         let shard = self.shard_for(cell);
-        let slot = shard.data.write().insert(rec, v);
+        let slot = self.write(&shard).insert(rec, v);
         stripe.set(
             place,
             &u.id,
@@ -197,7 +197,7 @@ impl Index {
         let MapKey { h, stripe } = self.id_hash(id);
         let stripe = stripe.lock();
         let Found { loc, .. } = stripe.find(id, h)?;
-        let mut data = self.shard(loc.shard).data.write();
+        let mut data = self.write(self.shard(loc.shard));
         let rec = data.record(loc.slot)?;
         if rec.id != *id || !cond(rec) {
             return None;
@@ -220,7 +220,7 @@ impl Index {
         let mut stripe = stripe.lock();
         let Found { loc, place } = stripe.find(id, h)?;
         let rec = {
-            let mut data = self.shard(loc.shard).data.write();
+            let mut data = self.write(self.shard(loc.shard));
             let rec = data.record(loc.slot)?;
             if rec.id != *id || !cond(rec) {
                 return None;
