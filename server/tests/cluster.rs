@@ -110,6 +110,35 @@ fn start_args(
     Node::spawn_with_env(&args, &[("HEXMATCH_CLUSTER_SECRET", SECRET)])
 }
 
+/// Two nodes `a` and `b` on one Redis (the test's own, or `REDIS_URL`),
+/// the regions spread over them round-robin, settled; each started with
+/// a lease of `ttl_ms` and `extra` flags.
+struct TwoNodes {
+    _redis: Option<RedisServer>,
+    url: String,
+    prefix: String,
+    own: HashMap<usize, Vec<String>>,
+    a: Node,
+    b: Node,
+}
+
+fn two_nodes(test: &str, ttl_ms: u64, extra: &[&str]) -> TwoNodes {
+    let (redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix(test);
+    let own = spread(&region_ids(), 2);
+    let a = start_args(&url, &prefix, "a", &own[&0], false, ttl_ms, extra);
+    let b = start_args(&url, &prefix, "b", &own[&1], false, ttl_ms, extra);
+    wait_settled(&http(), &[&a, &b], &own);
+    TwoNodes {
+        _redis: redis,
+        url,
+        prefix,
+        own,
+        a,
+        b,
+    }
+}
+
 /// A client that sends the client token.
 fn http() -> reqwest::blocking::Client {
     client_with(Some(TOKEN))
@@ -513,14 +542,14 @@ fn claim_on(
 
 #[test]
 fn a_killed_node_s_regions_are_taken_over_with_every_reservation() {
-    let (_redis, url) = RedisServer::from_env_or_start();
-    let prefix = unique_prefix("failover");
-    let regions = region_ids();
-    let own = spread(&regions, 2);
-    let mut a = start(&url, &prefix, "a", &own[&0]);
-    let b = start(&url, &prefix, "b", &own[&1]);
+    let TwoNodes {
+        _redis,
+        own,
+        mut a,
+        b,
+        ..
+    } = two_nodes("failover", LEASE_TTL_MS, &[]);
     let http = &http();
-    wait_settled(http, &[&a, &b], &own);
     let fleet = load(http, &[&a, &b], 2000);
     let map = region_map();
     let a_regions: HashSet<String> = own[&0].iter().cloned().collect();
@@ -597,16 +626,16 @@ fn metric(http: &reqwest::blocking::Client, node: &Node, name: &str) -> f64 {
 #[test]
 #[allow(clippy::too_many_lines)]
 fn a_taker_serves_every_driver_as_last_acknowledged() {
-    let (_redis, url) = RedisServer::from_env_or_start();
-    let prefix = unique_prefix("exact");
-    let regions = region_ids();
-    let own = spread(&regions, 2);
     // Snapshots far apart: the changes below land after the last one.
     let slow = ["--snapshot-interval-ms", "3000"];
-    let mut a = start_args(&url, &prefix, "a", &own[&0], false, LEASE_TTL_MS, &slow);
-    let b = start_args(&url, &prefix, "b", &own[&1], false, LEASE_TTL_MS, &slow);
+    let TwoNodes {
+        _redis,
+        own,
+        mut a,
+        b,
+        ..
+    } = two_nodes("exact", LEASE_TTL_MS, &slow);
     let http = &http();
-    wait_settled(http, &[&a, &b], &own);
     let map = region_map();
     let in_a = |p: &Position| {
         map.region_of(*p)
@@ -1086,14 +1115,10 @@ fn websocket_updates_reach_the_owner_of_their_region() {
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-    let (_redis, url) = RedisServer::from_env_or_start();
-    let prefix = unique_prefix("ws");
-    let regions = region_ids();
-    let own = spread(&regions, 2);
-    let a = start(&url, &prefix, "a", &own[&0]);
-    let b = start(&url, &prefix, "b", &own[&1]);
+    let TwoNodes {
+        _redis, own, a, b, ..
+    } = two_nodes("ws", LEASE_TTL_MS, &[]);
     let http = &http();
-    wait_settled(http, &[&a, &b], &own);
     let map = region_map();
     let in_a = position_in(&map, &own[&0], None, 0.0);
     let in_b = position_in(&map, &own[&1], None, 0.0);
@@ -1143,14 +1168,10 @@ fn websocket_updates_reach_the_owner_of_their_region() {
 /// that holds it; sent again, the same matches come back.
 #[test]
 fn a_batch_is_served_from_the_drivers_of_every_node() {
-    let (_redis, url) = RedisServer::from_env_or_start();
-    let prefix = unique_prefix("batch");
-    let regions = region_ids();
-    let own = spread(&regions, 2);
-    let a = start(&url, &prefix, "a", &own[&0]);
-    let b = start(&url, &prefix, "b", &own[&1]);
+    let TwoNodes {
+        _redis, own, a, b, ..
+    } = two_nodes("batch", LEASE_TTL_MS, &[]);
     let http = &http();
-    wait_settled(http, &[&a, &b], &own);
     let fleet = load(http, &[&a, &b], 1500);
     let map = region_map();
     let node_of = |p: &Position| {
@@ -1438,16 +1459,16 @@ fn a_client_token_opens_no_node_to_node_call() {
 /// the driver over.
 #[test]
 fn a_failed_handoff_refuses_the_update_and_leaves_one_copy() {
-    let (_redis, url) = RedisServer::from_env_or_start();
-    let prefix = unique_prefix("handoff-fail");
-    let regions = region_ids();
-    let own = spread(&regions, 2);
     // Leases outlive the peer timeout (5 s), so the paused node still owns
     // its regions when the handoff gives up.
-    let mut a = start_args(&url, &prefix, "a", &own[&0], false, 20_000, &[]);
-    let b = start_args(&url, &prefix, "b", &own[&1], false, 20_000, &[]);
+    let TwoNodes {
+        _redis,
+        own,
+        mut a,
+        b,
+        ..
+    } = two_nodes("handoff-fail", 20_000, &[]);
     let http = &http();
-    wait_settled(http, &[&a, &b], &own);
     let map = region_map();
     let old = position_in(&map, &own[&0], None, 0.0);
     let new = position_in(&map, &own[&1], Some(old), 3000.0);
@@ -1561,14 +1582,15 @@ fn live_records(
 /// `order_conflict` (or the same match).
 #[test]
 fn twin_claims_of_one_order_on_two_nodes_make_one_match() {
-    let (_redis, url) = RedisServer::from_env_or_start();
-    let prefix = unique_prefix("twins");
-    let regions = region_ids();
-    let own = spread(&regions, 2);
-    let a = start(&url, &prefix, "a", &own[&0]);
-    let b = start(&url, &prefix, "b", &own[&1]);
+    let TwoNodes {
+        _redis,
+        url,
+        prefix,
+        own,
+        a,
+        b,
+    } = two_nodes("twins", LEASE_TTL_MS, &[]);
     let http = &http();
-    wait_settled(http, &[&a, &b], &own);
     let fleet = load(http, &[&a, &b], 2000);
     let map = region_map();
     let in_a = position_in(&map, &own[&0], None, 0.0);

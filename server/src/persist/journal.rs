@@ -22,7 +22,7 @@
 //!
 //! # Invariants
 //! - An entry is appended by a script that first checks the region's lease
-//!   ([`FENCED_APPEND`]), after the change is applied in memory and
+//!   (`FENCED_APPEND`), after the change is applied in memory and
 //!   before it is acknowledged. A node that lost the lease appends
 //!   nothing.
 //! - A snapshot's offset is the highest entry id this node had been
@@ -32,7 +32,7 @@
 //!   is harmless, since each is a whole state.
 //! - The manifest and the offset switch together, and the stream is
 //!   trimmed to the previous snapshot's offset in the same script
-//!   ([`REGION_SWITCH`]), so a restore that falls back to the previous
+//!   (`REGION_SWITCH`), so a restore that falls back to the previous
 //!   snapshot still finds every entry after it.
 //!
 //! # Cost

@@ -404,8 +404,14 @@ impl Service {
                 return;
             }
         };
-        let dead: Vec<DeadLetter> = tally
+        // An entry refused for now (no live owner, an owner that did not
+        // answer, a journal that could not take it) stays pending: it is
+        // delivered again, never dead-lettered.
+        let (retry, invalid): (Vec<_>, Vec<_>) = tally
             .rejected
+            .into_iter()
+            .partition(|r| r.error.code == ErrorCode::Unavailable);
+        let dead: Vec<DeadLetter> = invalid
             .into_iter()
             .filter_map(|r| {
                 let (id, fields) = entries.get(r.index)?;
@@ -417,7 +423,13 @@ impl Service {
                 })
             })
             .collect();
-        let ids: Vec<String> = entries.into_iter().map(|(id, _)| id).collect();
+        let retry: std::collections::HashSet<usize> = retry.iter().map(|r| r.index).collect();
+        let ids: Vec<String> = entries
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !retry.contains(i))
+            .map(|(_, (id, _))| id)
+            .collect();
         p.ack_in_background(&ids, dead);
         counter!("hexmatch_stream_entries_total").increment(n as u64);
     }
