@@ -915,7 +915,7 @@ impl Persistence {
                 e.to_string(),
             )),
         };
-        let mut offsets: HashMap<String, journal::EntryId> = HashMap::new();
+        let mut offsets: HashMap<String, (Lease, journal::EntryId)> = HashMap::new();
         let snaps: Vec<(SnapPlace, hexmatch::Snapshot)> = match self.fence.get() {
             None => {
                 let place = SnapPlace::Ns(self.keys.clone(), self.ns.clone());
@@ -935,10 +935,14 @@ impl Persistence {
                 });
                 let parts = futures_util::future::try_join_all(asks).await?;
                 // Read before the snapshot is taken: every journal entry up
-                // to these offsets is in it (see [`journal`]).
+                // to these offsets is in it (see [`journal`]). The leases
+                // too: a region lost and taken back meanwhile refuses them,
+                // so an older state never replaces a newer epoch's snapshot.
                 offsets = parts
                     .iter()
-                    .map(|(r, _)| (r.clone(), self.tails.offset(r)))
+                    .filter_map(|(r, _)| {
+                        Some((r.clone(), (fence.lease(r).ok()?, self.tails.offset(r))))
+                    })
                     .collect();
                 let (e, f) = (Arc::clone(engine), Arc::clone(fence));
                 let snaps = tokio::task::spawn_blocking(move || {
@@ -956,13 +960,10 @@ impl Persistence {
         // most `STORES_AT_ONCE` at a time.
         let (mut bytes, mut drivers, mut taken_at_ms, mut first_error) = (0, 0, 0, None);
         let stores = snaps.into_iter().filter_map(|(place, snap)| {
-            let fenced = match (&place, self.fence.get()) {
-                // Lost meanwhile: the new owner snapshots it.
-                (SnapPlace::Region(_, region), Some(fence)) => Some((
-                    fence.lease(region).ok()?,
-                    offsets.get(region).copied().unwrap_or_default(),
-                )),
-                _ => None,
+            let fenced = match &place {
+                // Not held when the snapshot began: the owner snapshots it.
+                SnapPlace::Region(_, region) => Some(offsets.get(region)?.clone()),
+                SnapPlace::Ns(..) => None,
             };
             Some(async move {
                 let fenced = fenced.as_ref().map(|(l, o)| (l, *o));
