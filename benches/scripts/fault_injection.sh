@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fault-injection test of server/tests/cluster.rs (ignored by `cargo
-# test` while it still finds a lost match in about one run in three), run long: three
+# test` while it still finds a lost match in about two runs in five), run long: three
 # `hexmatch serve --cluster` nodes on a local Redis Cluster (three masters,
 # one replica each, started and stopped by the test), client tokens and the
 # cluster secret on, clients claiming, confirming, releasing, completing

@@ -219,6 +219,9 @@ async fn forward_until_served(
         .map_or("/", axum::http::uri::PathAndQuery::as_str);
     let mut target = Some(url);
     let mut tried = String::new();
+    // An attempt that got no answer may have made its change.
+    let mut unsure = false;
+    let transition = is_match_transition(&parts.method, parts.uri.path());
     loop {
         let failure = match target.take() {
             Some(url) => {
@@ -232,12 +235,15 @@ async fn forward_until_served(
                 };
                 match cluster.peer().forward(&url, f).await {
                     Ok(resp) if resp.status != StatusCode::MISDIRECTED_REQUEST => {
-                        return response_of(resp);
+                        return after_retry(response_of(resp), unsure && transition);
                     }
                     // Stale map: the node says it does not own the region.
                     Ok(_) => no_owner(region),
                     // A dead or paused owner.
-                    Err(e) => e.into_response(),
+                    Err(e) => {
+                        unsure = true;
+                        e.into_response()
+                    }
                 }
             }
             None => no_owner(region),
@@ -249,7 +255,8 @@ async fn forward_until_served(
         match cluster.owner(region) {
             Owner::Local => {
                 let req = Request::from_parts(parts, Body::from(bytes));
-                return served_by(for_client(next.run(req).await, region), cluster.node());
+                let resp = for_client(next.run(req).await, region);
+                return served_by(after_retry(resp, unsure && transition), cluster.node());
             }
             Owner::Remote { url, .. } => target = Some(url),
             Owner::Nobody => {}
@@ -262,6 +269,36 @@ async fn forward_until_served(
             tokio::time::sleep(ttl / 10).await;
         }
     }
+}
+
+/// Whether a request confirms, releases or completes a match: sent again
+/// after an attempt that got no answer, it may find that attempt's work
+/// done, and its answer does not tell the outcome.
+fn is_match_transition(method: &axum::http::Method, path: &str) -> bool {
+    *method == axum::http::Method::POST
+        && path.starts_with("/v1/matches/")
+        && ["/confirm", "/release", "/complete"]
+            .iter()
+            .any(|end| path.ends_with(end))
+}
+
+/// The answer to a match change sent again after an attempt that got no
+/// answer (`unsure`): `unknown_order` or `order_conflict` then may only
+/// mean that the first attempt made the change, so the client hears 503
+/// (outcome unknown; read the match) instead.
+fn after_retry(resp: Response, unsure: bool) -> Response {
+    let ambiguous = matches!(resp.status(), StatusCode::NOT_FOUND | StatusCode::CONFLICT);
+    if !(unsure && ambiguous) {
+        return resp;
+    }
+    let mut resp = ApiError::unavailable(
+        "an earlier attempt got no answer from the match's node and may have made this change; \
+         read the match (GET /v1/matches/{order_id}) before retrying",
+    )
+    .into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
 }
 
 /// A client's request served here: a lease lost while it ran (421

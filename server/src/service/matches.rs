@@ -364,7 +364,8 @@ impl Service {
             .engine
             .durable_match(order)
             .ok_or_else(|| unknown(order))?;
-        if current.m.state.is_live() {
+        let wrote = current.m.state.is_live();
+        if wrote {
             let written = match durable_first(current.clone()) {
                 Some(next) => p.put_match_since(&next, since).await,
                 None => p.end_match(&current).await,
@@ -373,6 +374,14 @@ impl Service {
         }
         let result = act(&self.engine);
         if result.is_err() {
+            if wrote && self.engine.get_match(order).is_none() {
+                // The change is in Redis, but the region changed hands
+                // meanwhile and took the match along: the outcome is the
+                // new owner's to tell, not `unknown_order`.
+                return Err(ApiError::unavailable(format!(
+                    "the region of order {order} changed hands during the request; retry"
+                )));
+            }
             p.sync_order(&self.engine, order).await;
         }
         let m = result?;
