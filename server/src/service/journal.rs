@@ -8,7 +8,7 @@
 //! Drivers outside every region this node serves (a matched driver held
 //! here while its updates go to another region) are not journalled.
 
-use hexmatch::DriverId;
+use hexmatch::{Driver, DriverId};
 use metrics::counter;
 
 use super::Service;
@@ -43,8 +43,12 @@ impl Service {
     }
 
     fn served_region_of(&self, id: &DriverId) -> Option<String> {
+        self.served_region(&self.engine.driver(id)?)
+    }
+
+    /// The region holding `d`, if this node serves it.
+    fn served_region(&self, d: &Driver) -> Option<String> {
         let cluster = self.cluster()?;
-        let d = self.engine.driver(id)?;
         let region = cluster.region_of(d.pos).ok()?.to_string();
         cluster.serves(&region).then_some(region)
     }
@@ -66,11 +70,15 @@ impl Service {
         }
         let mut changes = Vec::with_capacity(before.drivers.len());
         for (id, was) in before.drivers {
-            let now = self.served_region_of(&id);
-            if let Some(was) = was.filter(|w| now.as_ref() != Some(w)) {
+            // One read: the state journalled is the one whose region it names.
+            let now = self
+                .engine
+                .driver(&id)
+                .and_then(|d| Some((self.served_region(&d)?, d)));
+            if let Some(was) = was.filter(|w| now.as_ref().map(|(r, _)| r) != Some(w)) {
                 changes.push((was, Change::Gone(id.clone())));
             }
-            if let (Some(region), Some(d)) = (now, self.engine.driver(&id)) {
+            if let Some((region, d)) = now {
                 changes.push((region, Change::Put(d)));
             }
         }
