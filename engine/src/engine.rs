@@ -468,9 +468,11 @@ mod tests {
         }
     }
 
-    /// Every shard's published summary is its tree's, and the index-wide
-    /// one is their union; the trees' own invariants hold.
+    /// Every shard's published summary is its tree's, the index-wide one
+    /// is their union and admits exactly the filters some available driver
+    /// passes; the trees' own invariants hold.
     fn check_summaries(e: &Engine) {
+        use crate::{Capabilities, Vehicle};
         let mut union = crate::filter::Traits::NONE;
         for shard in e.index.shards() {
             let data = shard.data.read();
@@ -479,6 +481,20 @@ mod tests {
             union = union.union(shard.traits());
         }
         assert_eq!(e.index.fleet_traits(), union);
+        // The index-wide answer is exact for every filter.
+        let mut present: Vec<crate::filter::Traits> = Vec::new();
+        for shard in e.index.shards() {
+            present.extend(shard.data.read().tree.iter().map(|it| it.traits));
+        }
+        present.sort_unstable();
+        present.dedup();
+        for v in Vehicle::ALL.map(Some).into_iter().chain([None]) {
+            for caps in 0..1u16 << Capabilities::NAMES.len() {
+                let r = crate::filter::Traits::required(v, Capabilities::from_bits_truncate(caps));
+                let some = present.iter().any(|t| t.has(r));
+                assert_eq!(e.index.may_have(r), some, "{v:?} {caps:#b}");
+            }
+        }
     }
 
     /// Summaries follow status changes, attribute changes, moves across
@@ -565,6 +581,59 @@ mod tests {
         }
         check_summaries(&e);
         assert_eq!(e.index.fleet_traits(), crate::filter::Traits::NONE);
+    }
+
+    /// A filter nobody matches ends at the top even when each of its
+    /// attributes is common: walkers and large items both exist, never
+    /// together, until one walker takes large items, and again after it
+    /// drops them.
+    #[test]
+    fn a_combination_nobody_has_ends_at_the_top() {
+        use crate::filter::Traits;
+        use crate::{Capabilities, NearestQuery, Vehicle};
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        let large: Capabilities = "large_items".parse().unwrap();
+        let at = |i: u32| {
+            let f = f64::from(i);
+            pos(
+                41.6 + (f * 0.618_034).fract() * 0.5,
+                -87.9 + (f * 0.414_214).fract() * 0.5,
+            )
+        };
+        let drivers = (0..1000u32).map(|i| Driver {
+            vehicle: if i % 2 == 0 {
+                Vehicle::Walker
+            } else {
+                Vehicle::Van
+            },
+            capabilities: if i % 2 == 0 {
+                Capabilities::NONE
+            } else {
+                large
+            },
+            ..Driver::available(id(&format!("d{i}")), at(i), Timestamp::EPOCH)
+        });
+        e.bulk_load(drivers).unwrap();
+        let walker_large = Traits::required(Some(Vehicle::Walker), large);
+        assert!(!e.index.may_have(walker_large));
+        check_summaries(&e);
+        let q = NearestQuery::new(pos(41.85, -87.65), 3)
+            .unwrap()
+            .with_vehicle(Vehicle::Walker)
+            .with_capabilities(large);
+        assert!(e.nearest(&q).unwrap().is_empty());
+        let mut u = DriverUpdate::location(id("d10"), at(10), None);
+        u.capabilities = Some(large);
+        e.upsert(&u).unwrap();
+        assert!(e.index.may_have(walker_large));
+        check_summaries(&e);
+        let found = e.nearest(&q).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].id.as_str(), "d10");
+        u.capabilities = Some(Capabilities::NONE);
+        e.upsert(&u).unwrap();
+        assert!(!e.index.may_have(walker_large));
+        check_summaries(&e);
     }
 
     #[test]

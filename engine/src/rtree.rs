@@ -45,7 +45,7 @@
 //! instructions per level). Bulk loading partitions k-d style, always
 //! cutting the longest axis, into nodes filled to [`BULK_FILL`].
 
-use crate::filter::Traits;
+use crate::filter::{Combinations, Traits};
 
 /// Most entries of a node.
 pub(crate) const M: usize = 16;
@@ -252,6 +252,8 @@ pub(crate) struct ShardTree {
     root_box: Aabb,
     /// The union of every item's traits.
     root_traits: Traits,
+    /// How many items have each combination of traits.
+    combos: Combinations,
     /// slot → the leaf holding its item, or `NONE`.
     leaf_of: Vec<u32>,
     len: usize,
@@ -272,6 +274,7 @@ impl Default for ShardTree {
             height: 0,
             root_box: Aabb::EMPTY,
             root_traits: Traits::NONE,
+            combos: Combinations::default(),
             leaf_of: Vec::new(),
             len: 0,
         }
@@ -312,6 +315,17 @@ impl ShardTree {
     /// The union of every item's traits (empty when there are none).
     pub(crate) fn traits(&self) -> Traits {
         self.root_traits
+    }
+
+    /// How many items have each combination of traits.
+    pub(crate) fn combinations(&self) -> &Combinations {
+        &self.combos
+    }
+
+    /// Whether a combination of traits appeared or went since the last
+    /// call (or since a bulk load, if it had items).
+    pub(crate) fn take_combinations_changed(&mut self) -> bool {
+        self.combos.take_changed()
     }
 
     /// The items of a leaf.
@@ -364,6 +378,7 @@ impl ShardTree {
         let max_slot = items.iter().map(|it| it.slot as usize + 1).max();
         t.leaf_of = vec![NONE; max_slot.unwrap_or(0)];
         t.len = items.len();
+        t.combos = Combinations::of(items.iter().map(|it| it.traits));
         let mut height = 0u8;
         let mut cap = BULK_FILL;
         while cap < items.len() {
@@ -427,6 +442,7 @@ impl ShardTree {
 
     /// Adds an item; its slot must not be in the tree.
     pub(crate) fn insert(&mut self, item: Item) {
+        self.combos.add(item.traits);
         self.len += 1;
         self.place(item);
     }
@@ -454,6 +470,14 @@ impl ShardTree {
     /// Removes the item of `slot`; returns it, or `None` if it is not in
     /// the tree.
     pub(crate) fn remove(&mut self, slot: u32) -> Option<Item> {
+        let item = self.take_item(slot)?;
+        self.combos.remove(item.traits);
+        Some(item)
+    }
+
+    /// Removes the item of `slot` from the nodes (the combinations are
+    /// the caller's to keep).
+    fn take_item(&mut self, slot: u32) -> Option<Item> {
         let leaf = self.leaf_holding(slot)?;
         let l = &mut self.leaves[leaf as usize];
         let len = usize::from(l.len);
@@ -476,7 +500,10 @@ impl ShardTree {
         }
         if self.len == 0 {
             // Empty: give the node arenas and the slot table back.
-            *self = Self::default();
+            *self = Self {
+                combos: std::mem::take(&mut self.combos),
+                ..Self::default()
+            };
         }
         Some(item)
     }
@@ -505,8 +532,18 @@ impl ShardTree {
                 return;
             }
         }
-        self.remove(slot);
-        self.insert(item);
+        match self.take_item(slot) {
+            // Same traits: the combinations stay as they are.
+            Some(old) if old.traits == item.traits => {
+                self.len += 1;
+                self.place(item);
+            }
+            Some(old) => {
+                self.combos.remove(old.traits);
+                self.insert(item);
+            }
+            None => self.insert(item),
+        }
     }
 
     /// The parent of a node at `height` and the node's index in it, or
@@ -751,6 +788,11 @@ impl ShardTree {
         let traits = self.check_node(self.root, self.height, &self.root_box, NONE, &mut seen);
         assert_eq!(seen, self.len, "item count");
         assert_eq!(traits, self.root_traits, "the root's summary");
+        let combos = Combinations::of(self.iter().map(|it| it.traits));
+        assert!(combos.present().eq(self.combos.present()), "combinations");
+        for t in combos.present() {
+            assert_eq!(combos.count(t), self.combos.count(t), "items with {t:?}");
+        }
         for (slot, &leaf) in self.leaf_of.iter().enumerate() {
             if leaf != NONE {
                 assert!(

@@ -12,9 +12,11 @@
 //!   only when a cell gets its first driver.
 //! - Filter summaries (`filter`): each shard publishes the union of its
 //!   available drivers' traits (its tree root's) when a write guard
-//!   ([`Shard::write`](shard::Shard::write)) on it drops, and the index
-//!   counts, for each bit, the shards that have it, so a search can skip a
-//!   shard without its lock and a filter nobody matches without a shard.
+//!   ([`Shard::write`](shard::Shard::write)) on it drops, so a search can
+//!   skip a shard without its lock; and, when one appeared or went, the
+//!   combinations of traits its drivers have, which the index counts so
+//!   that a filter no available driver passes is answered without a
+//!   shard.
 //! - A striped map `hash(DriverId) → (shard index, slot)` (`drivers`) finds
 //!   a driver for moves (the record holds the id, and lookups check it).
 //!   The shard index is a place in the append-only
@@ -172,9 +174,8 @@ impl Index {
         self.cells.read()
     }
 
-    /// Whether some available driver may have every attribute of
-    /// `required`: `false` means none has (the index-wide summary lacks
-    /// one of them); `true` promises nothing.
+    /// Whether some available driver has every attribute of `required`
+    /// (exact whenever no shard is being written).
     pub(crate) fn may_have(&self, required: Traits) -> bool {
         self.fleet.admit(required)
     }

@@ -8,7 +8,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, OnceLock};
 
 use h3o::CellIndex;
-use parking_lot::{RwLock, RwLockWriteGuard};
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
 use crate::driver::{Capabilities, Driver, Status, Vehicle};
 use crate::filter::{AtomicTraits, FleetTraits, Traits};
@@ -204,6 +204,9 @@ pub(crate) struct Shard {
     /// The tree's summary (the union of its available drivers' traits),
     /// for searches to skip the shard without taking its lock.
     traits: AtomicTraits,
+    /// The combinations of traits its tree had when last published to
+    /// the index-wide counts, sorted (locked only by the shard's writer).
+    combinations: Mutex<Vec<Traits>>,
     /// A disk around the cell's centre that lies wholly inside the cell:
     /// a move that stays in it needs no H3 lookup.
     pub(super) inner: InnerDisk,
@@ -217,6 +220,7 @@ impl Shard {
             idx,
             data: RwLock::new(ShardData::default()),
             traits: AtomicTraits::default(),
+            combinations: Mutex::new(Vec::new()),
             inner: InnerDisk::of(cell),
         }
     }
@@ -229,7 +233,7 @@ impl Shard {
     }
 
     /// Takes the write lock. When the returned guard goes, the shard's
-    /// summary and the index-wide counts (`fleet`) follow its tree.
+    /// summary and the index-wide summary (`fleet`) follow its tree.
     pub(super) fn write<'a>(&'a self, fleet: &'a FleetTraits) -> ShardWrite<'a> {
         ShardWrite {
             data: self.data.write(),
@@ -260,15 +264,20 @@ impl DerefMut for ShardWrite<'_> {
 }
 
 impl Drop for ShardWrite<'_> {
-    /// Publishes the tree's summary, still under the lock: one shard's
-    /// changes reach the counts in order.
+    /// Publishes the tree's summary and, if one appeared or went, its
+    /// combinations of traits, still under the lock: one shard's changes
+    /// reach the index-wide summary in order, and before a search can
+    /// read the tree.
     fn drop(&mut self) {
         let new = self.data.tree.traits();
-        let old = self.shard.traits.load();
-        if new != old {
-            self.fleet.gained(old, new);
+        if new != self.shard.traits.load() {
             self.shard.traits.store(new);
-            self.fleet.lost(old, new);
+        }
+        if self.data.tree.take_combinations_changed() {
+            let now: Vec<Traits> = self.data.tree.combinations().present().collect();
+            let mut published = self.shard.combinations.lock();
+            self.fleet.changed(&published, &now);
+            *published = now;
         }
     }
 }
