@@ -309,6 +309,61 @@ impl Engine {
         self.index.bulk_load(drivers, now)
     }
 
+    /// Adds many drivers to an engine that may hold others and be serving
+    /// meanwhile (a region taken over from another node): each shard's new
+    /// drivers enter its tree at once, by bulk loading where they are many,
+    /// instead of one at a time. Searches see each new driver once the
+    /// driver map knows it and its shard's tree has it.
+    ///
+    /// A driver whose id the engine holds (from before, from a concurrent
+    /// write, or earlier in `drivers`) is applied as an update instead, in
+    /// order, like [`upsert`](Self::upsert) (an older one is ignored).
+    /// Timestamps too far ahead of the clock are taken as now, as in
+    /// [`bulk_load`](Self::bulk_load). Returns how many drivers were
+    /// added or updated.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] if a driver has status `reserved`, or
+    /// there are 2^32 drivers or more (nothing is loaded then).
+    pub fn load(&self, drivers: impl IntoIterator<Item = Driver>) -> Result<usize> {
+        let now = self.clock.now();
+        let latest = now.plus_millis(self.config.max_future_ms);
+        let mut drivers: Vec<Driver> = drivers.into_iter().collect();
+        if let Some(d) = drivers.iter().find(|d| d.status == Status::Reserved) {
+            return Err(Error::InvalidParameter(format!(
+                "driver {} has status reserved; load takes no reservations",
+                d.id
+            )));
+        }
+        if u32::try_from(drivers.len()).is_err() {
+            return Err(Error::InvalidParameter(
+                "load takes at most 2^32 - 1 drivers at once".into(),
+            ));
+        }
+        for d in &mut drivers {
+            if d.ts > latest {
+                d.ts = now;
+            }
+        }
+        let known = self.index.load(&drivers, now);
+        let mut applied = drivers.len() - known.len();
+        for i in known {
+            let d = &drivers[i];
+            let update = DriverUpdate {
+                id: d.id.clone(),
+                pos: d.pos,
+                ts: Some(d.ts),
+                status: Some(d.status),
+                vehicle: Some(d.vehicle),
+                capabilities: Some(d.capabilities),
+            };
+            if let Ok(Applied::Applied(_)) = self.upsert(&update) {
+                applied += 1;
+            }
+        }
+        Ok(applied)
+    }
+
     /// The `k` nearest available drivers passing the query's filters, by
     /// great-circle distance, ties broken by driver id.
     ///
@@ -634,6 +689,118 @@ mod tests {
         e.upsert(&u).unwrap();
         assert!(!e.index.may_have(walker_large));
         check_summaries(&e);
+    }
+
+    /// A load into a running engine while another thread moves, changes
+    /// and removes some of the same drivers: every id ends up in one
+    /// record, found through the driver map, and in its shard's tree
+    /// exactly when available; the summaries and trees hold their
+    /// invariants; and nearest equals a scan of the engine's own drivers.
+    #[test]
+    fn a_load_races_writes_to_the_same_drivers() {
+        use crate::{Capabilities, NearestQuery, Vehicle};
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        let at = |i: u32, shift: f64| {
+            let f = f64::from(i);
+            pos(
+                41.7 + (f * 0.618_034).fract() * 0.3 + shift,
+                -87.8 + (f * 0.414_214).fract() * 0.3,
+            )
+        };
+        let n = 20_000u32;
+        let driver = |i: u32| Driver {
+            vehicle: Vehicle::ALL[i as usize % 6],
+            capabilities: Capabilities::from_bits_truncate((i % 7) as u16),
+            ..Driver::available(id(&format!("d{i}")), at(i, 0.0), Timestamp::EPOCH)
+        };
+        // A quarter are known before the load.
+        for i in (0..n).step_by(4) {
+            e.upsert(&DriverUpdate::location(
+                id(&format!("d{i}")),
+                at(i, 0.01),
+                None,
+            ))
+            .unwrap();
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| e.load((0..n).map(driver)).unwrap());
+            s.spawn(|| {
+                for i in (0..n).step_by(3) {
+                    let d = id(&format!("d{i}"));
+                    match i % 9 {
+                        0 => {
+                            e.remove(&d);
+                        }
+                        3 => {
+                            let mut u = DriverUpdate::location(d, at(i, 0.02), None);
+                            u.status = Some(Status::Busy);
+                            let _ = e.upsert(&u);
+                        }
+                        _ => {
+                            let _ = e.update_location(&d, at(i, 0.03), None);
+                        }
+                    }
+                }
+            });
+        });
+        check_summaries(&e);
+        let mut ids = std::collections::HashSet::new();
+        let mut available = Vec::new();
+        for shard in e.index.shards() {
+            let data = shard.data.read();
+            for (slot, rec) in data.slotted() {
+                assert!(ids.insert(rec.id.clone()), "{} twice", rec.id);
+                assert_eq!(
+                    e.driver(&rec.id).map(|d| d.pos),
+                    Some(rec.pos),
+                    "{}",
+                    rec.id
+                );
+                let in_tree = data.tree.holds(slot);
+                assert_eq!(in_tree, rec.status == Status::Available, "{}", rec.id);
+                if in_tree {
+                    available.push(rec.to_driver());
+                }
+            }
+        }
+        assert_eq!(ids.len(), e.len());
+        // Removed before the load came to them, or after: either way each
+        // id is there at most once, and every id not removed is there.
+        for i in (0..n).filter(|i| i % 9 != 0) {
+            assert!(e.driver(&id(&format!("d{i}"))).is_some(), "d{i}");
+        }
+        for i in (0..n).step_by(97) {
+            let q = NearestQuery::new(at(i, 0.005), 10).unwrap();
+            let got: Vec<_> = e.nearest(&q).unwrap().into_iter().map(|x| x.id).collect();
+            let mut want: Vec<_> = available
+                .iter()
+                .map(|d| (q.pos.distance_m(d.pos), d.id.clone()))
+                .collect();
+            want.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+            let want: Vec<_> = want.into_iter().take(10).map(|x| x.1).collect();
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn a_load_with_a_reservation_changes_nothing() {
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        e.upsert(&DriverUpdate::location(id("a"), pos(41.8, -87.6), None))
+            .unwrap();
+        let drivers = [
+            Driver::available(id("b"), pos(41.81, -87.6), Timestamp::EPOCH),
+            Driver {
+                status: Status::Reserved,
+                ..Driver::available(id("c"), pos(41.82, -87.6), Timestamp::EPOCH)
+            },
+        ];
+        let err = e.load(drivers).unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidParameter(m) if m.contains("driver c has status reserved")),
+            "{err}"
+        );
+        assert_eq!(e.len(), 1);
+        assert!(e.driver(&id("b")).is_none());
     }
 
     #[test]

@@ -348,7 +348,6 @@ impl ShardTree {
     }
 
     /// Every item, in no particular order.
-    #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Item> {
         // Freed leaves have no items, so the arena can be read whole.
         self.leaves.iter().flat_map(Leaf::items)
@@ -359,6 +358,27 @@ impl ShardTree {
     pub(crate) fn get(&self, slot: u32) -> Option<&Item> {
         let leaf = self.leaf_holding(slot)?;
         self.items(leaf).iter().find(|it| it.slot == slot)
+    }
+
+    /// Whether the item of `slot` is in the tree.
+    pub(crate) fn holds(&self, slot: u32) -> bool {
+        self.leaf_holding(slot).is_some()
+    }
+
+    /// Adds many items (their slots distinct and not in the tree): by
+    /// rebuilding the tree with bulk loading when they are at least a
+    /// quarter of what it holds (an empty tree's first drivers, a
+    /// takeover's), else one by one.
+    pub(crate) fn extend(&mut self, items: Vec<Item>) {
+        if items.len() * 4 < self.len {
+            for item in items {
+                self.insert(item);
+            }
+            return;
+        }
+        let mut all = items;
+        all.extend(self.iter().copied());
+        *self = Self::bulk_load(all);
     }
 
     /// The leaf holding the item of `slot`, if it is in the tree.

@@ -2,8 +2,9 @@
 //! on dense cities, sparse countries, the antimeridian and the poles, with
 //! filters of every selectivity (all drivers match, half, a few, a rare
 //! capability, nobody) and radii, at several partition resolutions; after
-//! a bulk load or upserts, and again after moves, changes of attributes
-//! and status, and removals.
+//! a bulk load, upserts, or a load into an engine holding half of them
+//! already, and again after moves, changes of attributes and status, and
+//! removals.
 
 use hexmatch::{
     Capabilities, Driver, Engine, EngineConfig, MAX_DISTANCE_M, NearestQuery, Position, Status,
@@ -201,9 +202,21 @@ fn apply(engine: &Engine, drivers: &mut Vec<Driver>, changes: &[Change]) {
     }
 }
 
+/// How a scenario's drivers enter the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    /// `bulk_load` into the empty engine.
+    BulkLoaded,
+    /// One `upsert` each.
+    Upserted,
+    /// Every other one upserted, then all of them given to `load` (the
+    /// rest new, those known applied as updates).
+    LoadedWhileRunning,
+}
+
 fn check(
     (res, max_r, drivers, queries, changes): &Scenario,
-    incremental: bool,
+    entry: Entry,
 ) -> Result<(), TestCaseError> {
     let (res, max_r) = (*res, *max_r);
     let engine = Engine::new(EngineConfig {
@@ -212,18 +225,26 @@ fn check(
         ..Default::default()
     })
     .expect("valid config");
-    if incremental {
-        for d in drivers {
-            let mut u = hexmatch::DriverUpdate::location(d.id.clone(), d.pos, Some(d.ts));
-            u.status = Some(d.status);
-            u.vehicle = Some(d.vehicle);
-            u.capabilities = Some(d.capabilities);
-            engine.upsert(&u).expect("valid update");
+    let upsert = |d: &Driver| {
+        let mut u = hexmatch::DriverUpdate::location(d.id.clone(), d.pos, Some(d.ts));
+        u.status = Some(d.status);
+        u.vehicle = Some(d.vehicle);
+        u.capabilities = Some(d.capabilities);
+        engine.upsert(&u).expect("valid update");
+    };
+    match entry {
+        Entry::BulkLoaded => {
+            engine
+                .bulk_load(drivers.iter().cloned())
+                .expect("bulk load");
         }
-    } else {
-        engine
-            .bulk_load(drivers.iter().cloned())
-            .expect("bulk load");
+        Entry::Upserted => drivers.iter().for_each(upsert),
+        Entry::LoadedWhileRunning => {
+            drivers.iter().step_by(2).for_each(upsert);
+            let n = engine.load(drivers.iter().cloned()).expect("load");
+            prop_assert_eq!(n, drivers.len(), "drivers added or updated");
+            prop_assert_eq!(engine.len(), drivers.len());
+        }
     }
     let mut drivers = drivers.clone();
     for round in ["loaded", "changed"] {
@@ -249,12 +270,17 @@ proptest! {
 
     #[test]
     fn nearest_equals_oracle_bulk_loaded(s in scenario()) {
-        check(&s, false)?;
+        check(&s, Entry::BulkLoaded)?;
     }
 
     #[test]
     fn nearest_equals_oracle_upserted(s in scenario()) {
-        check(&s, true)?;
+        check(&s, Entry::Upserted)?;
+    }
+
+    #[test]
+    fn nearest_equals_oracle_loaded_while_running(s in scenario()) {
+        check(&s, Entry::LoadedWhileRunning)?;
     }
 }
 

@@ -1,4 +1,5 @@
-//! Bulk load: many drivers into an empty index at once, on every core.
+//! Bulk load: many drivers at once, on every core: into an empty index
+//! ([`Index::bulk_load`]), or into one in use ([`Index::load`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,12 +9,12 @@ use h3o::CellIndex;
 
 use crate::driver::{Driver, Status};
 use crate::error::{Error, Result};
-use crate::rtree::ShardTree;
+use crate::rtree::{Item, ShardTree};
 use crate::time::Timestamp;
 
 use super::Index;
 use super::cells::CellFinder;
-use super::drivers::{Loc, STRIPES};
+use super::drivers::{Loc, Place, STRIPES};
 use super::shard::{Record, Shard, ShardData};
 
 /// A driver's partition cell and id hash, as bulk load first finds them.
@@ -132,6 +133,155 @@ impl Index {
             self.write(self.shard(loc.shard)).take(loc.slot);
         }
         Ok(locs.len() - replaced.len())
+    }
+
+    /// Adds many drivers to an index that may hold others and serve
+    /// searches and writes meanwhile (a takeover's restore), entering each
+    /// shard's new drivers in its tree at once ([`ShardTree::extend`]: a
+    /// rebuild by bulk loading where they are many) instead of one by one.
+    /// `now` is their last-seen time; none is reserved.
+    ///
+    /// Returns the indices of the drivers it did not add because the
+    /// index holds their id (from before, entered meanwhile by a
+    /// concurrent write, or earlier in `drivers`), in input order: the
+    /// caller applies them as updates.
+    ///
+    /// Three passes, each on every core, none holding a lock the next
+    /// needs (locks are taken in the index's order):
+    /// 1. by shard: the records go into the slabs, not yet into the trees,
+    ///    so no search sees a driver the driver map does not know;
+    /// 2. by stripe: each id enters the driver map, unless it is there
+    ///    already (its record is then a loser);
+    /// 3. by shard: the losers' records go, and the new available
+    ///    drivers enter the tree: those still as pass 1 left them (a write
+    ///    since has entered a driver it moved or changed itself).
+    pub(crate) fn load(&self, drivers: &[Driver], now: Timestamp) -> Vec<usize> {
+        debug_assert!(drivers.iter().all(|d| d.status != Status::Reserved));
+        let found = self.cells_and_hashes(drivers);
+        let mut by_cell: HashMap<CellIndex, Vec<u32>, FixedState> = HashMap::default();
+        for (i, Placed { cell, .. }) in found.iter().enumerate() {
+            by_cell.entry(*cell).or_default().push(i as u32);
+        }
+        let groups: Vec<Group> = by_cell
+            .into_iter()
+            .map(|(cell, members)| Group {
+                shard: self.shard_for(cell),
+                members,
+            })
+            .collect();
+        let locs = self.load_records(drivers, &groups, now);
+        let losers = self.enter_ids(drivers, &found, &locs);
+        let mut lost = vec![false; drivers.len()];
+        for &i in &losers {
+            lost[i] = true;
+        }
+        self.index_loaded(drivers, &groups, &locs, &lost);
+        losers
+    }
+
+    /// [`Index::load`]'s first pass, by shard: the records into the slabs,
+    /// not the trees. Returns each driver's place.
+    fn load_records(&self, drivers: &[Driver], groups: &[Group], now: Timestamp) -> Vec<Loc> {
+        let placed = crate::par::par_map(groups, 2, |Group { shard, members }| {
+            let mut data = self.write(shard);
+            members
+                .iter()
+                .map(|&i| {
+                    let d = &drivers[i as usize];
+                    data.insert_unindexed(Record {
+                        id: d.id.clone(),
+                        pos: d.pos,
+                        ts: d.ts,
+                        seen: now,
+                        status: d.status,
+                        vehicle: d.vehicle,
+                        caps: d.capabilities,
+                    })
+                })
+                .collect::<Vec<u32>>()
+        });
+        let mut locs = vec![Loc { shard: 0, slot: 0 }; drivers.len()];
+        for (Group { shard, members }, slots) in groups.iter().zip(&placed) {
+            for (&i, &slot) in members.iter().zip(slots) {
+                locs[i as usize] = Loc {
+                    shard: shard.idx,
+                    slot,
+                };
+            }
+        }
+        locs
+    }
+
+    /// [`Index::load`]'s second pass, by stripe: each id into the driver
+    /// map, unless it is there already. Returns the drivers whose id was
+    /// (the losers), in input order.
+    fn enter_ids(&self, drivers: &[Driver], found: &[Placed], locs: &[Loc]) -> Vec<usize> {
+        let mut by_stripe: Vec<Vec<u32>> = vec![Vec::new(); STRIPES];
+        for (i, Placed { hash: h, .. }) in found.iter().enumerate() {
+            by_stripe[Self::stripe_of(*h)].push(i as u32);
+        }
+        let jobs: Vec<(usize, Vec<u32>)> = by_stripe.into_iter().enumerate().collect();
+        let mut losers: Vec<usize> = crate::par::par_map(&jobs, 2, |(s, members)| {
+            let mut stripe = self.stripes[*s].lock();
+            let mut losers = Vec::new();
+            for &i in members {
+                let i = i as usize;
+                let (id, h) = (&drivers[i].id, found[i].hash);
+                let known = stripe.find(id, h).is_some_and(|f| {
+                    f.place == Place::Collided
+                        || self
+                            .shard(f.loc.shard)
+                            .data
+                            .read()
+                            .record(f.loc.slot)
+                            .is_some_and(|r| r.id == *id)
+                });
+                if known {
+                    losers.push(i);
+                } else {
+                    stripe.add(id, h, locs[i]);
+                }
+            }
+            losers
+        })
+        .into_iter()
+        .flatten()
+        .collect();
+        losers.sort_unstable();
+        losers
+    }
+
+    /// [`Index::load`]'s third pass, by shard: the losers' records out, and
+    /// the new available drivers into the tree, those still as the first
+    /// pass left them (a write since has entered a driver it moved or
+    /// changed itself).
+    fn index_loaded(&self, drivers: &[Driver], groups: &[Group], locs: &[Loc], lost: &[bool]) {
+        crate::par::par_map(groups, 2, |Group { shard, members }| {
+            let mut data = self.write(shard);
+            let mut items = Vec::new();
+            for &i in members {
+                let (d, loc) = (&drivers[i as usize], locs[i as usize]);
+                let ours = data.record(loc.slot).filter(|r| r.id == d.id);
+                if lost[i as usize] {
+                    // Not in the driver map: nothing but this pass writes it.
+                    if ours.is_some() {
+                        data.take(loc.slot);
+                    }
+                    continue;
+                }
+                let untouched = ours.filter(|r| r.status == Status::Available && r.pos == d.pos);
+                if let Some(rec) = untouched
+                    && !data.tree.holds(loc.slot)
+                {
+                    items.push(Item {
+                        v: d.pos.to_unit_vector(),
+                        slot: loc.slot,
+                        traits: rec.traits(),
+                    });
+                }
+            }
+            data.tree.extend(items);
+        });
     }
 
     /// Bulk load: enters every driver in the (empty) driver map, one

@@ -113,6 +113,20 @@ impl ShardData {
 
     /// Stores a record; `v` is its position's unit vector.
     pub(super) fn insert(&mut self, rec: Record, v: [f64; 3]) -> u32 {
+        let item = (rec.status == Status::Available).then(|| rec.traits());
+        let slot = self.insert_unindexed(rec);
+        if let Some(traits) = item {
+            self.tree.insert(Item { v, slot, traits });
+        }
+        slot
+    }
+
+    /// Stores a record without entering it in the tree, even if it is
+    /// available: a load enters a shard's new drivers in its tree at once
+    /// (see `Index::load`). Until then searches do not see it; writes
+    /// through the driver map handle it as usual (a move or a change of
+    /// status or attributes enters it in the tree).
+    pub(super) fn insert_unindexed(&mut self, rec: Record) -> u32 {
         *self.counts.slot(rec.status) += 1;
         let slot = if let Some(free) = self.free.pop() {
             free
@@ -121,13 +135,6 @@ impl ShardData {
             self.slots.push(None);
             (self.slots.len() - 1) as u32
         };
-        if rec.status == Status::Available {
-            self.tree.insert(Item {
-                v,
-                slot,
-                traits: rec.traits(),
-            });
-        }
         self.slots[slot as usize] = Some(rec);
         slot
     }
@@ -186,6 +193,15 @@ impl ShardData {
             _ => {}
         }
         Some(out)
+    }
+
+    /// Every record with its slot, for tests.
+    #[cfg(test)]
+    pub(crate) fn slotted(&self) -> impl Iterator<Item = (u32, &Record)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, r)| Some((slot as u32, r.as_ref()?)))
     }
 
     pub(crate) fn records(&self) -> impl Iterator<Item = &Record> {
