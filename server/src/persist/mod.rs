@@ -1638,18 +1638,20 @@ fn as_update(d: Driver) -> DriverUpdate {
     }
 }
 
-/// Loads restored drivers into a running engine one by one (it may already
-/// hold other regions, so bulk loading does not apply). Reserved drivers
-/// come back available; their matches set them reserved again. A driver
-/// this engine holds in a live match keeps its status (the match here is
-/// its truth, and a snapshot's copy, say held `busy` by a node it had
-/// moved to, would end it); only its position is updated.
+/// Loads restored drivers into a running engine, which may already hold
+/// other regions: with [`Engine::load`], so each shard's tree is built at
+/// once. Reserved drivers come back available; their matches set them
+/// reserved again. A driver this engine holds in a live match keeps its
+/// status (the match here is its truth, and a snapshot's copy, say held
+/// `busy` by a node it had moved to, would end it); only its position is
+/// updated.
 pub fn upsert_drivers(engine: &Engine, drivers: Vec<Driver>) -> usize {
     load_drivers(engine, drivers.into_iter().map(as_update).collect())
 }
 
 /// [`upsert_drivers`] for whole driver states (a snapshot's, replayed
-/// through a journal).
+/// through a journal). A state with a field missing, or reserved (which
+/// only matching sets), goes through [`Engine::upsert`] as an update.
 fn load_drivers(engine: &Engine, drivers: Vec<DriverUpdate>) -> usize {
     // One pass over the live matches, not a match lookup per driver.
     let matched: std::collections::HashSet<hexmatch::DriverId> = engine
@@ -1658,25 +1660,40 @@ fn load_drivers(engine: &Engine, drivers: Vec<DriverUpdate>) -> usize {
         .map(|r| r.m.driver_id)
         .collect();
     let mut n = 0;
+    let mut whole = Vec::with_capacity(drivers.len());
     for u in drivers {
         if matched.contains(&u.id) {
             // Held by its match; only its position is the journal's.
             let _ = engine.update_location(&u.id, u.pos, u.ts);
             continue;
         }
-        // A fix stamped too far ahead of this node's clock comes back as
-        // if stamped now, so the driver's next correct update is not stale.
-        let applied = match engine.upsert(&u) {
-            Err(hexmatch::Error::InvalidTimestamp(_)) => {
-                engine.upsert(&DriverUpdate { ts: None, ..u })
+        match (u.ts, u.status, u.vehicle, u.capabilities) {
+            (Some(ts), Some(status), Some(vehicle), Some(capabilities))
+                if status != Status::Reserved =>
+            {
+                whole.push(Driver {
+                    status,
+                    vehicle,
+                    capabilities,
+                    ..Driver::available(u.id, u.pos, ts)
+                });
             }
-            other => other,
-        };
-        if applied.is_ok() {
-            n += 1;
+            _ => {
+                // A fix stamped too far ahead of this node's clock comes
+                // back as if stamped now, so the driver's next correct
+                // update is not stale.
+                let applied = match engine.upsert(&u) {
+                    Err(hexmatch::Error::InvalidTimestamp(_)) => {
+                        engine.upsert(&DriverUpdate { ts: None, ..u })
+                    }
+                    other => other,
+                };
+                n += usize::from(applied.is_ok());
+            }
         }
     }
-    n
+    // No driver in `whole` is reserved, so the load cannot fail.
+    n + engine.load(whole).unwrap_or(0)
 }
 
 /// Each record with its order id, encoded.
