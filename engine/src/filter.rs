@@ -189,9 +189,16 @@ impl Combinations {
         self.counts.iter().map(|e| e.0)
     }
 
-    /// Whether a combination appeared or went since the last call.
-    pub(crate) fn take_changed(&mut self) -> bool {
-        std::mem::take(&mut self.changed)
+    /// Whether a combination appeared or went since the flag was last
+    /// cleared.
+    #[inline]
+    pub(crate) fn changed(&self) -> bool {
+        self.changed
+    }
+
+    /// Clears the flag.
+    pub(crate) fn clear_changed(&mut self) {
+        self.changed = false;
     }
 
     /// How many drivers have `t`, for tests.
@@ -354,7 +361,8 @@ mod tests {
         let a = Traits::of(Vehicle::Car, "cash".parse().unwrap());
         let b = Traits::of(Vehicle::Walker, Capabilities::NONE);
         let mut c = Combinations::of([b, a, b].into_iter());
-        assert!(c.take_changed());
+        assert!(c.changed());
+        c.clear_changed();
         assert_eq!(c.present().collect::<Vec<_>>(), {
             let mut v = vec![a, b];
             v.sort();
@@ -363,14 +371,11 @@ mod tests {
         assert_eq!((c.count(a), c.count(b)), (1, 2));
         c.remove(b);
         c.add(a);
-        assert!(
-            !c.take_changed(),
-            "counts moved, no combination came or went"
-        );
+        assert!(!c.changed(), "counts moved, no combination came or went");
         c.remove(b);
-        assert!(c.take_changed());
+        assert!(c.changed());
         assert_eq!(c.present().collect::<Vec<_>>(), [a]);
-        assert!(!Combinations::of(std::iter::empty()).take_changed());
+        assert!(!Combinations::of(std::iter::empty()).changed());
     }
 
     /// A driver's traits: one of three vehicle classes and any of four

@@ -322,10 +322,16 @@ impl ShardTree {
         &self.combos
     }
 
-    /// Whether a combination of traits appeared or went since the last
-    /// call (or since a bulk load, if it had items).
-    pub(crate) fn take_combinations_changed(&mut self) -> bool {
-        self.combos.take_changed()
+    /// Whether a combination of traits appeared or went since the flag
+    /// was last cleared (or since a bulk load, if it had items).
+    #[inline]
+    pub(crate) fn combinations_changed(&self) -> bool {
+        self.combos.changed()
+    }
+
+    /// Clears [`ShardTree::combinations_changed`].
+    pub(crate) fn clear_combinations_changed(&mut self) {
+        self.combos.clear_changed();
     }
 
     /// The items of a leaf.
@@ -487,24 +493,24 @@ impl ShardTree {
         self.push_item(node, item);
     }
 
-    /// Removes the item of `slot`; returns it, or `None` if it is not in
-    /// the tree.
-    pub(crate) fn remove(&mut self, slot: u32) -> Option<Item> {
-        let item = self.take_item(slot)?;
-        self.combos.remove(item.traits);
-        Some(item)
+    /// Removes the item of `slot`; returns its traits, or `None` if it is
+    /// not in the tree.
+    pub(crate) fn remove(&mut self, slot: u32) -> Option<Traits> {
+        let traits = self.take_item(slot)?;
+        self.combos.remove(traits);
+        Some(traits)
     }
 
     /// Removes the item of `slot` from the nodes (the combinations are
     /// the caller's to keep).
-    fn take_item(&mut self, slot: u32) -> Option<Item> {
+    fn take_item(&mut self, slot: u32) -> Option<Traits> {
         let leaf = self.leaf_holding(slot)?;
         let l = &mut self.leaves[leaf as usize];
         let len = usize::from(l.len);
         let at = l.items[..len].iter().position(|it| it.slot == slot)?;
         self.leaf_of[slot as usize] = NONE;
         self.len -= 1;
-        let item = l.items[at];
+        let traits = l.items[at].traits;
         l.items[at] = l.items[len - 1];
         l.len -= 1;
         if leaf != self.root && usize::from(l.len) < MIN_LEAF {
@@ -525,7 +531,7 @@ impl ShardTree {
                 ..Self::default()
             };
         }
-        Some(item)
+        Some(traits)
     }
 
     /// Replaces the item of `item.slot` with `item`: in place when its
@@ -554,12 +560,12 @@ impl ShardTree {
         }
         match self.take_item(slot) {
             // Same traits: the combinations stay as they are.
-            Some(old) if old.traits == item.traits => {
+            Some(old) if old == item.traits => {
                 self.len += 1;
                 self.place(item);
             }
             Some(old) => {
-                self.combos.remove(old.traits);
+                self.combos.remove(old);
                 self.insert(item);
             }
             None => self.insert(item),
@@ -1132,7 +1138,8 @@ mod tests {
                         }
                     }
                     Op::Remove(s) => {
-                        let got = t.remove(s).map(|it| (it.v, it.traits));
+                        let got = t.get(s).map(|it| (it.v, it.traits));
+                        prop_assert_eq!(t.remove(s), got.map(|g| g.1));
                         prop_assert_eq!(got, model.remove(&s));
                     }
                 }

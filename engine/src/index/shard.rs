@@ -284,17 +284,30 @@ impl Drop for ShardWrite<'_> {
     /// combinations of traits, still under the lock: one shard's changes
     /// reach the index-wide summary in order, and before a search can
     /// read the tree.
+    #[inline]
     fn drop(&mut self) {
         let new = self.data.tree.traits();
         if new != self.shard.traits.load() {
             self.shard.traits.store(new);
         }
-        if self.data.tree.take_combinations_changed() {
-            let now: Vec<Traits> = self.data.tree.combinations().present().collect();
-            let mut published = self.shard.combinations.lock();
-            self.fleet.changed(&published, &now);
-            *published = now;
+        if self.data.tree.combinations_changed() {
+            self.publish_combinations();
         }
+    }
+}
+
+impl ShardWrite<'_> {
+    /// Tells the index-wide summary which combinations of traits the
+    /// shard gained and lost since it last did (rare: out of the way of
+    /// the moves that change none).
+    #[cold]
+    #[inline(never)]
+    fn publish_combinations(&mut self) {
+        self.data.tree.clear_combinations_changed();
+        let now: Vec<Traits> = self.data.tree.combinations().present().collect();
+        let mut published = self.shard.combinations.lock();
+        self.fleet.changed(&published, &now);
+        *published = now;
     }
 }
 
