@@ -65,5 +65,9 @@ wait "$a_pid" 2>/dev/null || true
 until [ "$(serving "$pb")" = "$regions" ]; do sleep 0.05; done
 end=$(date +%s%N)
 restore=$(grep -o 'restore_ms=[0-9]*' "$dir/b.log" | cut -d= -f2 | sort -n | tail -1)
-drivers=$(grep -o ' drivers=[0-9]*' "$dir/b.log" | cut -d= -f2 | awk '{s += $1} END {print s + 0}')
-echo "b serves every region $(( (end - start) / 1000000 )) ms after the kill (lease $TTL_MS ms); restore of $drivers drivers: ${restore:-?} ms"
+drivers=$(grep 'took region' "$dir/b.log" | grep -o ' drivers=[0-9]*' | cut -d= -f2 | awk '{s += $1} END {print s + 0}')
+# Of the restore: reading (snapshots, journals, match records; decoded and
+# replayed) and loading into the engine.
+read_ms=$(grep 'regions restored' "$dir/b.log" | grep -o 'read_ms=[0-9]*' | cut -d= -f2 | sort -n | tail -1)
+load_ms=$(grep 'regions restored' "$dir/b.log" | grep -o 'load_ms=[0-9]*' | cut -d= -f2 | sort -n | tail -1)
+echo "b serves every region $(( (end - start) / 1000000 )) ms after the kill (lease $TTL_MS ms); restore of $drivers drivers: ${restore:-?} ms (read ${read_ms:-?} ms, load ${load_ms:-?} ms)"

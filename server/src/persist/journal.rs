@@ -201,19 +201,31 @@ pub fn replay(
     base: impl IntoIterator<Item = DriverUpdate>,
     entries: impl IntoIterator<Item = Entry>,
 ) -> Vec<DriverUpdate> {
-    let mut drivers: HashMap<DriverId, DriverUpdate> =
-        base.into_iter().map(|u| (u.id.clone(), u)).collect();
+    // Each driver's last entry (`None`: gone). Journals are short next to
+    // their snapshots, so the base is read once and hashed not at all
+    // when the journal is empty.
+    let mut last: HashMap<DriverId, Option<DriverUpdate>> = HashMap::new();
     for entry in entries {
         match entry {
-            Entry::Put(u) => {
-                drivers.insert(u.id.clone(), u);
-            }
-            Entry::Gone(id) => {
-                drivers.remove(&id);
-            }
-        }
+            Entry::Put(u) => last.insert(u.id.clone(), Some(u)),
+            Entry::Gone(id) => last.insert(id, None),
+        };
     }
-    drivers.into_values().collect()
+    let mut out: Vec<DriverUpdate> = base
+        .into_iter()
+        .filter_map(|u| {
+            if last.is_empty() {
+                return Some(u);
+            }
+            match last.remove(&u.id) {
+                Some(now) => now,
+                None => Some(u),
+            }
+        })
+        .collect();
+    // Drivers that arrived after the snapshot.
+    out.extend(last.into_values().flatten());
+    out
 }
 
 /// The last entry this node appended to (or replayed from) each region's

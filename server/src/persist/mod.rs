@@ -1243,21 +1243,17 @@ impl Persistence {
         region_of: &(dyn Fn(hexmatch::Position) -> Option<String> + Sync),
     ) -> Result<HashMap<String, (usize, usize)>, String> {
         // Every read comes before the engine is touched.
-        let mut drivers: Vec<(String, Vec<DriverUpdate>, journal::EntryId)> = Vec::new();
+        let started = std::time::Instant::now();
+        let mut read = Vec::with_capacity(regions.len());
         for region in regions {
             let (base, offset) = self.region_snapshot(region).await?;
             let (entries, tail) = self.journal_after(region, offset).await.map_err(|error| {
                 let key = self.keys.region(region, "locations");
                 KeyError { key, error }.to_string()
             })?;
-            let in_region = |u: &DriverUpdate| region_of(u.pos).as_deref() == Some(region);
-            let base = base.into_iter().map(as_update).filter(in_region);
-            let finals = journal::replay(base, entries)
-                .into_iter()
-                .filter(in_region)
-                .collect();
-            drivers.push((region.clone(), finals, tail));
+            read.push((region.clone(), base, entries, tail));
         }
+        let drivers = replay_regions(read, region_of);
         let mut conn = self.conn.clone();
         let mut records: Vec<(String, DurableMatch)> = Vec::new();
         for region in regions {
@@ -1289,10 +1285,18 @@ impl Persistence {
         for (order, why) in &report.skipped {
             tracing::warn!(%order, why, "match not restored in takeover");
         }
+        let read = started.elapsed();
         let e = Arc::clone(engine);
-        tokio::task::spawn_blocking(move || load_drivers(&e, all))
+        let loaded = tokio::task::spawn_blocking(move || load_drivers(&e, all))
             .await
             .map_err(|e| e.to_string())?;
+        tracing::info!(
+            regions = regions.len(),
+            drivers = loaded,
+            read_ms = read.as_millis() as u64,
+            load_ms = started.elapsed().saturating_sub(read).as_millis() as u64,
+            "regions restored"
+        );
         let mut homes = self.homes.lock();
         for (region, r) in &records {
             if !report.skipped.iter().any(|(o, _)| *o == r.m.order_id) {
@@ -1619,6 +1623,47 @@ enum ReadError {
     Redis(String),
     /// The data is there but damaged (bad manifest, missing chunk).
     Damaged(String),
+}
+
+/// Each region's drivers as last acknowledged: its snapshot with its
+/// journal replayed over it, keeping only the drivers now in the region.
+/// Regions are shared among the cores (a takeover's CPU work: the region
+/// of every driver is looked up).
+fn replay_regions(
+    read: Vec<(String, Vec<Driver>, Vec<journal::Entry>, journal::EntryId)>,
+    region_of: &(dyn Fn(hexmatch::Position) -> Option<String> + Sync),
+) -> Vec<(String, Vec<DriverUpdate>, journal::EntryId)> {
+    let one = |(region, base, entries, tail): (
+        String,
+        Vec<Driver>,
+        Vec<journal::Entry>,
+        journal::EntryId,
+    )| {
+        let finals = journal::replay(base.into_iter().map(as_update), entries)
+            .into_iter()
+            .filter(|u| region_of(u.pos).as_deref() == Some(region.as_str()))
+            .collect();
+        (region, finals, tail)
+    };
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    if threads < 2 || read.len() < 2 {
+        return read.into_iter().map(one).collect();
+    }
+    let mut hands: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, r) in read.into_iter().enumerate() {
+        hands[i % threads].push(r);
+    }
+    let one = &one;
+    std::thread::scope(|s| {
+        let workers: Vec<_> = hands
+            .into_iter()
+            .map(|hand| s.spawn(move || hand.into_iter().map(one).collect::<Vec<_>>()))
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 /// A restored driver as an update: reserved comes back available (its
