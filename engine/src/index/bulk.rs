@@ -111,15 +111,7 @@ impl Index {
             for (slot, &i) in members.iter().enumerate() {
                 let d = &drivers[i as usize];
                 *data.counts.slot(d.status) += 1;
-                let rec = Record {
-                    id: d.id.clone(),
-                    pos: d.pos,
-                    ts: d.ts,
-                    seen: now,
-                    status: d.status,
-                    vehicle: d.vehicle,
-                    caps: d.capabilities,
-                };
+                let rec = Record::of(d, now);
                 if rec.status == Status::Available {
                     items.push(rec.item(slot as u32));
                 }
@@ -188,15 +180,7 @@ impl Index {
                 .iter()
                 .map(|&i| {
                     let d = &drivers[i as usize];
-                    data.insert_unindexed(Record {
-                        id: d.id.clone(),
-                        pos: d.pos,
-                        ts: d.ts,
-                        seen: now,
-                        status: d.status,
-                        vehicle: d.vehicle,
-                        caps: d.capabilities,
-                    })
+                    data.insert_unindexed(Record::of(d, now))
                 })
                 .collect::<Vec<u32>>()
         });

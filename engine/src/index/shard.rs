@@ -62,6 +62,20 @@ pub(crate) struct Record {
 }
 
 impl Record {
+    /// The record of a driver (no order or reservation: those are the
+    /// match book's), last seen at `seen`.
+    pub(super) fn of(d: &Driver, seen: Timestamp) -> Self {
+        Self {
+            id: d.id.clone(),
+            pos: d.pos,
+            ts: d.ts,
+            seen,
+            status: d.status,
+            vehicle: d.vehicle,
+            caps: d.capabilities,
+        }
+    }
+
     pub(super) fn item(&self, slot: u32) -> Item {
         Item {
             v: self.pos.to_unit_vector(),
