@@ -299,14 +299,20 @@ impl Engine {
     /// update is not stale.
     pub fn bulk_load(&self, drivers: impl IntoIterator<Item = Driver>) -> Result<usize> {
         let now = self.clock.now();
+        let drivers = drivers.into_iter().map(self.not_ahead_of(now));
+        self.index.bulk_load(drivers, now)
+    }
+
+    /// What a load does to each driver's timestamp: one further ahead of
+    /// `now` than `max_future_ms` becomes `now`.
+    fn not_ahead_of(&self, now: Timestamp) -> impl Fn(Driver) -> Driver + use<> {
         let latest = now.plus_millis(self.config.max_future_ms);
-        let drivers = drivers.into_iter().map(move |mut d| {
+        move |mut d| {
             if d.ts > latest {
                 d.ts = now;
             }
             d
-        });
-        self.index.bulk_load(drivers, now)
+        }
     }
 
     /// Adds many drivers to an engine that may hold others and be serving
@@ -327,24 +333,8 @@ impl Engine {
     /// there are 2^32 drivers or more (nothing is loaded then).
     pub fn load(&self, drivers: impl IntoIterator<Item = Driver>) -> Result<usize> {
         let now = self.clock.now();
-        let latest = now.plus_millis(self.config.max_future_ms);
-        let mut drivers: Vec<Driver> = drivers.into_iter().collect();
-        if let Some(d) = drivers.iter().find(|d| d.status == Status::Reserved) {
-            return Err(Error::InvalidParameter(format!(
-                "driver {} has status reserved; load takes no reservations",
-                d.id
-            )));
-        }
-        if u32::try_from(drivers.len()).is_err() {
-            return Err(Error::InvalidParameter(
-                "load takes at most 2^32 - 1 drivers at once".into(),
-            ));
-        }
-        for d in &mut drivers {
-            if d.ts > latest {
-                d.ts = now;
-            }
-        }
+        let drivers: Vec<Driver> = drivers.into_iter().map(self.not_ahead_of(now)).collect();
+        crate::index::check_loadable(&drivers, "load")?;
         let known = self.index.load(&drivers, now);
         let mut applied = drivers.len() - known.len();
         for i in known {

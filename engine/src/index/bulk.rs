@@ -17,6 +17,27 @@ use super::cells::CellFinder;
 use super::drivers::{Loc, Place, STRIPES};
 use super::shard::{Record, Shard, ShardData};
 
+/// Refuses what neither [`Index::bulk_load`] nor [`Index::load`] (named
+/// `what` in the error) takes: a reserved driver (reservations come back
+/// with their matches), or 2^32 drivers or more at once.
+///
+/// # Errors
+/// [`Error::InvalidParameter`], naming the first reserved driver.
+pub(crate) fn check_loadable(drivers: &[Driver], what: &str) -> Result<()> {
+    if let Some(d) = drivers.iter().find(|d| d.status == Status::Reserved) {
+        return Err(Error::InvalidParameter(format!(
+            "driver {} has status reserved; {what} takes no reservations",
+            d.id
+        )));
+    }
+    if u32::try_from(drivers.len()).is_err() {
+        return Err(Error::InvalidParameter(format!(
+            "{what} takes at most 2^32 - 1 drivers at once"
+        )));
+    }
+    Ok(())
+}
+
 /// A driver's partition cell and id hash, as bulk load first finds them.
 #[derive(Debug, Clone, Copy)]
 struct Placed {
@@ -56,17 +77,7 @@ impl Index {
             ));
         }
         let drivers: Vec<Driver> = drivers.into_iter().collect();
-        if let Some(d) = drivers.iter().find(|d| d.status == Status::Reserved) {
-            return Err(Error::InvalidParameter(format!(
-                "driver {} has status reserved; bulk_load takes no reservations",
-                d.id
-            )));
-        }
-        if u32::try_from(drivers.len()).is_err() {
-            return Err(Error::InvalidParameter(
-                "bulk_load takes at most 2^32 - 1 drivers at once".into(),
-            ));
-        }
+        check_loadable(&drivers, "bulk_load")?;
         let found = self.cells_and_hashes(&drivers);
 
         // Group the drivers by cell (input order within each), and give each

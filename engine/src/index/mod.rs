@@ -55,6 +55,7 @@ use crate::ids::DriverId;
 use crate::position::Position;
 use crate::time::Timestamp;
 
+pub(crate) use bulk::check_loadable;
 pub(crate) use cells::{CellEntry, Cells};
 pub use config::EngineConfig;
 pub use shard::StatusCounts;
