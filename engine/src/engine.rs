@@ -371,7 +371,7 @@ mod tests {
 
     use super::*;
 
-    use crate::testing::{did as id, pos};
+    use crate::testing::{did as id, pos, scattered};
 
     /// A fleet that comes and goes leaves no capacity behind: slot tables
     /// and trees of emptied shards are dropped, and the driver map shrinks.
@@ -463,13 +463,7 @@ mod tests {
         // it now is, and nowhere else.
         let e = Engine::new(EngineConfig::default()).unwrap();
         let n = 3000;
-        let start = |i: u32| {
-            let f = f64::from(i);
-            pos(
-                41.85 + (f * 0.618_034).fract() * 0.05,
-                -87.65 + (f * 0.414_214).fract() * 0.05,
-            )
-        };
+        let start = |i: u32| scattered(i, 41.85, -87.65, 0.05);
         let drivers =
             (0..n).map(|i| Driver::available(id(&format!("d{i}")), start(i), Timestamp::EPOCH));
         e.bulk_load(drivers).unwrap();
@@ -550,13 +544,7 @@ mod tests {
         use crate::{Capabilities, NearestQuery, Vehicle};
         let e = Engine::new(EngineConfig::default()).unwrap();
         let wheelchair: Capabilities = "wheelchair".parse().unwrap();
-        let at = |i: u32| {
-            let f = f64::from(i);
-            pos(
-                41.6 + (f * 0.618_034).fract() * 0.5,
-                -87.9 + (f * 0.414_214).fract() * 0.5,
-            )
-        };
+        let at = |i: u32| scattered(i, 41.6, -87.9, 0.5);
         let drivers = (0..2000u32).map(|i| Driver {
             vehicle: if i % 50 == 0 {
                 Vehicle::Van
@@ -638,13 +626,7 @@ mod tests {
         use crate::{Capabilities, NearestQuery, Vehicle};
         let e = Engine::new(EngineConfig::default()).unwrap();
         let large: Capabilities = "large_items".parse().unwrap();
-        let at = |i: u32| {
-            let f = f64::from(i);
-            pos(
-                41.6 + (f * 0.618_034).fract() * 0.5,
-                -87.9 + (f * 0.414_214).fract() * 0.5,
-            )
-        };
+        let at = |i: u32| scattered(i, 41.6, -87.9, 0.5);
         let drivers = (0..1000u32).map(|i| Driver {
             vehicle: if i % 2 == 0 {
                 Vehicle::Walker
@@ -691,11 +673,8 @@ mod tests {
         use crate::{Capabilities, NearestQuery, Vehicle};
         let e = Engine::new(EngineConfig::default()).unwrap();
         let at = |i: u32, shift: f64| {
-            let f = f64::from(i);
-            pos(
-                41.7 + (f * 0.618_034).fract() * 0.3 + shift,
-                -87.8 + (f * 0.414_214).fract() * 0.3,
-            )
+            let p = scattered(i, 41.7, -87.8, 0.3);
+            pos(p.lat() + shift, p.lon())
         };
         let n = 20_000u32;
         let driver = |i: u32| Driver {
@@ -800,13 +779,7 @@ mod tests {
             let mut e = Engine::new(EngineConfig::default()).unwrap();
             e.index.set_id_hash_mask(0x3);
             let mut model: HashMap<String, (Position, Status)> = HashMap::new();
-            let at = |x: u32| {
-                let f = f64::from(x);
-                pos(
-                    41.0 + (f * 0.618_034).fract() * 1.5,
-                    -88.0 + (f * 0.414_214).fract() * 1.5,
-                )
-            };
+            let at = |x: u32| scattered(x, 41.0, -88.0, 1.5);
             if bulk {
                 // Duplicates of d5 and d17: the later ones win.
                 let drivers: Vec<Driver> = (0..200)

@@ -328,6 +328,34 @@ impl FleetTraits {
     }
 }
 
+/// Property-test strategies for traits, shared by the tests of the
+/// modules that keep summaries.
+#[cfg(test)]
+pub(crate) mod strategies {
+    use proptest::prelude::*;
+
+    use super::Traits;
+    use crate::driver::{Capabilities, Vehicle};
+
+    /// A driver's traits: one of the first `vehicles` classes and any of
+    /// the first `caps` capabilities.
+    pub(crate) fn traits(vehicles: usize, caps: u32) -> impl Strategy<Value = Traits> {
+        (0..vehicles, 0u16..1 << caps)
+            .prop_map(|(v, c)| Traits::of(Vehicle::ALL[v], Capabilities::from_bits_truncate(c)))
+    }
+
+    /// A filter: maybe one of the first `vehicles` classes, and any of the
+    /// first `caps` capabilities.
+    pub(crate) fn required(vehicles: usize, caps: u32) -> impl Strategy<Value = Traits> {
+        (prop::option::of(0..vehicles), 0u16..1 << caps).prop_map(|(v, c)| {
+            Traits::required(
+                v.map(|v| Vehicle::ALL[v]),
+                Capabilities::from_bits_truncate(c),
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,19 +409,13 @@ mod tests {
     /// A driver's traits: one of three vehicle classes and any of four
     /// capabilities.
     fn traits() -> impl Strategy<Value = Traits> {
-        (0usize..3, 0u16..16)
-            .prop_map(|(v, c)| Traits::of(Vehicle::ALL[v], Capabilities::from_bits_truncate(c)))
+        strategies::traits(3, 4)
     }
 
     /// A filter: any vehicle class or one of four (one nobody has), and
     /// any of five capabilities (one nobody has).
     fn required() -> impl Strategy<Value = Traits> {
-        (prop::option::of(0usize..4), 0u16..32).prop_map(|(v, c)| {
-            Traits::required(
-                v.map(|v| Vehicle::ALL[v]),
-                Capabilities::from_bits_truncate(c),
-            )
-        })
+        strategies::required(4, 5)
     }
 
     proptest! {

@@ -1006,19 +1006,13 @@ mod tests {
     /// A driver's traits: one of three vehicle classes and any of three
     /// capabilities, so that every combination is common.
     fn traits() -> impl Strategy<Value = Traits> {
-        (0usize..3, 0u16..8)
-            .prop_map(|(v, c)| Traits::of(Vehicle::ALL[v], Capabilities::from_bits_truncate(c)))
+        crate::filter::strategies::traits(3, 3)
     }
 
     /// What a query may require: maybe a vehicle class (one that no item
     /// has among them), and some of four capabilities (one no item has).
     fn required() -> impl Strategy<Value = Traits> {
-        (prop::option::of(0usize..4), 0u16..16).prop_map(|(v, c)| {
-            Traits::required(
-                v.map(|v| Vehicle::ALL[v]),
-                Capabilities::from_bits_truncate(c),
-            )
-        })
+        crate::filter::strategies::required(4, 4)
     }
 
     /// A point of a small patch, as in a city: coordinates from a grid so
