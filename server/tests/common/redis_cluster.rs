@@ -264,16 +264,30 @@ impl RedisCluster {
 
     /// Starts the killed server on `port` again (empty: it rejoins from its
     /// cluster config file, as a replica of whoever took over).
+    ///
+    /// # Panics
+    /// If the server still serves slots: a master without persistence
+    /// that comes back before its replica took over is still the master,
+    /// empty, and its replica resyncs from it, wiping its slots. Redis's
+    /// own warning; call [`RedisCluster::wait_ok`] after a kill first.
     pub fn restart(&mut self, port: u16) {
         let i = self.index(port);
         if self.members[i].child.is_none() {
+            let serves = self
+                .nodes()
+                .is_some_and(|ns| ns.iter().any(|n| n.port == port && n.slot_count() > 0));
+            assert!(
+                !serves,
+                "restarting the master on {port} before its replica took over its slots"
+            );
             self.spawn(i);
         }
     }
 
     /// Waits until every live node reports `cluster_state:ok`, every slot
-    /// has a live master and every live replica is in sync; returns how
-    /// long that took.
+    /// has a master that is running (a killed master's slots count once
+    /// its replica has taken them over) and every live replica is in sync;
+    /// returns how long that took.
     pub fn wait_ok(&self, secs: u64) -> Duration {
         let started = Instant::now();
         poll(secs, "the Redis Cluster to be ok", || {
@@ -290,10 +304,13 @@ impl RedisCluster {
                     return None;
                 }
             }
+            // Until the others flag a killed master as failing (after the
+            // node timeout), they still list it as serving its slots.
+            let running = |port: u16| self.members.iter().any(|m| m.port == port && m.live());
             let served: u32 = self
                 .nodes()?
                 .iter()
-                .filter(|n| n.live_master)
+                .filter(|n| n.live_master && running(n.port))
                 .map(ClusterNode::slot_count)
                 .sum();
             (served == 16_384).then_some(())
