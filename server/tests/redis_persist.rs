@@ -196,6 +196,72 @@ async fn round_trip_of_120k_drivers_and_matches_is_exact() {
     assert_eq!(chunks.len(), 3, "120k drivers in chunks of 50k");
 }
 
+/// A resync (after a failed write or an outage) must not undo a change
+/// under way: a confirmation writes Redis first and acts in memory after,
+/// so in between the engine still says "reserved". A resync that wrote
+/// the engine's view then would leave Redis saying "reserved" for a match
+/// whose confirmation was acknowledged. It leaves that order alone, syncs
+/// every other, and comes back for it once the change is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_never_undoes_a_change_under_way() {
+    use hexmatch::{DurableMatch, MatchState};
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("resync");
+    let p = common::persistence(&url, &prefix, "default", "n1").await;
+    let engine = Engine::new(EngineConfig::default()).expect("engine");
+    engine.bulk_load(mixed_drivers(2_000)).expect("load");
+    let orders: Vec<OrderId> = (0..12)
+        .map(|i| OrderId::new(&format!("order-{i}")).expect("id"))
+        .collect();
+    for (i, o) in orders.iter().enumerate() {
+        let pickup = Position::new(41.7 + i as f64 * 0.01, -87.7).expect("pos");
+        let req = ClaimRequest {
+            hold_ms: 3_600_000,
+            ..ClaimRequest::new(pickup)
+        };
+        engine.claim(o, &req).expect("claims");
+    }
+    p.resync_matches(&engine).await.expect("resync");
+    let hash = format!("{prefix}:{{ns:default}}:matches");
+    let mut conn = RedisServer::conn(&url);
+    let state = |conn: &mut redis::Connection, o: &OrderId| {
+        let raw: Option<Vec<u8>> = conn.hget(&hash, o.as_str()).expect("hget");
+        raw.map(|b| DurableMatch::decode(&b).expect("a record").m.state)
+    };
+
+    // The confirmation of the first order, under way: written, not acted.
+    let confirming = &orders[0];
+    let serial = p.lock_order(confirming).await;
+    let mut rec = engine.durable_match(confirming).expect("live");
+    rec.m.state = MatchState::Confirmed;
+    p.put_match(&rec).await.expect("written first");
+    // The other records were lost (a write failed): the resync's work.
+    for o in &orders[1..] {
+        let _: () = conn.hdel(&hash, o.as_str()).expect("hdel");
+    }
+    p.resync_matches(&engine).await.expect("resync");
+    assert_eq!(
+        state(&mut conn, confirming),
+        Some(MatchState::Confirmed),
+        "the resync undid an acknowledged confirmation"
+    );
+    for o in &orders[1..] {
+        assert_eq!(
+            state(&mut conn, o),
+            Some(MatchState::Reserved),
+            "{o} resynced"
+        );
+    }
+
+    // The confirmation acts and lets go; its record is lost meanwhile. The
+    // next health check resyncs the order it skipped.
+    engine.confirm(confirming).expect("confirms");
+    drop(serial);
+    let _: () = conn.hdel(&hash, confirming.as_str()).expect("hdel");
+    p.check_health(&engine).await;
+    assert_eq!(state(&mut conn, confirming), Some(MatchState::Confirmed));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_snapshot_falls_back_to_the_previous_generation_or_starts_empty() {
     let (_redis, url) = RedisServer::from_env_or_start();

@@ -174,14 +174,6 @@ redis.call('SET', KEYS[1], ARGV[1])
 return old
 ";
 
-/// Rewrites a single node's matches hash. KEYS: the hash. ARGV: order /
-/// record pairs.
-const RESYNC: &str = r"
-redis.call('DEL', KEYS[1])
-for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return 1
-";
-
 /// Writes (or deletes, for an empty record) a match record in its
 /// region's hash only while the region's lease is ours. KEYS: lease,
 /// region matches. ARGV: token, order, record. Returns 1 when done, 0 when
@@ -449,15 +441,13 @@ impl Persistence {
 
     /// Serialises changes to one order (claim, confirm, release, …).
     pub async fn lock_order(&self, order: &OrderId) -> MutexGuard<'_, ()> {
-        let h = order
-            .as_str()
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-            });
-        self.order_locks[(h % ORDER_LOCKS as u64) as usize]
-            .lock()
-            .await
+        self.order_locks[stripe(order.as_str())].lock().await
+    }
+
+    /// The order locks no change holds now, taken (`None` where one is
+    /// held): while they are held, no order of theirs changes.
+    fn idle_stripes(&self) -> Vec<Option<MutexGuard<'_, ()>>> {
+        self.order_locks.iter().map(|l| l.try_lock().ok()).collect()
     }
 
     /// Writes an order's durable record (a live match) or deletes it (ended).
@@ -770,27 +760,31 @@ impl Persistence {
     /// hash of every region this node serves gets them written (under the
     /// region's lease) and keeps any other record, toward "held".
     ///
+    /// An order whose change is under way (its lock is held) is left as it
+    /// is, and resynced next time: a confirmation or an end writes Redis
+    /// before it acts in memory, so until it acts the engine's state of
+    /// that order is older than Redis's, and writing it back would undo an
+    /// acknowledged change. The other orders' locks are held until the
+    /// writes are made.
+    ///
     /// # Errors
     /// Redis errors (the resync stays scheduled).
     pub async fn resync_matches(&self, engine: &Engine) -> RedisResult<()> {
         self.needs_resync.store(false, Ordering::Release);
+        let stripes = self.idle_stripes();
+        let settled = |order: &str| stripes[stripe(order)].is_some();
+        if !stripes.iter().all(Option::is_some) {
+            self.needs_resync.store(true, Ordering::Release);
+        }
+        let records: Vec<DurableMatch> = engine
+            .durable_matches()
+            .into_iter()
+            .filter(|r| settled(r.m.order_id.as_str()))
+            .collect();
         let r = if let Some(fence) = self.fence.get() {
-            self.resync_regions(fence.as_ref(), engine).await
+            self.resync_regions(fence.as_ref(), records).await
         } else {
-            let key = self.key("matches");
-            let encoded = encode_records(&engine.durable_matches());
-            let args = record_args(&encoded);
-            self.note(
-                conn::eval_durable(
-                    &mut self.conn.clone(),
-                    self.durability,
-                    RESYNC,
-                    &[&key],
-                    &args,
-                )
-                .await,
-            )
-            .map(drop)
+            self.resync_node(records, &settled).await
         };
         if r.is_err() {
             self.needs_resync.store(true, Ordering::Release);
@@ -798,7 +792,42 @@ impl Persistence {
         r
     }
 
-    async fn resync_regions(&self, fence: &dyn Fence, engine: &Engine) -> RedisResult<()> {
+    /// A single node's hash made to hold exactly `records` among the
+    /// `settled` orders (the others are left as they are).
+    async fn resync_node(
+        &self,
+        records: Vec<DurableMatch>,
+        settled: &(dyn Fn(&str) -> bool + Sync),
+    ) -> RedisResult<()> {
+        let key = self.key("matches");
+        let mut conn = self.conn.clone();
+        let present: Vec<String> = self.note(conn.hkeys(&key).await)?;
+        let live: std::collections::HashSet<&str> =
+            records.iter().map(|r| r.m.order_id.as_str()).collect();
+        let gone: Vec<&String> = present
+            .iter()
+            .filter(|o| settled(o) && !live.contains(o.as_str()))
+            .collect();
+        let mut pipe = redis::pipe();
+        if !gone.is_empty() {
+            pipe.hdel(&key, gone).ignore();
+        }
+        for rec in &records {
+            pipe.hset(&key, rec.m.order_id.as_str(), rec.encode())
+                .ignore();
+        }
+        match self.write_pipe(&mut pipe).await {
+            Err(WriteError::Redis(e)) => Err(e),
+            // Not replicated: a resync is scheduled again.
+            _ => Ok(()),
+        }
+    }
+
+    async fn resync_regions(
+        &self,
+        fence: &dyn Fence,
+        records: Vec<DurableMatch>,
+    ) -> RedisResult<()> {
         // The leases first, then the matches: a region lost and taken
         // back meanwhile refuses these tokens, so a match dropped with it
         // is never written into its new epoch's records.
@@ -809,7 +838,7 @@ impl Persistence {
             .collect();
         let mut by_region: HashMap<String, Vec<DurableMatch>> =
             leases.keys().map(|r| (r.clone(), Vec::new())).collect();
-        for rec in engine.durable_matches() {
+        for rec in records {
             let home = self.homes.lock().get(rec.m.order_id.as_str()).cloned();
             if let Some(region) = home.or_else(|| fence.region_of_pos(rec.driver_pos).ok())
                 && let Some(recs) = by_region.get_mut(&region)
@@ -1746,6 +1775,14 @@ fn encode_records(recs: &[DurableMatch]) -> Vec<(String, Vec<u8>)> {
     recs.iter()
         .map(|r| (r.m.order_id.to_string(), r.encode()))
         .collect()
+}
+
+/// The stripe of the order locks `order` takes (FNV-1a).
+fn stripe(order: &str) -> usize {
+    let h = order.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    (h % ORDER_LOCKS as u64) as usize
 }
 
 /// Order / record pairs as script arguments.
