@@ -1896,9 +1896,11 @@ fn a_redis_master_s_death_loses_no_acknowledged_match() {
 
 /// `WAIT` is what makes an acknowledgment durable: with the replica of
 /// the master holding a single node's records paused, a claim is refused
-/// (503) instead of acknowledged, and its driver is free again. The
-/// master then dies and the paused replica takes over: every match that
-/// was acknowledged is restored on restart.
+/// (503) instead of acknowledged. Its driver stays held for the order (the
+/// master may have the record: freeing the driver would let a second
+/// order take it while that record lives). The master then dies and the
+/// paused replica takes over: every match that was acknowledged is
+/// restored on restart, and no driver is in two matches.
 #[test]
 fn a_write_the_replica_did_not_take_is_never_acknowledged() {
     let mut redis = RedisCluster::start();
@@ -1951,12 +1953,25 @@ fn a_write_the_replica_did_not_take_is_never_acknowledged() {
         (503, Some("unavailable")),
         "{body}"
     );
-    // The refused claim was undone: its driver is free again.
+    // The refused claim's outcome is unknown: its driver stays held for it.
     let (status, m, _) = get(http, &format!("{}/v1/matches/refused", node.base));
     assert_eq!(
         (status, m["state"].as_str()),
-        (200, Some("released")),
+        (200, Some("reserved")),
         "{m}"
+    );
+    let held = m["driver_id"].as_str().expect("driver").to_owned();
+    assert!(
+        acked.iter().all(|(_, d)| *d != held),
+        "{held} double-booked"
+    );
+    // The client's retry finds the match made, but it is not acknowledged
+    // until its record is written: still 503 while the replica is paused.
+    let (status, _, body) = claim_at(http, &node, "refused", p);
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("unavailable")),
+        "a repeat acknowledged without its record: {body}"
     );
     // The master dies with the write only it had; the replica takes over.
     redis.signal(master, "KILL");

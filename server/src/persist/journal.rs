@@ -273,6 +273,32 @@ impl Persistence {
         changes: Vec<(String, Change)>,
         since: u64,
     ) -> Result<(), WriteError> {
+        self.journal_with(changes, since, Durability::default())
+            .await
+    }
+
+    /// [`Persistence::journal`], done only once the replicas required of
+    /// durable writes have the entries: for the departures of drivers
+    /// handed over to another node. A departure lost with a Redis master
+    /// would bring the driver back, available, in the region it left
+    /// while the other node offers it too.
+    ///
+    /// # Errors
+    /// As [`Persistence::journal`], and `NotReplicated`.
+    pub async fn journal_durably(
+        &self,
+        changes: Vec<(String, Change)>,
+        since: u64,
+    ) -> Result<(), WriteError> {
+        self.journal_with(changes, since, self.durability).await
+    }
+
+    async fn journal_with(
+        &self,
+        changes: Vec<(String, Change)>,
+        since: u64,
+        durability: Durability,
+    ) -> Result<(), WriteError> {
         let Some(fence) = self.fence.get() else {
             return Ok(());
         };
@@ -313,10 +339,10 @@ impl Persistence {
                             }
                         }
                         let mut conn = self.conn.clone();
-                        let (last, _) = self.note(
+                        let (last, short) = self.note(
                             conn::eval_durable(
                                 &mut conn,
-                                Durability::default(),
+                                durability,
                                 FENCED_APPEND,
                                 &[&lease.key, &stream],
                                 &args,
@@ -330,6 +356,9 @@ impl Persistence {
                                     region: region.clone(),
                                 });
                             }
+                        }
+                        if let Some(n) = short {
+                            return Err(self.not_replicated(n));
                         }
                     }
                     Ok(())

@@ -27,13 +27,18 @@
 //! - Every match change is written through before the HTTP response, and
 //!   with `--redis-replicas N` only once `N` replicas have it (`WAIT`).
 //!   Changes to one order are serialised by a per-order lock.
-//!   - A claim reserves in memory, then writes. If the write fails it
-//!     releases the driver and answers 503.
+//!   - A claim reserves in memory, then writes; a repeat of the claim
+//!     writes again. If Redis refuses the write (a lease lost, the order
+//!     held elsewhere) the driver is released; if the outcome is unknown
+//!     (no answer, too few replicas) the driver stays held for the order
+//!     and the records are resynced. Either way the answer is 503.
 //!   - Confirm, release and complete write first, then act in memory. If
 //!     the write fails, memory is untouched and the answer is 503.
 //!   - Where Redis and memory could still diverge, the records are resynced
 //!     once Redis answers again (an expiry whose delete failed, a
-//!     driver-side end, a write the replicas did not confirm). In a
+//!     driver-side end, a write the replicas did not confirm). A resync
+//!     skips the orders whose change is under way (their lock is held),
+//!     whose engine state is older than Redis's until the change acts. In a
 //!     cluster the resync only writes: a record the node does not know may
 //!     belong to a region it dropped while losing the lease.
 //!

@@ -567,9 +567,11 @@ impl Service {
             .filter_map(|(id, region)| Some((region?, Change::Gone(id))))
             .collect();
         if let Some(p) = self.persist() {
-            p.journal(departures, before.since).await.map_err(|e| {
-                ApiError::unavailable(format!("the handoff could not be journalled: {e}"))
-            })?;
+            p.journal_durably(departures, before.since)
+                .await
+                .map_err(|e| {
+                    ApiError::unavailable(format!("the handoff could not be journalled: {e}"))
+                })?;
         }
         for id in &leaving {
             self.engine.remove(id);

@@ -222,8 +222,9 @@ impl Service {
         };
         counter!("hexmatch_matches_total", "result" => outcome).increment(1);
         let (m, created) = result?;
-        if let (Some(p), true) = (durable, created) {
-            // Durable before the response; if Redis refuses, undo and say so.
+        if let Some(p) = durable {
+            // Durable before the response, a repeat too: the attempt that
+            // made the match may have failed to write it.
             let Some(rec) = self.engine.durable_match(&m.order_id) else {
                 // Dropped with a region lost meanwhile: never acknowledged.
                 return Err(ApiError::unavailable(format!(
@@ -232,6 +233,10 @@ impl Service {
                 )));
             };
             if let Err(e) = p.put_match_since(&rec, since).await {
+                let refused = matches!(
+                    e,
+                    WriteError::NotOwner { .. } | WriteError::OrderTaken { .. }
+                );
                 // Undo only the match made here: a takeover since may have
                 // restored the order's durable match (made on another
                 // node) in its place.
@@ -240,8 +245,14 @@ impl Service {
                         && now.driver_id == m.driver_id
                         && now.created_at == m.created_at
                 });
-                if ours {
+                if created && refused && ours {
                     let _ = self.engine.release(&m.order_id, Some("persistence_failed"));
+                } else if !refused {
+                    // Redis may have taken the write (no answer, or too few
+                    // replicas): the match stays held here, toward "held",
+                    // and the records are resynced to it. Releasing it
+                    // would leave a live record of a driver offered again.
+                    p.schedule_resync();
                 }
                 return Err(unavailable(&e));
             }
@@ -654,7 +665,8 @@ impl Service {
     }
 
     /// Durable before the response: writes a batch's new matches in one
-    /// round trip; if Redis refuses, releases them and says so.
+    /// round trip (a single node's batch); if Redis refuses, releases them
+    /// and says so.
     async fn write_batch(
         &self,
         p: &Persistence,
@@ -674,6 +686,9 @@ impl Service {
             for o in fresh {
                 let _ = self.engine.release(o, Some("persistence_failed"));
             }
+            // Some records may have been written: the resync rewrites a
+            // single node's hash to what the engine holds.
+            p.schedule_resync();
             return Err(unavailable(&e));
         }
         Ok(())
