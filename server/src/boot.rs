@@ -395,12 +395,13 @@ async fn boot_cluster(
     }
     let (s2, p2, c2) = (Arc::clone(&svc), Arc::clone(&p), Arc::clone(&cluster));
     tasks.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(c2.tick_interval());
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            let started = tokio::time::Instant::now();
             let taken = c2.tick(&s2.engine, &p2).await;
             after_takeover(&s2, &p2, taken.len()).await;
+            // Renewals keep their period; a lease lapsing sooner is taken then.
+            let period = c2.tick_interval().saturating_sub(started.elapsed());
+            tokio::time::sleep(period.min(c2.until_next_tick())).await;
         }
     }));
     let _guard = AbortOnDrop(tasks);

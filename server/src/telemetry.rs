@@ -125,6 +125,11 @@ fn describe() {
         "HTTP request latency, by route and method."
     );
     describe_histogram!(
+        "hexmatch_takeover_restore_seconds",
+        Unit::Seconds,
+        "Time to restore the regions of one takeover (the lease TTL must exceed it)."
+    );
+    describe_histogram!(
         "hexmatch_snapshot_duration_seconds",
         Unit::Seconds,
         "Time to take and store a snapshot."

@@ -155,6 +155,9 @@ pub struct Cluster {
     held: RwLock<HashMap<String, Held>>,
     /// Times leases were lost (see [`Fence::losses`]).
     losses: std::sync::atomic::AtomicU64,
+    /// When the soonest lease this node wants but another holds lapses,
+    /// as last read: the next tick comes then, not a whole period later.
+    next_lapse: parking_lot::Mutex<Option<Instant>>,
     map: RwLock<Arc<ClusterMap>>,
     peer: PeerClient,
 }
@@ -219,6 +222,7 @@ impl Cluster {
             ttl,
             held: RwLock::default(),
             losses: std::sync::atomic::AtomicU64::new(0),
+            next_lapse: parking_lot::Mutex::new(None),
             map: RwLock::default(),
             peer,
         });
@@ -539,18 +543,25 @@ impl Cluster {
             .collect();
         let mut lost = Vec::new();
         let ttl = (self.ttl.as_millis() as u64).to_string();
-        for (region, h) in held {
-            let sent = Instant::now();
-            let mut conn = self.conn.clone();
-            let lease = self.lease_key(&region);
-            let r = conn::eval_durable(
-                &mut conn,
-                self.durability,
-                RENEW,
-                &[&lease],
-                &[h.token.as_bytes(), ttl.as_bytes()],
-            )
-            .await;
+        // All at once: each lease lives in its own slot.
+        let renewals = held.into_iter().map(|(region, h)| {
+            let ttl = &ttl;
+            async move {
+                let sent = Instant::now();
+                let mut conn = self.conn.clone();
+                let lease = self.lease_key(&region);
+                let r = conn::eval_durable(
+                    &mut conn,
+                    self.durability,
+                    RENEW,
+                    &[&lease],
+                    &[h.token.as_bytes(), ttl.as_bytes()],
+                )
+                .await;
+                (region, h, sent, r)
+            }
+        });
+        for (region, h, sent, r) in futures_util::future::join_all(renewals).await {
             match r {
                 Ok((Value::Int(1), None)) => {
                     if let Some(x) = self.held.write().get_mut(&region) {
@@ -608,11 +619,26 @@ impl Cluster {
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
-        let leases = self.leases(&candidates).await?;
+        let read = Instant::now();
+        let reads = candidates.iter().map(|r| {
+            let mut conn = self.conn.clone();
+            let key = self.lease_key(r);
+            async move { conn.pttl::<_, i64>(key).await }
+        });
+        let ttls: Vec<i64> = futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .collect::<RedisResult<_>>()?;
+        // PTTL: -2 when the key is gone (free), else the milliseconds left.
+        *self.next_lapse.lock() = ttls
+            .iter()
+            .filter_map(|&ms| u64::try_from(ms).ok())
+            .min()
+            .map(|ms| read + Duration::from_millis(ms));
         Ok(candidates
             .into_iter()
-            .zip(leases)
-            .filter_map(|(r, lease)| lease.is_none().then_some(r))
+            .zip(ttls)
+            .filter_map(|(r, ms)| (ms == -2).then_some(r))
             .collect())
     }
 
@@ -628,8 +654,16 @@ impl Cluster {
     ) -> Vec<Result<Takeover, String>> {
         let mut out = Vec::new();
         let mut got: Vec<(String, Held, Option<String>)> = Vec::new();
-        for region in regions {
-            match self.acquire(region).await {
+        // All at once: each lease is two scripts in its own slot, and the
+        // regions of a failed node must be served again within a lease.
+        let acquired = futures_util::future::join_all(
+            regions
+                .iter()
+                .map(|region| async move { (region, self.acquire(region).await) }),
+        )
+        .await;
+        for (region, result) in acquired {
+            match result {
                 Ok(Some((held, previous))) => got.push((region.clone(), held, previous)),
                 Ok(None) => {}
                 Err(e) => out.push(Err(format!("taking {region}: {e}"))),
@@ -662,6 +696,7 @@ impl Cluster {
             }
         };
         let restore = restoring.elapsed();
+        metrics::histogram!("hexmatch_takeover_restore_seconds").record(restore.as_secs_f64());
         for (region, held, previous) in got {
             if held.deadline <= Instant::now() {
                 self.give_up_one(&region, &held.token).await;
@@ -724,6 +759,8 @@ impl Cluster {
     /// lost), re-read the map, and take over free regions this node wants.
     /// Returns the takeovers made.
     pub async fn tick(&self, engine: &Arc<Engine>, persist: &Persistence) -> Vec<Takeover> {
+        // Read again below; a tick that cannot read the leases waits a period.
+        *self.next_lapse.lock() = None;
         let lost = self.renew().await;
         if !lost.is_empty() {
             // Counted before anything is dropped: a claim made before
@@ -768,6 +805,21 @@ impl Cluster {
     /// How often [`tick`](Self::tick) should run.
     pub fn tick_interval(&self) -> Duration {
         self.ttl / 3
+    }
+
+    /// How long to wait before the next [`tick`](Self::tick): the tick
+    /// interval, or less when a lease this node wants lapses sooner (a
+    /// silent owner's regions are taken as soon as Redis drops its lease).
+    pub fn until_next_tick(&self) -> Duration {
+        let interval = self.tick_interval();
+        match *self.next_lapse.lock() {
+            // A few milliseconds after Redis expires it.
+            Some(at) => at
+                .saturating_duration_since(Instant::now())
+                .saturating_add(Duration::from_millis(5))
+                .min(interval),
+            None => interval,
+        }
     }
 }
 

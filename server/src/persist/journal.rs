@@ -196,10 +196,13 @@ impl Entry {
 
 /// The drivers of a region as its journal leaves them: `base` (a
 /// snapshot's drivers) with `entries` applied in order. Each state
-/// replaces the driver's; each departure removes it.
+/// replaces the driver's; each departure removes it; a driver whose last
+/// state fails `stays` (it is outside the region now) is dropped. The
+/// base's drivers the journal does not name are kept as they are.
 pub fn replay(
     base: impl IntoIterator<Item = DriverUpdate>,
     entries: impl IntoIterator<Item = Entry>,
+    stays: impl Fn(&DriverUpdate) -> bool,
 ) -> Vec<DriverUpdate> {
     // Each driver's last entry (`None`: gone). Journals are short next to
     // their snapshots, so the base is read once and hashed not at all
@@ -210,6 +213,11 @@ pub fn replay(
             Entry::Put(u) => last.insert(u.id.clone(), Some(u)),
             Entry::Gone(id) => last.insert(id, None),
         };
+    }
+    for now in last.values_mut() {
+        if now.as_ref().is_some_and(|u| !stays(u)) {
+            *now = None;
+        }
     }
     let mut out: Vec<DriverUpdate> = base
         .into_iter()
@@ -513,8 +521,15 @@ mod tests {
             gone("d"),
             Entry::Put(up("d", 41.84)),
             gone("nobody"),
+            Entry::Put(up("e", 41.85)),
+            Entry::Put(up("f", 41.90)),
         ];
-        let mut out: Vec<(String, f64)> = replay(base, entries)
+        // "f" moved out of the region; "c", never named, is not asked.
+        let stays = |u: &DriverUpdate| {
+            assert_ne!(u.id.as_str(), "c", "an unchanged driver was checked");
+            u.pos.lat() < 41.9
+        };
+        let mut out: Vec<(String, f64)> = replay(base, entries, stays)
             .into_iter()
             .map(|u| (u.id.to_string(), u.pos.lat()))
             .collect();
@@ -524,7 +539,8 @@ mod tests {
             [
                 ("a".into(), 41.82),
                 ("c".into(), 41.80),
-                ("d".into(), 41.84)
+                ("d".into(), 41.84),
+                ("e".into(), 41.85)
             ]
         );
     }

@@ -71,6 +71,9 @@ pub use self::conn::{ConnOptions, Durability, Keys, NotReplicated, RedisConn};
 /// Region snapshots stored at once (each is a few round trips).
 const STORES_AT_ONCE: usize = 16;
 
+/// Regions read at once in a takeover's restore.
+const RESTORE_READS_AT_ONCE: usize = 8;
+
 /// Drivers per snapshot chunk: about 1–2 MB per chunk before compression.
 pub const CHUNK_DRIVERS: usize = 50_000;
 const ORDER_LOCKS: usize = 256;
@@ -1276,25 +1279,35 @@ impl Persistence {
         regions: &[String],
         region_of: &(dyn Fn(hexmatch::Position) -> Option<String> + Sync),
     ) -> Result<HashMap<String, (usize, usize)>, String> {
-        // Every read comes before the engine is touched.
+        // Every read comes before the engine is touched; the regions are
+        // read side by side (each in its own slots), and their snapshots
+        // decoded off the runtime's threads.
         let started = std::time::Instant::now();
-        let mut read = Vec::with_capacity(regions.len());
-        for region in regions {
-            let (base, offset) = self.region_snapshot(region).await?;
-            let (entries, tail) = self.journal_after(region, offset).await.map_err(|error| {
-                let key = self.keys.region(region, "locations");
-                KeyError { key, error }.to_string()
-            })?;
-            read.push((region.clone(), base, entries, tail));
-        }
+        let reads: Vec<_> = regions
+            .iter()
+            .map(|region| self.read_region(region))
+            .collect();
+        let read: Vec<_> = futures_util::stream::iter(reads)
+            .buffer_unordered(RESTORE_READS_AT_ONCE)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
         let drivers = replay_regions(read, region_of);
-        let mut conn = self.conn.clone();
-        let mut records: Vec<(String, DurableMatch)> = Vec::new();
-        for region in regions {
+        let hashes = futures_util::future::join_all(regions.iter().map(|region| {
+            let mut conn = self.conn.clone();
             let key = self.keys.region(region, "matches");
-            let raw: HashMap<String, Vec<u8>> = self
-                .note(conn.hgetall(&key).await)
-                .map_err(|error| KeyError { key, error }.to_string())?;
+            async move {
+                let raw: RedisResult<HashMap<String, Vec<u8>>> = conn.hgetall(&key).await;
+                self.note(raw)
+                    .map(|raw| (region, raw))
+                    .map_err(|error| KeyError { key, error }.to_string())
+            }
+        }))
+        .await;
+        let mut records: Vec<(String, DurableMatch)> = Vec::new();
+        for hash in hashes {
+            let (region, raw) = hash?;
             for (order, bytes) in raw {
                 match DurableMatch::decode(&bytes) {
                     Ok(r) if r.m.state.is_live() => records.push((region.clone(), r)),
@@ -1341,6 +1354,20 @@ impl Persistence {
         Ok(counts)
     }
 
+    /// What a takeover reads of `region`: its latest good snapshot, and
+    /// the journal entries after the offset that snapshot covers.
+    async fn read_region(
+        &self,
+        region: &str,
+    ) -> Result<(String, Vec<Driver>, Vec<journal::Entry>, journal::EntryId), String> {
+        let (base, offset) = self.region_snapshot(region).await?;
+        let (entries, tail) = self.journal_after(region, offset).await.map_err(|error| {
+            let key = self.keys.region(region, "locations");
+            KeyError { key, error }.to_string()
+        })?;
+        Ok((region.to_owned(), base, entries, tail))
+    }
+
     /// A region's latest good snapshot (the previous one when the latest
     /// is damaged; none when it has none) and the journal offset it
     /// covers.
@@ -1362,7 +1389,11 @@ impl Persistence {
             let key = place.key(manifest);
             match self.read_snapshot(&key, &chunk_key).await {
                 Ok(None) => {}
-                Ok(Some((manifest, chunks))) => match hexmatch::decode_snapshot(&manifest, &chunks)
+                Ok(Some((manifest, chunks))) => match tokio::task::spawn_blocking(move || {
+                    hexmatch::decode_snapshot(&manifest, &chunks)
+                })
+                .await
+                .map_err(|e| e.to_string())?
                 {
                     Ok(all) => {
                         found = Some((all, offset));
@@ -1673,10 +1704,11 @@ fn replay_regions(
         Vec<journal::Entry>,
         journal::EntryId,
     )| {
-        let finals = journal::replay(base.into_iter().map(as_update), entries)
-            .into_iter()
-            .filter(|u| region_of(u.pos).as_deref() == Some(region.as_str()))
-            .collect();
+        // A snapshot's drivers were in its region when it was taken; only
+        // those the journal moved since may have left it.
+        let finals = journal::replay(base.into_iter().map(as_update), entries, |u| {
+            region_of(u.pos).as_deref() == Some(region.as_str())
+        });
         (region, finals, tail)
     };
     let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
