@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The fault-injection test of server/tests/cluster.rs (ignored by `cargo
-# test` while it still finds a lost match in about two runs in five), run long: three
-# `hexmatch serve --cluster` nodes on a local Redis Cluster (three masters,
-# one replica each, started and stopped by the test), client tokens and the
+# The fault-injection test of server/tests/cluster.rs (20 s in `cargo
+# test`), run long: three `hexmatch serve --cluster` nodes on a local
+# Redis Cluster (three masters, one replica each, started and stopped by
+# the test), client tokens and the
 # cluster secret on, clients claiming, confirming, releasing, completing
 # and moving drivers while Redis masters are killed (and come back as
 # replicas), a node is paused past its lease, and a node is killed. Prints
@@ -11,10 +11,11 @@
 #   bash benches/scripts/fault_injection.sh              # 180 s
 #   SECS=600 bash benches/scripts/fault_injection.sh
 #   MOVE_ANY=1 bash benches/scripts/fault_injection.sh   # on-duty drivers move too
+#                                                         # (a known gap: fails)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HEXMATCH_FAULT_SECS="${SECS:-180}"
 if [ -n "${MOVE_ANY:-}" ]; then export HEXMATCH_FAULT_MOVE_ANY=1; fi
 cargo test -p hexmatch-server --test cluster -- \
-    faults_never_double_book_and_lose_nothing_acknowledged --exact --ignored --nocapture 2>&1 \
+    faults_never_double_book_and_lose_nothing_acknowledged --exact --nocapture 2>&1 \
     | grep -E '^(fault injection|test |thread|assertion|  left|  right)|panicked|lost|two live|served by|unserved|its operations'
