@@ -70,4 +70,5 @@ drivers=$(grep 'took region' "$dir/b.log" | grep -o ' drivers=[0-9]*' | cut -d= 
 # replayed) and loading into the engine.
 read_ms=$(grep 'regions restored' "$dir/b.log" | grep -o 'read_ms=[0-9]*' | cut -d= -f2 | sort -n | tail -1)
 load_ms=$(grep 'regions restored' "$dir/b.log" | grep -o 'load_ms=[0-9]*' | cut -d= -f2 | sort -n | tail -1)
-echo "b serves every region $(( (end - start) / 1000000 )) ms after the kill (lease $TTL_MS ms); restore of $drivers drivers: ${restore:-?} ms (read ${read_ms:-?} ms, load ${load_ms:-?} ms)"
+fetch_ms=$(grep 'regions restored' "$dir/b.log" | grep -o 'fetch_ms=[0-9]*' | cut -d= -f2 | sort -n | tail -1)
+echo "b serves every region $(( (end - start) / 1000000 )) ms after the kill (lease $TTL_MS ms); restore of $drivers drivers: ${restore:-?} ms (read ${read_ms:-?} ms, of which fetching and decoding ${fetch_ms:-?} ms; load ${load_ms:-?} ms)"

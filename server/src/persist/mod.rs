@@ -1293,6 +1293,7 @@ impl Persistence {
             .await
             .into_iter()
             .collect::<Result<_, _>>()?;
+        let fetched = started.elapsed();
         let drivers = replay_regions(read, region_of);
         let hashes = futures_util::future::join_all(regions.iter().map(|region| {
             let mut conn = self.conn.clone();
@@ -1319,7 +1320,7 @@ impl Persistence {
             }
         }
         let mut counts: HashMap<String, (usize, usize)> = HashMap::new();
-        let mut all = Vec::new();
+        let mut all = Vec::with_capacity(drivers.iter().map(|(_, f, _)| f.len()).sum());
         for (region, finals, tail) in drivers {
             counts.entry(region.clone()).or_default().0 = finals.len();
             all.extend(finals);
@@ -1341,6 +1342,7 @@ impl Persistence {
             regions = regions.len(),
             drivers = loaded,
             read_ms = read.as_millis() as u64,
+            fetch_ms = fetched.as_millis() as u64,
             load_ms = started.elapsed().saturating_sub(read).as_millis() as u64,
             "regions restored"
         );
