@@ -2109,12 +2109,14 @@ fn unavailability(
 
 /// Jepsen-style, in short: three nodes on a Redis Cluster (three masters
 /// with a replica each, `--redis-replicas 1`), client tokens and the
-/// cluster secret on. Clients claim, confirm, release, complete and move
-/// drivers across region borders while a nemesis kills a Redis master
-/// (its replica takes over; the master comes back as a replica), pauses a
+/// cluster secret on. Clients claim (some orders sent at once through two
+/// nodes with two pickups), confirm, release, complete and move drivers
+/// across region borders while a nemesis kills a Redis master (its
+/// replica takes over; the master comes back as a replica), pauses a
 /// node past its lease and resumes it, and kills a node. The checker then
 /// asserts over the recorded history: no order answered with two drivers,
-/// no driver in two live matches, no acknowledged match lost, never two
+/// no driver in two live matches and no order live in two regions' records,
+/// no acknowledged match lost, never two
 /// nodes serving one region under one epoch nor an older epoch after a
 /// newer one, and each region's unavailability within the lease TTL, the
 /// longest restore and a second (plus, for a Redis master, the failover
@@ -2193,12 +2195,25 @@ fn faults_never_double_book_and_lose_nothing_acknowledged() {
                 while !stop.load(Ordering::Relaxed) {
                     let via = &bases[rng.below(3)];
                     let roll = rng.below(100);
-                    let (kind, order, rb) = if roll < 45 || mine.is_empty() {
+                    let claim = |order: &str, via: &str, p: Position| {
+                        let body = json!({"order_id": order, "pickup": {"lat": p.lat(), "lon": p.lon()}, "radius_m": 4000, "hold_ms": 600_000});
+                        http.post(format!("{via}/v1/matches")).json(&body)
+                    };
+                    let (kind, order, rbs) = if roll < 5 {
+                        // Twins: one new order sent at the same moment
+                        // through two nodes, with two pickups.
+                        n += 1;
+                        let order = format!("c{c}-{n}");
+                        let (p, q) = (fleet[rng.below(fleet.len())].1, fleet[rng.below(fleet.len())].1);
+                        let twin = claim(&order, &bases[rng.below(3)], q);
+                        let first = claim(&order, via, p);
+                        ("claim", order, vec![first, twin])
+                    } else if roll < 45 || mine.is_empty() {
                         n += 1;
                         let order = format!("c{c}-{n}");
                         let p = fleet[rng.below(fleet.len())].1;
-                        let body = json!({"order_id": order, "pickup": {"lat": p.lat(), "lon": p.lon()}, "radius_m": 4000, "hold_ms": 600_000});
-                        ("claim", order, http.post(format!("{via}/v1/matches")).json(&body))
+                        let first = claim(&order, via, p);
+                        ("claim", order, vec![first])
                     } else if roll < 85 {
                         let (order, state) = mine[rng.below(mine.len())].clone();
                         let kind = match (state, rng.below(3)) {
@@ -2207,7 +2222,7 @@ fn faults_never_double_book_and_lose_nothing_acknowledged() {
                             _ => "release",
                         };
                         let path = format!("{via}/v1/matches/{order}/{kind}");
-                        (kind, order, http.post(path).json(&json!({})))
+                        (kind, order, vec![http.post(path).json(&json!({}))])
                     } else {
                         // The movers (every tenth driver) are off duty, so a
                         // move never races a claim of the same driver: a driver
@@ -2227,34 +2242,40 @@ fn faults_never_double_book_and_lose_nothing_acknowledged() {
                         } else {
                             json!({"lat": p.lat(), "lon": p.lon(), "status": "offline"})
                         };
-                        ("move", id.clone(), http.post(format!("{via}/v1/drivers/{id}/location")).json(&body))
+                        ("move", id.clone(), vec![http.post(format!("{via}/v1/drivers/{id}/location")).json(&body)])
                     };
-                    let (status, body) = match rb.send() {
+                    let send = |rb: reqwest::blocking::RequestBuilder| match rb.send() {
                         Ok(r) => {
                             let status = r.status().as_u16();
                             (status, r.json::<Value>().unwrap_or(Value::Null))
                         }
                         Err(_) => (0, Value::Null),
                     };
-                    let driver = body["driver_id"].as_str().map(str::to_owned);
-                    if kind != "move" && [200, 201].contains(&status) {
-                        let state = match body["state"].as_str() {
-                            Some("reserved") => "reserved",
-                            Some("confirmed") => "confirmed",
-                            _ => "ended",
-                        };
-                        mine.retain(|(o, _)| *o != order);
-                        if state != "ended" {
-                            mine.push((order.clone(), state));
-                        }
-                    }
-                    history.lock().expect("history").push(Op {
-                        at: began.elapsed(),
-                        kind,
-                        order,
-                        driver,
-                        status,
+                    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+                        let sent: Vec<_> = rbs.into_iter().map(|rb| s.spawn(move || send(rb))).collect();
+                        sent.into_iter().map(|h| h.join().expect("a request")).collect()
                     });
+                    for (status, body) in answers {
+                        let driver = body["driver_id"].as_str().map(str::to_owned);
+                        if kind != "move" && [200, 201].contains(&status) {
+                            let state = match body["state"].as_str() {
+                                Some("reserved") => "reserved",
+                                Some("confirmed") => "confirmed",
+                                _ => "ended",
+                            };
+                            mine.retain(|(o, _)| *o != order);
+                            if state != "ended" {
+                                mine.push((order.clone(), state));
+                            }
+                        }
+                        history.lock().expect("history").push(Op {
+                            at: began.elapsed(),
+                            kind,
+                            order: order.clone(),
+                            driver,
+                            status,
+                        });
+                    }
                 }
             });
         }
@@ -2428,9 +2449,15 @@ fn faults_never_double_book_and_lose_nothing_acknowledged() {
         assert_eq!(m["state"], want, "{order}: {m}; its operations: {ops:?}");
         checked += 1;
     }
-    // 3. No driver in two live matches, over every region's records.
+    // 3. No driver in two live matches and no order live in two regions,
+    // over every region's records.
     let mut conn = redis.conn();
+    let mut live_orders: HashSet<String> = HashSet::new();
     for (order, rec) in live_records(&mut conn, &prefix) {
+        assert!(
+            live_orders.insert(order.clone()),
+            "order {order} live in two regions' records"
+        );
         if let Some(other) = live_drivers.insert(rec.m.driver_id.to_string(), order.clone()) {
             panic!(
                 "driver {} in two live matches: {order} and {other}",
