@@ -5,8 +5,9 @@
 //! # Handoff
 //! A node that receives an update for a driver it does not know asks
 //! every other node to hand the driver over first. A node that holds it
-//! returns it and stops offering it (a driver in a match stays there,
-//! held, until the match ends). The update applies only once every node
+//! returns it and stops offering it. A driver in a match stays with the
+//! node of its match, wherever it goes, until the match ends: its updates
+//! are sent there, never applied to a copy. The update applies only once every node
 //! that could hold the driver has answered; a node that does not answer
 //! counts only while it still holds a lease. Until then the update is
 //! refused with `unavailable`, logged and counted
@@ -97,7 +98,23 @@ impl Service {
     /// Invalid fields; `unavailable` when a handoff from another node failed.
     pub async fn put_driver(&self, id: DriverId, body: DriverPut) -> ApiResult<DriverPutOut> {
         let update = body.into_update(id.clone())?;
-        self.adopt_one(&id).await?;
+        if let Some(url) = self.adopt_one(&id).await? {
+            let applied = self.send_to_holder(&url, &update).await?;
+            let driver = self
+                .cluster()
+                .ok_or_else(|| ApiError::internal("a holder without a cluster"))?
+                .peer()
+                .driver(&url, &id)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::unavailable(format!("driver {id} changed hands meanwhile; retry"))
+                })?;
+            return Ok(DriverPutOut {
+                driver,
+                applied,
+                reason: (!applied).then_some(NotApplied::Stale),
+            });
+        }
         // A status change may end the driver's match: keep Redis in step.
         let held = update
             .status
@@ -136,7 +153,13 @@ impl Service {
     /// Invalid fields, `unknown_driver`; `unavailable` when a handoff failed.
     pub async fn post_location(&self, id: DriverId, body: LocationIn) -> ApiResult<LocationOut> {
         let u = body.into_update(id)?;
-        self.adopt_one(&u.id).await?;
+        if let Some(url) = self.adopt_one(&u.id).await? {
+            let applied = self.send_to_holder(&url, &u).await?;
+            return Ok(LocationOut {
+                applied,
+                reason: (!applied).then_some(NotApplied::Stale),
+            });
+        }
         let before = self.before([&u.id]);
         let applied = self.engine.update_location(&u.id, u.pos, u.ts)?;
         count_update(&applied);
@@ -242,21 +265,34 @@ impl Service {
             ),
             Some(cluster) => self.split_by_owner(cluster, updates, scope).await,
         };
-        let n_local = local.len();
+        let mut tally = tally;
         if let Some(cluster) = self.cluster() {
             let ids: Vec<DriverId> = local
                 .iter()
                 .filter_map(|(_, u)| u.as_ref().ok().map(|u| u.id.clone()))
                 .collect();
-            let failed = self.adopt(cluster, &ids).await;
-            if let Some(e) = failed {
+            let adopted = self.adopt(cluster, &ids).await;
+            if let Some(e) = adopted.failed {
                 for (_, u) in &mut local {
                     if u.as_ref().is_ok_and(|u| e.ids.contains(&u.id)) {
                         *u = Err(e.error.clone());
                     }
                 }
             }
+            // Drivers another node holds in a match: their updates go there.
+            let mut remote: HashMap<String, (Vec<usize>, Vec<PeerUpdate>)> = HashMap::new();
+            local.retain(|(i, u)| {
+                let Some(url) = u.as_ref().ok().and_then(|u| adopted.held.get(&u.id)) else {
+                    return true;
+                };
+                let e = remote.entry(url.clone()).or_default();
+                e.0.push(*i);
+                e.1.extend(u.as_ref().ok().map(PeerUpdate::from));
+                false
+            });
+            send_to_peers(cluster, remote, &mut tally).await;
         }
+        let n_local = local.len();
         let before = self.before(
             local
                 .iter()
@@ -328,6 +364,16 @@ impl Service {
                     continue;
                 }
             };
+            // The node holding a driver in a match keeps it, wherever it
+            // goes, until the match ends.
+            if self
+                .engine
+                .driver(&u.id)
+                .is_some_and(|d| d.order_id.is_some())
+            {
+                local.push((i, Ok(u)));
+                continue;
+            }
             let Ok(region) = cluster.region_of(u.pos) else {
                 // The engine gives the precise error.
                 local.push((i, Ok(u)));
@@ -357,33 +403,7 @@ impl Service {
                 }
             }
         }
-        let peer = cluster.peer();
-        let calls = remote
-            .into_iter()
-            .map(|(url, (indices, updates))| async move {
-                let answer = peer.locations(&url, &PeerUpdates { updates }).await;
-                (url, indices, answer)
-            });
-        for (url, indices, answer) in futures_util::future::join_all(calls).await {
-            match answer {
-                Ok(answer) => {
-                    tally.applied += answer.applied;
-                    tally.stale += answer.stale;
-                    for r in answer.rejected {
-                        if let Some(&i) = indices.get(r.index) {
-                            tally.reject(i, &ApiError::from(r.error));
-                        }
-                    }
-                }
-                Err(e) => {
-                    let e =
-                        ApiError::unavailable(format!("the owner at {url} did not answer: {e}"));
-                    for i in indices {
-                        tally.reject(i, &e);
-                    }
-                }
-            }
-        }
+        send_to_peers(cluster, remote, &mut tally).await;
         (local, tally)
     }
 
@@ -435,29 +455,56 @@ impl Service {
     }
 
     /// [`Service::adopt`] for one driver, as an error for the request.
-    async fn adopt_one(&self, id: &DriverId) -> ApiResult<()> {
+    /// Returns the URL of the node that holds the driver in a match (its
+    /// update goes there), if one does.
+    async fn adopt_one(&self, id: &DriverId) -> ApiResult<Option<String>> {
         let Some(cluster) = self.cluster() else {
-            return Ok(());
+            return Ok(None);
         };
-        match self.adopt(cluster, std::slice::from_ref(id)).await {
-            None => Ok(()),
+        let mut adopted = self.adopt(cluster, std::slice::from_ref(id)).await;
+        match adopted.failed {
+            None => Ok(adopted.held.remove(id)),
             Some(failed) => Err(failed.error),
         }
+    }
+
+    /// Sends one update to the node that holds its driver in a match.
+    /// Returns whether it applied (`false`: stale).
+    async fn send_to_holder(&self, url: &str, u: &DriverUpdate) -> ApiResult<bool> {
+        let cluster = self
+            .cluster()
+            .ok_or_else(|| ApiError::internal("a holder without a cluster"))?;
+        let tally = cluster
+            .peer()
+            .locations(
+                url,
+                &PeerUpdates {
+                    updates: vec![PeerUpdate::from(u)],
+                },
+            )
+            .await?;
+        if let Some(r) = tally.rejected.into_iter().next() {
+            return Err(ApiError::from(r.error));
+        }
+        Ok(tally.applied == 1)
     }
 
     /// Before this node applies updates of drivers it does not know, asks
     /// every other node for them: they hand over what they hold (and stop
     /// offering it), and the driver is recreated here with its vehicle,
-    /// capabilities and status before the update applies. Returns the
-    /// drivers whose handoff could not be confirmed (see the module doc).
-    async fn adopt(&self, cluster: &Cluster, ids: &[DriverId]) -> Option<HandoffFailed> {
+    /// capabilities and status before the update applies. A driver another
+    /// node holds in a match stays there: its update goes to that node.
+    /// Returns those, and the drivers whose handoff could not be confirmed
+    /// (see the module doc).
+    async fn adopt(&self, cluster: &Cluster, ids: &[DriverId]) -> Adopted {
+        let mut out = Adopted::default();
         let unknown: Vec<DriverId> = ids
             .iter()
             .filter(|id| self.engine.driver(id).is_none())
             .cloned()
             .collect();
         if unknown.is_empty() {
-            return None;
+            return out;
         }
         // Short of the peer timeout, so the answering node never hands a
         // driver over after this node gave up waiting (clocks within that
@@ -473,10 +520,20 @@ impl Service {
             .await;
         let mut found: HashMap<DriverId, DriverOut> = HashMap::new();
         let mut silent = Vec::new();
+        let mut unreachable = Vec::new();
         for (node, answer) in answers {
             match answer {
                 Ok(HandoffAnswer { drivers }) => {
                     for d in drivers {
+                        if d.order_id.is_some() {
+                            // Kept by its match's node, which gets its updates.
+                            if let Some(url) = cluster.map().nodes.get(&node) {
+                                out.held.insert(d.driver_id.clone(), url.clone());
+                            } else {
+                                unreachable.push(d.driver_id.clone());
+                            }
+                            continue;
+                        }
                         let newer = found.get(&d.driver_id).is_none_or(|x| d.ts > x.ts);
                         if newer {
                             found.insert(d.driver_id.clone(), d);
@@ -486,7 +543,19 @@ impl Service {
                 Err(e) => silent.push((node, e)),
             }
         }
-        for d in found.values() {
+        if !unreachable.is_empty() {
+            out.failed = Some(HandoffFailed {
+                error: ApiError::unavailable(
+                    "the driver is held in a match by a node that left the map; retry",
+                ),
+                ids: unreachable,
+            });
+            return out;
+        }
+        for d in found
+            .values()
+            .filter(|d| !out.held.contains_key(&d.driver_id))
+        {
             match d.handed_over() {
                 Ok(u) if self.engine.driver(&u.id).is_none() => {
                     let _ = self.engine.upsert(&u);
@@ -506,27 +575,28 @@ impl Service {
             }
         }
         if blocking.is_empty() {
-            return None;
+            return out;
         }
         let ids: Vec<DriverId> = unknown
             .into_iter()
-            .filter(|id| !found.contains_key(id))
+            .filter(|id| !found.contains_key(id) && !out.held.contains_key(id))
             .collect();
         if ids.is_empty() {
-            return None;
+            return out;
         }
         let nodes: Vec<&str> = blocking.iter().map(|(n, _)| n.as_str()).collect();
         for (node, e) in &blocking {
             tracing::warn!(node = %node, drivers = ids.len(), error = %e, "driver handoff failed; their updates are refused until it succeeds");
         }
         counter!("hexmatch_handoff_failures_total").increment(ids.len() as u64);
-        Some(HandoffFailed {
+        out.failed = Some(HandoffFailed {
             error: ApiError::unavailable(format!(
                 "the driver may still be offered by node(s) {}, which did not answer the handoff; retry",
                 nodes.join(", ")
             )),
             ids,
-        })
+        });
+        out
     }
 
     /// Hands over the drivers another node asks for: returns them and
@@ -577,6 +647,51 @@ impl Service {
             self.engine.remove(id);
         }
         Ok(out)
+    }
+}
+
+/// What a handoff found.
+#[derive(Default)]
+struct Adopted {
+    /// Drivers whose handoff could not be confirmed.
+    failed: Option<HandoffFailed>,
+    /// Drivers another node holds in a match, with its URL.
+    held: HashMap<DriverId, String>,
+}
+
+/// Sends updates to other nodes, one call per node (`url` → the items'
+/// indices and updates), and counts their answers into `tally` (a node
+/// that did not answer: its items are rejected `unavailable`).
+async fn send_to_peers(
+    cluster: &Cluster,
+    remote: HashMap<String, (Vec<usize>, Vec<PeerUpdate>)>,
+    tally: &mut BatchTally,
+) {
+    let peer = cluster.peer();
+    let calls = remote
+        .into_iter()
+        .map(|(url, (indices, updates))| async move {
+            let answer = peer.locations(&url, &PeerUpdates { updates }).await;
+            (url, indices, answer)
+        });
+    for (url, indices, answer) in futures_util::future::join_all(calls).await {
+        match answer {
+            Ok(answer) => {
+                tally.applied += answer.applied;
+                tally.stale += answer.stale;
+                for r in answer.rejected {
+                    if let Some(&i) = indices.get(r.index) {
+                        tally.reject(i, &ApiError::from(r.error));
+                    }
+                }
+            }
+            Err(e) => {
+                let e = ApiError::unavailable(format!("the node at {url} did not answer: {e}"));
+                for i in indices {
+                    tally.reject(i, &e);
+                }
+            }
+        }
     }
 }
 
