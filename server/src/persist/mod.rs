@@ -1734,18 +1734,13 @@ fn replay_regions(
     })
 }
 
-/// A restored driver as an update: reserved comes back available (its
-/// match sets it reserved again).
+/// A restored driver as an update.
 fn as_update(d: Driver) -> DriverUpdate {
-    let status = match d.status {
-        Status::Reserved => Status::Available,
-        s => s,
-    };
     DriverUpdate {
         id: d.id,
         pos: d.pos,
         ts: Some(d.ts),
-        status: Some(status),
+        status: Some(d.status),
         vehicle: Some(d.vehicle),
         capabilities: Some(d.capabilities),
     }
@@ -1753,18 +1748,19 @@ fn as_update(d: Driver) -> DriverUpdate {
 
 /// Loads restored drivers into a running engine, which may already hold
 /// other regions: with [`Engine::load`], so each shard's tree is built at
-/// once. Reserved drivers come back available; their matches set them
-/// reserved again. A driver this engine holds in a live match keeps its
-/// status (the match here is its truth, and a snapshot's copy, say held
-/// `busy` by a node it had moved to, would end it); only its position is
-/// updated.
+/// once. A driver this engine holds in a live match keeps its status (the
+/// match here is its truth, and a snapshot's copy, say held `busy` by a
+/// node it had moved to, would end it); only its position is updated. A
+/// driver reserved without a live match here is not loaded: its match's
+/// record is in another region's hash (the region it was claimed in),
+/// whose owner holds it; loaded, it would be offered a second time.
 pub fn upsert_drivers(engine: &Engine, drivers: Vec<Driver>) -> usize {
     load_drivers(engine, drivers.into_iter().map(as_update).collect())
 }
 
 /// [`upsert_drivers`] for whole driver states (a snapshot's, replayed
-/// through a journal). A state with a field missing, or reserved (which
-/// only matching sets), goes through [`Engine::upsert`] as an update.
+/// through a journal). A state with a field missing goes through
+/// [`Engine::upsert`] as an update.
 fn load_drivers(engine: &Engine, drivers: Vec<DriverUpdate>) -> usize {
     // One pass over the live matches, not a match lookup per driver.
     let matched: std::collections::HashSet<hexmatch::DriverId> = engine
@@ -1778,6 +1774,9 @@ fn load_drivers(engine: &Engine, drivers: Vec<DriverUpdate>) -> usize {
         if matched.contains(&u.id) {
             // Held by its match; only its position is the journal's.
             let _ = engine.update_location(&u.id, u.pos, u.ts);
+            continue;
+        }
+        if u.status == Some(Status::Reserved) {
             continue;
         }
         match (u.ts, u.status, u.vehicle, u.capabilities) {
@@ -1889,4 +1888,50 @@ fn parse_entries(v: Value) -> Vec<StreamEntry> {
             Some((id, fields))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use hexmatch::{ClaimRequest, DriverId, EngineConfig, OrderId};
+
+    use super::*;
+
+    fn reserved(id: &str, pos: Position, engine: &Engine) -> Driver {
+        Driver {
+            status: Status::Reserved,
+            ..Driver::available(DriverId::new(id).expect("id"), pos, engine.clock().now())
+        }
+    }
+
+    /// A taker restores a region whose snapshot holds a driver reserved
+    /// by a match recorded in another region's hash (the driver moved
+    /// after the claim): the driver stays with that match's node. Loaded
+    /// here, even as available, it would be offered a second time.
+    #[test]
+    fn a_reserved_driver_is_loaded_only_with_its_match() {
+        let engine = Engine::new(EngineConfig::default()).expect("engine");
+        let p = Position::new(41.88, -87.63).expect("pos");
+        let q = Position::new(41.89, -87.62).expect("pos");
+        let now = engine.clock().now();
+        let free = Driver::available(DriverId::new("free").expect("id"), p, now);
+        assert_eq!(
+            upsert_drivers(&engine, vec![free, reserved("elsewhere", p, &engine)]),
+            1
+        );
+        assert!(
+            engine
+                .driver(&DriverId::new("elsewhere").expect("id"))
+                .is_none()
+        );
+
+        // Its match here: the driver keeps it and takes the position.
+        let order = OrderId::new("o1").expect("order");
+        let (m, _) = engine.claim(&order, &ClaimRequest::new(p)).expect("claims");
+        upsert_drivers(&engine, vec![reserved(m.driver_id.as_str(), q, &engine)]);
+        let d = engine.driver(&m.driver_id).expect("kept");
+        assert_eq!(
+            (d.status, d.order_id, d.pos),
+            (Status::Reserved, Some(order), q)
+        );
+    }
 }
