@@ -287,10 +287,10 @@ impl Persistence {
     }
 
     /// [`Persistence::journal`], done only once the replicas required of
-    /// durable writes have the entries: for the departures of drivers
-    /// handed over to another node. A departure lost with a Redis master
-    /// would bring the driver back, available, in the region it left
-    /// while the other node offers it too.
+    /// durable writes have the entries: for departures (a driver that
+    /// moved out, was handed over or removed). A departure lost with a
+    /// Redis master would bring the driver back, available, in the region
+    /// it left while another node offers it too.
     ///
     /// # Errors
     /// As [`Persistence::journal`], and `NotReplicated`.

@@ -82,7 +82,16 @@ impl Service {
                 changes.push((region, Change::Put(d)));
             }
         }
-        p.journal(changes, before.since).await.map_err(|e| {
+        // A departure lost with a Redis master would bring the driver back
+        // where it was, while it is elsewhere: departures wait for the
+        // replicas.
+        let departs = changes.iter().any(|(_, c)| matches!(c, Change::Gone(_)));
+        let written = if departs {
+            p.journal_durably(changes, before.since).await
+        } else {
+            p.journal(changes, before.since).await
+        };
+        written.map_err(|e| {
             counter!("hexmatch_journal_failures_total").increment(1);
             ApiError::unavailable(format!(
                 "the change could not be written to its region's journal: {e}; retry"
