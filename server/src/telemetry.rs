@@ -33,60 +33,8 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 /// Every metric's `# HELP` line (and unit), and the build's info.
 fn describe() {
-    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram, gauge};
-    let counters = [
-        (
-            "hexmatch_drivers_expired_total",
-            "Drivers removed after sending no update for the driver TTL.",
-        ),
-        (
-            "hexmatch_forwarded_total",
-            "Requests forwarded to the node that owns their region.",
-        ),
-        (
-            "hexmatch_handoff_failures_total",
-            "Driver updates refused because a node that may hold the driver did not hand it over.",
-        ),
-        (
-            "hexmatch_http_requests_total",
-            "HTTP requests, by route, method and status.",
-        ),
-        (
-            "hexmatch_http_shed_total",
-            "/v1 requests refused at once because too many were in flight.",
-        ),
-        (
-            "hexmatch_location_updates_total",
-            "Location updates, by result (applied, stale, rejected).",
-        ),
-        ("hexmatch_match_confirms_total", "Reservations confirmed."),
-        (
-            "hexmatch_match_ends_total",
-            "Matches ended, by state (released, expired, completed).",
-        ),
-        (
-            "hexmatch_matches_total",
-            "Claims, by result (created, repeated, an error code, batch).",
-        ),
-        ("hexmatch_redis_errors_total", "Redis commands that failed."),
-        (
-            "hexmatch_region_takeovers_total",
-            "Regions this node took over.",
-        ),
-        (
-            "hexmatch_restore_warnings_total",
-            "Problems met while restoring (skipped, never half-loaded).",
-        ),
-        ("hexmatch_snapshot_failures_total", "Snapshots that failed."),
-        ("hexmatch_snapshots_total", "Snapshots written."),
-        (
-            "hexmatch_stream_entries_total",
-            "Entries read from the Redis location stream.",
-        ),
-    ];
-    for (name, help) in counters {
-        describe_counter!(name, help);
-    }
+    use metrics::{Unit, describe_gauge, describe_histogram, gauge};
+    describe_counters();
     let gauges = [
         ("hexmatch_cells", "Partition cells that have held drivers."),
         ("hexmatch_drivers", "Drivers, by status."),
@@ -119,21 +67,23 @@ fn describe() {
         Unit::Seconds,
         "When the last snapshot written was taken (Unix time)."
     );
-    describe_histogram!(
-        "hexmatch_http_request_duration_seconds",
-        Unit::Seconds,
-        "HTTP request latency, by route and method."
-    );
-    describe_histogram!(
-        "hexmatch_takeover_restore_seconds",
-        Unit::Seconds,
-        "Time to restore the regions of one takeover (the lease TTL must exceed it)."
-    );
-    describe_histogram!(
-        "hexmatch_snapshot_duration_seconds",
-        Unit::Seconds,
-        "Time to take and store a snapshot."
-    );
+    let histograms = [
+        (
+            "hexmatch_http_request_duration_seconds",
+            "HTTP request latency, by route and method.",
+        ),
+        (
+            "hexmatch_takeover_restore_seconds",
+            "Time to restore the regions of one takeover (the lease TTL must exceed it).",
+        ),
+        (
+            "hexmatch_snapshot_duration_seconds",
+            "Time to take and store a snapshot.",
+        ),
+    ];
+    for (name, help) in histograms {
+        describe_histogram!(name, Unit::Seconds, help);
+    }
     gauge!("hexmatch_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     process::describe();
 }
@@ -202,4 +152,62 @@ pub fn init_logging() {
     } else {
         builder.try_init()
     };
+}
+
+/// The counters' `# HELP` lines.
+fn describe_counters() {
+    use metrics::describe_counter;
+    let counters = [
+        (
+            "hexmatch_drivers_expired_total",
+            "Drivers removed after sending no update for the driver TTL.",
+        ),
+        (
+            "hexmatch_forwarded_total",
+            "Requests forwarded to the node that owns their region.",
+        ),
+        (
+            "hexmatch_handoff_failures_total",
+            "Driver updates refused because a node that may hold the driver did not hand it over.",
+        ),
+        (
+            "hexmatch_http_requests_total",
+            "HTTP requests, by route, method and status.",
+        ),
+        (
+            "hexmatch_http_shed_total",
+            "/v1 requests refused at once because too many were in flight.",
+        ),
+        (
+            "hexmatch_location_updates_total",
+            "Location updates, by result (applied, stale, rejected).",
+        ),
+        ("hexmatch_match_confirms_total", "Reservations confirmed."),
+        (
+            "hexmatch_match_ends_total",
+            "Matches ended, by state (released, expired, completed).",
+        ),
+        (
+            "hexmatch_matches_total",
+            "Claims, by result (created, repeated, an error code, batch).",
+        ),
+        ("hexmatch_redis_errors_total", "Redis commands that failed."),
+        (
+            "hexmatch_region_takeovers_total",
+            "Regions this node took over.",
+        ),
+        (
+            "hexmatch_restore_warnings_total",
+            "Problems met while restoring (skipped, never half-loaded).",
+        ),
+        ("hexmatch_snapshot_failures_total", "Snapshots that failed."),
+        ("hexmatch_snapshots_total", "Snapshots written."),
+        (
+            "hexmatch_stream_entries_total",
+            "Entries read from the Redis location stream.",
+        ),
+    ];
+    for (name, help) in counters {
+        describe_counter!(name, help);
+    }
 }
