@@ -262,6 +262,72 @@ async fn a_resync_never_undoes_a_change_under_way() {
     assert_eq!(state(&mut conn, confirming), Some(MatchState::Confirmed));
 }
 
+/// A reserved driver going offline in a batch (`POST /v1/locations`) or on
+/// the Redis stream ends its match, and the match's record goes, as after
+/// `PUT /v1/drivers/{id}`. A live record left behind would bring the match
+/// back on restart, for a driver that a second order may hold by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_ending_its_match_in_a_batch_or_the_stream_deletes_the_record() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("side-end");
+    let a = hexmatch_server::start(config(&url, &prefix))
+        .await
+        .expect("starts");
+    wait_ready(&a).await;
+    let (status, _) = post(
+        &a,
+        "/v1/locations",
+        &Value::Array(common::chicago_drivers(500, true)),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut held = Vec::new();
+    for (i, o) in ["by-batch", "by-stream"].iter().enumerate() {
+        let pickup = json!({"lat": 41.88 + i as f64 * 0.03, "lon": -87.63});
+        let (s, m) = post(
+            &a,
+            "/v1/matches",
+            &json!({"order_id": o, "pickup": pickup, "hold_ms": 600_000}),
+        )
+        .await;
+        assert_eq!(s, 201, "{m}");
+        held.push(m["driver_id"].as_str().expect("driver").to_owned());
+    }
+    let hash = format!("{prefix}:{{ns:default}}:matches");
+    let mut conn = RedisServer::conn(&url);
+    let record = |conn: &mut redis::Connection, o: &str| {
+        conn.hexists::<_, _, bool>(&hash, o).expect("hexists")
+    };
+    assert!(record(&mut conn, "by-batch") && record(&mut conn, "by-stream"));
+
+    let offline = json!([{"driver_id": held[0], "lat": 41.9, "lon": -87.65, "status": "offline"}]);
+    let (status, tally) = post(&a, "/v1/locations", &offline).await;
+    assert_eq!((status, &tally["applied"]), (200, &json!(1)), "{tally}");
+    let _: String = redis::cmd("XADD")
+        .arg(format!("{prefix}:locations"))
+        .arg("*")
+        .arg(&[
+            ("driver_id", held[1].as_str()),
+            ("lat", "41.9"),
+            ("lon", "-87.65"),
+            ("status", "offline"),
+        ])
+        .query(&mut conn)
+        .expect("xadd");
+    let ended = |o: &str| {
+        a.engine()
+            .get_match(&OrderId::new(o).expect("id"))
+            .is_some_and(|m| !m.state.is_live())
+    };
+    poll(10, "both matches ended by their drivers", || {
+        (ended("by-batch") && ended("by-stream")).then_some(())
+    });
+    poll(10, "both records gone", || {
+        let mut conn = RedisServer::conn(&url);
+        (!record(&mut conn, "by-batch") && !record(&mut conn, "by-stream")).then_some(())
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_snapshot_falls_back_to_the_previous_generation_or_starts_empty() {
     let (_redis, url) = RedisServer::from_env_or_start();

@@ -325,9 +325,13 @@ pub struct DeadLetter {
     pub message: String,
 }
 
-/// How stream entries are applied: entry ids to acknowledge, and the
-/// invalid entries to dead-letter (given by the service layer above).
-pub type ApplyEntries = fn(&Engine, Vec<StreamEntry>) -> (Vec<String>, Vec<DeadLetter>);
+/// What applying stream entries leaves to do: the entry ids to
+/// acknowledge, the invalid entries to dead-letter, and the orders whose
+/// match a driver's status ended (their records go).
+pub type Ingested = (Vec<String>, Vec<DeadLetter>, Vec<OrderId>);
+
+/// How stream entries are applied (given by the service layer above).
+pub type ApplyEntries = fn(&Engine, Vec<StreamEntry>) -> Ingested;
 
 impl std::fmt::Debug for Persistence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -816,6 +820,9 @@ impl Persistence {
             .iter()
             .filter(|o| settled(o) && !live.contains(o.as_str()))
             .collect();
+        if gone.is_empty() && records.is_empty() {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         if !gone.is_empty() {
             pipe.hdel(&key, gone).ignore();
@@ -1569,7 +1576,7 @@ impl Persistence {
         let n = entries.len();
         if n > 0 {
             let e = Arc::clone(engine);
-            let (ids, dead) = tokio::task::spawn_blocking(move || apply(&e, entries))
+            let (ids, dead, ended) = tokio::task::spawn_blocking(move || apply(&e, entries))
                 .await
                 .map_err(|e| {
                     redis::RedisError::from((
@@ -1578,6 +1585,9 @@ impl Persistence {
                         e.to_string(),
                     ))
                 })?;
+            for order in &ended {
+                self.sync_order(engine, order).await;
+            }
             self.ack_in_background(&ids, dead);
             counter!("hexmatch_stream_entries_total").increment(n as u64);
         }
@@ -1605,8 +1615,16 @@ impl Persistence {
         let worker = std::thread::spawn(move || {
             while let Some(batch) = rx.blocking_recv() {
                 let n = batch.len();
-                let (ids, dead) = apply(&e, batch);
+                let (ids, dead, ended) = apply(&e, batch);
                 let _guard = runtime.enter();
+                if !ended.is_empty() {
+                    let (me, e) = (Arc::clone(&me), Arc::clone(&e));
+                    tokio::spawn(async move {
+                        for order in &ended {
+                            me.sync_order(&e, order).await;
+                        }
+                    });
+                }
                 me.ack_in_background(&ids, dead);
                 counter!("hexmatch_stream_entries_total").increment(n as u64);
             }

@@ -7,16 +7,16 @@
 //! every other node to hand the driver over first. A node that holds it
 //! returns it and stops offering it. A driver in a match stays with the
 //! node of its match, wherever it goes, until the match ends: its updates
-//! are sent there, never applied to a copy. The update applies only once every node
-//! that could hold the driver has answered; a node that does not answer
-//! counts only while it still holds a lease. Until then the update is
-//! refused with `unavailable`, logged and counted
+//! are sent there, never applied to a copy. The update applies only once
+//! every node that could hold the driver has answered; a node that does
+//! not answer counts only while it still holds a lease. Until then the
+//! update is refused with `unavailable`, logged and counted
 //! (`hexmatch_handoff_failures_total`), so a driver is never offered by
 //! two nodes.
 
 use std::collections::HashMap;
 
-use hexmatch::{Applied, DriverId, DriverUpdate, Engine};
+use hexmatch::{Applied, DriverId, DriverUpdate, Engine, OrderId};
 use metrics::counter;
 
 use super::journal::Before;
@@ -48,8 +48,25 @@ fn count_update(applied: &Applied) {
 
 /// Validates and applies one update with its count: the same rules for a
 /// batch, the WebSocket and the Redis stream.
-fn apply_one(engine: &Engine, update: ApiResult<DriverUpdate>) -> ApiResult<Applied> {
+///
+/// A status that ends the driver's match (offline or busy while reserved)
+/// adds the order to `ended`: its durable record must go too.
+fn apply_one(
+    engine: &Engine,
+    update: ApiResult<DriverUpdate>,
+    ended: &mut Vec<OrderId>,
+) -> ApiResult<Applied> {
+    let held = update
+        .as_ref()
+        .ok()
+        .filter(|u| u.status.is_some())
+        .and_then(|u| engine.driver(&u.id)?.order_id);
     let outcome = update.and_then(|u| engine.upsert(&u).map_err(ApiError::from));
+    if let Some(order) = held
+        && engine.get_match(&order).is_none_or(|m| !m.state.is_live())
+    {
+        ended.push(order);
+    }
     match &outcome {
         Ok(applied) => count_update(applied),
         Err(_) => counter!("hexmatch_location_updates_total", "result" => "rejected").increment(1),
@@ -68,17 +85,19 @@ fn tally_one(tally: &mut BatchTally, index: usize, outcome: ApiResult<Applied>) 
 
 /// Applies Redis stream entries (one field per API field, all strings;
 /// `capabilities` comma-separated) on a single node, with the same
-/// validation as HTTP. Returns every entry id (to acknowledge) and the
-/// invalid entries (for the dead-letter stream).
+/// validation as HTTP. Returns every entry id (to acknowledge), the
+/// invalid entries (for the dead-letter stream) and the orders whose
+/// match a driver's status ended (their records go).
 pub fn apply_stream_entries(
     engine: &Engine,
     entries: Vec<StreamEntry>,
-) -> (Vec<String>, Vec<DeadLetter>) {
+) -> crate::persist::Ingested {
     let mut ids = Vec::with_capacity(entries.len());
     let mut dead = Vec::new();
+    let mut ended = Vec::new();
     for (id, fields) in entries {
         let update = LocationItem::from_stream_fields(&fields).and_then(LocationItem::into_update);
-        if let Err(e) = apply_one(engine, update) {
+        if let Err(e) = apply_one(engine, update, &mut ended) {
             dead.push(DeadLetter {
                 id: id.clone(),
                 fields,
@@ -88,7 +107,7 @@ pub fn apply_stream_entries(
         }
         ids.push(id);
     }
-    (ids, dead)
+    (ids, dead, ended)
 }
 
 impl Service {
@@ -300,22 +319,22 @@ impl Service {
         );
         let journalled = !before.drivers.is_empty();
         let apply = move |engine: &Engine, mut tally: BatchTally| {
-            let mut applied = Vec::new();
+            let (mut applied, mut ended) = (Vec::new(), Vec::new());
             for (i, update) in local {
                 let id = journalled
                     .then(|| update.as_ref().ok().map(|u| u.id.clone()))
                     .flatten();
-                let outcome = apply_one(engine, update);
+                let outcome = apply_one(engine, update, &mut ended);
                 if let (Some(id), Ok(Applied::Applied(_))) = (id, &outcome) {
                     applied.push((i, id));
                 }
                 tally_one(&mut tally, i, outcome);
             }
-            (tally, applied)
+            (tally, applied, ended)
         };
         // A few updates take microseconds: no thread hop for them (a
         // WebSocket frame is one update).
-        let (mut tally, applied) = if n_local <= INLINE_UPDATES {
+        let (mut tally, applied, ended) = if n_local <= INLINE_UPDATES {
             apply(&self.engine, tally)
         } else {
             let engine = self.engine.clone();
@@ -323,6 +342,13 @@ impl Service {
                 .await
                 .map_err(|e| ApiError::internal(format!("batch task failed: {e}")))?
         };
+        // Matches a driver's status ended: their records go, as after a
+        // `PUT /v1/drivers/{id}`.
+        if let Some(p) = self.persist() {
+            for order in &ended {
+                p.sync_order(&self.engine, order).await;
+            }
+        }
         let done: std::collections::HashSet<&DriverId> = applied.iter().map(|(_, id)| id).collect();
         let before = Before {
             drivers: before
