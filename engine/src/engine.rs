@@ -221,6 +221,19 @@ impl Engine {
         self.remove_where(id, |_| true)
     }
 
+    /// Removes a driver unless it is in a live match: a claim may have
+    /// reserved it since the caller last looked. Returns the driver as it
+    /// was, or `None` if it is unknown or matched (then it stays as is).
+    pub fn remove_unmatched(&self, id: &DriverId) -> Option<Driver> {
+        let book = self.book.lock();
+        if book.live_match_of(id).is_some() {
+            return None;
+        }
+        let driver = self.index.remove_where(id, |_| true);
+        drop(book);
+        driver
+    }
+
     /// Removes a driver if `cond` holds for its record, ending its match
     /// (under the book, taken first).
     fn remove_where(

@@ -790,6 +790,27 @@ mod tests {
     }
 
     #[test]
+    fn remove_unmatched_keeps_a_driver_in_a_match() {
+        let f = fixture();
+        let (m, _) = f.engine.claim(&oid("o1"), &pickup()).unwrap();
+        assert!(f.engine.remove_unmatched(&m.driver_id).is_none());
+        assert_eq!(
+            f.engine.get_match(&oid("o1")).unwrap().state,
+            MatchState::Reserved
+        );
+        assert_eq!(
+            f.engine.driver(&m.driver_id).unwrap().order_id,
+            Some(oid("o1"))
+        );
+        // Once the match ends, the driver goes.
+        f.engine.release(&oid("o1"), None).unwrap();
+        let gone = f.engine.remove_unmatched(&m.driver_id).unwrap();
+        assert_eq!(gone.id, m.driver_id);
+        assert!(f.engine.driver(&m.driver_id).is_none());
+        assert!(f.engine.remove_unmatched(&m.driver_id).is_none());
+    }
+
+    #[test]
     fn matches_survive_snapshot_and_restore() {
         let f = fixture();
         f.engine.claim(&oid("r"), &pickup()).unwrap();

@@ -697,12 +697,14 @@ impl Cluster {
         };
         let restore = restoring.elapsed();
         metrics::histogram!("hexmatch_takeover_restore_seconds").record(restore.as_secs_f64());
+        let mut late = Vec::new();
         for (region, held, previous) in got {
             if held.deadline <= Instant::now() {
                 self.give_up_one(&region, &held.token).await;
                 out.push(Err(format!(
                     "restoring {region} outlasted its lease; handed it back"
                 )));
+                late.push(region);
                 continue;
             }
             let (drivers, matches) = counts.get(&region).copied().unwrap_or_default();
@@ -715,6 +717,19 @@ impl Cluster {
                 restore,
             }));
             self.held.write().insert(region, held);
+        }
+        if !late.is_empty() {
+            // What was restored of them leaves again, as after a lost
+            // lease: another node restores it, and this node must neither
+            // offer those drivers nor answer for those matches.
+            self.losses
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            for region in late {
+                let orders = persist.release_region(&region);
+                drop_region(engine, &self.regions, &region, &orders, &|o| {
+                    persist.home_of(o)
+                });
+            }
         }
         let _ = self.refresh_map().await;
         out
@@ -770,7 +785,9 @@ impl Cluster {
         }
         for region in lost {
             let orders = persist.release_region(&region);
-            let dropped = drop_region(engine, &self.regions, &region, &orders);
+            let dropped = drop_region(engine, &self.regions, &region, &orders, &|o| {
+                persist.home_of(o)
+            });
             tracing::warn!(region, dropped, "lease lost: stopped serving the region");
         }
         if let Err(e) = self.refresh_map().await {
@@ -829,11 +846,27 @@ impl Cluster {
 /// owner restores them. Their matches go with them, forgotten rather than
 /// ended (this node must not answer for them as ended), without touching
 /// Redis, where the new owner now holds them.
-fn drop_region(engine: &Engine, regions: &RegionMap, region: &str, orders: &[String]) -> usize {
+///
+/// A driver in `region` whose match has its record in another region
+/// (`home_of` its order) stays: this node still answers for that match.
+fn drop_region(
+    engine: &Engine,
+    regions: &RegionMap,
+    region: &str,
+    orders: &[String],
+    home_of: &dyn Fn(&str) -> Option<String>,
+) -> usize {
+    let held_elsewhere = |d: &hexmatch::Driver| {
+        d.order_id
+            .as_ref()
+            .and_then(|o| home_of(o.as_str()))
+            .is_some_and(|home| home != region)
+    };
     let mut gone: Vec<hexmatch::DriverId> = engine
         .drivers()
         .into_iter()
         .filter(|d| regions.region_of(d.pos).is_ok_and(|r| r.as_str() == region))
+        .filter(|d| !held_elsewhere(d))
         .map(|d| d.id)
         .collect();
     gone.extend(

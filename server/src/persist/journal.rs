@@ -130,15 +130,22 @@ pub enum Change {
 }
 
 impl Change {
+    /// One line for the logs: the driver, and its status or departure.
+    fn describe(&self) -> String {
+        match self {
+            Self::Put(d) => format!("{} {}", d.id, d.status),
+            Self::Gone(id) => format!("{id} gone"),
+        }
+    }
+
     /// The entry's field / value pairs.
     fn fields(&self) -> Vec<(&'static str, String)> {
         match self {
             Self::Gone(id) => vec![("driver_id", id.to_string()), ("removed", "1".to_owned())],
             Self::Put(d) => {
-                let status = match d.status {
-                    Status::Reserved => Status::Available,
-                    s => s,
-                };
+                // `reserved` too: a taker must not offer a driver held by a
+                // match whose record is in another region.
+                let status = d.status;
                 vec![
                     ("driver_id", d.id.to_string()),
                     ("lat", d.pos.lat().to_string()),
@@ -178,9 +185,26 @@ impl Entry {
         {
             return DriverId::new(id).map(Self::Gone).map_err(|e| e.to_string());
         }
-        let update = LocationItem::from_stream_fields(fields)
+        // Clients may not set `reserved`; the journal records it.
+        let reserved = fields.iter().any(|(k, v)| k == "status" && v == "reserved");
+        let parsed = if reserved {
+            let as_available: Vec<(String, String)> = fields
+                .iter()
+                .map(|(k, v)| match k.as_str() {
+                    "status" => (k.clone(), Status::Available.to_string()),
+                    _ => (k.clone(), v.clone()),
+                })
+                .collect();
+            LocationItem::from_stream_fields(&as_available)
+        } else {
+            LocationItem::from_stream_fields(fields)
+        };
+        let mut update = parsed
             .and_then(LocationItem::into_update)
             .map_err(|e| e.message().to_owned())?;
+        if reserved {
+            update.status = Some(Status::Reserved);
+        }
         // A state is whole: a field left out would be taken from the
         // driver's previous state, which a replay may not have.
         if update.ts.is_none()
@@ -358,6 +382,12 @@ impl Persistence {
                             )
                             .await,
                         )?;
+                        tracing::debug!(
+                            region,
+                            last = ?last,
+                            changes = ?part.iter().map(Change::describe).collect::<Vec<_>>(),
+                            "journalled"
+                        );
                         match bulk_string(last).as_deref().and_then(EntryId::parse) {
                             Some(id) => self.tails.advance(&region, id),
                             None => {
@@ -456,12 +486,14 @@ mod tests {
         assert_eq!(u.status, Some(Status::Busy));
         assert_eq!(u.vehicle, Some(Vehicle::Van));
         assert_eq!(u.capabilities, Some(d.capabilities));
-        // Reserved is matching's business: written available.
+        // A reserved driver reads back reserved: written available, a
+        // taker of a region the driver entered while held by a match
+        // recorded elsewhere offered it to a second order.
         let r = driver("d2", 41.88, Status::Reserved);
         let Entry::Put(u) = Entry::decode(&owned(Change::Put(r).fields())).expect("entry") else {
             panic!("not a state");
         };
-        assert_eq!(u.status, Some(Status::Available));
+        assert_eq!(u.status, Some(Status::Reserved));
         let gone = Change::Gone(DriverId::new("d3").expect("id"));
         assert_eq!(
             Entry::decode(&owned(gone.fields())).expect("entry"),

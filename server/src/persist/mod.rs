@@ -581,15 +581,32 @@ impl Persistence {
             )
             .await,
         )?;
-        let created = match taken {
-            Value::Int(1) => true,
-            Value::Int(_) => false,
+        tracing::debug!(
+            order,
+            region = lease.region,
+            driver = %rec.m.driver_id,
+            taken = ?taken,
+            short = ?short,
+            "order record taken"
+        );
+        let (created, lease) = match taken {
+            Value::Int(1) => (true, lease),
+            Value::Int(_) => (false, lease),
             Value::BulkString(holder) => {
                 let holder = String::from_utf8_lossy(&holder);
-                return Err(WriteError::OrderTaken {
-                    order: order.to_owned(),
-                    region: order_holder_region(&holder).to_owned(),
-                });
+                let region = order_holder_region(&holder);
+                // Taken by this node, in this lease, for the region its
+                // driver was in then (the write's outcome was not known,
+                // and the driver has moved since): the record goes there.
+                match fence.lease(region) {
+                    Ok(l) if holder == format!("{}|{}", l.region, l.token) => (false, l),
+                    _ => {
+                        return Err(WriteError::OrderTaken {
+                            order: order.to_owned(),
+                            region: region.to_owned(),
+                        });
+                    }
+                }
             }
             other => {
                 return Err(WriteError::Redis(redis::RedisError::from((
@@ -599,21 +616,23 @@ impl Persistence {
                 ))));
             }
         };
+        // The order's record names this region from now on: every later
+        // write of this match goes to its hash, wherever the driver goes,
+        // even when the outcome of the write below is not known.
+        self.homes
+            .lock()
+            .insert(order.to_owned(), lease.region.clone());
         let written = match short {
             Some(n) => Err(self.not_replicated(n)),
             None => self.fenced_write(&lease, order, &rec.encode()).await,
         };
-        if written.is_ok() {
-            self.homes
-                .lock()
-                .insert(order.to_owned(), lease.region.clone());
-        }
         // Free the order for a twin elsewhere only when Redis refused the
         // write (nothing was written), and only if the order's record is
         // still the one taken here. A write that may have been made (not
         // replicated in time, or no answer) keeps the order held: a live
         // record without its order's record would let a twin match it twice.
         if matches!(written, Err(WriteError::NotOwner { .. })) && created {
+            self.homes.lock().remove(order);
             let _ = self
                 .note(
                     conn::eval_durable(
@@ -639,7 +658,7 @@ impl Persistence {
         record: &[u8],
     ) -> Result<(), WriteError> {
         let hash = self.keys.region(&lease.region, "matches");
-        let (done, short) = self.note(
+        let answer = self.note(
             conn::eval_durable(
                 &mut self.conn.clone(),
                 self.durability,
@@ -648,7 +667,16 @@ impl Persistence {
                 &[lease.token.as_bytes(), order.as_bytes(), record],
             )
             .await,
-        )?;
+        );
+        tracing::debug!(
+            order,
+            region = lease.region,
+            token = lease.token,
+            live = !record.is_empty(),
+            answer = ?answer,
+            "match record written"
+        );
+        let (done, short) = answer?;
         match (done, short) {
             (Value::Int(1), None) => Ok(()),
             (Value::Int(1), Some(n)) => Err(self.not_replicated(n)),
@@ -743,6 +771,12 @@ impl Persistence {
         if r.is_err() {
             self.needs_resync.store(true, Ordering::Release);
         }
+    }
+
+    /// The region whose hash holds `order`'s record, as far as this node
+    /// knows (it wrote or restored the record).
+    pub fn home_of(&self, order: &str) -> Option<String> {
+        self.homes.lock().get(order).cloned()
     }
 
     /// Forgets which live matches `region`'s hash holds (its lease was
@@ -853,12 +887,28 @@ impl Persistence {
             .collect();
         let mut by_region: HashMap<String, Vec<DurableMatch>> =
             leases.keys().map(|r| (r.clone(), Vec::new())).collect();
+        // Records whose region is not known here (the order's record may
+        // not have been taken) go one by one, taking the order's record
+        // first, as a claim does.
+        let mut loose = Vec::new();
         for rec in records {
-            let home = self.homes.lock().get(rec.m.order_id.as_str()).cloned();
-            if let Some(region) = home.or_else(|| fence.region_of_pos(rec.driver_pos).ok())
-                && let Some(recs) = by_region.get_mut(&region)
-            {
-                recs.push(rec);
+            match self.home_of(rec.m.order_id.as_str()) {
+                Some(region) => {
+                    if let Some(recs) = by_region.get_mut(&region) {
+                        recs.push(rec);
+                    }
+                }
+                None => loose.push(rec),
+            }
+        }
+        for rec in loose {
+            match self.put_match_fenced(fence, &rec, None).await {
+                Ok(()) => {}
+                Err(WriteError::Redis(e)) => return Err(e),
+                Err(WriteError::NotReplicated(_)) => self.schedule_resync(),
+                Err(e) => {
+                    tracing::warn!(order = %rec.m.order_id, error = %e, "live match not resynced");
+                }
             }
         }
         for (region, recs) in by_region {
@@ -1795,6 +1845,7 @@ fn load_drivers(engine: &Engine, drivers: Vec<DriverUpdate>) -> usize {
             continue;
         }
         if u.status == Some(Status::Reserved) {
+            tracing::debug!(driver_id = %u.id, "reserved driver without its match here not restored");
             continue;
         }
         match (u.ts, u.status, u.vehicle, u.capabilities) {

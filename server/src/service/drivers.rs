@@ -584,6 +584,7 @@ impl Service {
         {
             match d.handed_over() {
                 Ok(u) if self.engine.driver(&u.id).is_none() => {
+                    tracing::debug!(driver_id = %u.id, "driver handed over to this node");
                     let _ = self.engine.upsert(&u);
                 }
                 Ok(_) => {}
@@ -628,7 +629,8 @@ impl Service {
     /// Hands over the drivers another node asks for: returns them and
     /// removes those not in a match (a matched driver stays, held, until
     /// its match ends). The departures are journalled before anything is
-    /// removed or answered, so no taker of their region brings them back.
+    /// removed or answered, so no taker of their region brings them back;
+    /// a driver a claim reserved meanwhile stays, and is answered as held.
     ///
     /// # Errors
     /// `unavailable` when the departures could not be journalled; nothing
@@ -645,9 +647,16 @@ impl Service {
             );
             return Ok(out);
         }
+        let asked: Vec<DriverId> = ask
+            .driver_ids
+            .iter()
+            .filter_map(|id| DriverId::new(id).ok())
+            .collect();
+        // Held until the drivers are gone: a change of one of them now
+        // journals after their departure, and finds them gone.
+        let _locked = self.driver_locks.lock(&asked).await;
         let mut leaving = Vec::new();
-        for id in &ask.driver_ids {
-            let Ok(id) = DriverId::new(id) else { continue };
+        for id in asked {
             let Some(d) = self.engine.driver(&id) else {
                 continue;
             };
@@ -669,8 +678,17 @@ impl Service {
                     ApiError::unavailable(format!("the handoff could not be journalled: {e}"))
                 })?;
         }
+        // A claim may have reserved a driver while its departure was
+        // journalled: that driver stays with its match (a removal would end
+        // an acknowledged match), and the asker is told it is held.
         for id in &leaving {
-            self.engine.remove(id);
+            if self.engine.remove_unmatched(id).is_some() {
+                tracing::debug!(driver_id = %id, "driver handed over to another node");
+            } else if let Some(d) = self.engine.driver(id)
+                && let Some(entry) = out.drivers.iter_mut().find(|x| x.driver_id == *id)
+            {
+                *entry = d.into();
+            }
         }
         Ok(out)
     }

@@ -7,9 +7,18 @@
 //! gets a departure in that region, so no taker brings it back there.
 //! Drivers outside every region this node serves (a matched driver held
 //! here while its updates go to another region) are not journalled.
+//!
+//! Two changes of one driver can race (a move and a release, two moves,
+//! a move and a handoff). Each append writes the driver's state as read
+//! when it is written, and a driver's reads and appends are serialised by
+//! a lock per driver (striped, [`DriverLocks`]): the last entry in each
+//! region is then always the engine's latest state there. Without it, a
+//! state read before a move could land after the move's departure, and a
+//! taker would bring the driver back in the region it left.
 
 use hexmatch::{Driver, DriverId};
 use metrics::counter;
+use tokio::sync::{Mutex, MutexGuard};
 
 use super::Service;
 use crate::error::{ApiError, ApiResult};
@@ -21,6 +30,46 @@ use crate::persist::journal::Change;
 pub(super) struct Before {
     pub(super) drivers: Vec<(DriverId, Option<String>)>,
     pub(super) since: u64,
+}
+
+/// How many locks serialise drivers' journal appends.
+const DRIVER_LOCK_STRIPES: usize = 256;
+
+/// Striped locks over driver ids: a driver's journal appends, and the
+/// reads of the state they write, happen one at a time.
+#[derive(Debug)]
+pub(super) struct DriverLocks(Box<[Mutex<()>]>);
+
+impl Default for DriverLocks {
+    fn default() -> Self {
+        Self((0..DRIVER_LOCK_STRIPES).map(|_| Mutex::new(())).collect())
+    }
+}
+
+impl DriverLocks {
+    /// Locks the stripes of `ids`, in stripe order (so two callers never
+    /// wait on each other's stripes).
+    pub(super) async fn lock<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a DriverId>,
+    ) -> Vec<MutexGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = ids.into_iter().map(|id| stripe(id.as_str())).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards = Vec::with_capacity(stripes.len());
+        for i in stripes {
+            guards.push(self.0[i].lock().await);
+        }
+        guards
+    }
+}
+
+/// The stripe of a driver id (FNV-1a).
+fn stripe(id: &str) -> usize {
+    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (h % DRIVER_LOCK_STRIPES as u64) as usize
 }
 
 impl Service {
@@ -68,6 +117,11 @@ impl Service {
         if before.drivers.is_empty() {
             return Ok(());
         }
+        // Held until the entries are written: see the module doc.
+        let _locked = self
+            .driver_locks
+            .lock(before.drivers.iter().map(|(id, _)| id))
+            .await;
         let mut changes = Vec::with_capacity(before.drivers.len());
         for (id, was) in before.drivers {
             // One read: the state journalled is the one whose region it names.

@@ -54,6 +54,7 @@ pub struct Service {
     startup_problem: parking_lot::Mutex<Option<String>>,
     persist: OnceLock<Arc<Persistence>>,
     cluster: OnceLock<Arc<Cluster>>,
+    driver_locks: journal::DriverLocks,
 }
 
 impl Service {
@@ -67,6 +68,7 @@ impl Service {
             startup_problem: parking_lot::Mutex::new(None),
             persist: OnceLock::new(),
             cluster: OnceLock::new(),
+            driver_locks: journal::DriverLocks::default(),
         }
     }
 

@@ -248,7 +248,10 @@ impl Node {
     pub fn spawn_command(mut cmd: Command) -> Self {
         use std::io::{BufRead, BufReader};
         let mut child = cmd
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("HEXMATCH_TEST_RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
