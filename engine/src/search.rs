@@ -38,7 +38,7 @@ use crate::filter::Traits;
 use crate::ids::DriverId;
 use crate::index::{CellEntry, Cells, Index, ShardData};
 use crate::position::{DistanceFrom, EARTH_RADIUS_M, Position, chord_of_metres, chord2};
-use crate::rtree::{Item, M, NodeRef};
+use crate::rtree::{M, NodeRef};
 use crate::time::Timestamp;
 
 /// The largest `k` the engine accepts (the HTTP API allows 1..=100).
@@ -152,16 +152,17 @@ const LOST: u32 = u32::MAX - 1;
 /// Restores a max-heap on `d2` (the k best candidates) after a push.
 #[inline]
 fn sift_up(heap: &mut [Candidate]) {
-    let Some(mut at) = heap.len().checked_sub(1) else {
+    let Some((&moving, _)) = heap.split_last() else {
         return;
     };
-    let moving = heap[at];
+    let mut at = heap.len() - 1;
     while at > 0 {
         let parent = (at - 1) / 2;
-        if heap[parent].d2 >= moving.d2 {
+        let Some(&up) = heap.get(parent) else { break };
+        if up.d2 >= moving.d2 {
             break;
         }
-        heap[at] = heap[parent];
+        heap[at] = up;
         at = parent;
     }
     heap[at] = moving;
@@ -175,23 +176,20 @@ fn sift_down(heap: &mut [Candidate]) {
 
 #[inline]
 fn sift_down_from(heap: &mut [Candidate], mut at: usize) {
-    let n = heap.len();
-    if at >= n {
+    let Some(&moving) = heap.get(at) else {
         return;
-    }
-    let moving = heap[at];
+    };
     loop {
-        let mut child = 2 * at + 1;
-        if child >= n {
+        let left = 2 * at + 1;
+        let Some(&l) = heap.get(left) else { break };
+        let (child, c) = match heap.get(left + 1) {
+            Some(&r) if r.d2 > l.d2 => (left + 1, r),
+            _ => (left, l),
+        };
+        if c.d2 <= moving.d2 {
             break;
         }
-        if child + 1 < n && heap[child + 1].d2 > heap[child].d2 {
-            child += 1;
-        }
-        if heap[child].d2 <= moving.d2 {
-            break;
-        }
-        heap[at] = heap[child];
+        heap[at] = c;
         at = child;
     }
     heap[at] = moving;
@@ -353,19 +351,17 @@ impl Walk {
         }
     }
 
-    /// Offers one tree item: kept if near enough and eligible (`FILTERED`:
-    /// whether the query has filters to check). Among the k best it goes
-    /// into the heap, pushing the old k-th out (to the ties, if still
-    /// within the new cut); beyond them but within the cut, to the ties.
-    #[inline]
-    fn offer<const FILTERED: bool>(&mut self, item: &Item) {
-        let d2 = chord2(&item.v, &self.qv);
-        if d2 > self.cut2 || (FILTERED && !item.traits.has(self.required)) {
-            return;
-        }
+    /// Keeps a candidate within the cut. Among the k best it goes into
+    /// the heap, pushing the old k-th out (to the ties, if still within the
+    /// new cut); beyond them, to the ties.
+    // Left to itself the compiler calls this from the leaf loop, and the
+    // call costs more than the work of most candidates (callgrind).
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn keep(&mut self, d2: f64, slot: u32) {
         let new = Candidate {
             d2,
-            slot: item.slot,
+            slot,
             found: UNREAD,
         };
         let best = &mut self.best;
@@ -375,8 +371,10 @@ impl Walk {
             if best.len() == self.k {
                 self.tighten();
             }
-        } else if d2 < best[0].d2 {
-            let out = std::mem::replace(&mut best[0], new);
+        } else if let Some(top) = best.first_mut()
+            && d2 < top.d2
+        {
+            let out = std::mem::replace(top, new);
             sift_down(best);
             self.tighten();
             if out.d2 <= self.cut2 {
@@ -391,7 +389,9 @@ impl Walk {
     /// cut go.
     #[inline]
     fn tighten(&mut self) {
-        self.cut2 = self.cut2.min(keep_below(self.best[0].d2));
+        if let Some(kth) = self.best.first() {
+            self.cut2 = self.cut2.min(keep_below(kth.d2));
+        }
         if !self.ties.is_empty() {
             let cut2 = self.cut2;
             self.ties.retain(|c| c.d2 <= cut2);
@@ -451,13 +451,18 @@ impl Walk {
         }
     }
 
-    /// Offers a leaf's items, or descends into an inner node's children
-    /// (`FILTERED`: whether the query has filters to check).
+    /// Offers a leaf's items (kept if near enough and eligible), or
+    /// descends into an inner node's children (`FILTERED`: whether the
+    /// query has filters to check).
     fn tree_node<const FILTERED: bool>(&mut self, data: &ShardData, node: NodeRef) {
         match node {
             NodeRef::Leaf(leaf) => {
+                let qv = self.qv;
                 for item in data.tree.items(leaf) {
-                    self.offer::<FILTERED>(item);
+                    let d2 = chord2(&item.v, &qv);
+                    if d2 <= self.cut2 && (!FILTERED || item.traits.has(self.required)) {
+                        self.keep(d2, item.slot);
+                    }
                 }
             }
             NodeRef::Inner(inner) => {
