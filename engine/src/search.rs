@@ -230,13 +230,19 @@ const _: () = assert!(<DefaultParams as RTreeParams>::MAX_SIZE <= MAX_CHILDREN);
 
 /// A node's children within the cut, handed out nearest box first: the
 /// walk descends into them in this order, and stops at the first one
-/// beyond the cut (which shrinks as it goes). Each is a key: the bits of
-/// its squared distance (never negative, so the bits order them as the
-/// numbers do) with the lowest four replaced by the child's index. The key
-/// without the index is a hair below the distance, so still a lower bound.
+/// beyond the cut (which shrinks as it goes). Each is a key: its squared
+/// distance with the lowest four bits replaced by the child's index. The
+/// key without the index is a hair below the distance, so still a lower
+/// bound; and since distances are never negative, keys order as their
+/// bits do, so the least key is the nearest child, ties by index.
+///
+/// Child `i`'s key sits at `keys[i]`, infinity for a child beyond the
+/// cut, skipped by the filters or already taken: measuring the children
+/// is one pass with no branch, and each pick takes the least of at most
+/// [`MAX_CHILDREN`] keys, which beats sorting them: the cut usually stops
+/// the walk after the first one or two.
 struct Ranked {
-    len: usize,
-    keys: [u64; MAX_CHILDREN],
+    keys: [f64; MAX_CHILDREN],
 }
 
 /// The bits of a [`Ranked`] key that hold the child's index.
@@ -244,35 +250,38 @@ const CHILD_BITS: u64 = 0xF;
 const _: () = assert!(MAX_CHILDREN as u64 <= CHILD_BITS + 1);
 
 impl Ranked {
-    fn new() -> Self {
-        Self {
-            len: 0,
-            keys: [0; MAX_CHILDREN],
-        }
-    }
-
-    /// Adds child `i` (below [`MAX_CHILDREN`]) at squared distance `d2`.
+    /// Ranks a node's children by their squared distances `d2s` (in
+    /// child order; infinity for a child the filters skip), keeping
+    /// those within `cut2`. Children past [`MAX_CHILDREN`] are not read
+    /// (no node has them).
     #[inline]
-    fn add(&mut self, d2: f64, i: usize) {
-        if let Some(key) = self.keys.get_mut(self.len) {
-            *key = (d2.to_bits() & !CHILD_BITS) | i as u64;
-            self.len += 1;
+    fn new(d2s: impl Iterator<Item = f64>, cut2: f64) -> Self {
+        let mut keys = [f64::INFINITY; MAX_CHILDREN];
+        for (i, (key, d2)) in keys.iter_mut().zip(d2s).enumerate() {
+            if d2 <= cut2 {
+                *key = f64::from_bits((d2.to_bits() & !CHILD_BITS) | i as u64);
+            }
         }
+        Self { keys }
     }
 
-    /// Takes the nearest child left, if it is within `cut2`. Picking the
-    /// least of a few keys beats sorting them: the cut usually stops the
-    /// walk after the first one or two.
+    /// Takes the nearest child left, if it is within `cut2`.
     #[inline]
     fn next_within(&mut self, cut2: f64) -> Option<usize> {
-        let keys = &mut self.keys[..self.len];
-        let (at, &key) = keys.iter().enumerate().min_by_key(|&(_, k)| *k)?;
-        if f64::from_bits(key & !CHILD_BITS) > cut2 {
+        // Keys are never NaN: the plain comparison is `minsd`.
+        let key = self
+            .keys
+            .iter()
+            .fold(f64::INFINITY, |least, &k| if k < least { k } else { least });
+        let bits = key.to_bits();
+        if f64::from_bits(bits & !CHILD_BITS) > cut2 {
             return None;
         }
-        keys[at] = keys[keys.len() - 1];
-        self.len -= 1;
-        Some((key & CHILD_BITS) as usize)
+        let i = (bits & CHILD_BITS) as usize;
+        if let Some(k) = self.keys.get_mut(i) {
+            *k = f64::INFINITY;
+        }
+        Some(i)
     }
 }
 
@@ -328,21 +337,15 @@ impl Walk {
 
     fn cell_node(&mut self, node: &ParentNode<CellEntry>) {
         let children = node.children();
-        let mut ranked = Ranked::new();
-        for (i, child) in children.iter().enumerate().take(MAX_CHILDREN) {
-            let d2 = match child {
-                RTreeNode::Leaf(entry) => {
-                    if !entry.shard.traits().admits(self.required) {
-                        continue;
-                    }
-                    box_d2(&entry.bbox, &self.qv)
-                }
-                RTreeNode::Parent(p) => box_d2(&p.envelope(), &self.qv),
-            };
-            if d2 <= self.cut2 {
-                ranked.add(d2, i);
+        let (qv, required) = (self.qv, self.required);
+        let d2s = children.iter().map(|child| match child {
+            RTreeNode::Leaf(entry) if entry.shard.traits().admits(required) => {
+                box_d2(&entry.bbox, &qv)
             }
-        }
+            RTreeNode::Leaf(_) => f64::INFINITY,
+            RTreeNode::Parent(p) => box_d2(&p.envelope(), &qv),
+        });
+        let mut ranked = Ranked::new(d2s, self.cut2);
         while let Some(i) = ranked.next_within(self.cut2) {
             match &children[i] {
                 RTreeNode::Leaf(entry) => self.shard(&entry.shard.data.read()),
@@ -467,15 +470,15 @@ impl Walk {
             }
             NodeRef::Inner(inner) => {
                 let c = data.tree.children(inner);
-                let mut ranked = Ranked::new();
-                for (i, (b, t)) in c.boxes.iter().zip(c.traits).enumerate() {
-                    if !FILTERED || t.has(self.required) {
-                        let d2 = b.d2(&self.qv);
-                        if d2 <= self.cut2 {
-                            ranked.add(d2, i);
-                        }
+                let (qv, required) = (self.qv, self.required);
+                let d2s = c.boxes.iter().zip(c.traits).map(|(b, t)| {
+                    if !FILTERED || t.has(required) {
+                        b.d2(&qv)
+                    } else {
+                        f64::INFINITY
                     }
-                }
+                });
+                let mut ranked = Ranked::new(d2s, self.cut2);
                 while let Some(i) = ranked.next_within(self.cut2) {
                     self.tree_node::<FILTERED>(data, c.node(i));
                 }
@@ -595,3 +598,46 @@ pub(crate) fn nearest(index: &Index, q: &NearestQuery, max_radius_m: f64) -> Res
 
 /// Half the Earth's circumference: no two points are farther apart.
 pub const MAX_DISTANCE_M: f64 = EARTH_RADIUS_M * std::f64::consts::PI;
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// A node's children come nearest key first (ties by index), each
+        /// once, while within the cut, which shrinks after every pick.
+        #[test]
+        fn ranked_hands_out_children_nearest_first(
+            d2s in proptest::collection::vec(
+                prop_oneof![4 => 0.0f64..4.0, 1 => Just(0.0), 1 => Just(f64::INFINITY)],
+                0..=MAX_CHILDREN,
+            ),
+            cut2 in 0.0f64..4.0,
+            shrink in 0.5f64..=1.0,
+        ) {
+            let key = |i: usize| f64::from_bits(d2s[i].to_bits() & !CHILD_BITS);
+            let mut within: Vec<usize> = (0..d2s.len()).filter(|&i| d2s[i] <= cut2).collect();
+            within.sort_by(|&a, &b| key(a).total_cmp(&key(b)).then(a.cmp(&b)));
+            let mut expect = Vec::new();
+            let mut cut = cut2;
+            for i in within {
+                if key(i) > cut {
+                    break;
+                }
+                expect.push(i);
+                cut *= shrink;
+            }
+
+            let mut ranked = Ranked::new(d2s.iter().copied(), cut2);
+            let mut got = Vec::new();
+            let mut cut = cut2;
+            while let Some(i) = ranked.next_within(cut) {
+                got.push(i);
+                cut *= shrink;
+            }
+            prop_assert_eq!(got, expect);
+        }
+    }
+}
