@@ -421,9 +421,10 @@ impl Walk {
             }
         }
         // The survivors found in this shard read their records now, under
-        // the same read lock that the walk held.
+        // the same read lock that the walk held; in the order `rank` reads
+        // them, so that its records mostly stay where they are.
         let mut lost = false;
-        for c in self.best.iter_mut().chain(&mut self.ties) {
+        for c in self.best.iter_mut().rev().chain(&mut self.ties) {
             if c.found != UNREAD {
                 continue;
             }
@@ -529,8 +530,12 @@ impl Walk {
                 from = order[from].1 as usize;
             }
             order[i].1 = from as u32;
-            out.swap(i, from);
-            out[i].distance_m = f64::from_bits(order[i].0);
+            if from != i {
+                out.swap(i, from);
+            }
+            if let Some(n) = out.get_mut(i) {
+                n.distance_m = f64::from_bits(order[i].0);
+            }
         }
         out.truncate(order.len());
         out
