@@ -248,6 +248,7 @@ struct Ranked {
 /// The bits of a [`Ranked`] key that hold the child's index.
 const CHILD_BITS: u64 = 0xF;
 const _: () = assert!(MAX_CHILDREN as u64 <= CHILD_BITS + 1);
+const _: () = assert!(MAX_CHILDREN.is_power_of_two());
 
 impl Ranked {
     /// Ranks a node's children by their squared distances `d2s` (in
@@ -268,12 +269,7 @@ impl Ranked {
     /// Takes the nearest child left, if it is within `cut2`.
     #[inline]
     fn next_within(&mut self, cut2: f64) -> Option<usize> {
-        // Keys are never NaN: the plain comparison is `minsd`.
-        let key = self
-            .keys
-            .iter()
-            .fold(f64::INFINITY, |least, &k| if k < least { k } else { least });
-        let bits = key.to_bits();
+        let bits = self.least().to_bits();
         if f64::from_bits(bits & !CHILD_BITS) > cut2 {
             return None;
         }
@@ -282,6 +278,26 @@ impl Ranked {
             *k = f64::INFINITY;
         }
         Some(i)
+    }
+
+    /// The least key, by halving: each step's comparisons are independent,
+    /// so the compiler does them two at a time (`minpd`), and keys are never
+    /// NaN, so the plain comparison is exact.
+    #[inline]
+    fn least(&self) -> f64 {
+        let mut m = self.keys;
+        let mut half = MAX_CHILDREN;
+        while half > 1 {
+            half /= 2;
+            for i in 0..half {
+                m[i] = if m[i + half] < m[i] {
+                    m[i + half]
+                } else {
+                    m[i]
+                };
+            }
+        }
+        m[0]
     }
 }
 
