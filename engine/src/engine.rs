@@ -175,17 +175,25 @@ impl Engine {
     }
 
     /// Refuses a fix stamped more than `max_future_ms` ahead of `now`.
+    /// Inlined into every update; the refusal is built out of line.
+    #[inline]
     fn check_not_ahead(&self, ts: Option<Timestamp>, now: Timestamp) -> Result<()> {
         let Some(ts) = ts else { return Ok(()) };
         let ahead_ms = ts.as_millis().saturating_sub(now.as_millis());
         if ahead_ms <= 0 || ahead_ms.unsigned_abs() <= self.config.max_future_ms {
             return Ok(());
         }
-        Err(Error::InvalidTimestamp(format!(
+        Err(self.too_far_ahead(ts, now, ahead_ms.unsigned_abs()))
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn too_far_ahead(&self, ts: Timestamp, now: Timestamp, ahead_ms: u64) -> Error {
+        Error::InvalidTimestamp(format!(
             "ts {ts} is {} ahead of the server's clock ({now}); at most {} ahead is accepted",
-            crate::time::span(ahead_ms.unsigned_abs()),
+            crate::time::span(ahead_ms),
             crate::time::span(self.config.max_future_ms),
-        )))
+        ))
     }
 
     fn decorate(&self, applied: Applied) -> Applied {
