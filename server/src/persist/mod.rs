@@ -54,6 +54,7 @@
 
 pub mod conn;
 pub mod journal;
+pub mod stripes;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,7 +65,7 @@ use futures_util::StreamExt;
 use hexmatch::{Driver, DriverUpdate, DurableMatch, Engine, Manifest, OrderId, Position, Status};
 use metrics::{counter, gauge, histogram};
 use redis::{AsyncCommands, RedisResult, Value};
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::MutexGuard;
 
 pub use self::conn::{ConnOptions, Durability, Keys, NotReplicated, RedisConn};
 
@@ -91,7 +92,7 @@ pub struct Persistence {
     node_id: String,
     up: AtomicBool,
     needs_resync: AtomicBool,
-    order_locks: Box<[Mutex<()>]>,
+    order_locks: stripes::StripedLocks,
     /// In a cluster, match writes are fenced by region leases.
     fence: std::sync::OnceLock<Arc<dyn Fence>>,
     /// Snapshots and durable writes that failed in a row, and why.
@@ -385,7 +386,7 @@ impl Persistence {
             node_id: node_id.to_owned(),
             up: AtomicBool::new(true),
             needs_resync: AtomicBool::new(false),
-            order_locks: (0..ORDER_LOCKS).map(|_| Mutex::new(())).collect(),
+            order_locks: stripes::StripedLocks::new(ORDER_LOCKS),
             fence: std::sync::OnceLock::new(),
             health: parking_lot::Mutex::default(),
             homes: parking_lot::Mutex::default(),
@@ -453,13 +454,13 @@ impl Persistence {
 
     /// Serialises changes to one order (claim, confirm, release, …).
     pub async fn lock_order(&self, order: &OrderId) -> MutexGuard<'_, ()> {
-        self.order_locks[stripe(order.as_str())].lock().await
+        self.order_locks.lock(order.as_str()).await
     }
 
     /// The order locks no change holds now, taken (`None` where one is
     /// held): while they are held, no order of theirs changes.
     fn idle_stripes(&self) -> Vec<Option<MutexGuard<'_, ()>>> {
-        self.order_locks.iter().map(|l| l.try_lock().ok()).collect()
+        self.order_locks.try_lock_each()
     }
 
     /// Writes an order's durable record (a live match) or deletes it (ended).
@@ -779,6 +780,14 @@ impl Persistence {
         self.homes.lock().get(order).cloned()
     }
 
+    /// [`Persistence::sync_order`] for each of `orders` (those a driver's
+    /// status ended, say).
+    pub async fn sync_orders(&self, engine: &Engine, orders: &[OrderId]) {
+        for order in orders {
+            self.sync_order(engine, order).await;
+        }
+    }
+
     /// Forgets which live matches `region`'s hash holds (its lease was
     /// lost) and returns their orders: their drivers leave this node with
     /// the region, wherever they are now.
@@ -818,7 +827,7 @@ impl Persistence {
     pub async fn resync_matches(&self, engine: &Engine) -> RedisResult<()> {
         self.needs_resync.store(false, Ordering::Release);
         let stripes = self.idle_stripes();
-        let settled = |order: &str| stripes[stripe(order)].is_some();
+        let settled = |order: &str| stripes[self.order_locks.stripe(order)].is_some();
         if !stripes.iter().all(Option::is_some) {
             self.needs_resync.store(true, Ordering::Release);
         }
@@ -1635,9 +1644,7 @@ impl Persistence {
                         e.to_string(),
                     ))
                 })?;
-            for order in &ended {
-                self.sync_order(engine, order).await;
-            }
+            self.sync_orders(engine, &ended).await;
             self.ack_in_background(&ids, dead);
             counter!("hexmatch_stream_entries_total").increment(n as u64);
         }
@@ -1669,11 +1676,7 @@ impl Persistence {
                 let _guard = runtime.enter();
                 if !ended.is_empty() {
                     let (me, e) = (Arc::clone(&me), Arc::clone(&e));
-                    tokio::spawn(async move {
-                        for order in &ended {
-                            me.sync_order(&e, order).await;
-                        }
-                    });
+                    tokio::spawn(async move { me.sync_orders(&e, &ended).await });
                 }
                 me.ack_in_background(&ids, dead);
                 counter!("hexmatch_stream_entries_total").increment(n as u64);
@@ -1882,14 +1885,6 @@ fn encode_records(recs: &[DurableMatch]) -> Vec<(String, Vec<u8>)> {
     recs.iter()
         .map(|r| (r.m.order_id.to_string(), r.encode()))
         .collect()
-}
-
-/// The stripe of the order locks `order` takes (FNV-1a).
-fn stripe(order: &str) -> usize {
-    let h = order.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    (h % ORDER_LOCKS as u64) as usize
 }
 
 /// Order / record pairs as script arguments.

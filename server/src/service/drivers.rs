@@ -345,9 +345,7 @@ impl Service {
         // Matches a driver's status ended: their records go, as after a
         // `PUT /v1/drivers/{id}`.
         if let Some(p) = self.persist() {
-            for order in &ended {
-                p.sync_order(&self.engine, order).await;
-            }
+            p.sync_orders(&self.engine, &ended).await;
         }
         let done: std::collections::HashSet<&DriverId> = applied.iter().map(|(_, id)| id).collect();
         let before = Before {
@@ -654,7 +652,10 @@ impl Service {
             .collect();
         // Held until the drivers are gone: a change of one of them now
         // journals after their departure, and finds them gone.
-        let _locked = self.driver_locks.lock(&asked).await;
+        let _locked = self
+            .driver_locks
+            .lock_all(asked.iter().map(DriverId::as_str))
+            .await;
         let mut leaving = Vec::new();
         for id in asked {
             let Some(d) = self.engine.driver(&id) else {

@@ -11,18 +11,18 @@
 //! Two changes of one driver can race (a move and a release, two moves,
 //! a move and a handoff). Each append writes the driver's state as read
 //! when it is written, and a driver's reads and appends are serialised by
-//! a lock per driver (striped, [`DriverLocks`]): the last entry in each
+//! a lock per driver (striped, [`StripedLocks`]): the last entry in each
 //! region is then always the engine's latest state there. Without it, a
 //! state read before a move could land after the move's departure, and a
 //! taker would bring the driver back in the region it left.
 
 use hexmatch::{Driver, DriverId};
 use metrics::counter;
-use tokio::sync::{Mutex, MutexGuard};
 
 use super::Service;
 use crate::error::{ApiError, ApiResult};
 use crate::persist::journal::Change;
+use crate::persist::stripes::StripedLocks;
 
 /// Where drivers were before a change: each id with the region it was in
 /// (if this node serves it), and when ([`crate::persist::Persistence::losses`]).
@@ -37,39 +37,8 @@ const DRIVER_LOCK_STRIPES: usize = 256;
 
 /// Striped locks over driver ids: a driver's journal appends, and the
 /// reads of the state they write, happen one at a time.
-#[derive(Debug)]
-pub(super) struct DriverLocks(Box<[Mutex<()>]>);
-
-impl Default for DriverLocks {
-    fn default() -> Self {
-        Self((0..DRIVER_LOCK_STRIPES).map(|_| Mutex::new(())).collect())
-    }
-}
-
-impl DriverLocks {
-    /// Locks the stripes of `ids`, in stripe order (so two callers never
-    /// wait on each other's stripes).
-    pub(super) async fn lock<'a>(
-        &self,
-        ids: impl IntoIterator<Item = &'a DriverId>,
-    ) -> Vec<MutexGuard<'_, ()>> {
-        let mut stripes: Vec<usize> = ids.into_iter().map(|id| stripe(id.as_str())).collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        let mut guards = Vec::with_capacity(stripes.len());
-        for i in stripes {
-            guards.push(self.0[i].lock().await);
-        }
-        guards
-    }
-}
-
-/// The stripe of a driver id (FNV-1a).
-fn stripe(id: &str) -> usize {
-    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    (h % DRIVER_LOCK_STRIPES as u64) as usize
+pub(super) fn driver_locks() -> StripedLocks {
+    StripedLocks::new(DRIVER_LOCK_STRIPES)
 }
 
 impl Service {
@@ -120,7 +89,7 @@ impl Service {
         // Held until the entries are written: see the module doc.
         let _locked = self
             .driver_locks
-            .lock(before.drivers.iter().map(|(id, _)| id))
+            .lock_all(before.drivers.iter().map(|(id, _)| id.as_str()))
             .await;
         let mut changes = Vec::with_capacity(before.drivers.len());
         for (id, was) in before.drivers {

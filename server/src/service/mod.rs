@@ -54,7 +54,7 @@ pub struct Service {
     startup_problem: parking_lot::Mutex<Option<String>>,
     persist: OnceLock<Arc<Persistence>>,
     cluster: OnceLock<Arc<Cluster>>,
-    driver_locks: journal::DriverLocks,
+    driver_locks: crate::persist::stripes::StripedLocks,
 }
 
 impl Service {
@@ -68,7 +68,7 @@ impl Service {
             startup_problem: parking_lot::Mutex::new(None),
             persist: OnceLock::new(),
             cluster: OnceLock::new(),
-            driver_locks: journal::DriverLocks::default(),
+            driver_locks: journal::driver_locks(),
         }
     }
 
