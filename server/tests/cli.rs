@@ -97,6 +97,7 @@ fn serve_help_names_the_environment_and_a_misspelt_variable_is_named() {
         "HEXMATCH_BIND",
         "--cluster-secret-file",
         "--max-clock-skew-ms",
+        "MIMALLOC_ALLOW_THP",
     ] {
         assert!(
             help.contains(word),
@@ -118,4 +119,49 @@ fn serve_help_names_the_environment_and_a_misspelt_variable_is_named() {
         .unwrap_or_else(|| panic!("no warning naming HEXMATCH_BIDN:\n{log}"));
     assert!(warning.contains("HEXMATCH_BIND"), "{warning}");
     assert!(log.contains("--cluster needs"), "{log}");
+}
+
+/// `THP_enabled` of a `hexmatch serve` started with `env`, read from
+/// /proc once it serves.
+#[cfg(target_os = "linux")]
+fn serving_thp_enabled(env: &[(&str, &str)]) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hexmatch"))
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .env_remove("MIMALLOC_ALLOW_THP")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut log = String::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.expect("log line");
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("hexmatch serving") {
+            break;
+        }
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
+    let _ = child.kill();
+    let _ = child.wait();
+    let status = status.expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .unwrap_or_else(|| panic!("no THP_enabled in /proc status; log:\n{log}"))
+        .trim()
+        .to_owned()
+}
+
+/// The server keeps its heap off transparent huge pages (a fault in a
+/// huge-page range may compact memory first: bulk loads and takeovers
+/// took twice as long), unless the operator says otherwise.
+#[cfg(target_os = "linux")]
+#[test]
+fn serve_keeps_its_heap_off_huge_pages_unless_told() {
+    assert_eq!(serving_thp_enabled(&[]), "0");
+    assert_eq!(serving_thp_enabled(&[("MIMALLOC_ALLOW_THP", "1")]), "1");
 }
