@@ -1708,6 +1708,53 @@ fn a_lost_region_keeps_the_drivers_of_matches_held_elsewhere() {
     );
 }
 
+/// A lease Redis granted this node without the answer reaching it (the
+/// acquire timed out after Redis ran it, or the node restarted under the
+/// same id) names the node until it lapses. The node takes it at its next
+/// tick, under a new epoch, instead of leaving the region unserved for a
+/// whole lease; a lease naming another node stays that node's.
+#[test]
+fn a_lease_naming_this_node_that_it_does_not_hold_is_taken_at_once() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("orphan-lease");
+    let regions = region_ids();
+    let (mine, theirs) = (regions[0].clone(), regions[1].clone());
+    let key = |region: &str, what: &str| format!("{prefix}:{{region:{region}}}:{what}");
+    let mut conn = RedisServer::conn(&url);
+    for (region, node) in [(&mine, "a"), (&theirs, "b")] {
+        let _: () = redis::cmd("SET")
+            .arg(key(region, "epoch"))
+            .arg(7)
+            .query(&mut conn)
+            .expect("set epoch");
+        let _: () = redis::cmd("SET")
+            .arg(key(region, "lease"))
+            .arg(format!("{node}|7"))
+            .arg("PX")
+            .arg(120_000)
+            .query(&mut conn)
+            .expect("set lease");
+    }
+    let a = start(&url, &prefix, "a", &regions[..2]);
+    let http = &http();
+    // A few ticks (a third of the lease each), not the lease's 120 s.
+    poll(10, "the lease naming a taken", || {
+        serving(http, &a).contains(&mine).then_some(())
+    });
+    let (_, c, _) = get(http, &format!("{}/v1/cluster", a.base));
+    let epoch = c["leases"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["region"] == mine.as_str()))
+        .and_then(|l| l["epoch"].as_u64());
+    assert!(epoch.is_some_and(|e| e > 7), "{c}");
+    assert!(!serving(http, &a).contains(&theirs), "{c}");
+    let lease: String = redis::cmd("GET")
+        .arg(key(&theirs, "lease"))
+        .query(&mut conn)
+        .expect("get lease");
+    assert_eq!(lease, "b|7");
+}
+
 /// Asks each of `nodes` for `order`'s match and asserts that each answers
 /// with `driver`; returns the answers.
 fn every_node_answers(

@@ -49,10 +49,13 @@ use self::peer::PeerClient;
 use crate::persist::conn::{self, ConnOptions, Durability, Keys, RedisConn};
 use crate::persist::{Fence, Lease, Persistence};
 
-/// Takes a free lease. KEYS: lease, epoch. ARGV: node, TTL ms. Returns the
-/// new epoch, or nil when the lease is held.
+/// Takes a lease that is free or names this node (granted to it, with
+/// the answer lost: this node does not hold it, see [`Cluster::wanted`]).
+/// KEYS: lease, epoch. ARGV: node, TTL ms. Returns the new epoch, or nil
+/// when another node holds the lease.
 const ACQUIRE: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local v = redis.call('GET', KEYS[1])
+if v and string.match(v, '^(.*)|%d+$') ~= ARGV[1] then return false end
 local e = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. e, 'PX', ARGV[2])
 return e
@@ -158,6 +161,9 @@ pub struct Cluster {
     /// When the soonest lease this node wants but another holds lapses,
     /// as last read: the next tick comes then, not a whole period later.
     next_lapse: parking_lot::Mutex<Option<Instant>>,
+    /// Regions a [`take`](Self::take) is acquiring and restoring now: a
+    /// second take of one would restore it twice.
+    taking: parking_lot::Mutex<std::collections::HashSet<String>>,
     map: RwLock<Arc<ClusterMap>>,
     peer: PeerClient,
 }
@@ -223,6 +229,7 @@ impl Cluster {
             held: RwLock::default(),
             losses: std::sync::atomic::AtomicU64::new(0),
             next_lapse: parking_lot::Mutex::new(None),
+            taking: parking_lot::Mutex::default(),
             map: RwLock::default(),
             peer,
         });
@@ -603,17 +610,22 @@ impl Cluster {
         }
     }
 
-    /// Regions to try to take now: this node's own ones not held, and
-    /// regions that had an owner whose lease is gone.
+    /// Regions to try to take now, of this node's own ones and those that
+    /// had an owner, held by nobody: their lease is gone, or names this
+    /// node, which does not hold it (Redis granted it, but the answer was
+    /// lost; or this node restarted). Such a lease would otherwise leave
+    /// its region unserved until it lapsed.
     async fn wanted(&self) -> RedisResult<Vec<String>> {
         let map = self.map();
-        let mut candidates: Vec<String> = self
-            .own
-            .iter()
-            .chain(map.owners.keys())
-            .filter(|r| !self.serves(r))
-            .cloned()
-            .collect();
+        let mut candidates: Vec<String> = {
+            let held = self.held.read();
+            self.own
+                .iter()
+                .chain(map.owners.keys())
+                .filter(|r| !held.contains_key(*r))
+                .cloned()
+                .collect()
+        };
         candidates.sort();
         candidates.dedup();
         if candidates.is_empty() {
@@ -621,24 +633,38 @@ impl Cluster {
         }
         let read = Instant::now();
         let reads = candidates.iter().map(|r| {
-            let mut conn = self.conn.clone();
+            let (mut c1, mut c2) = (self.conn.clone(), self.conn.clone());
             let key = self.lease_key(r);
-            async move { conn.pttl::<_, i64>(key).await }
+            async move {
+                let (holder, ttl) = futures_util::future::join(
+                    c1.get::<_, Option<String>>(&key),
+                    c2.pttl::<_, i64>(&key),
+                )
+                .await;
+                Ok::<_, redis::RedisError>((holder?, ttl?))
+            }
         });
-        let ttls: Vec<i64> = futures_util::future::join_all(reads)
+        let leases: Vec<(Option<String>, i64)> = futures_util::future::join_all(reads)
             .await
             .into_iter()
             .collect::<RedisResult<_>>()?;
+        let orphaned = |holder: &Option<String>| {
+            holder
+                .as_deref()
+                .and_then(split_token)
+                .is_some_and(|(node, _)| node == self.node)
+        };
         // PTTL: -2 when the key is gone (free), else the milliseconds left.
-        *self.next_lapse.lock() = ttls
+        *self.next_lapse.lock() = leases
             .iter()
-            .filter_map(|&ms| u64::try_from(ms).ok())
+            .filter(|(holder, _)| !orphaned(holder))
+            .filter_map(|&(_, ms)| u64::try_from(ms).ok())
             .min()
             .map(|ms| read + Duration::from_millis(ms));
         Ok(candidates
             .into_iter()
-            .zip(ttls)
-            .filter_map(|(r, ms)| (ms == -2).then_some(r))
+            .zip(leases)
+            .filter_map(|(r, (holder, ms))| (ms == -2 || orphaned(&holder)).then_some(r))
             .collect())
     }
 
@@ -654,10 +680,14 @@ impl Cluster {
     ) -> Vec<Result<Takeover, String>> {
         let mut out = Vec::new();
         let mut got: Vec<(String, Held, Option<String>)> = Vec::new();
+        // A region another take is acquiring is left to it: ACQUIRE grants
+        // a lease naming this node again.
+        let taking = Taking::enter(&self.taking, regions);
         // All at once: each lease is two scripts in its own slot, and the
         // regions of a failed node must be served again within a lease.
         let acquired = futures_util::future::join_all(
-            regions
+            taking
+                .regions
                 .iter()
                 .map(|region| async move { (region, self.acquire(region).await) }),
         )
@@ -836,6 +866,38 @@ impl Cluster {
                 .saturating_add(Duration::from_millis(5))
                 .min(interval),
             None => interval,
+        }
+    }
+}
+
+/// The regions one [`Cluster::take`] has entered in [`Cluster::taking`];
+/// they leave it when it is dropped.
+struct Taking<'a> {
+    set: &'a parking_lot::Mutex<std::collections::HashSet<String>>,
+    regions: Vec<String>,
+}
+
+impl<'a> Taking<'a> {
+    /// Enters those of `regions` no other take has entered.
+    fn enter(
+        set: &'a parking_lot::Mutex<std::collections::HashSet<String>>,
+        regions: &[String],
+    ) -> Self {
+        let mut taking = set.lock();
+        let regions = regions
+            .iter()
+            .filter(|r| taking.insert((*r).clone()))
+            .cloned()
+            .collect();
+        Self { set, regions }
+    }
+}
+
+impl Drop for Taking<'_> {
+    fn drop(&mut self) {
+        let mut taking = self.set.lock();
+        for r in &self.regions {
+            taking.remove(r);
         }
     }
 }
