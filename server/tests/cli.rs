@@ -1,5 +1,7 @@
 //! The `hexmatch` binary as a user runs it: exit codes and messages.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -121,37 +123,21 @@ fn serve_help_names_the_environment_and_a_misspelt_variable_is_named() {
     assert!(log.contains("--cluster needs"), "{log}");
 }
 
-/// `THP_enabled` of a `hexmatch serve` started with `env`, read from
-/// /proc once it serves.
+/// `THP_enabled` of a serving `hexmatch serve` started with `env`, from
+/// /proc.
 #[cfg(target_os = "linux")]
 fn serving_thp_enabled(env: &[(&str, &str)]) -> String {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hexmatch"))
-        .args(["serve", "--bind", "127.0.0.1:0"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hexmatch"));
+    cmd.args(["serve", "--bind", "127.0.0.1:0"])
         .env_remove("MIMALLOC_ALLOW_THP")
-        .envs(env.iter().copied())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("the binary runs");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut log = String::new();
-    for line in BufReader::new(stderr).lines() {
-        let line = line.expect("log line");
-        log.push_str(&line);
-        log.push('\n');
-        if line.contains("hexmatch serving") {
-            break;
-        }
-    }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
-    let _ = child.kill();
-    let _ = child.wait();
-    let status = status.expect("/proc status");
+        .envs(env.iter().copied());
+    let node = common::Node::spawn_command(cmd);
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", node.pid())).expect("/proc status");
     status
         .lines()
         .find_map(|l| l.strip_prefix("THP_enabled:"))
-        .unwrap_or_else(|| panic!("no THP_enabled in /proc status; log:\n{log}"))
+        .unwrap_or_else(|| panic!("no THP_enabled in /proc status:\n{status}"))
         .trim()
         .to_owned()
 }

@@ -36,7 +36,7 @@ pub(super) async fn put_driver(
 #[utoipa::path(get, path = "/v1/drivers/{driver_id}", tag = "drivers",
     params(("driver_id" = String, Path, description = "Driver id")),
     responses(
-        (status = 200, body = DriverOut),
+        (status = 200, description = "The driver as last applied", body = DriverOut),
         (status = 400, description = "invalid_id", body = ErrorBody),
         (status = 404, description = "unknown_driver", body = ErrorBody),
     ))]

@@ -24,18 +24,26 @@ const MAX_K_HTTP: usize = 100;
 /// Query of `GET /v1/drivers/nearest`. Parameters arrive as text and are
 /// parsed here, so each bad one gets its own error.
 #[derive(Debug, Default, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct NearestParams<'a> {
-    /// Latitude of the query point.
+    /// Latitude of the query point, degrees (-90..=90).
+    #[param(value_type = f64, required = true, minimum = -90, maximum = 90, example = 41.8781)]
     lat: Option<Cow<'a, str>>,
-    /// Longitude of the query point.
+    /// Longitude of the query point, degrees (-180..=180).
+    #[param(value_type = f64, required = true, minimum = -180, maximum = 180, example = -87.6298)]
     lon: Option<Cow<'a, str>>,
     /// How many drivers, 1..=100 (default 10).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100, example = 5)]
     k: Option<Cow<'a, str>>,
     /// Search radius in metres (default: the server's max radius).
+    #[param(value_type = Option<f64>, exclusive_minimum = 0, example = 3000)]
     radius_m: Option<Cow<'a, str>>,
-    /// Only this vehicle class.
+    /// Only this vehicle class: car, bike, scooter, van, truck or walker.
+    #[param(value_type = Option<String>, example = "car")]
     vehicle: Option<Cow<'a, str>>,
-    /// Comma-separated capabilities every driver must have.
+    /// Comma-separated capabilities every driver must have (e.g.
+    /// `wheelchair,pets`).
+    #[param(value_type = Option<String>)]
     capabilities: Option<Cow<'a, str>>,
 }
 
@@ -162,7 +170,7 @@ pub(super) async fn create_match(
 #[utoipa::path(get, path = "/v1/matches/{order_id}", tag = "matching",
     params(("order_id" = String, Path, description = "Order id")),
     responses(
-        (status = 200, body = MatchOut),
+        (status = 200, description = "The match, in its current state", body = MatchOut),
         (status = 400, description = "invalid_id", body = ErrorBody),
         (status = 404, description = "unknown_order", body = ErrorBody),
     ))]
@@ -177,7 +185,7 @@ pub(super) async fn get_match(
 #[utoipa::path(post, path = "/v1/matches/{order_id}/confirm", tag = "matching",
     params(("order_id" = String, Path, description = "Order id")),
     responses(
-        (status = 200, body = MatchOut),
+        (status = 200, description = "Confirmed: the driver is busy", body = MatchOut),
         (status = 404, description = "unknown_order", body = ErrorBody),
         (status = 409, description = "order_conflict (not reserved), reservation_expired", body = ErrorBody),
     ))]
@@ -193,7 +201,7 @@ pub(super) async fn confirm(
     params(("order_id" = String, Path, description = "Order id")),
     request_body(content = Option<ReleaseIn>, description = "Optional reason"),
     responses(
-        (status = 200, body = MatchOut),
+        (status = 200, description = "Released: the driver is available again", body = MatchOut),
         (status = 404, description = "unknown_order", body = ErrorBody),
         (status = 409, description = "order_conflict (already ended), reservation_expired", body = ErrorBody),
     ))]
@@ -213,7 +221,7 @@ pub(super) async fn release(
 #[utoipa::path(post, path = "/v1/matches/{order_id}/complete", tag = "matching",
     params(("order_id" = String, Path, description = "Order id")),
     responses(
-        (status = 200, body = MatchOut),
+        (status = 200, description = "Completed: the driver is available again", body = MatchOut),
         (status = 404, description = "unknown_order", body = ErrorBody),
         (status = 409, description = "order_conflict (not confirmed)", body = ErrorBody),
     ))]
@@ -227,7 +235,7 @@ pub(super) async fn complete(
 /// Serves a window of orders, minimising the summed pickup distance.
 #[utoipa::path(post, path = "/v1/matches/batch", tag = "matching", request_body = BatchIn,
     responses(
-        (status = 200, body = BatchOut),
+        (status = 200, description = "The assignment: each order's match, or why it has none", body = BatchOut),
         (status = 400, description = "invalid_json, invalid_parameter (objective, duplicate order, candidates), invalid_id, invalid_position", body = ErrorBody),
         (status = 413, description = "payload_too_large: the body is over --body-limit-bytes or holds more than --max-batch-items orders (default 10000)", body = ErrorBody),
     ))]

@@ -43,13 +43,13 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
 }
 
 /// Regions with their cells, drivers and owner.
-#[utoipa::path(get, path = "/v1/regions", tag = "cluster", responses((status = 200, body = [RegionOut])))]
+#[utoipa::path(get, path = "/v1/regions", tag = "cluster", responses((status = 200, description = "Every region, with its cells, drivers and owner", body = [RegionOut])))]
 pub(super) async fn regions(State(state): State<AppState>) -> Json<Vec<RegionOut>> {
     Json(state.svc.regions())
 }
 
 /// This node, the region → node map and lease epochs.
-#[utoipa::path(get, path = "/v1/cluster", tag = "cluster", responses((status = 200, body = ClusterOut)))]
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster", responses((status = 200, description = "This node's id, the map version, every region's owner, the nodes, and the regions this node serves with their leases", body = ClusterOut)))]
 pub(super) async fn cluster(State(state): State<AppState>) -> Json<ClusterOut> {
     Json(state.svc.cluster_view())
 }

@@ -16,10 +16,12 @@ use crate::wire::BatchTally;
 
 /// Query of the stream.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct StreamParams {
     /// Send an ack after this many updates (1..=10000, default 100); an ack
     /// also goes out at least once a second while updates arrive.
+    #[param(minimum = 1, maximum = 10000, example = 100)]
     ack_every: Option<usize>,
 }
 

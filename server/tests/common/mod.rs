@@ -243,6 +243,11 @@ impl Node {
         Self::spawn_command(cmd)
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts `cmd` (a `hexmatch serve`), waits for its address in the log
     /// and for `/readyz`.
     pub fn spawn_command(mut cmd: Command) -> Self {
