@@ -448,6 +448,11 @@ impl MatchBook {
         self.by_driver.contains_key(driver)
     }
 
+    /// The order of each driver in a live match.
+    pub(crate) fn orders_by_driver(&self) -> HashMap<DriverId, OrderId, FixedState> {
+        self.by_driver.clone()
+    }
+
     /// The orders of every live match.
     pub(crate) fn live_orders(&self) -> Vec<OrderId> {
         self.by_driver.values().cloned().collect()

@@ -1,12 +1,17 @@
 //! Snapshots: a versioned, chunked, checksummed encoding of the engine's
 //! drivers, and the durable record of a match.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //! A snapshot is a [`Manifest`] plus chunks. Each chunk is
-//! `b"HXC1" ‖ zstd(postcard(Vec<driver>))` holding at most
-//! `drivers_per_chunk` drivers, so no single stored value is huge. The
-//! manifest lists every chunk's length, CRC-32 and driver count; it is
-//! itself `b"HXM1" ‖ postcard(manifest) ‖ crc32 (LE)`.
+//! `b"HXC2" ‖ zstd(postcard(Vec<driver>))` holding at most
+//! `drivers_per_chunk` drivers, so no single stored value is huge. A
+//! driver records the order of its live match, if any (a cluster node
+//! taking the region over must not offer a driver another node holds in
+//! a match). The manifest lists every chunk's length, CRC-32 and driver
+//! count; it is itself `b"HXM1" ‖ postcard(manifest) ‖ crc32 (LE)`.
+//!
+//! Version 1 (chunks `b"HXC1"`, drivers without their order) is still
+//! read: its drivers come back with no order.
 //!
 //! Decoding trusts nothing: lengths, checksums, counts, magic, the
 //! decompressed size (capped, so a small chunk cannot expand into
@@ -27,13 +32,17 @@ use crate::matching::{ClaimRequest, Match, MatchState};
 use crate::position::Position;
 use crate::time::Timestamp;
 
-/// The format version this build writes and reads.
-pub const SNAPSHOT_FORMAT: u16 = 1;
-const CHUNK_MAGIC: &[u8; 4] = b"HXC1";
+/// The format version this build writes (it also reads version 1).
+pub const SNAPSHOT_FORMAT: u16 = 2;
+/// Chunks of format 2: drivers with their orders.
+const CHUNK_MAGIC: &[u8; 4] = b"HXC2";
+/// Chunks of format 1: drivers without their orders.
+const CHUNK_MAGIC_V1: &[u8; 4] = b"HXC1";
 const MANIFEST_MAGIC: &[u8; 4] = b"HXM1";
 const MATCH_MAGIC: &[u8; 4] = b"HXR1";
-/// Upper bound on one encoded driver, for the decompression cap.
-const MAX_DRIVER_BYTES: usize = 128;
+/// Upper bound on one encoded driver, for the decompression cap (two ids
+/// of at most 64 bytes, and the rest).
+const MAX_DRIVER_BYTES: usize = 192;
 /// Most chunks a manifest may list.
 const MAX_CHUNKS: usize = 1 << 20;
 
@@ -91,6 +100,37 @@ struct DriverRec<'a> {
     status: u8,
     vehicle: u8,
     caps: u16,
+    /// The order of the driver's live match.
+    #[serde(borrow)]
+    order: Option<Cow<'a, str>>,
+}
+
+/// A driver as format 1 stored it: no order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct DriverRecV1<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    lat: f64,
+    lon: f64,
+    ts: i64,
+    status: u8,
+    vehicle: u8,
+    caps: u16,
+}
+
+impl<'a> From<DriverRecV1<'a>> for DriverRec<'a> {
+    fn from(r: DriverRecV1<'a>) -> Self {
+        Self {
+            id: r.id,
+            lat: r.lat,
+            lon: r.lon,
+            ts: r.ts,
+            status: r.status,
+            vehicle: r.vehicle,
+            caps: r.caps,
+            order: None,
+        }
+    }
 }
 
 const STATUSES: [Status; 4] = [
@@ -114,6 +154,7 @@ impl DriverRec<'_> {
             status: status_code(d.status),
             vehicle: d.vehicle as u8,
             caps: d.capabilities.bits(),
+            order: d.order_id.as_ref().map(|o| Cow::Owned(o.to_string())),
         }
     }
 
@@ -132,7 +173,12 @@ impl DriverRec<'_> {
             status,
             vehicle,
             capabilities: Capabilities::from_bits_truncate(self.caps),
-            order_id: None,
+            order_id: self
+                .order
+                .as_deref()
+                .map(OrderId::new)
+                .transpose()
+                .map_err(check)?,
             reserved_until: None,
         })
     }
@@ -175,9 +221,9 @@ impl Manifest {
     pub fn decode(bytes: &[u8]) -> Result<Self> {
         let body = checked_body(bytes, *MANIFEST_MAGIC, "manifest")?;
         let m: Self = postcard::from_bytes(body).map_err(|e| corrupt(format!("manifest: {e}")))?;
-        if m.format != SNAPSHOT_FORMAT {
+        if !(1..=SNAPSHOT_FORMAT).contains(&m.format) {
             return Err(corrupt(format!(
-                "manifest format {} (this build reads {SNAPSHOT_FORMAT})",
+                "manifest format {} (this build reads 1 to {SNAPSHOT_FORMAT})",
                 m.format
             )));
         }
@@ -213,16 +259,26 @@ fn decode_chunk(i: usize, info: ChunkInfo, bytes: &[u8]) -> Result<Vec<Driver>> 
     if crc32fast::hash(bytes) != info.crc32 {
         return Err(corrupt(format!("chunk {i}: checksum mismatch")));
     }
-    if bytes.len() < 4 || &bytes[..4] != CHUNK_MAGIC {
-        return Err(corrupt(format!("chunk {i}: bad magic")));
-    }
+    let v1 = match bytes.get(..4) {
+        Some(m) if m == CHUNK_MAGIC => false,
+        Some(m) if m == CHUNK_MAGIC_V1 => true,
+        _ => return Err(corrupt(format!("chunk {i}: bad magic"))),
+    };
     let cap = (info.drivers as usize)
         .saturating_mul(MAX_DRIVER_BYTES)
         .max(64);
     let raw = zstd::bulk::decompress(&bytes[4..], cap)
         .map_err(|e| corrupt(format!("chunk {i}: zstd: {e}")))?;
-    let recs: Vec<DriverRec> =
-        postcard::from_bytes(&raw).map_err(|e| corrupt(format!("chunk {i}: {e}")))?;
+    let postcard_error = |e: postcard::Error| corrupt(format!("chunk {i}: {e}"));
+    let recs: Vec<DriverRec> = if v1 {
+        postcard::from_bytes::<Vec<DriverRecV1>>(&raw)
+            .map_err(postcard_error)?
+            .into_iter()
+            .map(DriverRec::from)
+            .collect()
+    } else {
+        postcard::from_bytes(&raw).map_err(postcard_error)?
+    };
     if recs.len() != info.drivers as usize {
         return Err(corrupt(format!(
             "chunk {i}: {} drivers, manifest says {}",
@@ -447,6 +503,7 @@ mod tests {
             status: 0,
             vehicle: 0,
             caps: 0,
+            order: None,
         };
         let err = decode_one(rec).unwrap_err();
         assert!(err.to_string().contains("invalid id"), "{err}");
@@ -458,8 +515,100 @@ mod tests {
             status: 9,
             vehicle: 0,
             caps: 0,
+            order: None,
         };
         assert!(decode_one(rec).is_err());
+        let rec = DriverRec {
+            id: "a".into(),
+            lat: 1.0,
+            lon: 1.0,
+            ts: 0,
+            status: 2,
+            vehicle: 0,
+            caps: 0,
+            order: Some("bad order".into()),
+        };
+        let err = decode_one(rec).unwrap_err();
+        assert!(err.to_string().contains("invalid id"), "{err}");
+    }
+
+    /// A busy driver keeps the order of its match through a snapshot; a
+    /// driver with none has none.
+    #[test]
+    fn a_driver_s_order_round_trips() {
+        let mut busy = Driver {
+            status: Status::Busy,
+            ..Driver::available(
+                DriverId::new("d1").unwrap(),
+                Position::new(41.88, -87.63).unwrap(),
+                Timestamp::from_millis(1_700_000_000_000).unwrap(),
+            )
+        };
+        busy.order_id = Some(OrderId::new("o-7").unwrap());
+        let free = Driver {
+            id: DriverId::new("d2").unwrap(),
+            ..busy.clone()
+        };
+        let free = Driver {
+            order_id: None,
+            ..free
+        };
+        let mut w = SnapshotWriter::default();
+        w.push(&busy);
+        w.push(&free);
+        let snap = w.finish(
+            SnapshotOrigin {
+                generation: 1,
+                taken_at_ms: 0,
+                resolution: 7,
+            },
+            1,
+        );
+        assert_eq!(snap.manifest.format, 2);
+        let back = decode_snapshot(&snap.manifest, &snap.chunks).unwrap();
+        assert_eq!(back, vec![busy, free]);
+    }
+
+    /// A snapshot of format 1 (drivers without orders) is still read.
+    #[test]
+    fn format_1_is_still_read() {
+        let rec = DriverRecV1 {
+            id: "d1".into(),
+            lat: 41.88,
+            lon: -87.63,
+            ts: 1_700_000_000_000,
+            status: 2,
+            vehicle: 3,
+            caps: 1,
+        };
+        let raw = postcard::to_stdvec(&[rec][..]).unwrap();
+        let mut chunk = CHUNK_MAGIC_V1.to_vec();
+        chunk.extend(zstd::bulk::compress(&raw, 1).unwrap());
+        let manifest = Manifest {
+            format: 1,
+            generation: 3,
+            taken_at_ms: 0,
+            resolution: 7,
+            drivers: 1,
+            chunks: vec![ChunkInfo {
+                len: chunk.len() as u64,
+                crc32: crc32fast::hash(&chunk),
+                drivers: 1,
+            }],
+        };
+        let manifest = Manifest::decode(&manifest.encode()).unwrap();
+        let back = decode_snapshot(&manifest, &[chunk]).unwrap();
+        assert_eq!(back.len(), 1);
+        let d = &back[0];
+        assert_eq!(
+            (d.id.as_str(), d.status, d.vehicle, d.order_id.as_ref()),
+            ("d1", Status::Busy, Vehicle::ALL[3], None)
+        );
+        let future = Manifest {
+            format: 3,
+            ..manifest
+        };
+        assert!(Manifest::decode(&future.encode()).is_err());
     }
 
     #[test]

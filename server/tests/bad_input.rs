@@ -824,11 +824,16 @@ const SNAPSHOTS: &[Snap] = &[
         vec![set(f.manifest_key(), m)]
     }, FallsBack("manifest: checksum mismatch")),
     snap("manifest: garbage under a good checksum", |f| vec![set(f.manifest_key(), sealed(b"HXM1", &[0xff, 0xff, 0xff]))], FallsBack("manifest:")),
-    snap("manifest: format 2", |f| {
+    snap("manifest: a format from a newer build", |f| {
         let mut m = Manifest::decode(&f.manifest).expect("the fixture is good");
-        m.format = 2;
+        m.format = SNAPSHOT_FORMAT + 1;
         vec![set(f.manifest_key(), m.encode())]
-    }, FallsBack("manifest format 2")),
+    }, FallsBack("manifest format 3")),
+    snap("manifest: format 0", |f| {
+        let mut m = Manifest::decode(&f.manifest).expect("the fixture is good");
+        m.format = 0;
+        vec![set(f.manifest_key(), m.encode())]
+    }, FallsBack("manifest format 0")),
     snap("manifest: driver count off", |f| {
         let mut m = Manifest::decode(&f.manifest).expect("the fixture is good");
         m.drivers += 1;

@@ -21,6 +21,17 @@ fn sample_snapshot() -> hexmatch::Snapshot {
             ))
             .expect("upsert");
     }
+    // Drivers in matches: their records carry the order.
+    for (o, lat) in [("o1", 41.8), ("o2", 41.82)] {
+        let order = OrderId::new(o).expect("id");
+        let pickup = Position::new(lat, -87.6).expect("pos");
+        engine
+            .claim(&order, &ClaimRequest::new(pickup))
+            .expect("claim");
+    }
+    engine
+        .confirm(&OrderId::new("o1").expect("id"))
+        .expect("confirm");
     engine.snapshot(3, 16)
 }
 

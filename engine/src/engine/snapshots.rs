@@ -12,7 +12,7 @@ impl Engine {
     /// chunks of at most `drivers_per_chunk`.
     pub fn snapshot(&self, generation: u64, drivers_per_chunk: usize) -> Snapshot {
         let mut writer = SnapshotWriter::default();
-        self.index.for_each_driver(|d| writer.push(&d));
+        self.for_each_driver_with_order(|d| writer.push(&d));
         let origin = SnapshotOrigin {
             generation,
             taken_at_ms: self.clock.now().as_millis(),
@@ -35,7 +35,7 @@ impl Engine {
             parts.iter().enumerate().map(|(i, (k, _))| (k, i)).collect();
         let mut writers: Vec<SnapshotWriter> =
             parts.iter().map(|_| SnapshotWriter::default()).collect();
-        self.index.for_each_driver(|d| {
+        self.for_each_driver_with_order(|d| {
             if let Some(i) = part(&d).and_then(|k| index.get(&k).copied()) {
                 writers[i].push(&d);
             }
@@ -53,6 +53,18 @@ impl Engine {
                 (k.clone(), w.finish(origin, drivers_per_chunk))
             })
             .collect()
+    }
+
+    /// Every driver, with the order of its live match (as the match book
+    /// was just before the walk: a match made during it is not named).
+    fn for_each_driver_with_order(&self, mut f: impl FnMut(crate::Driver)) {
+        let orders = self.book.lock().orders_by_driver();
+        self.index.for_each_driver(|mut d| {
+            if matches!(d.status, Status::Reserved | Status::Busy) {
+                d.order_id = orders.get(&d.id).cloned();
+            }
+            f(d);
+        });
     }
 
     /// Loads a snapshot into an empty engine. Everything is decoded and
@@ -82,11 +94,12 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::EngineConfig;
     use crate::driver::{Capabilities, Driver, DriverUpdate, Vehicle};
     use crate::ids::DriverId;
     use crate::position::Position;
+    use crate::testing::{did, pos};
     use crate::time::Timestamp;
+    use crate::{ClaimRequest, EngineConfig, OrderId, decode_snapshot};
 
     /// Every status, in the order of their snapshot codes.
     const STATUSES: [Status; 4] = [
@@ -193,5 +206,45 @@ mod tests {
                 .is_err()
         );
         assert!(back.is_empty(), "nothing was half-loaded");
+    }
+
+    /// A snapshot names the order of each driver in a live match, so a
+    /// node taking the region over can tell it is held elsewhere.
+    #[test]
+    fn a_snapshot_names_the_orders_of_matched_drivers() {
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        for (i, lat) in [41.880, 41.881, 41.950].into_iter().enumerate() {
+            e.upsert(&DriverUpdate::location(
+                did(&format!("d{i}")),
+                pos(lat, -87.63),
+                None,
+            ))
+            .unwrap();
+        }
+        let (o1, o2) = (OrderId::new("o1").unwrap(), OrderId::new("o2").unwrap());
+        let m1 = e
+            .claim(&o1, &ClaimRequest::new(pos(41.880, -87.63)))
+            .unwrap()
+            .0;
+        e.confirm(&o1).unwrap();
+        let m2 = e
+            .claim(&o2, &ClaimRequest::new(pos(41.881, -87.63)))
+            .unwrap()
+            .0;
+        let snap = e.snapshot(1, 2);
+        let mut orders: Vec<(String, Option<String>)> =
+            decode_snapshot(&snap.manifest, &snap.chunks)
+                .unwrap()
+                .into_iter()
+                .map(|d| (d.id.to_string(), d.order_id.map(|o| o.to_string())))
+                .collect();
+        orders.sort();
+        let mut want = vec![
+            (m1.driver_id.to_string(), Some("o1".to_owned())),
+            (m2.driver_id.to_string(), Some("o2".to_owned())),
+            ("d2".to_owned(), None),
+        ];
+        want.sort();
+        assert_eq!(orders, want);
     }
 }
