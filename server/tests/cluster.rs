@@ -1755,6 +1755,110 @@ fn a_lease_naming_this_node_that_it_does_not_hold_is_taken_at_once() {
     assert_eq!(lease, "b|7");
 }
 
+/// A driver confirmed (busy) in a match of one node, standing in another
+/// region of that node which a second node then takes over, stays with
+/// its match: the taker does not restore a busy copy of it. A copy took
+/// the driver's updates, and a client's `available` for it there offered
+/// the driver to a second order while the first was still confirmed.
+#[test]
+fn a_taker_keeps_no_copy_of_a_driver_busy_in_a_match_held_elsewhere() {
+    let (_redis, url) = RedisServer::from_env_or_start();
+    let prefix = unique_prefix("busy-copy");
+    let regions = region_ids();
+    let a = start(&url, &prefix, "a", &regions);
+    let b = start(&url, &prefix, "b", &[]);
+    let http = &http();
+    let own: HashMap<usize, Vec<String>> = [(0, regions.clone()), (1, Vec::new())]
+        .into_iter()
+        .collect();
+    wait_settled(http, &[&a, &b], &own);
+    let map = region_map();
+    let home = position_in(&map, &regions, None, 0.0);
+    let home_region = map.region_of(home).expect("a region").to_string();
+    let others: Vec<String> = regions
+        .iter()
+        .filter(|r| **r != home_region)
+        .cloned()
+        .collect();
+    let away = position_in(&map, &others, Some(home), 3000.0);
+    let away_region = map.region_of(away).expect("a region").to_string();
+
+    let (status, body, _) = send(
+        http.put(format!("{}/v1/drivers/mover", a.base))
+            .json(&json!({"lat": home.lat(), "lon": home.lon(), "ts": 1_000})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let order = json!({"order_id": "o-busy", "pickup": {"lat": home.lat(), "lon": home.lon()}, "radius_m": 500});
+    let (status, m, _) = post(http, &format!("{}/v1/matches", a.base), &order);
+    assert_eq!(
+        (status, m["driver_id"].as_str()),
+        (201, Some("mover")),
+        "{m}"
+    );
+    let (status, m, _) = post(
+        http,
+        &format!("{}/v1/matches/o-busy/confirm", a.base),
+        &json!({}),
+    );
+    assert_eq!(
+        (status, m["state"].as_str()),
+        (200, Some("confirmed")),
+        "{m}"
+    );
+    // On the trip, the driver enters another region of a (journalled
+    // there, busy), and a snapshot of that region follows.
+    let (status, body, _) = send(
+        http.post(format!("{}/v1/drivers/mover/location", a.base))
+            .json(&json!({"lat": away.lat(), "lon": away.lon(), "ts": 2_000})),
+    );
+    assert_eq!(status, 200, "{body}");
+    std::thread::sleep(Duration::from_millis(700));
+
+    // That region's lease goes to b (as when a's renewal is lost and b
+    // takes it; a lease naming b that b does not hold is taken at once).
+    let mut conn = RedisServer::conn(&url);
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}:{{region:{away_region}}}:lease"))
+        .arg("b|1")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut conn)
+        .expect("set lease");
+    poll(20, "b serving the region", || {
+        serving(http, &b).contains(&away_region).then_some(())
+    });
+    poll(20, "a no longer serving it", || {
+        (!serving(http, &a).contains(&away_region)).then_some(())
+    });
+
+    // b answers for the driver with a's match, not with a copy of its own.
+    let (status, d, _) = get(http, &format!("{}/v1/drivers/mover", b.base));
+    assert_eq!(
+        (status, d["status"].as_str(), d["order_id"].as_str()),
+        (200, Some("busy"), Some("o-busy")),
+        "{d}"
+    );
+    // The driver's app says it is free, through b; then an order there.
+    let (status, body, _) =
+        send(http.put(format!("{}/v1/drivers/mover", b.base)).json(
+            &json!({"lat": away.lat(), "lon": away.lon(), "ts": 3_000, "status": "available"}),
+        ));
+    assert_eq!(status, 200, "{body}");
+    let (_, second, _) = post(
+        http,
+        &format!("{}/v1/matches", b.base),
+        &json!({"order_id": "o-next", "pickup": {"lat": away.lat(), "lon": away.lon()}, "radius_m": 300}),
+    );
+    let (_, first, _) = get(http, &format!("{}/v1/matches/o-busy", a.base));
+    let live = |m: &Value| {
+        m["driver_id"] == "mover" && matches!(m["state"].as_str(), Some("reserved" | "confirmed"))
+    };
+    assert!(
+        !(live(&first) && live(&second)),
+        "mover in two live matches: {first} and {second}"
+    );
+}
+
 /// Asks each of `nodes` for `order`'s match and asserts that each answers
 /// with `driver`; returns the answers.
 fn every_node_answers(

@@ -14,8 +14,11 @@
 //! # Entries
 //! - A state: `driver_id lat lon ts status vehicle capabilities`, the
 //!   fields of the ingestion stream `p:locations`, read by the same
-//!   decoder. A reserved driver is written `available`: its match record
-//!   makes it reserved again.
+//!   decoder, and `order_id` for a driver in a live match. The status may
+//!   be `reserved`, which clients cannot send. A taker loads a driver
+//!   with an order only with that order's match (it restores the match
+//!   records first): the others are held by matches recorded in regions
+//!   other nodes serve.
 //! - A departure: `driver_id` and `removed` = `1`. Written when a driver
 //!   leaves the region: it moved out, was handed to another node, or was
 //!   removed.
@@ -41,7 +44,7 @@
 
 use std::collections::HashMap;
 
-use hexmatch::{Driver, DriverId, DriverUpdate, Status};
+use hexmatch::{Driver, DriverId, OrderId, Status};
 use redis::Value;
 
 use super::conn::{self, Durability};
@@ -143,21 +146,25 @@ impl Change {
         match self {
             Self::Gone(id) => vec![("driver_id", id.to_string()), ("removed", "1".to_owned())],
             Self::Put(d) => {
-                // `reserved` too: a taker must not offer a driver held by a
+                // `reserved`, and the order of a driver in a match: a taker
+                // must not offer (or keep a copy of) a driver held by a
                 // match whose record is in another region.
-                let status = d.status;
-                vec![
+                let mut fields = vec![
                     ("driver_id", d.id.to_string()),
                     ("lat", d.pos.lat().to_string()),
                     ("lon", d.pos.lon().to_string()),
                     ("ts", d.ts.as_millis().to_string()),
-                    ("status", status.to_string()),
+                    ("status", d.status.to_string()),
                     ("vehicle", d.vehicle.to_string()),
                     (
                         "capabilities",
                         d.capabilities.names().collect::<Vec<_>>().join(","),
                     ),
-                ]
+                ];
+                if let Some(order) = &d.order_id {
+                    fields.push(("order_id", order.to_string()));
+                }
+                fields
             }
         }
     }
@@ -166,8 +173,9 @@ impl Change {
 /// A journal entry as read back.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Entry {
-    /// The driver's whole state.
-    Put(DriverUpdate),
+    /// The driver's whole state, with the order of its match if it was
+    /// in one.
+    Put(Driver),
     /// The driver left the region.
     Gone(DriverId),
 }
@@ -185,36 +193,41 @@ impl Entry {
         {
             return DriverId::new(id).map(Self::Gone).map_err(|e| e.to_string());
         }
-        // Clients may not set `reserved`; the journal records it.
-        let reserved = fields.iter().any(|(k, v)| k == "status" && v == "reserved");
-        let parsed = if reserved {
-            let as_available: Vec<(String, String)> = fields
-                .iter()
-                .map(|(k, v)| match k.as_str() {
-                    "status" => (k.clone(), Status::Available.to_string()),
-                    _ => (k.clone(), v.clone()),
-                })
-                .collect();
-            LocationItem::from_stream_fields(&as_available)
-        } else {
-            LocationItem::from_stream_fields(fields)
-        };
-        let mut update = parsed
+        // The fields a client sends are parsed as a client's; `reserved`
+        // (which clients may not set) and the order are the journal's.
+        let mut reserved = false;
+        let mut order = None;
+        let mut client: Vec<(String, String)> = Vec::with_capacity(fields.len());
+        for (k, v) in fields {
+            match (k.as_str(), v.as_str()) {
+                ("order_id", _) if order.is_some() => return Err("order_id repeated".into()),
+                ("order_id", id) => {
+                    order = Some(OrderId::new(id).map_err(|e| e.to_string())?);
+                }
+                ("status", "reserved") => {
+                    reserved = true;
+                    client.push((k.clone(), Status::Available.to_string()));
+                }
+                _ => client.push((k.clone(), v.clone())),
+            }
+        }
+        let u = LocationItem::from_stream_fields(&client)
             .and_then(LocationItem::into_update)
             .map_err(|e| e.message().to_owned())?;
-        if reserved {
-            update.status = Some(Status::Reserved);
-        }
         // A state is whole: a field left out would be taken from the
         // driver's previous state, which a replay may not have.
-        if update.ts.is_none()
-            || update.status.is_none()
-            || update.vehicle.is_none()
-            || update.capabilities.is_none()
-        {
+        let (Some(ts), Some(status), Some(vehicle), Some(capabilities)) =
+            (u.ts, u.status, u.vehicle, u.capabilities)
+        else {
             return Err("a journal state needs ts, status, vehicle and capabilities".into());
-        }
-        Ok(Self::Put(update))
+        };
+        Ok(Self::Put(Driver {
+            status: if reserved { Status::Reserved } else { status },
+            vehicle,
+            capabilities,
+            order_id: order,
+            ..Driver::available(u.id, u.pos, ts)
+        }))
     }
 }
 
@@ -224,41 +237,39 @@ impl Entry {
 /// state fails `stays` (it is outside the region now) is dropped. The
 /// base's drivers the journal does not name are kept as they are.
 pub fn replay(
-    base: impl IntoIterator<Item = DriverUpdate>,
+    mut base: Vec<Driver>,
     entries: impl IntoIterator<Item = Entry>,
-    stays: impl Fn(&DriverUpdate) -> bool,
-) -> Vec<DriverUpdate> {
+    stays: impl Fn(&Driver) -> bool,
+) -> Vec<Driver> {
     // Each driver's last entry (`None`: gone). Journals are short next to
-    // their snapshots, so the base is read once and hashed not at all
-    // when the journal is empty.
-    let mut last: HashMap<DriverId, Option<DriverUpdate>> = HashMap::new();
+    // their snapshots, so the base is read once, in place, and hashed not
+    // at all when the journal is empty.
+    let mut last: HashMap<DriverId, Option<Driver>> = HashMap::new();
     for entry in entries {
         match entry {
-            Entry::Put(u) => last.insert(u.id.clone(), Some(u)),
+            Entry::Put(d) => last.insert(d.id.clone(), Some(d)),
             Entry::Gone(id) => last.insert(id, None),
         };
     }
+    if last.is_empty() {
+        return base;
+    }
     for now in last.values_mut() {
-        if now.as_ref().is_some_and(|u| !stays(u)) {
+        if now.as_ref().is_some_and(|d| !stays(d)) {
             *now = None;
         }
     }
-    // Sized once: a million drivers grown by doubling cost more in fresh
-    // pages and copies than the replay itself.
-    let base = base.into_iter();
-    let mut out: Vec<DriverUpdate> = Vec::with_capacity(base.size_hint().0 + last.len());
-    out.extend(base.filter_map(|u| {
-        if last.is_empty() {
-            return Some(u);
+    base.retain_mut(|d| match last.remove(&d.id) {
+        Some(Some(now)) => {
+            *d = now;
+            true
         }
-        match last.remove(&u.id) {
-            Some(now) => now,
-            None => Some(u),
-        }
-    }));
+        Some(None) => false,
+        None => true,
+    });
     // Drivers that arrived after the snapshot.
-    out.extend(last.into_values().flatten());
-    out
+    base.extend(last.into_values().flatten());
+    base
 }
 
 /// The last entry this node appended to (or replayed from) each region's
@@ -476,24 +487,22 @@ mod tests {
     #[test]
     fn a_state_reads_back_as_the_driver_it_was() {
         let d = driver("d1", 41.88, Status::Busy);
-        let Entry::Put(u) = Entry::decode(&owned(Change::Put(d.clone()).fields())).expect("entry")
-        else {
-            panic!("not a state");
-        };
-        assert_eq!(u.id, d.id);
-        assert_eq!(u.pos, d.pos);
-        assert_eq!(u.ts, Some(d.ts));
-        assert_eq!(u.status, Some(Status::Busy));
-        assert_eq!(u.vehicle, Some(Vehicle::Van));
-        assert_eq!(u.capabilities, Some(d.capabilities));
+        let back = |d: &Driver| Entry::decode(&owned(Change::Put(d.clone()).fields()));
+        assert_eq!(back(&d).expect("entry"), Entry::Put(d.clone()));
         // A reserved driver reads back reserved: written available, a
         // taker of a region the driver entered while held by a match
         // recorded elsewhere offered it to a second order.
         let r = driver("d2", 41.88, Status::Reserved);
-        let Entry::Put(u) = Entry::decode(&owned(Change::Put(r).fields())).expect("entry") else {
-            panic!("not a state");
-        };
-        assert_eq!(u.status, Some(Status::Reserved));
+        assert_eq!(back(&r).expect("entry"), Entry::Put(r.clone()));
+        // The order of its match comes back too: without it, a taker
+        // kept a busy copy of a driver another node holds in a match.
+        for status in [Status::Busy, Status::Reserved] {
+            let held = Driver {
+                order_id: Some(OrderId::new("o-9").expect("order")),
+                ..driver("d4", 41.88, status)
+            };
+            assert_eq!(back(&held).expect("entry"), Entry::Put(held.clone()));
+        }
         let gone = Change::Gone(DriverId::new("d3").expect("id"));
         assert_eq!(
             Entry::decode(&owned(gone.fields())).expect("entry"),
@@ -522,6 +531,17 @@ mod tests {
                 ("removed".to_owned(), v.to_owned()),
             ]
         };
+        let with = |k: &str, v: &str| {
+            let mut f = d.clone();
+            f.push((k.to_owned(), v.to_owned()));
+            f
+        };
+        assert!(Entry::decode(&with("order_id", "bad order")).is_err());
+        let twice = with("order_id", "o1");
+        assert!(
+            Entry::decode(&[twice.clone(), vec![("order_id".into(), "o2".into())]].concat())
+                .is_err()
+        );
         assert!(Entry::decode(&bad("driver_id", "0")).is_err());
         assert!(Entry::decode(&bad("id", "1")).is_err());
         assert!(
@@ -535,17 +555,9 @@ mod tests {
 
     #[test]
     fn replay_keeps_each_driver_s_last_entry() {
-        let up = |id: &str, lat: f64| {
-            let Entry::Put(u) = Entry::decode(&owned(
-                Change::Put(driver(id, lat, Status::Available)).fields(),
-            ))
-            .expect("entry") else {
-                panic!("not a state");
-            };
-            u
-        };
+        let up = |id: &str, lat: f64| driver(id, lat, Status::Available);
         let gone = |id: &str| Entry::Gone(DriverId::new(id).expect("id"));
-        let base = [up("a", 41.80), up("b", 41.80), up("c", 41.80)];
+        let base = vec![up("a", 41.80), up("b", 41.80), up("c", 41.80)];
         let entries = [
             Entry::Put(up("a", 41.81)),
             gone("b"),
@@ -558,7 +570,7 @@ mod tests {
             Entry::Put(up("f", 41.90)),
         ];
         // "f" moved out of the region; "c", never named, is not asked.
-        let stays = |u: &DriverUpdate| {
+        let stays = |u: &Driver| {
             assert_ne!(u.id.as_str(), "c", "an unchanged driver was checked");
             u.pos.lat() < 41.9
         };

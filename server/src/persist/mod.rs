@@ -62,7 +62,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use hexmatch::{Driver, DriverUpdate, DurableMatch, Engine, Manifest, OrderId, Position, Status};
+use hexmatch::{Driver, DurableMatch, Engine, Manifest, OrderId, Position, Status};
 use metrics::{counter, gauge, histogram};
 use redis::{AsyncCommands, RedisResult, Value};
 use tokio::sync::MutexGuard;
@@ -1401,7 +1401,7 @@ impl Persistence {
         }
         let read = started.elapsed();
         let e = Arc::clone(engine);
-        let loaded = tokio::task::spawn_blocking(move || load_drivers(&e, all))
+        let loaded = tokio::task::spawn_blocking(move || upsert_drivers(&e, all))
             .await
             .map_err(|e| e.to_string())?;
         tracing::info!(
@@ -1770,7 +1770,7 @@ enum ReadError {
 fn replay_regions(
     read: Vec<(String, Vec<Driver>, Vec<journal::Entry>, journal::EntryId)>,
     region_of: &(dyn Fn(hexmatch::Position) -> Option<String> + Sync),
-) -> Vec<(String, Vec<DriverUpdate>, journal::EntryId)> {
+) -> Vec<(String, Vec<Driver>, journal::EntryId)> {
     let one = |(region, base, entries, tail): (
         String,
         Vec<Driver>,
@@ -1779,8 +1779,8 @@ fn replay_regions(
     )| {
         // A snapshot's drivers were in its region when it was taken; only
         // those the journal moved since may have left it.
-        let finals = journal::replay(base.into_iter().map(as_update), entries, |u| {
-            region_of(u.pos).as_deref() == Some(region.as_str())
+        let finals = journal::replay(base, entries, |d| {
+            region_of(d.pos).as_deref() == Some(region.as_str())
         });
         (region, finals, tail)
     };
@@ -1805,79 +1805,37 @@ fn replay_regions(
     })
 }
 
-/// A restored driver as an update.
-fn as_update(d: Driver) -> DriverUpdate {
-    DriverUpdate {
-        id: d.id,
-        pos: d.pos,
-        ts: Some(d.ts),
-        status: Some(d.status),
-        vehicle: Some(d.vehicle),
-        capabilities: Some(d.capabilities),
-    }
-}
-
 /// Loads restored drivers into a running engine, which may already hold
 /// other regions: with [`Engine::load`], so each shard's tree is built at
 /// once. A driver this engine holds in a live match keeps its status (the
 /// match here is its truth, and a snapshot's copy, say held `busy` by a
 /// node it had moved to, would end it); only its position is updated. A
-/// driver reserved without a live match here is not loaded: its match's
-/// record is in another region's hash (the region it was claimed in),
-/// whose owner holds it; loaded, it would be offered a second time.
-pub fn upsert_drivers(engine: &Engine, drivers: Vec<Driver>) -> usize {
-    load_drivers(engine, drivers.into_iter().map(as_update).collect())
-}
-
-/// [`upsert_drivers`] for whole driver states (a snapshot's, replayed
-/// through a journal). A state with a field missing goes through
-/// [`Engine::upsert`] as an update.
-fn load_drivers(engine: &Engine, drivers: Vec<DriverUpdate>) -> usize {
+/// driver in a match without that match here (its order named, or
+/// `reserved`, which a snapshot of format 1 stored without the order) is
+/// not loaded: its match's record is in another region's hash (the
+/// region it was claimed in), whose owner holds it; loaded, it would be
+/// offered a second time, or keep a copy that takes the driver's updates.
+pub fn upsert_drivers(engine: &Engine, mut drivers: Vec<Driver>) -> usize {
     // One pass over the live matches, not a match lookup per driver.
     let matched: std::collections::HashSet<hexmatch::DriverId> = engine
         .durable_matches()
         .into_iter()
         .map(|r| r.m.driver_id)
         .collect();
-    let mut n = 0;
-    let mut whole = Vec::with_capacity(drivers.len());
-    for u in drivers {
-        if matched.contains(&u.id) {
+    drivers.retain(|d| {
+        if matched.contains(&d.id) {
             // Held by its match; only its position is the journal's.
-            let _ = engine.update_location(&u.id, u.pos, u.ts);
-            continue;
+            let _ = engine.update_location(&d.id, d.pos, Some(d.ts));
+            return false;
         }
-        if u.status == Some(Status::Reserved) {
-            tracing::debug!(driver_id = %u.id, "reserved driver without its match here not restored");
-            continue;
+        if d.order_id.is_some() || d.status == Status::Reserved {
+            tracing::debug!(driver_id = %d.id, order_id = ?d.order_id, "driver in a match held elsewhere not restored");
+            return false;
         }
-        match (u.ts, u.status, u.vehicle, u.capabilities) {
-            (Some(ts), Some(status), Some(vehicle), Some(capabilities))
-                if status != Status::Reserved =>
-            {
-                whole.push(Driver {
-                    status,
-                    vehicle,
-                    capabilities,
-                    ..Driver::available(u.id, u.pos, ts)
-                });
-            }
-            _ => {
-                // A fix stamped too far ahead of this node's clock comes
-                // back as if stamped now, so the driver's next correct
-                // update is not stale.
-                let applied = match engine.upsert(&u) {
-                    Err(hexmatch::Error::InvalidTimestamp(_)) => {
-                        engine.upsert(&DriverUpdate { ts: None, ..u })
-                    }
-                    other => other,
-                };
-                n += usize::from(applied.is_ok());
-            }
-        }
-    }
-    // No driver in `whole` is reserved, so the load cannot fail.
-    n + engine.load(whole).unwrap_or(0)
+        true
+    });
+    // No driver left is reserved, so the load cannot fail.
+    engine.load(drivers).unwrap_or(0)
 }
 
 /// Each record with its order id, encoded.
@@ -1997,5 +1955,38 @@ mod tests {
             (d.status, d.order_id, d.pos),
             (Status::Reserved, Some(order), q)
         );
+    }
+
+    /// A busy driver whose state names the order of a match recorded in
+    /// another region's hash (confirmed on the node that holds that
+    /// region) is not loaded: a busy copy here took the driver's updates,
+    /// and a client's `available` for it offered the driver a second
+    /// time. A driver busy on its own (no order) is loaded as it is.
+    #[test]
+    fn a_busy_driver_of_a_match_held_elsewhere_is_not_loaded() {
+        let engine = Engine::new(EngineConfig::default()).expect("engine");
+        let p = Position::new(41.88, -87.63).expect("pos");
+        let now = engine.clock().now();
+        let busy = |id: &str, order: Option<&str>| Driver {
+            status: Status::Busy,
+            order_id: order.map(|o| OrderId::new(o).expect("order")),
+            ..Driver::available(DriverId::new(id).expect("id"), p, now)
+        };
+        assert_eq!(
+            upsert_drivers(
+                &engine,
+                vec![busy("held-elsewhere", Some("o-far")), busy("off-app", None)]
+            ),
+            1
+        );
+        assert!(
+            engine
+                .driver(&DriverId::new("held-elsewhere").expect("id"))
+                .is_none()
+        );
+        let d = engine
+            .driver(&DriverId::new("off-app").expect("id"))
+            .expect("loaded");
+        assert_eq!((d.status, d.order_id), (Status::Busy, None));
     }
 }
