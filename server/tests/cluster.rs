@@ -1618,6 +1618,49 @@ fn a_driver_claimed_while_it_is_handed_over_stays_with_its_match() {
     }
 }
 
+/// Where a test's driver `mover` goes after its claim: `away`, 3 km from
+/// where it was claimed, in another region (`away_region`).
+struct Trip {
+    away: Position,
+    away_region: String,
+}
+
+/// Puts driver `mover` at a trip's `home` in `regions` through `node`, and
+/// claims it there for `order` (201).
+fn mover_claimed(
+    http: &reqwest::blocking::Client,
+    node: &Node,
+    regions: &[String],
+    order: &str,
+) -> Trip {
+    let map = region_map();
+    let home = position_in(&map, regions, None, 0.0);
+    let home_region = map.region_of(home).expect("a region").to_string();
+    let others: Vec<String> = regions
+        .iter()
+        .filter(|r| **r != home_region)
+        .cloned()
+        .collect();
+    let away = position_in(&map, &others, Some(home), 3000.0);
+    let away_region = map.region_of(away).expect("a region").to_string();
+    let (status, body, _) = send(
+        http.put(format!("{}/v1/drivers/mover", node.base))
+            .json(&json!({"lat": home.lat(), "lon": home.lon(), "ts": 1_000})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, m, _) = post(
+        http,
+        &format!("{}/v1/matches", node.base),
+        &json!({"order_id": order, "pickup": {"lat": home.lat(), "lon": home.lon()}, "radius_m": 500}),
+    );
+    assert_eq!(
+        (status, m["driver_id"].as_str()),
+        (201, Some("mover")),
+        "{m}"
+    );
+    Trip { away, away_region }
+}
+
 /// A node that loses one region's lease drops the drivers in that region,
 /// but not a driver that is there while held by a match whose record is
 /// in a region the node still serves: that match is still this node's to
@@ -1631,32 +1674,7 @@ fn a_lost_region_keeps_the_drivers_of_matches_held_elsewhere() {
     let http = &http();
     let own: HashMap<usize, Vec<String>> = [(0, regions.clone())].into_iter().collect();
     wait_settled(http, &[&a], &own);
-    let map = region_map();
-    let home = position_in(&map, &regions, None, 0.0);
-    let home_region = map.region_of(home).expect("a region").to_string();
-    let others: Vec<String> = regions
-        .iter()
-        .filter(|r| **r != home_region)
-        .cloned()
-        .collect();
-    let away = position_in(&map, &others, Some(home), 3000.0);
-    let away_region = map.region_of(away).expect("a region").to_string();
-
-    let (status, body, _) = send(
-        http.put(format!("{}/v1/drivers/mover", a.base))
-            .json(&json!({"lat": home.lat(), "lon": home.lon(), "ts": 1_000})),
-    );
-    assert_eq!(status, 200, "{body}");
-    let (status, m, _) = post(
-        http,
-        &format!("{}/v1/matches", a.base),
-        &json!({"order_id": "o-away", "pickup": {"lat": home.lat(), "lon": home.lon()}, "radius_m": 500}),
-    );
-    assert_eq!(
-        (status, m["driver_id"].as_str()),
-        (201, Some("mover")),
-        "{m}"
-    );
+    let Trip { away, away_region } = mover_claimed(http, &a, &regions, "o-away");
     // On its way, the driver enters another region of the same node.
     let (status, body, _) = send(
         http.post(format!("{}/v1/drivers/mover/location", a.base))
@@ -1772,29 +1790,7 @@ fn a_taker_keeps_no_copy_of_a_driver_busy_in_a_match_held_elsewhere() {
         .into_iter()
         .collect();
     wait_settled(http, &[&a, &b], &own);
-    let map = region_map();
-    let home = position_in(&map, &regions, None, 0.0);
-    let home_region = map.region_of(home).expect("a region").to_string();
-    let others: Vec<String> = regions
-        .iter()
-        .filter(|r| **r != home_region)
-        .cloned()
-        .collect();
-    let away = position_in(&map, &others, Some(home), 3000.0);
-    let away_region = map.region_of(away).expect("a region").to_string();
-
-    let (status, body, _) = send(
-        http.put(format!("{}/v1/drivers/mover", a.base))
-            .json(&json!({"lat": home.lat(), "lon": home.lon(), "ts": 1_000})),
-    );
-    assert_eq!(status, 200, "{body}");
-    let order = json!({"order_id": "o-busy", "pickup": {"lat": home.lat(), "lon": home.lon()}, "radius_m": 500});
-    let (status, m, _) = post(http, &format!("{}/v1/matches", a.base), &order);
-    assert_eq!(
-        (status, m["driver_id"].as_str()),
-        (201, Some("mover")),
-        "{m}"
-    );
+    let Trip { away, away_region } = mover_claimed(http, &a, &regions, "o-busy");
     let (status, m, _) = post(
         http,
         &format!("{}/v1/matches/o-busy/confirm", a.base),
