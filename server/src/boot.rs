@@ -26,7 +26,14 @@ pub enum ServerError {
     Config(String),
     /// An input file is bad; the message names file and line (exit status 2).
     Input(String),
-    /// The socket could not be bound, or similar (exit status 1).
+    /// The listening address could not be bound (exit status 1).
+    Bind {
+        /// The address of `--bind`.
+        addr: SocketAddr,
+        /// What the system said.
+        error: std::io::Error,
+    },
+    /// Another system error (exit status 1).
     Io(std::io::Error),
 }
 
@@ -35,7 +42,7 @@ impl ServerError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Config(_) | Self::Input(_) => 2,
-            Self::Io(_) => 1,
+            Self::Bind { .. } | Self::Io(_) => 1,
         }
     }
 }
@@ -45,6 +52,12 @@ impl std::fmt::Display for ServerError {
         match self {
             Self::Config(m) => write!(f, "bad configuration: {m}"),
             Self::Input(m) => f.write_str(m),
+            Self::Bind { addr, error } if error.kind() == std::io::ErrorKind::AddrInUse => write!(
+                f,
+                "cannot listen on {addr}: another process is listening there ({error}); \
+                 stop it or choose another --bind"
+            ),
+            Self::Bind { addr, error } => write!(f, "cannot listen on {addr}: {error}"),
             Self::Io(e) => write!(f, "{e}"),
         }
     }
@@ -152,7 +165,10 @@ pub async fn start_with_clock(
     }
     let listener = TcpListener::bind(config.bind)
         .await
-        .map_err(ServerError::Io)?;
+        .map_err(|error| ServerError::Bind {
+            addr: config.bind,
+            error,
+        })?;
     let addr = listener.local_addr().map_err(ServerError::Io)?;
     let mut background = vec![spawn_sweeper(&svc), spawn_upkeep(&state)];
     match config.redis_url.clone() {

@@ -49,9 +49,10 @@ pub struct ServeConfig {
     pub sweep_interval_ms: u64,
     /// Most items in one `POST /v1/locations` or batch of orders.
     pub max_batch_items: usize,
-    /// CSV of drivers to load at start (`driver_id,lat,lon[,vehicle][,status]`),
-    /// or a trips CSV (`trip_id,…,dropoff_lat,dropoff_lon`) seeding one
-    /// driver at each drop-off.
+    /// CSV of drivers to load at start (`driver_id,lat,lon[,vehicle][,status]`
+    /// and more, or a position log's `vehicle_id,timestamp,lat,lon`), or a
+    /// trips CSV (`trip_id,…,dropoff_lat,dropoff_lon`) seeding one driver at
+    /// each drop-off.
     pub load_drivers: Option<PathBuf>,
     /// Redis for snapshots, durable matches and location streams: one URL,
     /// or comma-separated nodes of a Redis Cluster; `None` = memory only.
@@ -311,7 +312,9 @@ pub struct ServeArgs {
     /// Most items per batch request [default: 10000].
     #[arg(long, env = "HEXMATCH_MAX_BATCH_ITEMS")]
     pub max_batch_items: Option<usize>,
-    /// CSV of drivers (or of trips: one driver per drop-off) to load at start.
+    /// CSV of drivers, of positions (`vehicle_id,timestamp,lat,lon`, as
+    /// `replay positions` reads) or of trips (one driver per drop-off) to
+    /// load at start.
     #[arg(long, env = "HEXMATCH_LOAD_DRIVERS")]
     pub load_drivers: Option<PathBuf>,
     /// Redis URL for persistence (`redis://host:port`, `redis+unix:///path`),
@@ -332,15 +335,17 @@ pub struct ServeArgs {
     /// Snapshot interval in ms [default: 30000].
     #[arg(long, env = "HEXMATCH_SNAPSHOT_INTERVAL_MS")]
     pub snapshot_interval_ms: Option<u64>,
-    /// Read location updates from the Redis stream `<prefix>:locations` [default: true].
-    #[arg(long, env = "HEXMATCH_INGEST_STREAM")]
+    /// Read location updates from the Redis stream `<prefix>:locations`
+    /// (`--ingest-stream` alone means true) [default: true].
+    #[arg(long, env = "HEXMATCH_INGEST_STREAM", num_args = 0..=1, default_missing_value = "true")]
     pub ingest_stream: Option<bool>,
     /// `GeoJSON` of region polygons (e.g. `data/nyc_boroughs.geojson`); cells
     /// are assigned by centre; cells in no polygon form `outside-<cell>` regions.
     #[arg(long, env = "HEXMATCH_REGIONS")]
     pub regions: Option<PathBuf>,
-    /// Run as a cluster node (needs --redis-url and --regions) [default: false].
-    #[arg(long, env = "HEXMATCH_CLUSTER")]
+    /// Run as a cluster node (needs --redis-url and --regions; `--cluster`
+    /// alone means true) [default: false].
+    #[arg(long, env = "HEXMATCH_CLUSTER", num_args = 0..=1, default_missing_value = "true")]
     pub cluster: Option<bool>,
     /// URL other nodes reach this one at [default: `http://` + the bound address].
     #[arg(long, env = "HEXMATCH_ADVERTISE_URL")]

@@ -123,6 +123,36 @@ fn serve_help_names_the_environment_and_a_misspelt_variable_is_named() {
     assert!(log.contains("--cluster needs"), "{log}");
 }
 
+/// `--cluster` is a switch: alone it means true (it demanded a value,
+/// `--cluster true`, and refused the plain flag).
+#[test]
+fn cluster_is_a_plain_switch() {
+    for args in [
+        &["serve", "--cluster"][..],
+        &["serve", "--cluster", "--bind", "127.0.0.1:1"],
+    ] {
+        let out = hexmatch(args);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {log}");
+        assert!(log.contains("--cluster needs"), "{args:?}: {log}");
+    }
+}
+
+/// An address in use is named, with what to do (the message was the
+/// system's alone: "Address already in use (os error 98)").
+#[test]
+fn an_address_in_use_is_named() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let out = hexmatch(&["serve", "--bind", &addr]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!("cannot listen on {addr}")) && log.contains("--bind"),
+        "{log}"
+    );
+}
+
 /// `THP_enabled` of a serving `hexmatch serve` started with `env`, from
 /// /proc.
 #[cfg(target_os = "linux")]
