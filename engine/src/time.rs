@@ -52,8 +52,10 @@ impl Timestamp {
         Self(self.0.saturating_sub(ms).max(0))
     }
 
-    /// Parses RFC 3339 (`2026-11-25T10:00:00.250Z`, `…+01:00`) or plain
-    /// Unix milliseconds (`1764064800250`).
+    /// Parses RFC 3339 (`2026-11-25T10:00:00.250Z`, `…+01:00`, or with a
+    /// space for the `T`: `2013-01-01 00:15:00-06:00`) or plain Unix
+    /// milliseconds (`1764064800250`). A date and time without a zone is
+    /// refused, saying so: its instant is unknown.
     ///
     /// # Errors
     /// [`Error::InvalidTimestamp`] naming what is wrong.
@@ -66,9 +68,15 @@ impl Timestamp {
         }
         parse_rfc3339(s)
             .ok_or_else(|| {
-                Error::InvalidTimestamp(format!(
-                    "{s:?} is neither RFC 3339 (2026-11-25T10:00:00.250Z) nor Unix milliseconds"
-                ))
+                Error::InvalidTimestamp(if parse_rfc3339(&format!("{s}Z")).is_some() {
+                    format!(
+                        "{s:?} has no time zone: end it with Z (UTC) or an offset such as -06:00"
+                    )
+                } else {
+                    format!(
+                        "{s:?} is neither RFC 3339 (2026-11-25T10:00:00.250Z) nor Unix milliseconds"
+                    )
+                })
             })
             .and_then(Self::from_millis)
     }

@@ -5,9 +5,12 @@ use std::path::Path;
 use hexmatch::{Capabilities, Driver, DriverId, Position, Status, Timestamp, Vehicle};
 
 /// Reads drivers from `path`: either
-/// `driver_id,lat,lon[,vehicle][,status][,capabilities]` rows (the
+/// `driver_id,lat,lon[,vehicle][,status][,capabilities][,ts]` rows (the
 /// capabilities separated by `;`, as in `cash;pets`), or a trips file (`trip_id,…,dropoff_time,dropoff_lat,dropoff_lon`)
 /// of which each drop-off becomes an available driver named after its trip.
+/// The columns of a position log (`replay positions`) are read too:
+/// `vehicle_id` for `driver_id`, `timestamp` for `ts`; a driver named on
+/// several rows is loaded as its last row says.
 ///
 /// # Errors
 /// `file:line: what` for the first bad line.
@@ -22,35 +25,36 @@ pub fn read_drivers(path: &Path, now: Timestamp) -> Result<Vec<Driver>, String> 
         .collect();
     let col = |name: &str| header.iter().position(|h| *h == name);
     let at = |line: usize, msg: String| format!("{}:{line}: {msg}", path.display());
-    let layout =
-        if let (Some(id), Some(lat), Some(lon)) = (col("driver_id"), col("lat"), col("lon")) {
-            Layout {
-                id,
-                lat,
-                lon,
-                vehicle: col("vehicle"),
-                status: col("status"),
-                capabilities: col("capabilities"),
-                ts: None,
-            }
-        } else if let (Some(id), Some(lat), Some(lon)) =
-            (col("trip_id"), col("dropoff_lat"), col("dropoff_lon"))
-        {
-            Layout {
-                id,
-                lat,
-                lon,
-                vehicle: None,
-                status: None,
-                capabilities: None,
-                ts: col("dropoff_time"),
-            }
-        } else {
-            return Err(at(
-                1,
-                "header needs driver_id,lat,lon or trip_id,…,dropoff_lat,dropoff_lon".into(),
-            ));
-        };
+    let id = col("driver_id").or_else(|| col("vehicle_id"));
+    let layout = if let (Some(id), Some(lat), Some(lon)) = (id, col("lat"), col("lon")) {
+        Layout {
+            id,
+            lat,
+            lon,
+            vehicle: col("vehicle"),
+            status: col("status"),
+            capabilities: col("capabilities"),
+            ts: col("ts").or_else(|| col("timestamp")),
+        }
+    } else if let (Some(id), Some(lat), Some(lon)) =
+        (col("trip_id"), col("dropoff_lat"), col("dropoff_lon"))
+    {
+        Layout {
+            id,
+            lat,
+            lon,
+            vehicle: None,
+            status: None,
+            capabilities: None,
+            ts: col("dropoff_time"),
+        }
+    } else {
+        return Err(at(
+            1,
+            "header needs driver_id (or vehicle_id),lat,lon or trip_id,…,dropoff_lat,dropoff_lon"
+                .into(),
+        ));
+    };
     lines
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
@@ -143,6 +147,42 @@ mod tests {
         assert_eq!(
             read_drivers(&trips, Timestamp::EPOCH).unwrap().len(),
             11_615
+        );
+        // A position log, as `replay positions` reads it: the bundled AIS
+        // file, a row per fix (the load keeps each vessel's last).
+        let ais = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/nyharbor_ais_positions.csv");
+        let got = read_drivers(&ais, Timestamp::EPOCH).unwrap();
+        let text = std::fs::read_to_string(&ais).unwrap();
+        assert_eq!(
+            got.len(),
+            text.lines().skip(1).filter(|l| !l.is_empty()).count()
+        );
+        let first = &got[0];
+        let row: Vec<&str> = text.lines().nth(1).unwrap().split(',').collect();
+        assert_eq!(
+            (first.id.as_str(), first.ts, first.pos.lat()),
+            (
+                row[0],
+                Timestamp::parse(row[1]).unwrap(),
+                row[2].parse().unwrap()
+            )
+        );
+        std::fs::write(
+            &drivers,
+            "vehicle_id,timestamp,lat,lon\nv1,2013-01-01 00:15:00-06:00,41.9,-87.6\n",
+        )
+        .unwrap();
+        let got = read_drivers(&drivers, Timestamp::EPOCH).unwrap();
+        assert_eq!(got[0].ts, Timestamp::parse("2013-01-01T06:15:00Z").unwrap());
+        std::fs::write(
+            &drivers,
+            "vehicle_id,timestamp,lat,lon\nv1,2013-01-01 00:15:00,41.9,-87.6\n",
+        )
+        .unwrap();
+        let err = read_drivers(&drivers, Timestamp::EPOCH).unwrap_err();
+        assert!(
+            err.contains("d.csv:2:") && err.contains("has no time zone"),
+            "{err}"
         );
         std::fs::write(&drivers, "driver_id,lat,lon\na,41.9,-87.6\nb,91,-87.7\n").unwrap();
         let err = read_drivers(&drivers, Timestamp::EPOCH).unwrap_err();
