@@ -181,3 +181,44 @@ fn serve_keeps_its_heap_off_huge_pages_unless_told() {
     assert_eq!(serving_thp_enabled(&[]), "0");
     assert_eq!(serving_thp_enabled(&[("MIMALLOC_ALLOW_THP", "1")]), "1");
 }
+
+/// The systemd unit the README points to starts the binary with flags
+/// that exist, and reads the environment file the docs describe.
+#[test]
+fn the_systemd_unit_names_real_flags() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/hexmatch.service"
+    ))
+    .expect("docs/hexmatch.service");
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    let help = String::from_utf8_lossy(&hexmatch(&["serve", "--help"]).stdout).into_owned();
+    let mut words = exec.split_whitespace();
+    assert_eq!(words.next(), Some("/usr/local/bin/hexmatch"));
+    assert_eq!(words.next(), Some("serve"));
+    for flag in words.filter(|w| w.starts_with("--")) {
+        assert!(help.contains(flag), "{flag} is not a flag of `serve`");
+    }
+    for line in unit.lines().filter(|l| l.starts_with("#   HEXMATCH_")) {
+        let var = line
+            .trim_start_matches("#   ")
+            .split('=')
+            .next()
+            .unwrap_or("");
+        assert!(
+            help.contains(var) || {
+                let flag = format!(
+                    "--{}",
+                    var.trim_start_matches("HEXMATCH_")
+                        .to_lowercase()
+                        .replace('_', "-")
+                );
+                help.contains(&flag)
+            },
+            "{var} names no flag of `serve`"
+        );
+    }
+}
