@@ -92,7 +92,7 @@ enum HeapPages {
 /// a fault in such a range may first compact memory to find a free 2 MiB
 /// page. Building a million drivers' trees faults in a few hundred MB:
 /// `benches/scripts/takeover.sh` restores 1M drivers in 1.8–2.0 s with
-/// huge pages and 0.7 s without (AMD EPYC, 2 vCPUs; the standby's peak
+/// huge pages and 0.7 s without (Intel Xeon, 2 vCPUs; the standby's peak
 /// RSS 593 MB and 442 MB), and a cold start bulk-loads them in 1.9 s
 /// and 1.0 s. HTTP nearest and claims cost the same either way (within
 /// the runs' 10 % noise, `benches/scripts/http_load.sh`).
