@@ -201,8 +201,8 @@ const fn csv(name: &'static str, file: &'static [u8], says: &'static [&'static s
 // A table: one row per line.
 #[rustfmt::skip]
 const DRIVER_CSV: &[Cli] = &[
-    csv("csv: empty file", b"", &["{file}:1: header needs driver_id,lat,lon"]),
-    csv("csv: header of other columns", b"id,latitude,longitude\na,41.9,-87.6\n", &["{file}:1: header needs driver_id,lat,lon"]),
+    csv("csv: empty file", b"", &["{file}:1: header needs driver_id (or vehicle_id),lat,lon"]),
+    csv("csv: header of other columns", b"id,latitude,longitude\na,41.9,-87.6\n", &["{file}:1: header needs driver_id (or vehicle_id),lat,lon"]),
     csv("csv: header without lon", b"driver_id,lat\na,41.9\n", &["{file}:1: header needs"]),
     csv("csv: lat 91 on line 3", b"driver_id,lat,lon\na,41.9,-87.6\nb,91,-87.7\n", &["{file}:3: invalid position"]),
     csv("csv: lat not a number", b"driver_id,lat,lon\na,abc,-87.6\n", &["{file}:2: \"abc\" is not a number"]),
