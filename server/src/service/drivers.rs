@@ -135,15 +135,11 @@ impl Service {
             });
         }
         // A status change may end the driver's match: keep Redis in step.
-        let held = update
-            .status
-            .and_then(|_| self.engine.driver(&id))
-            .and_then(|d| d.order_id);
         let before = self.before([&id]);
-        let applied = self.engine.upsert(&update)?;
-        count_update(&applied);
-        if let (Some(order), Some(p)) = (held, self.persist()) {
-            p.sync_order(&self.engine, &order).await;
+        let mut ended = Vec::new();
+        let applied = apply_one(&self.engine, Ok(update), &mut ended)?;
+        if let Some(p) = self.persist() {
+            p.sync_orders(&self.engine, &ended).await;
         }
         if matches!(applied, Applied::Applied(_)) {
             self.journal(before).await?;
