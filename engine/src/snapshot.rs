@@ -87,27 +87,22 @@ pub struct Snapshot {
     pub chunks: Vec<Vec<u8>>,
 }
 
-/// A driver as stored. Decoding borrows the id from the decompressed
-/// chunk (no `String` per driver); the wire format is postcard's `str`
-/// either way.
+/// A driver as stored: its own fields, then the order of its live match
+/// (format 2). Postcard writes a nested struct's fields in line, so a
+/// format-1 record is exactly [`DriverFields`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct DriverRec<'a> {
     #[serde(borrow)]
-    id: Cow<'a, str>,
-    lat: f64,
-    lon: f64,
-    ts: i64,
-    status: u8,
-    vehicle: u8,
-    caps: u16,
-    /// The order of the driver's live match.
+    fields: DriverFields<'a>,
     #[serde(borrow)]
     order: Option<Cow<'a, str>>,
 }
 
-/// A driver as format 1 stored it: no order.
+/// A stored driver's own fields: all that format 1 stored of it.
+/// Decoding borrows the id from the decompressed chunk (no `String` per
+/// driver); the wire format is postcard's `str` either way.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct DriverRecV1<'a> {
+struct DriverFields<'a> {
     #[serde(borrow)]
     id: Cow<'a, str>,
     lat: f64,
@@ -116,21 +111,6 @@ struct DriverRecV1<'a> {
     status: u8,
     vehicle: u8,
     caps: u16,
-}
-
-impl<'a> From<DriverRecV1<'a>> for DriverRec<'a> {
-    fn from(r: DriverRecV1<'a>) -> Self {
-        Self {
-            id: r.id,
-            lat: r.lat,
-            lon: r.lon,
-            ts: r.ts,
-            status: r.status,
-            vehicle: r.vehicle,
-            caps: r.caps,
-            order: None,
-        }
-    }
 }
 
 const STATUSES: [Status; 4] = [
@@ -147,34 +127,36 @@ fn status_code(s: Status) -> u8 {
 impl DriverRec<'_> {
     fn from_driver(d: &Driver) -> Self {
         Self {
-            id: Cow::Owned(d.id.to_string()),
-            lat: d.pos.lat(),
-            lon: d.pos.lon(),
-            ts: d.ts.as_millis(),
-            status: status_code(d.status),
-            vehicle: d.vehicle as u8,
-            caps: d.capabilities.bits(),
+            fields: DriverFields {
+                id: Cow::Owned(d.id.to_string()),
+                lat: d.pos.lat(),
+                lon: d.pos.lon(),
+                ts: d.ts.as_millis(),
+                status: status_code(d.status),
+                vehicle: d.vehicle as u8,
+                caps: d.capabilities.bits(),
+            },
             order: d.order_id.as_ref().map(|o| Cow::Owned(o.to_string())),
         }
     }
 
     fn into_driver(self) -> Result<Driver> {
+        let Self { fields: f, order } = self;
         let status = *STATUSES
-            .get(usize::from(self.status))
-            .ok_or_else(|| corrupt(format!("status code {}", self.status)))?;
+            .get(usize::from(f.status))
+            .ok_or_else(|| corrupt(format!("status code {}", f.status)))?;
         let vehicle = *Vehicle::ALL
-            .get(usize::from(self.vehicle))
-            .ok_or_else(|| corrupt(format!("vehicle code {}", self.vehicle)))?;
-        let check = |e: Error| corrupt(format!("driver {:?}: {e}", self.id));
+            .get(usize::from(f.vehicle))
+            .ok_or_else(|| corrupt(format!("vehicle code {}", f.vehicle)))?;
+        let check = |e: Error| corrupt(format!("driver {:?}: {e}", f.id));
         Ok(Driver {
-            id: DriverId::new(&self.id).map_err(check)?,
-            pos: Position::new(self.lat, self.lon).map_err(check)?,
-            ts: Timestamp::from_millis(self.ts).map_err(check)?,
+            id: DriverId::new(&f.id).map_err(check)?,
+            pos: Position::new(f.lat, f.lon).map_err(check)?,
+            ts: Timestamp::from_millis(f.ts).map_err(check)?,
             status,
             vehicle,
-            capabilities: Capabilities::from_bits_truncate(self.caps),
-            order_id: self
-                .order
+            capabilities: Capabilities::from_bits_truncate(f.caps),
+            order_id: order
                 .as_deref()
                 .map(OrderId::new)
                 .transpose()
@@ -271,10 +253,13 @@ fn decode_chunk(i: usize, info: ChunkInfo, bytes: &[u8]) -> Result<Vec<Driver>> 
         .map_err(|e| corrupt(format!("chunk {i}: zstd: {e}")))?;
     let postcard_error = |e: postcard::Error| corrupt(format!("chunk {i}: {e}"));
     let recs: Vec<DriverRec> = if v1 {
-        postcard::from_bytes::<Vec<DriverRecV1>>(&raw)
+        postcard::from_bytes::<Vec<DriverFields>>(&raw)
             .map_err(postcard_error)?
             .into_iter()
-            .map(DriverRec::from)
+            .map(|fields| DriverRec {
+                fields,
+                order: None,
+            })
             .collect()
     } else {
         postcard::from_bytes(&raw).map_err(postcard_error)?
@@ -495,39 +480,22 @@ mod tests {
 
     #[test]
     fn a_well_formed_chunk_with_bad_fields_is_rejected() {
-        let rec = DriverRec {
-            id: "bad id".into(),
-            lat: 1.0,
-            lon: 1.0,
-            ts: 0,
-            status: 0,
-            vehicle: 0,
-            caps: 0,
-            order: None,
+        let rec = |id: &'static str, lat: f64, status: u8, order: Option<&'static str>| DriverRec {
+            fields: DriverFields {
+                id: id.into(),
+                lat,
+                lon: 1.0,
+                ts: 0,
+                status,
+                vehicle: 0,
+                caps: 0,
+            },
+            order: order.map(Cow::from),
         };
-        let err = decode_one(rec).unwrap_err();
+        let err = decode_one(rec("bad id", 1.0, 0, None)).unwrap_err();
         assert!(err.to_string().contains("invalid id"), "{err}");
-        let rec = DriverRec {
-            id: "a".into(),
-            lat: f64::NAN,
-            lon: 1.0,
-            ts: 0,
-            status: 9,
-            vehicle: 0,
-            caps: 0,
-            order: None,
-        };
-        assert!(decode_one(rec).is_err());
-        let rec = DriverRec {
-            id: "a".into(),
-            lat: 1.0,
-            lon: 1.0,
-            ts: 0,
-            status: 2,
-            vehicle: 0,
-            caps: 0,
-            order: Some("bad order".into()),
-        };
+        assert!(decode_one(rec("a", f64::NAN, 9, None)).is_err());
+        let rec = rec("a", 1.0, 2, Some("bad order"));
         let err = decode_one(rec).unwrap_err();
         assert!(err.to_string().contains("invalid id"), "{err}");
     }
@@ -572,7 +540,7 @@ mod tests {
     /// A snapshot of format 1 (drivers without orders) is still read.
     #[test]
     fn format_1_is_still_read() {
-        let rec = DriverRecV1 {
+        let rec = DriverFields {
             id: "d1".into(),
             lat: 41.88,
             lon: -87.63,
