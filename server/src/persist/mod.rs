@@ -242,6 +242,14 @@ pub struct Lease {
     pub region: String,
 }
 
+impl Lease {
+    /// The value of an order record taken under this lease
+    /// (`region|token`; [`order_holder_region`] reads the region back).
+    fn order_holder(&self) -> String {
+        format!("{}|{}", self.region, self.token)
+    }
+}
+
 /// Region leases that fence match writes in a cluster (implemented by
 /// the cluster layer above, which owns the leases).
 pub trait Fence: Send + Sync + std::fmt::Debug {
@@ -569,7 +577,7 @@ impl Persistence {
             return Err(WriteError::NotOwner { region });
         }
         let order_key = self.keys.order(order);
-        let value = format!("{}|{}", lease.region, lease.token);
+        let value = lease.order_holder();
         let ttl = ORDER_KEY_TTL_MS.to_string();
         let mut conn = self.conn.clone();
         let (taken, short) = self.note(
@@ -600,7 +608,7 @@ impl Persistence {
                 // driver was in then (the write's outcome was not known,
                 // and the driver has moved since): the record goes there.
                 match fence.lease(region) {
-                    Ok(l) if holder == format!("{}|{}", l.region, l.token) => (false, l),
+                    Ok(l) if holder == l.order_holder() => (false, l),
                     _ => {
                         return Err(WriteError::OrderTaken {
                             order: order.to_owned(),
