@@ -4,6 +4,13 @@ use std::path::Path;
 
 use hexmatch::{Capabilities, Driver, DriverId, Position, Status, Timestamp, Vehicle};
 
+/// The id columns of a position log, in order of preference (`replay
+/// positions` reads the same).
+pub const ID_COLUMNS: [&str; 2] = ["driver_id", "vehicle_id"];
+
+/// The time columns of a position log, in order of preference.
+pub const TS_COLUMNS: [&str; 2] = ["ts", "timestamp"];
+
 /// Reads drivers from `path`: either
 /// `driver_id,lat,lon[,vehicle][,status][,capabilities][,ts]` rows (the
 /// capabilities separated by `;`, as in `cash;pets`), or a trips file (`trip_id,…,dropoff_time,dropoff_lat,dropoff_lon`)
@@ -25,7 +32,8 @@ pub fn read_drivers(path: &Path, now: Timestamp) -> Result<Vec<Driver>, String> 
         .collect();
     let col = |name: &str| header.iter().position(|h| *h == name);
     let at = |line: usize, msg: String| format!("{}:{line}: {msg}", path.display());
-    let id = col("driver_id").or_else(|| col("vehicle_id"));
+    let first_of = |names: &[&str]| names.iter().find_map(|n| col(n));
+    let id = first_of(&ID_COLUMNS);
     let layout = if let (Some(id), Some(lat), Some(lon)) = (id, col("lat"), col("lon")) {
         Layout {
             id,
@@ -34,7 +42,7 @@ pub fn read_drivers(path: &Path, now: Timestamp) -> Result<Vec<Driver>, String> 
             vehicle: col("vehicle"),
             status: col("status"),
             capabilities: col("capabilities"),
-            ts: col("ts").or_else(|| col("timestamp")),
+            ts: first_of(&TS_COLUMNS),
         }
     } else if let (Some(id), Some(lat), Some(lon)) =
         (col("trip_id"), col("dropoff_lat"), col("dropoff_lon"))

@@ -21,6 +21,7 @@ use std::time::Instant;
 use hexmatch::{
     Applied, DriverId, DriverUpdate, Engine, EngineConfig, NearestQuery, Position, Timestamp,
 };
+use hexmatch_server::load::{ID_COLUMNS, TS_COLUMNS};
 
 use self::http::{Http, LOCATION_CHUNK, LocationItem};
 use self::pace::{Pace, Pacer};
@@ -74,9 +75,8 @@ impl Columns {
             )
         };
         Ok(Self {
-            id: find(&["driver_id", "vehicle_id"])
-                .ok_or_else(|| missing("driver_id or vehicle_id"))?,
-            ts: find(&["ts", "timestamp"]),
+            id: find(&ID_COLUMNS).ok_or_else(|| missing("driver_id or vehicle_id"))?,
+            ts: find(&TS_COLUMNS),
             lat: find(&["lat"]).ok_or_else(|| missing("lat"))?,
             lon: find(&["lon"]).ok_or_else(|| missing("lon"))?,
         })
