@@ -27,9 +27,10 @@ pub use batch::{EDGE_BUDGET_PER_CANDIDATE, GROUP_RESOLUTION};
 
 use std::sync::Arc;
 
-use h3o::CellIndex;
+use h3o::{CellIndex, Resolution};
 use parking_lot::Mutex;
 
+use crate::area::{self, Area, AreaPage, AreaQuery, LatLonBox};
 use crate::driver::{Driver, DriverUpdate, Status};
 use crate::error::{Error, Result};
 use crate::ids::DriverId;
@@ -293,6 +294,49 @@ impl Engine {
     /// Per-cell driver counts (for region statistics).
     pub fn cell_counts(&self) -> Vec<(CellIndex, StatusCounts)> {
         self.index.cell_counts()
+    }
+
+    /// One page of the drivers inside an area, by id, with their orders
+    /// filled in (see [`area`](crate::Area) for the shapes and their
+    /// edges). Each shard is read under its own read lock, so a page is
+    /// not one instant's picture: a driver moving meanwhile may be missed
+    /// or seen at its old or new place, never twice.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for a limit out of range, or cells of
+    /// another resolution than the engine's partition.
+    pub fn within(&self, q: &AreaQuery) -> Result<AreaPage> {
+        let mut page = area::within(&self.index, q)?;
+        page.drivers = page
+            .drivers
+            .into_iter()
+            .map(|d| self.with_match(d))
+            .collect();
+        Ok(page)
+    }
+
+    /// Counts by status of every driver inside an area.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for cells of another resolution than
+    /// the engine's partition.
+    pub fn counts_within(&self, area: &Area) -> Result<StatusCounts> {
+        area::counts_within(&self.index, area)
+    }
+
+    /// Counts by status of the drivers inside a box, per H3 cell of
+    /// `resolution` (any, 0–15), sorted by cell; cells without drivers
+    /// are left out.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] when more than
+    /// [`MAX_DENSITY_CELLS`](crate::MAX_DENSITY_CELLS) cells would be listed.
+    pub fn density(
+        &self,
+        area: &LatLonBox,
+        resolution: Resolution,
+    ) -> Result<Vec<(CellIndex, StatusCounts)>> {
+        area::density(&self.index, area, resolution)
     }
 
     /// Every driver (in no particular order), read shard by shard.

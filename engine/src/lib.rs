@@ -34,6 +34,7 @@
 //! # Ok::<(), hexmatch::Error>(())
 //! ```
 
+mod area;
 mod assign;
 mod driver;
 mod engine;
@@ -53,6 +54,10 @@ mod snapshot;
 mod testing;
 mod time;
 
+pub use area::{
+    Area, AreaPage, AreaPolygon, AreaQuery, CellSet, LatLonBox, MAX_AREA_LIMIT, MAX_DENSITY_CELLS,
+    StatusSet,
+};
 pub use assign::{Assignment, assign_greedy, assign_min_cost};
 pub use driver::{Capabilities, Driver, DriverUpdate, Status, Vehicle};
 pub use engine::{EDGE_BUDGET_PER_CANDIDATE, Engine, GROUP_RESOLUTION};

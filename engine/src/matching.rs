@@ -17,8 +17,10 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::BuildHasher;
 
 use foldhash::fast::FixedState;
+use h3o::CellIndex;
 use hashbrown::HashTable;
 
+use crate::area::CellSet;
 use crate::driver::{Capabilities, Status, Vehicle};
 use crate::error::{Error, Result};
 use crate::ids::{DriverId, OrderId};
@@ -75,6 +77,8 @@ pub struct ClaimRequest {
     pub radius_m: Option<f64>,
     /// How long the reservation holds before it expires, in milliseconds.
     pub hold_ms: u64,
+    /// Only drivers in these partition cells (a region's), if set.
+    pub within: Option<CellSet>,
 }
 
 impl ClaimRequest {
@@ -86,6 +90,7 @@ impl ClaimRequest {
             capabilities: Capabilities::NONE,
             radius_m: None,
             hold_ms: 30_000,
+            within: None,
         }
     }
 
@@ -106,6 +111,13 @@ impl ClaimRequest {
         Ok(())
     }
 
+    /// Whether a driver in partition cell `cell` may serve this request.
+    pub(crate) fn admits_cell(&self, cell: CellIndex) -> bool {
+        self.within
+            .as_ref()
+            .is_none_or(|cells| cells.contains(cell))
+    }
+
     /// The nearest query for `k` candidates of this request: its pickup,
     /// radius and filters.
     ///
@@ -116,6 +128,7 @@ impl ClaimRequest {
         q.radius_m = self.radius_m;
         q.vehicle = self.vehicle;
         q.capabilities = self.capabilities;
+        q.within.clone_from(&self.within);
         Ok(q)
     }
 }

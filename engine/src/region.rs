@@ -19,6 +19,7 @@ use h3o::geom::{ContainmentMode, TilerBuilder};
 use h3o::{CellIndex, Resolution};
 use serde_json::Value;
 
+use crate::area::CellSet;
 use crate::error::{Error, Result};
 use crate::ids::RegionId;
 use crate::position::Position;
@@ -57,15 +58,16 @@ fn bad(msg: impl Into<String>) -> Error {
     Error::InvalidParameter(format!("region GeoJSON: {}", msg.into()))
 }
 
-/// The rings of a `GeoJSON` `Polygon` coordinate array as a geo polygon.
-fn polygon(coords: &Value) -> Result<geo::Polygon<f64>> {
+/// The rings of a `GeoJSON` `Polygon` coordinate array as a geo polygon;
+/// the error says what is wrong.
+fn polygon(coords: &Value) -> std::result::Result<geo::Polygon<f64>, String> {
     let rings = coords
         .as_array()
-        .ok_or_else(|| bad("a polygon is not an array of rings"))?;
+        .ok_or("a polygon is not an array of rings")?;
     let mut rings = rings.iter().map(|ring| {
         let points = ring
             .as_array()
-            .ok_or_else(|| bad("a ring is not an array of positions"))?;
+            .ok_or("a ring is not an array of positions")?;
         let coords = points
             .iter()
             .map(|p| match p.as_array().map(Vec::as_slice) {
@@ -73,31 +75,33 @@ fn polygon(coords: &Value) -> Result<geo::Polygon<f64>> {
                     (Some(lon), Some(lat)) if Position::new(lat, lon).is_ok() => {
                         Ok(geo::coord! { x: lon, y: lat })
                     }
-                    _ => Err(bad(format!("position {p} is not a valid [lon, lat]"))),
+                    _ => Err(format!("position {p} is not a valid [lon, lat]")),
                 },
-                _ => Err(bad(format!("position {p} is not [lon, lat]"))),
+                _ => Err(format!("position {p} is not [lon, lat]")),
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<std::result::Result<Vec<_>, String>>()?;
         Ok(geo::LineString::new(coords))
     });
-    let exterior = rings.next().ok_or_else(|| bad("a polygon has no ring"))??;
-    let holes = rings.collect::<Result<Vec<_>>>()?;
+    let exterior = rings.next().ok_or("a polygon has no ring")??;
+    let holes = rings.collect::<std::result::Result<Vec<_>, String>>()?;
     Ok(geo::Polygon::new(exterior, holes))
 }
 
-fn polygons(geometry: &Value) -> Result<Vec<geo::Polygon<f64>>> {
+/// The polygons of a `GeoJSON` `Polygon` or `MultiPolygon` geometry; the
+/// error says what is wrong.
+pub(crate) fn polygons(geometry: &Value) -> std::result::Result<Vec<geo::Polygon<f64>>, String> {
     let coords = &geometry["coordinates"];
     match geometry["type"].as_str() {
         Some("Polygon") => Ok(vec![polygon(coords)?]),
         Some("MultiPolygon") => coords
             .as_array()
-            .ok_or_else(|| bad("MultiPolygon coordinates are not an array"))?
+            .ok_or("MultiPolygon coordinates are not an array")?
             .iter()
             .map(polygon)
             .collect(),
-        other => Err(bad(format!(
+        other => Err(format!(
             "geometry type {other:?} is not Polygon or MultiPolygon"
-        ))),
+        )),
     }
 }
 
@@ -136,7 +140,7 @@ impl RegionMap {
             let mut tiler = TilerBuilder::new(resolution)
                 .containment_mode(ContainmentMode::ContainsCentroid)
                 .build();
-            for p in polygons(&f["geometry"])? {
+            for p in polygons(&f["geometry"]).map_err(bad)? {
                 tiler.add(p).map_err(|e| bad(format!("region {id}: {e}")))?;
             }
             let index = regions.len();
@@ -201,6 +205,40 @@ impl RegionMap {
                 RegionId::new(&format!("outside-{parent}"))
             }
         }
+    }
+
+    /// The partition cells of region `id`, as an area: a named region's
+    /// cells, or those of a default region (`outside-<cell>`: the cells
+    /// under that resolution-1 cell that no polygon owns).
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for an id that names no region of this
+    /// map, or a default region of more than a million partition cells (a
+    /// partition resolution above 8).
+    pub fn cells_of(&self, id: &RegionId) -> Result<CellSet> {
+        if let Some(r) = self.regions.iter().find(|r| r.id == *id) {
+            return CellSet::new(self.resolution, r.cells.iter().copied());
+        }
+        let unknown =
+            || Error::InvalidParameter(format!("region {id} is not a region of this map"));
+        let parent = id
+            .as_str()
+            .strip_prefix("outside-")
+            .and_then(|c| c.parse::<CellIndex>().ok())
+            .filter(|c| c.resolution() == Resolution::One && self.outside == Outside::DefaultRegion)
+            .ok_or_else(unknown)?;
+        if parent.children_count(self.resolution) > 1_000_000 {
+            return Err(Error::InvalidParameter(format!(
+                "region {id} holds more than a million partition cells; \
+                 name a region of the map instead"
+            )));
+        }
+        CellSet::new(
+            self.resolution,
+            parent
+                .children(self.resolution)
+                .filter(|c| !self.by_cell.contains_key(c)),
+        )
     }
 
     /// The region of a position.
@@ -283,6 +321,38 @@ mod tests {
         );
         let times_square = Position::new(40.758, -73.9855).unwrap();
         assert_eq!(strict.region_of(times_square).unwrap().as_str(), "nyc-1");
+    }
+
+    /// A named region's cells are its own; a default region's are the
+    /// cells under its resolution-1 cell that no polygon owns.
+    #[test]
+    fn cells_of_named_and_default_regions() {
+        let map = RegionMap::from_geojson(
+            &data("nyc_boroughs.geojson"),
+            6,
+            "nyc",
+            Outside::DefaultRegion,
+        )
+        .unwrap();
+        let manhattan = &map.regions()[0];
+        let set = map.cells_of(&manhattan.id).unwrap();
+        assert_eq!(set.cells(), &manhattan.cells[..]);
+        let outside_pos = Position::new(40.9, -73.2).unwrap();
+        let outside = map.region_of(outside_pos).unwrap();
+        assert!(outside.as_str().starts_with("outside-"), "{outside}");
+        let set = map.cells_of(&outside).unwrap();
+        assert!(set.contains(outside_pos.cell(Resolution::Six)));
+        assert!(set.cells().iter().all(|c| !map.by_cell.contains_key(c)));
+        assert!(
+            set.cells()
+                .iter()
+                .all(|c| map.region_of_cell(*c).unwrap() == outside)
+        );
+        let err = map.cells_of(&RegionId::new("nyc-9").unwrap()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid parameter: region nyc-9 is not a region of this map"
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ use std::cell::RefCell;
 
 use rstar::{AABB, DefaultParams, ParentNode, RTreeNode, RTreeParams};
 
+use crate::area::CellSet;
 use crate::driver::{Capabilities, Vehicle};
 use crate::error::{Error, Result};
 use crate::filter::Traits;
@@ -58,6 +59,8 @@ pub struct NearestQuery {
     pub vehicle: Option<Vehicle>,
     /// Only drivers having all of these.
     pub capabilities: Capabilities,
+    /// Only drivers in these partition cells (a region's), if set.
+    pub within: Option<CellSet>,
 }
 
 impl NearestQuery {
@@ -77,6 +80,7 @@ impl NearestQuery {
             radius_m: None,
             vehicle: None,
             capabilities: Capabilities::NONE,
+            within: None,
         })
     }
 
@@ -101,6 +105,14 @@ impl NearestQuery {
     #[must_use]
     pub fn with_capabilities(mut self, caps: Capabilities) -> Self {
         self.capabilities = caps;
+        self
+    }
+
+    /// Keeps only drivers in these partition cells (a region's: see
+    /// [`RegionMap::cells_of`](crate::RegionMap::cells_of)).
+    #[must_use]
+    pub fn within(mut self, cells: CellSet) -> Self {
+        self.within = Some(cells);
         self
     }
 }
@@ -319,11 +331,13 @@ thread_local! {
 }
 
 /// The state of one query's walk.
-struct Walk {
+struct Walk<'q> {
     k: usize,
     qv: [f64; 3],
     /// What the filters require of a driver.
     required: Traits,
+    /// The only cells to open, if the query names them.
+    within: Option<&'q CellSet>,
     /// The k nearest candidates so far, as a max-heap on `d2`: the k-th
     /// best is at the top.
     best: Vec<Candidate>,
@@ -339,7 +353,7 @@ struct Walk {
     cut2: f64,
 }
 
-impl Walk {
+impl Walk<'_> {
     /// Walks the cells, descending nearest box first into each node of the
     /// top-level tree, and walks each cell's shard as its turn comes: a
     /// cell's box bounds every driver in it from below. A cell whose
@@ -353,9 +367,12 @@ impl Walk {
 
     fn cell_node(&mut self, node: &ParentNode<CellEntry>) {
         let children = node.children();
-        let (qv, required) = (self.qv, self.required);
+        let (qv, required, within) = (self.qv, self.required, self.within);
         let d2s = children.iter().map(|child| match child {
-            RTreeNode::Leaf(entry) if entry.shard.traits().admits(required) => {
+            RTreeNode::Leaf(entry)
+                if entry.shard.traits().admits(required)
+                    && within.is_none_or(|cells| cells.contains(entry.shard.cell)) =>
+            {
                 box_d2(&entry.bbox, &qv)
             }
             RTreeNode::Leaf(_) => f64::INFINITY,
@@ -576,6 +593,9 @@ pub(crate) fn nearest(index: &Index, q: &NearestQuery, max_radius_m: f64) -> Res
     if let Some(r) = q.radius_m {
         validate_radius(r)?;
     }
+    if let Some(cells) = &q.within {
+        cells.check_resolution(index.resolution())?;
+    }
     let required = Traits::required(q.vehicle, q.capabilities);
     if !index.may_have(required) {
         return Ok(Vec::new());
@@ -586,6 +606,7 @@ pub(crate) fn nearest(index: &Index, q: &NearestQuery, max_radius_m: f64) -> Res
             k: q.k,
             qv: q.pos.to_unit_vector(),
             required,
+            within: q.within.as_ref(),
             best: std::mem::take(&mut scratch.best),
             ties: std::mem::take(&mut scratch.ties),
             order: std::mem::take(&mut scratch.order),

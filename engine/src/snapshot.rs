@@ -23,8 +23,10 @@
 
 use std::borrow::Cow;
 
+use h3o::{CellIndex, Resolution};
 use serde::{Deserialize, Serialize};
 
+use crate::area::CellSet;
 use crate::driver::{Capabilities, Driver, Status, Vehicle};
 use crate::error::{Error, Result};
 use crate::ids::{DriverId, OrderId};
@@ -414,6 +416,13 @@ impl DurableMatch {
         };
         let mut out = MATCH_MAGIC.to_vec();
         out.extend(postcard::to_stdvec(&rec).unwrap_or_default());
+        // A request narrowed to cells carries them after the record, where
+        // a reader that does not know them stops reading.
+        if let Some(cells) = &self.request.within {
+            let raw: Vec<u64> = cells.cells().iter().map(|c| u64::from(*c)).collect();
+            let within = (u8::from(cells.resolution()), raw);
+            out.extend(postcard::to_stdvec(&within).unwrap_or_default());
+        }
         with_crc(out)
     }
 
@@ -423,8 +432,8 @@ impl DurableMatch {
     /// [`Error::CorruptSnapshot`] naming what is wrong.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
         let body = checked_body(bytes, *MATCH_MAGIC, "match record")?;
-        let r: MatchRec =
-            postcard::from_bytes(body).map_err(|e| corrupt(format!("match record: {e}")))?;
+        let (r, rest): (MatchRec, &[u8]) =
+            postcard::take_from_bytes(body).map_err(|e| corrupt(format!("match record: {e}")))?;
         let bad = |e: Error| corrupt(format!("match record {:?}: {e}", r.order_id));
         let state = *MATCH_STATES
             .get(usize::from(r.state))
@@ -438,12 +447,28 @@ impl DurableMatch {
             None => None,
         };
         let pickup = Position::new(r.pickup.0, r.pickup.1).map_err(bad)?;
+        let within = if rest.is_empty() {
+            None
+        } else {
+            let (res, raw): (u8, Vec<u64>) = postcard::from_bytes(rest)
+                .map_err(|e| corrupt(format!("match record {:?} cells: {e}", r.order_id)))?;
+            let res = Resolution::try_from(res)
+                .map_err(|e| bad(Error::InvalidParameter(e.to_string())))?;
+            let cells = raw
+                .into_iter()
+                .map(|c| {
+                    CellIndex::try_from(c).map_err(|e| bad(Error::InvalidParameter(e.to_string())))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(CellSet::new(res, cells).map_err(bad)?)
+        };
         let request = ClaimRequest {
             pickup,
             vehicle,
             capabilities: Capabilities::from_bits_truncate(r.caps),
             radius_m: r.radius_m,
             hold_ms: r.hold_ms,
+            within,
         };
         Ok(Self {
             m: Match {
@@ -602,6 +627,12 @@ mod tests {
         };
         let bytes = r.encode();
         assert_eq!(DurableMatch::decode(&bytes).unwrap(), r);
+        // A request narrowed to cells keeps them.
+        let cell = Position::new(41.0, -87.0).unwrap().cell(Resolution::Six);
+        let mut narrowed = r.clone();
+        narrowed.request.within = Some(CellSet::new(Resolution::Six, [cell]).unwrap());
+        let with_cells = narrowed.encode();
+        assert_eq!(DurableMatch::decode(&with_cells).unwrap(), narrowed);
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 1;

@@ -1,16 +1,25 @@
-//! Helpers shared by hexmatch's integration tests: a brute-force oracle for
-//! nearest queries and loaders for the sample data in `data/`.
+//! Helpers shared by hexmatch's integration tests: brute-force oracles for
+//! nearest and area queries, and loaders for the sample data in `data/`.
 
 pub mod http;
 
 use std::path::PathBuf;
 
 use hexmatch::{
-    Capabilities, Driver, DriverId, NearestQuery, Position, Status, Timestamp, Vehicle,
+    Capabilities, CellIndex, Driver, DriverId, NearestQuery, Position, Resolution, Status,
+    Timestamp, Vehicle,
 };
 
+/// The H3 cell of a position, straight from h3o.
+pub fn cell_of(pos: Position, res: Resolution) -> CellIndex {
+    h3o::LatLng::new(pos.lat(), pos.lon())
+        .expect("a valid position is a valid LatLng")
+        .to_cell(res)
+}
+
 /// The brute-force answer to a nearest query: every eligible driver ranked
-/// by haversine metres, ties by id, the first `k` within the limit.
+/// by haversine metres, ties by id, the first `k` within the limit (and
+/// within the query's cells, if it names them).
 pub fn oracle_nearest(
     drivers: &[Driver],
     q: &NearestQuery,
@@ -22,12 +31,102 @@ pub fn oracle_nearest(
         .filter(|d| d.status == Status::Available)
         .filter(|d| q.vehicle.is_none_or(|v| v == d.vehicle))
         .filter(|d| d.capabilities.contains(q.capabilities))
+        .filter(|d| {
+            q.within
+                .as_ref()
+                .is_none_or(|cells| cells.contains(cell_of(d.pos, cells.resolution())))
+        })
         .map(|d| (d.id.clone(), q.pos.distance_m(d.pos)))
         .filter(|(_, dist)| *dist <= limit)
         .collect();
     all.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
     all.truncate(q.k);
     all
+}
+
+/// A shape of an area query, as the oracle sees it: longitude/latitude
+/// pairs, tested with nothing but comparisons and cross products.
+#[derive(Debug, Clone)]
+pub enum OracleShape {
+    /// West, south, east, north (west > east: across the antimeridian).
+    Box(f64, f64, f64, f64),
+    /// Rings of `(lon, lat)`, closed; the first is the outer one, the rest holes.
+    Polygon(Vec<Vec<(f64, f64)>>),
+    /// Partition cells.
+    Cells(Vec<CellIndex>),
+}
+
+impl OracleShape {
+    /// Whether `p` is inside (edges and vertices included).
+    pub fn holds(&self, p: Position) -> bool {
+        let (x, y) = (p.lon(), p.lat());
+        match self {
+            Self::Box(w, s, e, n) => {
+                let lon_in = if w <= e {
+                    *w <= x && x <= *e
+                } else {
+                    x >= *w || x <= *e
+                };
+                lon_in && *s <= y && y <= *n
+            }
+            Self::Polygon(rings) => {
+                if rings.iter().any(|r| on_ring(r, x, y)) {
+                    return true;
+                }
+                let inside_outer = rings.first().is_some_and(|r| crosses_odd(r, x, y));
+                inside_outer && !rings.iter().skip(1).any(|r| crosses_odd(r, x, y))
+            }
+            Self::Cells(cells) => cells
+                .first()
+                .is_some_and(|c| cells.contains(&cell_of(p, c.resolution()))),
+        }
+    }
+}
+
+/// Whether `(x, y)` lies on an edge of the ring.
+fn on_ring(ring: &[(f64, f64)], x: f64, y: f64) -> bool {
+    ring.windows(2).any(|e| {
+        let ((ax, ay), (bx, by)) = (e[0], e[1]);
+        let cross = (bx - ax) * (y - ay) - (by - ay) * (x - ax);
+        cross == 0.0 && ax.min(bx) <= x && x <= ax.max(bx) && ay.min(by) <= y && y <= ay.max(by)
+    })
+}
+
+/// The even-odd rule: whether a ray from `(x, y)` eastwards crosses the
+/// ring an odd number of times.
+fn crosses_odd(ring: &[(f64, f64)], x: f64, y: f64) -> bool {
+    let mut odd = false;
+    for e in ring.windows(2) {
+        let ((ax, ay), (bx, by)) = (e[0], e[1]);
+        if (ay > y) != (by > y) {
+            let at = ax + (y - ay) / (by - ay) * (bx - ax);
+            if x < at {
+                odd = !odd;
+            }
+        }
+    }
+    odd
+}
+
+/// The brute-force answer to an area query: the ids of the drivers inside
+/// `shape` that pass the filters, sorted.
+pub fn oracle_within(
+    drivers: &[Driver],
+    shape: &OracleShape,
+    statuses: &[Status],
+    vehicle: Option<Vehicle>,
+    caps: Capabilities,
+) -> Vec<DriverId> {
+    let mut ids: Vec<DriverId> = drivers
+        .iter()
+        .filter(|d| statuses.contains(&d.status))
+        .filter(|d| vehicle.is_none_or(|v| v == d.vehicle))
+        .filter(|d| d.capabilities.contains(caps))
+        .filter(|d| shape.holds(d.pos))
+        .map(|d| d.id.clone())
+        .collect();
+    ids.sort();
+    ids
 }
 
 /// A driver record with the given fields and no match.

@@ -1,16 +1,17 @@
 //! Property tests: `Engine::nearest` equals a brute-force haversine oracle
 //! on dense cities, sparse countries, the antimeridian and the poles, with
 //! filters of every selectivity (all drivers match, half, a few, a rare
-//! capability, nobody) and radii, at several partition resolutions; after
+//! capability, nobody), radii and region cells, at several partition
+//! resolutions; after
 //! a bulk load, upserts, or a load into an engine holding half of them
 //! already, and again after moves, changes of attributes and status, and
 //! removals.
 
 use hexmatch::{
-    Capabilities, Driver, Engine, EngineConfig, MAX_DISTANCE_M, NearestQuery, Position, Status,
-    Vehicle,
+    Capabilities, CellSet, Driver, Engine, EngineConfig, MAX_DISTANCE_M, NearestQuery, Position,
+    Resolution, Status, Vehicle,
 };
-use hexmatch_tests::{driver, oracle_nearest};
+use hexmatch_tests::{cell_of, driver, oracle_nearest};
 use proptest::prelude::*;
 
 /// Where points are drawn from.
@@ -128,6 +129,7 @@ fn query_in(area: Area) -> impl Strategy<Value = NearestQuery> {
             radius_m,
             vehicle,
             capabilities,
+            within: None,
         })
 }
 
@@ -150,9 +152,16 @@ fn change() -> impl Strategy<Value = Change> {
     ]
 }
 
-/// A scenario: the resolution, `max_radius_m`, the drivers, the queries,
-/// and the changes made before the queries are asked again.
-type Scenario = (u8, f64, Vec<Driver>, Vec<NearestQuery>, Vec<Change>);
+/// A scenario: the resolution, `max_radius_m`, the drivers, the queries
+/// (each narrowed, or not, to the cells of every n-th driver), and the
+/// changes made before the queries are asked again.
+type Scenario = (
+    u8,
+    f64,
+    Vec<Driver>,
+    Vec<(NearestQuery, Option<usize>)>,
+    Vec<Change>,
+);
 
 fn scenario() -> impl Strategy<Value = Scenario> {
     (
@@ -165,7 +174,10 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 Just(res),
                 Just(max_r),
                 drivers_in(area),
-                proptest::collection::vec(query_in(area), 1..12),
+                proptest::collection::vec(
+                    (query_in(area), proptest::option::weighted(0.3, 1usize..4)),
+                    1..12,
+                ),
                 proptest::collection::vec(change(), 0..80),
             )
         })
@@ -251,7 +263,14 @@ fn check(
         if round == "changed" {
             apply(&engine, &mut drivers, changes);
         }
-        for q in queries {
+        for (q, every) in queries {
+            let mut q = q.clone();
+            if let Some(n) = every {
+                let res = Resolution::try_from(res).expect("0..=9");
+                let cells = drivers.iter().step_by(*n).map(|d| cell_of(d.pos, res));
+                q.within = Some(CellSet::new(res, cells).expect("cells of res"));
+            }
+            let q = &q;
             let got: Vec<_> = engine
                 .nearest(q)
                 .expect("valid query")

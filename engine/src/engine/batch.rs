@@ -61,6 +61,7 @@ use std::collections::HashMap;
 use foldhash::fast::FixedState;
 use h3o::{CellIndex, LatLng, Resolution};
 
+use crate::area::CellSet;
 use crate::assign::{Assignment, assign_min_cost};
 use crate::driver::{Capabilities, Vehicle};
 use crate::error::{Error, Result};
@@ -144,7 +145,12 @@ impl Engine {
             }
             let reserved = choice.and_then(|j| {
                 self.index
-                    .reserve_if_eligible(&drivers[j], o.request.vehicle, o.request.capabilities)
+                    .reserve_if_eligible(
+                        &drivers[j],
+                        o.request.vehicle,
+                        o.request.capabilities,
+                        |cell| o.request.admits_cell(cell),
+                    )
                     .map(|p| (j, p))
             });
             let Some((j, pos)) = reserved else {
@@ -273,6 +279,7 @@ struct GroupKey {
     vehicle: Option<Vehicle>,
     capabilities: Capabilities,
     radius_bits: Option<u64>,
+    within: Option<CellSet>,
 }
 
 /// The orders grouped by [`GroupKey`], each group as its rows in batch
@@ -291,6 +298,7 @@ fn groups(requests: &[&ClaimRequest]) -> Vec<Vec<usize>> {
             vehicle: r.vehicle,
             capabilities: r.capabilities,
             radius_bits: r.radius_m.map(f64::to_bits),
+            within: r.within.clone(),
         };
         let next = groups.len();
         let g = *by_key.entry(key).or_insert(next);

@@ -143,7 +143,9 @@ impl Engine {
             for c in &candidates {
                 if let Some(pos) =
                     self.index
-                        .reserve_if_eligible(&c.id, req.vehicle, req.capabilities)
+                        .reserve_if_eligible(&c.id, req.vehicle, req.capabilities, |cell| {
+                            req.admits_cell(cell)
+                        })
                 {
                     return Ok((
                         self.book_reservation(&mut book, order, req, &c.id, pos),
@@ -183,7 +185,9 @@ impl Engine {
         let not_available = || Error::DriverNotAvailable(driver.to_string());
         let pos = self
             .index
-            .reserve_if_eligible(driver, req.vehicle, req.capabilities)
+            .reserve_if_eligible(driver, req.vehicle, req.capabilities, |cell| {
+                req.admits_cell(cell)
+            })
             .ok_or_else(not_available)?;
         let reach = req.radius_m.unwrap_or(self.config.max_radius_m);
         if req.pickup.distance_m(pos) > reach {
@@ -375,7 +379,10 @@ impl Engine {
 mod tests {
     use std::sync::Arc;
 
+    use h3o::Resolution;
+
     use super::*;
+    use crate::area::CellSet;
     use crate::driver::Vehicle;
     use crate::matching::{MAX_HOLD_MS, SEGMENT_LEN};
     use crate::search::NearestQuery;
@@ -408,6 +415,29 @@ mod tests {
 
     fn pickup() -> ClaimRequest {
         ClaimRequest::new(pos(41.88, -87.63))
+    }
+
+    /// A claim narrowed to cells reserves the nearest driver in them, not
+    /// a nearer one outside; a named claim outside them is refused.
+    #[test]
+    fn a_claim_narrowed_to_cells_reserves_only_there() {
+        let f = fixture();
+        let e = &f.engine;
+        let far_pos = pos(41.88, -87.50);
+        e.upsert(&DriverUpdate::location(did("far"), far_pos, None))
+            .unwrap();
+        let far = e.cell_of(far_pos);
+        assert_ne!(far, e.cell_of(pos(41.88, -87.63)), "another cell");
+        let res = Resolution::try_from(e.config().resolution).unwrap();
+        let req = ClaimRequest {
+            within: Some(CellSet::new(res, [far]).unwrap()),
+            ..pickup()
+        };
+        let (m, _) = e.claim(&oid("o1"), &req).unwrap();
+        assert_eq!(m.driver_id, did("far"));
+        let err = e.claim_driver(&oid("o2"), &req, &did("d1")).unwrap_err();
+        assert!(matches!(err, Error::DriverNotAvailable(_)), "{err}");
+        assert_eq!(status(&f, "d1"), Status::Available);
     }
 
     fn status(f: &Fixture, d: &str) -> Status {

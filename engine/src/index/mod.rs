@@ -59,12 +59,12 @@ pub(crate) use bulk::check_loadable;
 pub(crate) use cells::{CellEntry, Cells};
 pub use config::EngineConfig;
 pub use shard::StatusCounts;
-pub(crate) use shard::{Record, ShardData};
+pub(crate) use shard::{Record, Shard, ShardData};
 pub use update::Applied;
 
 use cells::cell_bbox;
 use drivers::{Found, MapKey, STRIPES, Stripe, StripeMap};
-use shard::{Shard, ShardTable};
+use shard::ShardTable;
 
 /// The index: the shards by cell (with the top-level tree of their cells)
 /// and by index, and the striped driver map.
@@ -119,6 +119,30 @@ impl Index {
     #[cfg(test)]
     pub(crate) fn set_id_hash_mask(&mut self, mask: u64) {
         self.id_hash_mask = mask;
+    }
+
+    /// The partition resolution.
+    pub(crate) fn resolution(&self) -> Resolution {
+        self.resolution
+    }
+
+    /// The shards whose cell boxes meet `area` (a box of unit vectors).
+    pub(crate) fn shards_meeting(&self, area: &rstar::AABB<[f64; 3]>) -> Vec<Arc<Shard>> {
+        self.cells
+            .read()
+            .tree
+            .locate_in_envelope_intersecting(*area)
+            .map(|entry| Arc::clone(&entry.shard))
+            .collect()
+    }
+
+    /// The shards of these cells that exist.
+    pub(crate) fn shards_of(&self, cells: &[CellIndex]) -> Vec<Arc<Shard>> {
+        let guard = self.cells.read();
+        cells
+            .iter()
+            .filter_map(|c| guard.by_cell.get(c).cloned())
+            .collect()
     }
 
     /// The H3 partition cell of a position.

@@ -38,6 +38,19 @@ impl StatusCounts {
         self.available + self.reserved + self.busy + self.offline
     }
 
+    /// Counts one more driver of status `s`.
+    pub(crate) fn count(&mut self, s: Status) {
+        *self.slot(s) += 1;
+    }
+
+    /// Adds `other`'s counts.
+    pub(crate) fn add(&mut self, other: &Self) {
+        self.available += other.available;
+        self.reserved += other.reserved;
+        self.busy += other.busy;
+        self.offline += other.offline;
+    }
+
     pub(super) fn slot(&mut self, s: Status) -> &mut usize {
         match s {
             Status::Available => &mut self.available,
@@ -117,7 +130,7 @@ pub(crate) struct ShardData {
     pub(super) slots: Vec<Option<Record>>,
     free: Vec<u32>,
     pub(crate) tree: ShardTree,
-    pub(super) counts: StatusCounts,
+    pub(crate) counts: StatusCounts,
 }
 
 impl ShardData {

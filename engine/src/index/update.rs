@@ -2,6 +2,8 @@
 //! a status change, a removal. Each takes the driver's stripe, then its
 //! shard's write lock (two shard locks never at once).
 
+use h3o::CellIndex;
+
 use crate::driver::{Capabilities, Driver, DriverUpdate, Status, Vehicle};
 use crate::error::{Error, Result};
 use crate::ids::DriverId;
@@ -162,27 +164,30 @@ impl Index {
     /// R-tree in step. Returns the driver's position when it changed.
     /// The caller holds the matching book.
     pub(crate) fn transition(&self, id: &DriverId, from: Status, to: Status) -> Option<Position> {
-        self.modify_if(id, |rec| rec.status == from, to)
+        self.modify_if(id, |rec, _| rec.status == from, to)
     }
 
     /// Sets a driver's status whatever it was (restore). True if the driver exists.
     pub(crate) fn force_status(&self, id: &DriverId, to: Status) -> bool {
-        self.modify_if(id, |_| true, to).is_some()
+        self.modify_if(id, |_, _| true, to).is_some()
     }
 
-    /// Reserves `id` if it is available and still passes the filters.
+    /// Reserves `id` if it is available and still passes the filters
+    /// (its cell among those `in_cell` admits).
     pub(crate) fn reserve_if_eligible(
         &self,
         id: &DriverId,
         vehicle: Option<Vehicle>,
         caps: Capabilities,
+        in_cell: impl Fn(CellIndex) -> bool,
     ) -> Option<Position> {
         self.modify_if(
             id,
-            |rec| {
+            |rec, cell| {
                 rec.status == Status::Available
                     && vehicle.is_none_or(|v| v == rec.vehicle)
                     && rec.caps.contains(caps)
+                    && in_cell(cell)
             },
             Status::Reserved,
         )
@@ -191,15 +196,16 @@ impl Index {
     fn modify_if(
         &self,
         id: &DriverId,
-        cond: impl Fn(&Record) -> bool,
+        cond: impl Fn(&Record, CellIndex) -> bool,
         to: Status,
     ) -> Option<Position> {
         let MapKey { h, stripe } = self.id_hash(id);
         let stripe = stripe.lock();
         let Found { loc, .. } = stripe.find(id, h)?;
-        let mut data = self.write(self.shard(loc.shard));
+        let shard = self.shard(loc.shard);
+        let mut data = self.write(shard);
         let rec = data.record(loc.slot)?;
-        if rec.id != *id || !cond(rec) {
+        if rec.id != *id || !cond(rec, shard.cell) {
             return None;
         }
         data.modify(loc.slot, None, |rec| {
