@@ -62,7 +62,7 @@ pub use assign::{Assignment, assign_greedy, assign_min_cost};
 pub use driver::{Capabilities, Driver, DriverUpdate, Status, Vehicle};
 pub use engine::{EDGE_BUDGET_PER_CANDIDATE, Engine, GROUP_RESOLUTION};
 pub use error::{Error, Result};
-pub use h3o::{CellIndex, Resolution};
+pub use h3o::{CellIndex, LatLng, Resolution};
 pub use ids::{DriverId, MAX_ID_LEN, OrderId, RegionId};
 pub use index::{Applied, EngineConfig, StatusCounts};
 pub use matching::{

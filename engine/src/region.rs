@@ -209,24 +209,26 @@ impl RegionMap {
 
     /// The partition cells of region `id`, as an area: a named region's
     /// cells, or those of a default region (`outside-<cell>`: the cells
-    /// under that resolution-1 cell that no polygon owns).
+    /// under that resolution-1 cell that no polygon owns). `None` for an
+    /// id that names no region of this map.
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] for an id that names no region of this
-    /// map, or a default region of more than a million partition cells (a
-    /// partition resolution above 8).
-    pub fn cells_of(&self, id: &RegionId) -> Result<CellSet> {
+    /// [`Error::InvalidParameter`] for a default region of more than a
+    /// million partition cells (a partition resolution above 8).
+    pub fn cells_of(&self, id: &RegionId) -> Result<Option<CellSet>> {
         if let Some(r) = self.regions.iter().find(|r| r.id == *id) {
-            return CellSet::new(self.resolution, r.cells.iter().copied());
+            return CellSet::new(self.resolution, r.cells.iter().copied()).map(Some);
         }
-        let unknown =
-            || Error::InvalidParameter(format!("region {id} is not a region of this map"));
-        let parent = id
+        let Some(parent) = id
             .as_str()
             .strip_prefix("outside-")
             .and_then(|c| c.parse::<CellIndex>().ok())
-            .filter(|c| c.resolution() == Resolution::One && self.outside == Outside::DefaultRegion)
-            .ok_or_else(unknown)?;
+            .filter(|c| {
+                c.resolution() == Resolution::One && self.outside == Outside::DefaultRegion
+            })
+        else {
+            return Ok(None);
+        };
         if parent.children_count(self.resolution) > 1_000_000 {
             return Err(Error::InvalidParameter(format!(
                 "region {id} holds more than a million partition cells; \
@@ -239,6 +241,7 @@ impl RegionMap {
                 .children(self.resolution)
                 .filter(|c| !self.by_cell.contains_key(c)),
         )
+        .map(Some)
     }
 
     /// The region of a position.
@@ -335,12 +338,12 @@ mod tests {
         )
         .unwrap();
         let manhattan = &map.regions()[0];
-        let set = map.cells_of(&manhattan.id).unwrap();
+        let set = map.cells_of(&manhattan.id).unwrap().unwrap();
         assert_eq!(set.cells(), &manhattan.cells[..]);
         let outside_pos = Position::new(40.9, -73.2).unwrap();
         let outside = map.region_of(outside_pos).unwrap();
         assert!(outside.as_str().starts_with("outside-"), "{outside}");
-        let set = map.cells_of(&outside).unwrap();
+        let set = map.cells_of(&outside).unwrap().unwrap();
         assert!(set.contains(outside_pos.cell(Resolution::Six)));
         assert!(set.cells().iter().all(|c| !map.by_cell.contains_key(c)));
         assert!(

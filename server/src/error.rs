@@ -29,6 +29,8 @@ pub enum ErrorCode {
     UnknownDriver,
     /// No match has that order id.
     UnknownOrder,
+    /// No region has that id.
+    UnknownRegion,
     /// No eligible driver within the search limits.
     NoDriverAvailable,
     /// The named driver is not available (taken meanwhile).
@@ -85,7 +87,9 @@ impl ErrorCode {
             | Self::InvalidTimestamp
             | Self::InvalidParameter
             | Self::MalformedRequest => StatusCode::BAD_REQUEST,
-            Self::UnknownDriver | Self::UnknownOrder | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::UnknownDriver | Self::UnknownOrder | Self::UnknownRegion | Self::NotFound => {
+                StatusCode::NOT_FOUND
+            }
             Self::NoDriverAvailable
             | Self::DriverNotAvailable
             | Self::OrderConflict
@@ -118,6 +122,7 @@ impl ErrorCode {
             Self::InvalidParameter => "invalid_parameter",
             Self::UnknownDriver => "unknown_driver",
             Self::UnknownOrder => "unknown_order",
+            Self::UnknownRegion => "unknown_region",
             Self::NoDriverAvailable => "no_driver_available",
             Self::DriverNotAvailable => "driver_not_available",
             Self::OrderConflict => "order_conflict",
@@ -325,6 +330,7 @@ mod tests {
             C::InvalidParameter,
             C::UnknownDriver,
             C::UnknownOrder,
+            C::UnknownRegion,
             C::NoDriverAvailable,
             C::DriverNotAvailable,
             C::OrderConflict,

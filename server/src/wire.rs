@@ -16,7 +16,7 @@ use std::str::FromStr;
 
 use hexmatch::{
     BatchOrder, Capabilities, ClaimRequest, Driver, DriverId, DriverUpdate, Match, MatchState,
-    Neighbor, OrderId, Position, Status, Timestamp, Vehicle,
+    Neighbor, OrderId, Position, Status, StatusCounts, StatusSet, Timestamp, Vehicle,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use utoipa::ToSchema;
@@ -741,6 +741,9 @@ pub struct OrderIn {
     /// How long to hold the driver, ms (default 30 000).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hold_ms: Option<u64>,
+    /// Only drivers in this region (a service area, `GET /v1/regions`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 impl OrderIn {
@@ -828,6 +831,7 @@ impl From<&BatchOrder> for OrderIn {
             capabilities: (!caps.is_empty()).then_some(caps),
             radius_m: r.radius_m,
             hold_ms: Some(r.hold_ms),
+            region: None,
         }
     }
 }
@@ -1270,4 +1274,165 @@ mod tests {
             );
         }
     }
+}
+
+/// An area query: exactly one of `bbox`, `region` or `geometry`, with
+/// filters and a page. The body of `POST /v1/drivers/within` (and of the
+/// node-only area call); `GET /v1/drivers` reads the same fields from its
+/// query string.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AreaIn {
+    /// `[west, south, east, north]` in degrees, edges included; west > east
+    /// crosses the antimeridian.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = json!([-87.70, 41.85, -87.60, 41.92]))]
+    pub bbox: Option<[f64; 4]>,
+    /// A region id (`GET /v1/regions`): the drivers in its cells.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// A `GeoJSON` `Polygon` or `MultiPolygon` (or a `Feature` holding
+    /// one), edges straight in longitude/latitude, holes excluded, edges
+    /// and vertices included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>, example = json!({"type": "Polygon", "coordinates": [[[-87.70, 41.85], [-87.60, 41.85], [-87.65, 41.92], [-87.70, 41.85]]]}))]
+    pub geometry: Option<serde_json::Value>,
+    /// Only these statuses (default: every status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = json!(["available", "reserved"]))]
+    pub status: Option<Vec<String>>,
+    /// Only this vehicle class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vehicle: Option<String>,
+    /// Only drivers having all of these capabilities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<String>>,
+    /// Page size, 1..=10000 (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 10000, example = 500)]
+    pub limit: Option<usize>,
+    /// The previous page's `next_cursor`: the page starts after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// Statuses by name, for an area query (`reserved` included).
+///
+/// # Errors
+/// `invalid_parameter` naming an unknown status.
+pub fn parse_statuses(names: Option<&[String]>) -> ApiResult<StatusSet> {
+    let Some(names) = names else {
+        return Ok(StatusSet::ALL);
+    };
+    let statuses = names
+        .iter()
+        .map(|n| match n.trim() {
+            "reserved" => Ok(Status::Reserved),
+            other => other.parse::<Status>().map_err(|_| {
+                ApiError::invalid_parameter(format!(
+                    "status {other:?} is not one of available, reserved, busy, offline"
+                ))
+            }),
+        })
+        .collect::<ApiResult<Vec<_>>>()?;
+    Ok(StatusSet::of(statuses))
+}
+
+/// One page of drivers inside an area, by id.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AreaOut {
+    /// The drivers, by `driver_id`.
+    pub drivers: Vec<DriverOut>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// Drivers by status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CountsOut {
+    /// Available drivers.
+    pub available: usize,
+    /// Reserved drivers.
+    pub reserved: usize,
+    /// Busy drivers.
+    pub busy: usize,
+    /// Offline drivers.
+    pub offline: usize,
+    /// All of them.
+    pub total: usize,
+}
+
+impl From<StatusCounts> for CountsOut {
+    fn from(c: StatusCounts) -> Self {
+        Self {
+            available: c.available,
+            reserved: c.reserved,
+            busy: c.busy,
+            offline: c.offline,
+            total: c.total(),
+        }
+    }
+}
+
+impl CountsOut {
+    /// Adds `other`'s counts.
+    pub fn add(&mut self, other: &Self) {
+        self.available += other.available;
+        self.reserved += other.reserved;
+        self.busy += other.busy;
+        self.offline += other.offline;
+        self.total += other.total;
+    }
+}
+
+/// Response of `GET /v1/regions/{region}/stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RegionStatsOut {
+    /// Region id.
+    pub region: String,
+    /// The region's name (from the `GeoJSON` file), if any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// The node that owns it (this node's id outside a cluster).
+    pub owner: String,
+    /// Partition cells in the region.
+    pub cells: usize,
+    /// Its drivers by status.
+    pub drivers: CountsOut,
+}
+
+/// One H3 cell of a density answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DensityCell {
+    /// The H3 cell index (hexadecimal).
+    #[schema(example = "882664c1e5fffff")]
+    pub cell: String,
+    /// Latitude of its centre.
+    pub lat: f64,
+    /// Longitude of its centre.
+    pub lon: f64,
+    /// Its drivers inside the box, by status.
+    #[serde(flatten)]
+    pub drivers: CountsOut,
+}
+
+/// Response of `GET /v1/density`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DensityOut {
+    /// The H3 resolution of the cells.
+    pub res: u8,
+    /// The cells holding drivers inside the box, by cell index.
+    pub cells: Vec<DensityCell>,
+}
+
+/// Body of the node-only density call: the box and the resolution of
+/// `GET /v1/density`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DensityIn {
+    /// `[west, south, east, north]`.
+    pub bbox: [f64; 4],
+    /// The H3 resolution.
+    pub res: u8,
 }

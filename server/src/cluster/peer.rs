@@ -22,8 +22,8 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::wire::{
-    BatchTally, DriverOut, HandoffAnswer, HandoffRequest, NearestOut, PeerUpdates, ReserveRequest,
-    Reserved,
+    AreaIn, AreaOut, BatchTally, DensityIn, DensityOut, DriverOut, HandoffAnswer, HandoffRequest,
+    NearestOut, PeerUpdates, ReserveRequest, Reserved,
 };
 
 /// Response header naming the node(s) that answered.
@@ -133,6 +133,22 @@ impl PeerClient {
         let url = format!("{base}{INTERNAL_PREFIX}{path}");
         self.call(self.request(Method::POST, &url).json(body), &url)
             .await
+    }
+
+    /// The node's own page of an area query (no fan-out of its own).
+    ///
+    /// # Errors
+    /// `unavailable` when the node does not answer; its own error otherwise.
+    pub async fn within(&self, base: &str, q: &AreaIn) -> ApiResult<AreaOut> {
+        self.post(base, "/within", q).await
+    }
+
+    /// The node's own counts per H3 cell of a box (no fan-out of its own).
+    ///
+    /// # Errors
+    /// `unavailable` when the node does not answer; its own error otherwise.
+    pub async fn density(&self, base: &str, bbox: [f64; 4], res: u8) -> ApiResult<DensityOut> {
+        self.post(base, "/density", &DensityIn { bbox, res }).await
     }
 
     /// The owner's own nearest answer (no fan-out of its own).

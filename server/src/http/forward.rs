@@ -1,7 +1,9 @@
 //! Cluster routing of client requests, the last step of the `/v1` gate:
-//! a request that names a position (driver PUT, location, claim) goes to
-//! the owner of its region; one that names an order goes to the owner of
-//! the region recorded for the order. The rest is served here.
+//! a request that names a region (`region` in a claim, an area query or
+//! a nearest query, a region's stats) goes to that region's owner; one
+//! that names a position (driver PUT, location, claim) to the owner of
+//! its region; one that names an order to the owner of the region
+//! recorded for the order. The rest is served here.
 //!
 //! A forwarded request travels over the peer channel
 //! ([`PeerClient::forward`](crate::cluster::peer::PeerClient::forward)):
@@ -33,6 +35,11 @@ enum Kind {
     Position,
     /// Names an order: goes to the owner of the order's match.
     Order(String),
+    /// May name a region in its query string (`region=`): goes to its
+    /// owner if it does.
+    RegionQuery,
+    /// Names a region in its path: goes to its owner.
+    Region(String),
     /// Served here.
     Here,
 }
@@ -41,13 +48,34 @@ fn classify(method: &Method, path: &str) -> Kind {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, parts.as_slice()) {
         (&Method::PUT, ["v1", "drivers", _])
-        | (&Method::POST, ["v1", "drivers", _, "location"] | ["v1", "matches"]) => Kind::Position,
+        | (
+            &Method::POST,
+            ["v1", "drivers", _, "location"] | ["v1", "matches"] | ["v1", "drivers", "within"],
+        ) => Kind::Position,
+        (&Method::GET, ["v1", "drivers"] | ["v1", "drivers", "nearest"]) => Kind::RegionQuery,
+        (&Method::GET, ["v1", "regions", region, "stats"]) => Kind::Region((*region).to_owned()),
         (&Method::GET, ["v1", "matches", order])
         | (&Method::POST, ["v1", "matches", order, "confirm" | "release" | "complete"]) => {
             Kind::Order((*order).to_owned())
         }
         _ => Kind::Here,
     }
+}
+
+/// The region a query string names (`region=`), if any.
+fn region_param(query: Option<&str>) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == "region")
+        .map(|(_, v)| v.into_owned())
+}
+
+/// The region a body names (`"region": "…"` at the top), if it parses.
+fn region_in(bytes: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Probe {
+        region: Option<String>,
+    }
+    serde_json::from_slice::<Probe>(bytes).ok()?.region
 }
 
 /// The position a body names, if it parses: `lat`/`lon` at the top, or
@@ -91,14 +119,18 @@ pub(super) async fn route(state: &AppState, req: Request, next: Next) -> Respons
     };
     let region = match classify(req.method(), req.uri().path()) {
         Kind::Here => None,
+        Kind::RegionQuery => region_param(req.uri().query()),
+        Kind::Region(region) => Some(region),
         Kind::Position => {
             let (parts, bytes) = match buffered(state, req).await {
                 Ok(x) => x,
                 Err(resp) => return resp,
             };
-            let region = position_in(&bytes)
-                .and_then(|p| cluster.region_of(p).ok())
-                .map(|r| r.to_string());
+            let region = region_in(&bytes).or_else(|| {
+                position_in(&bytes)
+                    .and_then(|p| cluster.region_of(p).ok())
+                    .map(|r| r.to_string())
+            });
             let req = Request::from_parts(parts, Body::from(bytes));
             return match region {
                 Some(region) => dispatch(state, &cluster, &region, req, next).await,
@@ -355,15 +387,41 @@ mod tests {
             classify(&Method::POST, "/v1/matches/o1/confirm"),
             Kind::Order("o1".into())
         );
+        assert_eq!(
+            classify(&Method::GET, "/v1/drivers/nearest"),
+            Kind::RegionQuery
+        );
+        assert_eq!(classify(&Method::GET, "/v1/drivers"), Kind::RegionQuery);
+        assert_eq!(
+            classify(&Method::POST, "/v1/drivers/within"),
+            Kind::Position
+        );
+        assert_eq!(
+            classify(&Method::GET, "/v1/regions/chi-1/stats"),
+            Kind::Region("chi-1".into())
+        );
         for (m, p) in [
             (Method::POST, "/v1/matches/batch"),
-            (Method::GET, "/v1/drivers/nearest"),
+            (Method::GET, "/v1/density"),
             (Method::GET, "/v1/drivers/d1"),
             (Method::POST, "/v1/locations"),
             (Method::GET, "/v1/cluster"),
         ] {
             assert_eq!(classify(&m, p), Kind::Here, "{m} {p}");
         }
+    }
+
+    #[test]
+    fn regions_are_found_in_the_query_or_the_body() {
+        assert_eq!(
+            region_param(Some("lat=1&lon=2&region=chi-1")).as_deref(),
+            Some("chi-1")
+        );
+        assert_eq!(region_param(Some("lat=1&lon=2")), None);
+        assert_eq!(region_param(None), None);
+        let body = br#"{"order_id":"o","pickup":{"lat":1,"lon":2},"region":"chi-2"}"#;
+        assert_eq!(region_in(body).as_deref(), Some("chi-2"));
+        assert_eq!(region_in(br#"{"order_id":"o"}"#), None);
     }
 
     #[test]

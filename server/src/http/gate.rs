@@ -170,6 +170,8 @@ fn required_scope(method: &Method, path: &str) -> TokenScope {
     // The second segment is enough (`/v1/<resource>/…`); no allocation.
     let resource = path.trim_start_matches('/').split('/').nth(1).unwrap_or("");
     match (method, resource) {
+        // An area query with its area in the body reads.
+        (&Method::POST, "drivers") if path == "/v1/drivers/within" => TokenScope::Read,
         (&Method::DELETE, _) => TokenScope::Admin,
         // The WebSocket stream writes locations, though it opens with a GET.
         (_, "locations") | (&Method::PUT | &Method::POST, "drivers") => TokenScope::Locations,
@@ -365,6 +367,10 @@ mod tests {
             (Method::GET, "/v1/matches/o1", Read),
             (Method::GET, "/v1/regions", Read),
             (Method::GET, "/v1/cluster", Read),
+            (Method::GET, "/v1/drivers", Read),
+            (Method::POST, "/v1/drivers/within", Read),
+            (Method::GET, "/v1/regions/r1/stats", Read),
+            (Method::GET, "/v1/density", Read),
             (Method::PUT, "/v1/drivers/d1", Locations),
             (Method::POST, "/v1/drivers/d1/location", Locations),
             (Method::POST, "/v1/locations", Locations),

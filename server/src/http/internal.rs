@@ -11,6 +11,8 @@
 //! | `POST /internal/v1/handoff` | hand over drivers that now report from the caller's regions |
 //! | `POST /internal/v1/locations` | apply updates of regions this node owns (never forwarded again) |
 //! | `GET`, `DELETE /internal/v1/drivers/{id}` | a driver this node holds |
+//! | `POST /internal/v1/within` | this node's own page of an area query |
+//! | `POST /internal/v1/density` | this node's own counts per H3 cell of a box |
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -26,7 +28,8 @@ use crate::cluster::peer::INTERNAL_PREFIX;
 use crate::error::ApiResult;
 use crate::service::Scope;
 use crate::wire::{
-    BatchTally, DriverOut, HandoffAnswer, HandoffRequest, PeerUpdates, ReserveRequest, Reserved,
+    AreaIn, AreaOut, BatchTally, DensityIn, DensityOut, DriverOut, HandoffAnswer, HandoffRequest,
+    PeerUpdates, ReserveRequest, Reserved,
 };
 
 /// The routes, unprefixed paths under [`INTERNAL_PREFIX`].
@@ -38,8 +41,28 @@ pub(super) fn routes() -> Router<AppState> {
             .route("/reserve", post(reserve))
             .route("/handoff", post(handoff))
             .route("/locations", post(locations))
-            .route("/drivers/{driver_id}", get(driver).delete(remove_driver)),
+            .route("/drivers/{driver_id}", get(driver).delete(remove_driver))
+            .route("/within", post(within))
+            .route("/density", post(density)),
     )
+}
+
+async fn within(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<AreaIn>,
+) -> ApiResult<Json<AreaOut>> {
+    state.svc.drivers_within(body, Scope::Local).await.map(Json)
+}
+
+async fn density(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<DensityIn>,
+) -> ApiResult<Json<DensityOut>> {
+    state
+        .svc
+        .density(body.bbox, body.res, Scope::Local)
+        .await
+        .map(Json)
 }
 
 async fn nearest(State(state): State<AppState>, req: Request) -> ApiResult<Response> {

@@ -45,6 +45,9 @@ pub(super) struct NearestParams<'a> {
     /// `wheelchair,pets`).
     #[param(value_type = Option<String>)]
     capabilities: Option<Cow<'a, str>>,
+    /// Only drivers in this region (a service area, `GET /v1/regions`).
+    #[param(value_type = Option<String>)]
+    region: Option<Cow<'a, str>>,
 }
 
 fn number<T: std::str::FromStr>(name: &str, raw: Option<&str>) -> ApiResult<Option<T>> {
@@ -70,9 +73,10 @@ impl<'a> NearestParams<'a> {
                 "radius_m" => &mut p.radius_m,
                 "vehicle" => &mut p.vehicle,
                 "capabilities" => &mut p.capabilities,
+                "region" => &mut p.region,
                 other => {
                     return Err(ApiError::invalid_parameter(format!(
-                        "unknown query parameter {other:?}; expected lat, lon, k, radius_m, vehicle, capabilities"
+                        "unknown query parameter {other:?}; expected lat, lon, k, radius_m, vehicle, capabilities, region"
                     )));
                 }
             };
@@ -127,11 +131,16 @@ pub(super) fn nearest_response(found: &Nearest) -> Response {
     responses(
         (status = 200, description = "Nearest first; ties by driver_id", body = NearestOut),
         (status = 400, description = "invalid_parameter, invalid_position", body = ErrorBody),
+        (status = 404, description = "unknown_region", body = ErrorBody),
     ))]
 pub(super) async fn nearest(State(state): State<AppState>, req: Request) -> ApiResult<Response> {
     // The whole request rather than `Query` and `HeaderMap` extractors:
     // they would copy every parameter and every header.
-    let q = NearestParams::from_query(req.uri().query())?.parse()?;
+    let params = NearestParams::from_query(req.uri().query())?;
+    let mut q = params.parse()?;
+    if let Some(region) = &params.region {
+        q.within = state.svc.region_cells(region)?;
+    }
     let found = state.svc.nearest(&q, Scope::Cluster).await?;
     Ok(nearest_response(&found))
 }
@@ -156,6 +165,7 @@ pub(super) fn claimed_response(c: Claimed) -> Response {
         (status = 201, description = "A driver was reserved", body = MatchOut),
         (status = 200, description = "The order already had this match (idempotent repeat)", body = MatchOut),
         (status = 400, description = "invalid_json, invalid_id, invalid_position, invalid_parameter", body = ErrorBody),
+        (status = 404, description = "unknown_region", body = ErrorBody),
         (status = 409, description = "no_driver_available, order_conflict", body = ErrorBody),
         (status = 503, description = "unavailable: Redis or a node needed is down", body = ErrorBody),
     ))]

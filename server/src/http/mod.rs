@@ -15,6 +15,7 @@
 //! Every error, axum's own rejections included, is the JSON shape of
 //! [`ErrorBody`].
 
+mod areas;
 mod conn;
 mod drivers;
 mod extract;
@@ -106,6 +107,7 @@ impl HttpState {
     tags(
         (name = "drivers", description = "Drivers and location updates"),
         (name = "matching", description = "Nearest drivers and matches"),
+        (name = "areas", description = "Drivers in a box, a polygon or a region; counts per region and per H3 cell"),
         (name = "cluster", description = "Regions and nodes"),
         (name = "ops", description = "Health, readiness and metrics"),
     ),
@@ -168,6 +170,10 @@ fn v1_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(matches::batch))
         .routes(routes!(ops::regions))
         .routes(routes!(ops::cluster))
+        .routes(routes!(areas::list_drivers))
+        .routes(routes!(areas::drivers_within))
+        .routes(routes!(areas::region_stats))
+        .routes(routes!(areas::density))
 }
 
 /// The ops routes, documented.

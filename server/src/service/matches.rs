@@ -92,7 +92,9 @@ impl Service {
     /// Invalid query; `unavailable` when a node within reach did not answer.
     pub async fn nearest(&self, q: &NearestQuery, scope: Scope) -> ApiResult<Nearest> {
         match (self.cluster(), scope) {
-            (Some(cluster), Scope::Cluster) => self.gather(cluster, q).await,
+            // A query narrowed to a region was routed to its owner, which
+            // holds all of the region's drivers.
+            (Some(cluster), Scope::Cluster) if q.within.is_none() => self.gather(cluster, q).await,
             _ => Ok(Nearest {
                 drivers: self.engine.nearest(q)?,
                 asked: Vec::new(),
@@ -171,12 +173,26 @@ impl Service {
     /// `no_driver_available`, `order_conflict`, invalid input; `unavailable`
     /// when Redis or a node needed is down.
     pub async fn claim(&self, body: OrderIn) -> ApiResult<Claimed> {
-        let order = body.parse()?;
+        let order = self.order(body)?;
         if let Some(cluster) = self.cluster() {
             return self.claim_across(cluster, &order).await;
         }
         let _serial = self.lock_order(&order.order_id).await?;
         self.claim_here(&order, None).await
+    }
+
+    /// The validated order of a request, narrowed to its region's cells
+    /// when it names one.
+    ///
+    /// # Errors
+    /// The first invalid field's error; `unknown_region`.
+    pub fn order(&self, body: OrderIn) -> ApiResult<BatchOrder> {
+        let region = body.region.clone();
+        let mut order = body.parse()?;
+        if let Some(region) = region {
+            order.request.within = self.region_cells(&region)?;
+        }
+        Ok(order)
     }
 
     /// Another node's reserve call: `driver` (or this node's own nearest)
@@ -295,6 +311,11 @@ impl Service {
                 created: reserved.created,
                 by: Some(node),
             });
+        }
+        if order.request.within.is_some() {
+            // Routed to the owner of the order's region, which holds all
+            // of the region's drivers.
+            return self.claim_here(order, None).await;
         }
         // A candidate on a node that did not answer is skipped; if no other
         // could be reserved, the client hears why.
@@ -473,11 +494,17 @@ impl Service {
         let orders = body
             .orders
             .into_iter()
-            .map(OrderIn::parse)
+            .map(|o| self.order(o))
             .collect::<ApiResult<Vec<_>>>()?;
         let durable = self.durable()?;
         let candidates = body.candidates.unwrap_or(BATCH_CANDIDATES);
         if let Some(cluster) = self.cluster() {
+            if orders.iter().any(|o| o.request.within.is_some()) {
+                return Err(ApiError::invalid_parameter(
+                    "a batch order naming a region is not served in a cluster; \
+                     claim it with POST /v1/matches, which goes to the region's owner",
+                ));
+            }
             return self.batch_across(cluster, orders, candidates).await;
         }
         let was_live: HashSet<OrderId> = orders

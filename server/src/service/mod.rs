@@ -13,7 +13,11 @@
 //! - [`matches`](Service::claim): nearest, claims, confirm / release /
 //!   complete, batches, exact across regions and nodes.
 //! - [`ops`](Service::readiness): readiness, regions and the cluster view.
+//! - [`areas`](Service::drivers_within): drivers in a box, a polygon or a
+//!   region, region counts, density per H3 cell, and the region that
+//!   narrows a nearest query or a claim.
 
+mod areas;
 mod drivers;
 mod journal;
 mod matches;
@@ -24,6 +28,7 @@ use std::sync::{Arc, OnceLock};
 
 use hexmatch::{Engine, RegionMap};
 
+pub use self::areas::DEFAULT_AREA_LIMIT;
 pub use self::drivers::apply_stream_entries;
 pub use self::matches::{Claimed, Nearest};
 use crate::cluster::Cluster;
