@@ -2,9 +2,9 @@
 //! loopback ports sharing one real Redis, Chicago's community areas as
 //! regions spread across them, drivers from the trips data.
 //!
-//! - Any node answers nearest queries and claims exactly as one node
-//!   holding every driver would (a brute-force oracle), on region borders
-//!   included.
+//! - Any node answers nearest queries, area queries and claims exactly
+//!   as one node holding every driver would (a brute-force oracle), on
+//!   region borders included.
 //! - SIGKILL a node: another takes its regions after the lease lapses and
 //!   every reservation acknowledged before the kill survives, never given
 //!   to a second order.
@@ -359,7 +359,138 @@ fn any_node_answers_exactly_as_one_node_would() {
 
     check_nearest(http, &nodes, &fleet, &map);
 
+    check_areas(http, &nodes, &fleet, &map);
+
     check_claims(http, &nodes, &fleet, &map);
+}
+
+/// Every page of `GET /v1/drivers?{query}` from `node`, by id.
+fn area_pages(http: &reqwest::blocking::Client, node: &Node, query: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut after = String::new();
+    loop {
+        let url = format!("{}/v1/drivers?{query}&limit=400{after}", node.base);
+        let (status, page, _) = get(http, &url);
+        assert_eq!(status, 200, "{page}");
+        ids.extend(
+            page["drivers"]
+                .as_array()
+                .expect("drivers")
+                .iter()
+                .map(|d| d["driver_id"].as_str().expect("id").to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(next) => after = format!("&cursor={next}"),
+            None => return ids,
+        }
+    }
+}
+
+/// Area queries to every node: a box over regions of all three nodes is
+/// gathered from all of them; `region=` goes to the region's owner, and
+/// narrows nearest queries there; stats and density count the same
+/// drivers.
+fn check_areas(
+    http: &reqwest::blocking::Client,
+    nodes: &[&Node; 3],
+    fleet: &Fleet,
+    map: &hexmatch::RegionMap,
+) {
+    let (w, s, e, n) = (-87.70, 41.85, -87.60, 41.95);
+    let mut in_box: Vec<String> = fleet
+        .iter()
+        .filter(|(_, p)| (w..=e).contains(&p.lon()) && (s..=n).contains(&p.lat()))
+        .map(|(id, _)| id.clone())
+        .collect();
+    in_box.sort();
+    assert!(in_box.len() > 400, "more than a page: {}", in_box.len());
+    let res = hexmatch::Resolution::try_from(RESOLUTION).expect("valid");
+    let cell = |p: Position| {
+        hexmatch::LatLng::new(p.lat(), p.lon())
+            .expect("valid")
+            .to_cell(res)
+    };
+    for (i, node) in nodes.iter().enumerate() {
+        assert_eq!(
+            area_pages(http, node, &format!("bbox={w},{s},{e},{n}")),
+            in_box,
+            "box at node {i}"
+        );
+        let (status, density, by) = get(
+            http,
+            &format!("{}/v1/density?res=7&bbox={w},{s},{e},{n}", node.base),
+        );
+        assert_eq!(status, 200, "{density}");
+        let total: u64 = density["cells"]
+            .as_array()
+            .expect("cells")
+            .iter()
+            .map(|c| c["total"].as_u64().expect("total"))
+            .sum();
+        assert_eq!(total as usize, in_box.len(), "density at node {i} ({by})");
+    }
+    // Three busy regions, each asked at every node.
+    let mut busiest: Vec<(usize, String)> = map
+        .regions()
+        .iter()
+        .map(|r| {
+            let held = fleet
+                .iter()
+                .filter(|(_, p)| r.cells.contains(&cell(*p)))
+                .count();
+            (held, r.id.to_string())
+        })
+        .collect();
+    busiest.sort_by(|a, b| b.cmp(a));
+    let none = HashSet::new();
+    for (held, region) in busiest.iter().take(3) {
+        let cells = map
+            .cells_of(&hexmatch::RegionId::new(region).expect("valid"))
+            .expect("small")
+            .expect("known");
+        let mut want: Vec<String> = fleet
+            .iter()
+            .filter(|(_, p)| cells.contains(cell(*p)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        want.sort();
+        assert_eq!(want.len(), *held);
+        let inside: Fleet = fleet
+            .iter()
+            .filter(|(_, p)| cells.contains(cell(*p)))
+            .cloned()
+            .collect();
+        let from = inside[0].1;
+        for (i, node) in nodes.iter().enumerate() {
+            assert_eq!(
+                area_pages(http, node, &format!("region={region}")),
+                want,
+                "{region} at node {i}"
+            );
+            let (status, stats, _) = get(http, &format!("{}/v1/regions/{region}/stats", node.base));
+            assert_eq!(status, 200, "{stats}");
+            assert_eq!(stats["drivers"]["total"].as_u64(), Some(*held as u64));
+            let url = format!(
+                "{}/v1/drivers/nearest?lat={}&lon={}&k=5&region={region}",
+                node.base,
+                from.lat(),
+                from.lon()
+            );
+            let (status, body, _) = get(http, &url);
+            assert_eq!(status, 200, "{body}");
+            let got: Vec<String> = body["drivers"]
+                .as_array()
+                .expect("drivers")
+                .iter()
+                .map(|d| d["driver_id"].as_str().expect("id").to_owned())
+                .collect();
+            let want: Vec<String> = oracle(&inside, &none, from, 5, 500_000.0)
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            assert_eq!(got, want, "nearest in {region} at node {i}");
+        }
+    }
 }
 
 /// Nearest queries to every node, several k and radii, against the oracle.
