@@ -6,8 +6,8 @@ pub mod http;
 use std::path::PathBuf;
 
 use hexmatch::{
-    Capabilities, CellIndex, Driver, DriverId, NearestQuery, Position, Resolution, Status,
-    Timestamp, Vehicle,
+    Capabilities, CellIndex, Driver, DriverId, DriverUpdate, Engine, NearestQuery, Position,
+    Resolution, Status, Timestamp, Vehicle,
 };
 
 /// The H3 cell of a position, straight from h3o.
@@ -127,6 +127,64 @@ pub fn oracle_within(
         .collect();
     ids.sort();
     ids
+}
+
+/// `lat` clamped to ±90° and `lon` wrapped once into ±180°.
+pub fn wrapped(lat: f64, lon: f64) -> Position {
+    let lon = if lon > 180.0 {
+        lon - 360.0
+    } else if lon < -180.0 {
+        lon + 360.0
+    } else {
+        lon
+    };
+    Position::new(lat.clamp(-90.0, 90.0), lon).expect("clamped and wrapped")
+}
+
+/// A change to the `i`-th driver (modulo their number) after a load.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A move by this many degrees of latitude and longitude.
+    Move(usize, f64, f64),
+    /// New status, vehicle and capabilities, in place.
+    Attributes(usize, (Status, Vehicle, Capabilities)),
+    /// A removal.
+    Remove(usize),
+}
+
+/// Applies `changes` to the engine and to `drivers` alike. A reserved
+/// driver is left as it is (its match is the test's to end).
+pub fn apply_changes(engine: &Engine, drivers: &mut Vec<Driver>, changes: &[Change]) {
+    for c in changes {
+        if drivers.is_empty() {
+            return;
+        }
+        let (Change::Move(i, ..) | Change::Attributes(i, _) | Change::Remove(i)) = c;
+        let i = i % drivers.len();
+        let d = &mut drivers[i];
+        if d.status == Status::Reserved {
+            continue;
+        }
+        let mut u = DriverUpdate::location(d.id.clone(), d.pos, Some(d.ts));
+        match c {
+            Change::Move(_, dlat, dlon) => {
+                d.pos = wrapped(d.pos.lat() + dlat, d.pos.lon() + dlon);
+                u.pos = d.pos;
+            }
+            Change::Attributes(_, (status, vehicle, caps)) => {
+                (d.status, d.vehicle, d.capabilities) = (*status, *vehicle, *caps);
+                u.status = Some(*status);
+                u.vehicle = Some(*vehicle);
+                u.capabilities = Some(*caps);
+            }
+            Change::Remove(_) => {
+                assert!(engine.remove(&d.id).is_some(), "{} is known", d.id);
+                drivers.swap_remove(i);
+                continue;
+            }
+        }
+        engine.upsert(&u).expect("valid update");
+    }
 }
 
 /// A driver record with the given fields and no match.

@@ -12,7 +12,7 @@ use hexmatch::{
     EngineConfig, LatLonBox, OrderId, Position, Resolution, Status, StatusCounts, StatusSet,
     Vehicle,
 };
-use hexmatch_tests::{OracleShape, cell_of, driver, oracle_within};
+use hexmatch_tests::{Change, OracleShape, apply_changes, cell_of, driver, oracle_within, wrapped};
 use proptest::prelude::*;
 
 /// Where drivers are.
@@ -26,27 +26,16 @@ enum Place {
     Antimeridian,
 }
 
-fn wrap(lat: f64, lon: f64) -> Position {
-    let lon = if lon > 180.0 {
-        lon - 360.0
-    } else if lon < -180.0 {
-        lon + 360.0
-    } else {
-        lon
-    };
-    Position::new(lat.clamp(-90.0, 90.0), lon).expect("wrapped")
-}
-
 fn point_in(place: Place) -> BoxedStrategy<Position> {
     match place {
         Place::City(lat, lon) => (-0.05f64..0.05, -0.05f64..0.05)
-            .prop_map(move |(a, b)| wrap(lat + a, lon + b))
+            .prop_map(move |(a, b)| wrapped(lat + a, lon + b))
             .boxed(),
         Place::World => (-89.0f64..=89.0, -180.0f64..=180.0)
-            .prop_map(|(a, b)| wrap(a, b))
+            .prop_map(|(a, b)| wrapped(a, b))
             .boxed(),
         Place::Antimeridian => (-60.0f64..60.0, -1.0f64..1.0)
-            .prop_map(|(a, b)| wrap(a, if b < 0.0 { 180.0 + b } else { -180.0 + b }))
+            .prop_map(|(a, b)| wrapped(a, if b < 0.0 { 180.0 + b } else { -180.0 + b }))
             .boxed(),
     }
 }
@@ -194,15 +183,6 @@ fn filters() -> impl Strategy<Value = Filters> {
         .prop_map(|(s, v, c, limit)| (s, v, c.unwrap_or(Capabilities::NONE), limit))
 }
 
-/// A change after the first round: a move of up to ~0.02°, new
-/// attributes, or a removal, of driver `i` modulo their number.
-#[derive(Debug, Clone)]
-enum Change {
-    Move(usize, f64, f64),
-    Attributes(usize, (Status, Vehicle, Capabilities)),
-    Remove(usize),
-}
-
 fn change() -> impl Strategy<Value = Change> {
     prop_oneof![
         3 => (any::<usize>(), -0.02f64..0.02, -0.02f64..0.02)
@@ -270,39 +250,6 @@ fn oracle_counts(drivers: &[Driver], shape: &OracleShape) -> StatusCounts {
     c
 }
 
-fn apply(engine: &Engine, drivers: &mut Vec<Driver>, changes: &[Change]) {
-    for c in changes {
-        if drivers.is_empty() {
-            return;
-        }
-        let (Change::Move(i, ..) | Change::Attributes(i, _) | Change::Remove(i)) = c;
-        let i = i % drivers.len();
-        let d = &mut drivers[i];
-        if d.status == Status::Reserved {
-            continue;
-        }
-        let mut u = hexmatch::DriverUpdate::location(d.id.clone(), d.pos, Some(d.ts));
-        match c {
-            Change::Move(_, dlat, dlon) => {
-                d.pos = wrap(d.pos.lat() + dlat, d.pos.lon() + dlon);
-                u.pos = d.pos;
-            }
-            Change::Attributes(_, (status, vehicle, caps)) => {
-                (d.status, d.vehicle, d.capabilities) = (*status, *vehicle, *caps);
-                u.status = Some(*status);
-                u.vehicle = Some(*vehicle);
-                u.capabilities = Some(*caps);
-            }
-            Change::Remove(_) => {
-                assert!(engine.remove(&d.id).is_some(), "{} is known", d.id);
-                drivers.swap_remove(i);
-                continue;
-            }
-        }
-        engine.upsert(&u).expect("valid update");
-    }
-}
-
 fn check((res, drivers, pickups, queries, changes): &Scenario) -> Result<(), TestCaseError> {
     let engine = Engine::new(EngineConfig {
         resolution: *res,
@@ -329,7 +276,7 @@ fn check((res, drivers, pickups, queries, changes): &Scenario) -> Result<(), Tes
     }
     for round in ["loaded", "changed"] {
         if round == "changed" {
-            apply(&engine, &mut drivers, changes);
+            apply_changes(&engine, &mut drivers, changes);
         }
         for (seed, (statuses, vehicle, caps, limit)) in queries {
             let (area, shape) = shapes(seed, &drivers, res);

@@ -11,7 +11,7 @@ use hexmatch::{
     Capabilities, CellSet, Driver, Engine, EngineConfig, MAX_DISTANCE_M, NearestQuery, Position,
     Resolution, Status, Vehicle,
 };
-use hexmatch_tests::{cell_of, driver, oracle_nearest};
+use hexmatch_tests::{Change, apply_changes, cell_of, driver, oracle_nearest, wrapped};
 use proptest::prelude::*;
 
 /// Where points are drawn from.
@@ -27,31 +27,19 @@ enum Area {
     Pole(bool),
 }
 
-fn clamp_pos(lat: f64, lon: f64) -> Position {
-    let lat = lat.clamp(-90.0, 90.0);
-    let lon = if lon > 180.0 {
-        lon - 360.0
-    } else if lon < -180.0 {
-        lon + 360.0
-    } else {
-        lon
-    };
-    Position::new(lat, lon).expect("clamped")
-}
-
 fn point_in(area: Area) -> BoxedStrategy<Position> {
     match area {
         Area::City(lat, lon) => (-0.05f64..0.05, -0.05f64..0.05)
-            .prop_map(move |(a, b)| clamp_pos(lat + a, lon + b))
+            .prop_map(move |(a, b)| wrapped(lat + a, lon + b))
             .boxed(),
         Area::World => (-90.0f64..=90.0, -180.0f64..=180.0)
-            .prop_map(|(a, b)| clamp_pos(a, b))
+            .prop_map(|(a, b)| wrapped(a, b))
             .boxed(),
         Area::Antimeridian => (-60.0f64..60.0, -1.0f64..1.0)
-            .prop_map(|(a, b)| clamp_pos(a, if b < 0.0 { 180.0 + b } else { -180.0 + b }))
+            .prop_map(|(a, b)| wrapped(a, if b < 0.0 { 180.0 + b } else { -180.0 + b }))
             .boxed(),
         Area::Pole(north) => (0.0f64..2.0, -180.0f64..=180.0)
-            .prop_map(move |(a, b)| clamp_pos(if north { 90.0 - a } else { -90.0 + a }, b))
+            .prop_map(move |(a, b)| wrapped(if north { 90.0 - a } else { -90.0 + a }, b))
             .boxed(),
     }
 }
@@ -133,16 +121,6 @@ fn query_in(area: Area) -> impl Strategy<Value = NearestQuery> {
         })
 }
 
-/// A change to the `i`-th driver (modulo their number) after the load.
-#[derive(Debug, Clone)]
-enum Change {
-    /// A move of up to about 0.01° (a few hundred metres to a km).
-    Move(usize, f64, f64),
-    /// New status, vehicle and capabilities, in place.
-    Attributes(usize, (Status, Vehicle, Capabilities)),
-    Remove(usize),
-}
-
 fn change() -> impl Strategy<Value = Change> {
     prop_oneof![
         3 => (any::<usize>(), -0.01f64..0.01, -0.01f64..0.01)
@@ -181,37 +159,6 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 proptest::collection::vec(change(), 0..80),
             )
         })
-}
-
-/// Applies `changes` to the engine and to `drivers` alike.
-fn apply(engine: &Engine, drivers: &mut Vec<Driver>, changes: &[Change]) {
-    for c in changes {
-        if drivers.is_empty() {
-            return;
-        }
-        let (Change::Move(i, ..) | Change::Attributes(i, _) | Change::Remove(i)) = c;
-        let i = i % drivers.len();
-        let d = &mut drivers[i];
-        let mut u = hexmatch::DriverUpdate::location(d.id.clone(), d.pos, Some(d.ts));
-        match c {
-            Change::Move(_, dlat, dlon) => {
-                d.pos = clamp_pos(d.pos.lat() + dlat, d.pos.lon() + dlon);
-                u.pos = d.pos;
-            }
-            Change::Attributes(_, (status, vehicle, caps)) => {
-                (d.status, d.vehicle, d.capabilities) = (*status, *vehicle, *caps);
-                u.status = Some(*status);
-                u.vehicle = Some(*vehicle);
-                u.capabilities = Some(*caps);
-            }
-            Change::Remove(_) => {
-                assert!(engine.remove(&d.id).is_some(), "{} is known", d.id);
-                drivers.swap_remove(i);
-                continue;
-            }
-        }
-        engine.upsert(&u).expect("valid update");
-    }
 }
 
 /// How a scenario's drivers enter the engine.
@@ -261,7 +208,7 @@ fn check(
     let mut drivers = drivers.clone();
     for round in ["loaded", "changed"] {
         if round == "changed" {
-            apply(&engine, &mut drivers, changes);
+            apply_changes(&engine, &mut drivers, changes);
         }
         for (q, every) in queries {
             let mut q = q.clone();

@@ -16,6 +16,8 @@ use hexmatch::{
 };
 
 use super::{Scope, Service};
+use crate::cluster::Cluster;
+use crate::cluster::peer::PeerClient;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::wire::{
     AreaIn, AreaOut, CountsOut, DEFAULT_REGION, DensityCell, DensityOut, DriverOut, RegionStatsOut,
@@ -110,25 +112,13 @@ impl Service {
             // Routing brought the request to the region's owner.
             return Ok(out);
         }
-        let peer = cluster.peer();
-        let map = cluster.map();
-        let calls = map
-            .nodes
-            .iter()
-            .filter(|(node, _)| node.as_str() != cluster.node())
-            .map(|(node, url)| {
-                let body = &body;
-                async move {
-                    peer.within(url, body).await.map_err(|e| {
-                        ApiError::unavailable(format!(
-                            "node {node} did not answer an area query: {e}"
-                        ))
-                    })
-                }
-            });
+        let asked = &body;
+        let pages = ask_others(cluster, "an area query", |peer, url| async move {
+            peer.within(&url, asked).await
+        })
+        .await?;
         let mut more = out.next_cursor.is_some();
-        for page in futures_util::future::join_all(calls).await {
-            let page = page?;
+        for page in pages {
             more |= page.next_cursor.is_some();
             out.drivers.extend(page.drivers);
         }
@@ -204,21 +194,12 @@ impl Service {
             .map(|(cell, counts)| (cell, counts.into()))
             .collect();
         if let Some(cluster) = self.cluster().filter(|_| scope == Scope::Cluster) {
-            let peer = cluster.peer();
-            let map = cluster.map();
-            let calls = map
-                .nodes
-                .iter()
-                .filter(|(node, _)| node.as_str() != cluster.node())
-                .map(|(node, url)| async move {
-                    peer.density(url, bbox, res).await.map_err(|e| {
-                        ApiError::unavailable(format!(
-                            "node {node} did not answer a density query: {e}"
-                        ))
-                    })
-                });
-            for answer in futures_util::future::join_all(calls).await {
-                for c in answer?.cells {
+            let answers = ask_others(cluster, "a density query", |peer, url| async move {
+                peer.density(&url, bbox, res).await
+            })
+            .await?;
+            for answer in answers {
+                for c in answer.cells {
                     let cell = c.cell.parse::<CellIndex>().map_err(|e| {
                         ApiError::new(
                             ErrorCode::Internal,
@@ -245,6 +226,36 @@ impl Service {
                 .collect(),
         })
     }
+}
+
+/// Asks every other node of the cluster in parallel (`call` with its
+/// URL); `unavailable`, naming the node and `what` it was asked, when one
+/// does not answer.
+async fn ask_others<'a, T, F, Fut>(cluster: &'a Cluster, what: &str, call: F) -> ApiResult<Vec<T>>
+where
+    F: Fn(&'a PeerClient, String) -> Fut,
+    Fut: std::future::Future<Output = ApiResult<T>>,
+{
+    let peer = cluster.peer();
+    let others: Vec<(String, String)> = cluster
+        .map()
+        .nodes
+        .iter()
+        .filter(|(node, _)| node.as_str() != cluster.node())
+        .map(|(node, url)| (node.clone(), url.clone()))
+        .collect();
+    let calls = others.into_iter().map(|(node, url)| {
+        let answer = call(peer, url);
+        async move {
+            answer.await.map_err(|e| {
+                ApiError::unavailable(format!("node {node} did not answer {what}: {e}"))
+            })
+        }
+    });
+    futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .collect()
 }
 
 /// Runs engine work that may take milliseconds off the async workers.
