@@ -365,6 +365,7 @@ mod tests {
             (Method::GET, "/v1/matches/o1", Read),
             (Method::GET, "/v1/regions", Read),
             (Method::GET, "/v1/cluster", Read),
+            (Method::GET, "/v1/events", Read),
             (Method::PUT, "/v1/drivers/d1", Locations),
             (Method::POST, "/v1/drivers/d1/location", Locations),
             (Method::POST, "/v1/locations", Locations),

@@ -205,33 +205,40 @@ impl Service {
         let ttl_on = self.config.driver_ttl_s > 0;
         // The driver scan is O(drivers): keep it off the async workers.
         let swept = tokio::task::spawn_blocking(move || {
-            let mut ended: Vec<hexmatch::OrderId> = engine
-                .expire_matches()
-                .into_iter()
-                .map(|e| e.m.order_id)
-                .collect();
-            let expired = ended.len();
+            let expired = engine.expire_matches();
             let drivers = if ttl_on {
                 engine.expire_drivers()
             } else {
                 Vec::new()
             };
-            ended.extend(
-                drivers
-                    .iter()
-                    .filter_map(|(_, ev)| ev.as_ref().map(|e| e.m.order_id.clone())),
-            );
-            (expired, drivers.len(), ended)
+            (expired, drivers)
         })
         .await;
-        let Ok((expired, drivers, ended)) = swept else {
+        let Ok((expired, drivers)) = swept else {
             return;
         };
         metrics::counter!("hexmatch_match_ends_total", "state" => "expired")
-            .increment(expired as u64);
-        metrics::counter!("hexmatch_drivers_expired_total").increment(drivers as u64);
+            .increment(expired.len() as u64);
+        metrics::counter!("hexmatch_drivers_expired_total").increment(drivers.len() as u64);
+        for e in &expired {
+            self.emit_match_change(&e.m, hexmatch::Status::Reserved);
+        }
+        for (d, ended) in &drivers {
+            self.events.publish(|| {
+                crate::wire::EventData::DriverExpired(crate::wire::DriverOut::from(d.clone()))
+            });
+            self.forget_zones(d);
+            if let Some(e) = ended {
+                self.emit_match(&e.m);
+            }
+        }
+        let ended = expired.iter().map(|e| &e.m.order_id).chain(
+            drivers
+                .iter()
+                .filter_map(|(_, e)| e.as_ref().map(|e| &e.m.order_id)),
+        );
         if let Some(p) = self.persist() {
-            for order in &ended {
+            for order in ended {
                 if p.del_match(order).await.is_err() {
                     p.schedule_resync();
                 }
