@@ -17,18 +17,23 @@
 //! client, the TTL sweep or a handoff to another node) leaves them all.
 //!
 //! # Cost
-//! Only with zones configured. Per applied update: the region of the new
-//! position (one H3 cell, the region map's lookup), a bounding-box test
-//! per named zone and a point-in-polygon test per box hit, and one
-//! striped map probe. Memory: one entry per driver (its id, `ts`, region
-//! id, and a list of named zones, empty for most).
+//! Only with zones configured. Per applied update: one striped map probe,
+//! a bounding-box test per named zone and a point-in-polygon test per box
+//! hit, and the region of the new position. The region is found without
+//! H3 while the driver stays in a disk around the centre of the partition
+//! cell it was last found in, inside that cell ([`Disk`]: one haversine
+//! distance); only a driver that leaves it costs an H3 cell and the
+//! region map's lookup, which also give the next disk. Memory: one entry
+//! per driver (its id, `ts`, region id, disk, and a list of named zones,
+//! empty for most).
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 
 use foldhash::fast::FixedState;
 use geo::{BoundingRect, Intersects};
-use hexmatch::{Driver, DriverId, RegionId, RegionMap, Timestamp};
+use h3o::{CellIndex, LatLng};
+use hexmatch::{Driver, DriverId, Position, RegionId, RegionMap, Timestamp};
 use serde_json::Value;
 
 use crate::wire::{EventData, LatLon, ZoneCrossing, ZoneKind};
@@ -45,11 +50,60 @@ struct NamedZone {
     bbox: geo::Rect<f64>,
 }
 
+/// A disk inside a partition cell, around its centre: a position within
+/// it is in that cell, and so in the cell's region.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Disk {
+    centre: Position,
+    radius_m: f64,
+}
+
+impl Disk {
+    /// The disk of `cell`: its radius is 98 % of the least distance from
+    /// the centre to an edge, each edge's distance the height of the
+    /// triangle it makes with the centre (from the triangle's sides, as
+    /// on a plane: a cell's few kilometres bend by far less than the 2 %
+    /// margin).
+    fn of(cell: CellIndex) -> Option<Self> {
+        let c = LatLng::from(cell);
+        let centre = Position::new(c.lat(), c.lng()).ok()?;
+        let vertices: Vec<Position> = cell
+            .boundary()
+            .iter()
+            .filter_map(|v| Position::new(v.lat(), v.lng()).ok())
+            .collect();
+        let n = vertices.len();
+        if n < 3 {
+            return None;
+        }
+        let mut least = f64::INFINITY;
+        for i in 0..n {
+            let (u, v) = (vertices[i], vertices[(i + 1) % n]);
+            let (a, b, e) = (centre.distance_m(u), centre.distance_m(v), u.distance_m(v));
+            let s = (a + b + e) / 2.0;
+            let area = (s * (s - a) * (s - b) * (s - e)).max(0.0).sqrt();
+            if e > 0.0 {
+                least = least.min(2.0 * area / e);
+            }
+        }
+        least.is_finite().then_some(Self {
+            centre,
+            radius_m: 0.98 * least,
+        })
+    }
+
+    fn holds(self, p: Position) -> bool {
+        self.centre.distance_m(p) < self.radius_m
+    }
+}
+
 /// Where a driver was last seen.
 #[derive(Debug)]
 struct Tracked {
     ts: Timestamp,
     region: Option<RegionId>,
+    /// A disk inside the cell the region was found for.
+    disk: Option<Disk>,
     /// Indices of the named zones holding it, ascending.
     zones: Vec<u16>,
 }
@@ -182,12 +236,21 @@ impl Zones {
         &self.tracked[h % STRIPES]
     }
 
-    /// The zones a driver at `d` is in.
-    fn place(&self, d: &Driver, regions: Option<&RegionMap>) -> Tracked {
-        let region = if self.regions {
-            regions.and_then(|m| m.region_of(d.pos).ok())
-        } else {
-            None
+    /// The zones a driver at `d` is in; `was` (its last place) saves the
+    /// region lookup while it stays in its disk.
+    fn place(&self, d: &Driver, regions: Option<&RegionMap>, was: Option<&Tracked>) -> Tracked {
+        let (region, disk) = match (self.regions, regions) {
+            (true, Some(map)) => match was.and_then(|w| Some((w.region.clone(), w.disk?))) {
+                Some((region, disk)) if disk.holds(d.pos) => (region, Some(disk)),
+                _ => match LatLng::new(d.pos.lat(), d.pos.lon()) {
+                    Ok(ll) => {
+                        let cell = ll.to_cell(map.resolution());
+                        (map.region_of_cell(cell).ok(), Disk::of(cell))
+                    }
+                    Err(_) => (None, None),
+                },
+            },
+            _ => (None, None),
         };
         let point = geo::Point::new(d.pos.lon(), d.pos.lat());
         let zones = self
@@ -200,6 +263,7 @@ impl Zones {
         Tracked {
             ts: d.ts,
             region,
+            disk,
             zones,
         }
     }
@@ -208,29 +272,30 @@ impl Zones {
     /// zones it entered and left since its last recorded update (nothing
     /// when a newer update of it was recorded first).
     pub fn track(&self, d: &Driver, regions: Option<&RegionMap>) -> Vec<Crossing> {
-        let now = self.place(d, regions);
         let mut stripe = self.stripe(&d.id).lock();
-        let was = match stripe.get(&d.id) {
-            Some(t) if t.ts > now.ts => return Vec::new(),
-            Some(t) if t.region == now.region && t.zones == now.zones => {
-                // Most updates: nothing crossed; the entry's ts moves on.
-                if let Some(t) = stripe.get_mut(&d.id) {
-                    t.ts = now.ts;
-                }
-                return Vec::new();
-            }
-            _ => stripe.insert(d.id.clone(), now),
-        };
+        let was = stripe.get_mut(&d.id);
+        if was.as_ref().is_some_and(|t| t.ts > d.ts) {
+            return Vec::new();
+        }
+        let now = self.place(d, regions, was.as_deref());
+        if let Some(t) = was
+            && t.region == now.region
+            && t.zones == now.zones
+        {
+            // Most updates: nothing crossed.
+            *t = now;
+            return Vec::new();
+        }
+        let was = stripe.insert(d.id.clone(), now).unwrap_or(Tracked {
+            ts: d.ts,
+            region: None,
+            disk: None,
+            zones: Vec::new(),
+        });
         let Some(now) = stripe.get(&d.id) else {
             return Vec::new();
         };
         let mut out = Vec::new();
-        let empty = Tracked {
-            ts: d.ts,
-            region: None,
-            zones: Vec::new(),
-        };
-        let was = was.unwrap_or(empty);
         self.diff(d, &was, now, false, &mut out);
         self.diff(d, now, &was, true, &mut out);
         out
@@ -245,6 +310,7 @@ impl Zones {
         let none = Tracked {
             ts: d.ts,
             region: None,
+            disk: None,
             zones: Vec::new(),
         };
         self.diff(d, &was, &none, false, &mut out);
@@ -386,6 +452,35 @@ mod tests {
             vec![(false, "1".to_owned())]
         );
         assert!(z.forget(&driver(1.5, 1.5, 6)).is_empty());
+    }
+
+    /// The point `m` metres from `p` on bearing `deg` (great circle).
+    fn towards(p: Position, deg: f64, m: f64) -> Position {
+        let (lat, lon, b) = (p.lat().to_radians(), p.lon().to_radians(), deg.to_radians());
+        let d = m / hexmatch::EARTH_RADIUS_M;
+        let lat2 = (lat.sin() * d.cos() + lat.cos() * d.sin() * b.cos()).asin();
+        let lon2 = lon + (b.sin() * d.sin() * lat.cos()).atan2(d.cos() - lat.sin() * lat2.sin());
+        let lon2 = (lon2.to_degrees() + 540.0) % 360.0 - 180.0;
+        Position::new(lat2.to_degrees(), lon2).unwrap()
+    }
+
+    #[test]
+    fn a_cell_s_disk_is_inside_the_cell() {
+        // Cells all over the globe (pentagons included: every base cell's
+        // children), at the partition resolutions in use.
+        for res in [4u8, 6, 7, 8, 9] {
+            let res = h3o::Resolution::try_from(res).unwrap();
+            for base in CellIndex::base_cells() {
+                let cell = base.center_child(res).unwrap();
+                let disk = Disk::of(cell).unwrap();
+                assert!(disk.radius_m > 0.0);
+                for step in 0..72 {
+                    let p = towards(disk.centre, f64::from(step) * 5.0, disk.radius_m);
+                    let found = LatLng::new(p.lat(), p.lon()).unwrap().to_cell(res);
+                    assert_eq!(found, cell, "{cell} at {res}: {p:?} on its disk's rim");
+                }
+            }
+        }
     }
 
     #[test]
