@@ -130,17 +130,28 @@ struct Receiver {
 
 impl Receiver {
     async fn start() -> Self {
+        Self::failing_first(0).await
+    }
+
+    /// A receiver that answers its first `n` requests 500 (and keeps
+    /// nothing of them).
+    async fn failing_first(n: usize) -> Self {
         let got: Received = Arc::default();
         let kept = Arc::clone(&got);
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let app = axum::Router::new().route(
             "/hook",
             axum::routing::post(
                 move |headers: axum::http::HeaderMap, body: bytes::Bytes| async move {
+                    use std::sync::atomic::Ordering;
+                    if refused.fetch_add(1, Ordering::SeqCst) < n {
+                        return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                    }
                     let sig = headers
                         .get("x-hexmatch-signature")
                         .map(|v| v.to_str().expect("ascii").to_owned());
                     kept.lock().push((sig, body));
-                    "ok"
+                    axum::http::StatusCode::OK
                 },
             ),
         );
@@ -787,6 +798,104 @@ async fn a_dead_webhook_loses_events_counted_and_claims_go_on() {
         );
         let failed = metric(&text, "hexmatch_webhook_failures_total", &["hook=\"1\""]);
         (dropped > 0.0 && failed > 0.0).then_some(())
+    })
+    .await;
+    server.shutdown().await;
+}
+
+/// The sum of the series of `name` in `/metrics` whose labels include
+/// every one of `labels`.
+async fn metric(base: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter(|l| labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_fails_is_retried_until_it_takes_the_events() {
+    let hook = Receiver::failing_first(3).await;
+    let (server, base) = memory_server(|c| {
+        c.webhooks = vec![hook.url.clone()];
+        c.webhook_secret = Some(hexmatch_server::config::Secret::new(SECRET));
+    })
+    .await;
+    let (s, _) = put(
+        &base,
+        "/v1/drivers/d1",
+        json!({"lat": 41.88, "lon": -87.63}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    toggle_status(&base, "d1", 6).await;
+    // Refused three times (100, 200, 400 ms apart), then taken: every
+    // event once, in order.
+    let got = poll_async("the events, after the retries", || {
+        let got = hook.events();
+        async move { (got.len() >= 6).then_some(got) }
+    })
+    .await;
+    let ids: Vec<u64> = got.iter().map(|e| e["id"].as_u64().expect("id")).collect();
+    assert_eq!(ids, vec![1, 2, 3, 4, 5, 6]);
+    let failed = metric(&base, "hexmatch_webhook_failures_total", &["hook=\"1\""])
+        .await
+        .expect("metrics");
+    assert!(failed >= 3.0, "{failed} failed POSTs counted");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_stream_events_are_dropped_counted_and_updates_go_on() {
+    let mut redis = RedisServer::start();
+    let prefix = unique_prefix("events-down");
+    let server = hexmatch_server::start(common::redis_config(&redis.url, &prefix))
+        .await
+        .expect("starts");
+    wait_ready(&server).await;
+    let base = format!("http://{}", server.addr());
+    let (s, _) = put(
+        &base,
+        "/v1/drivers/d1",
+        json!({"lat": 41.88, "lon": -87.63}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    // Up: the stream takes them.
+    toggle_status(&base, "d1", 10).await;
+    let key = format!("{prefix}:events");
+    poll_async("ten events on the stream", || {
+        let (url, key) = (redis.url.clone(), key.clone());
+        async move { (stream_events(&url, &key)?.len() == 10).then_some(()) }
+    })
+    .await;
+    // Down: more events than the stream's queue holds; every update is
+    // still applied, and the feed still has them.
+    redis.stop();
+    let mut sse = Sse::open(&base, "", &[]).await;
+    toggle_status(&base, "d1", 20_000).await;
+    let tail = sse
+        .until("the last event on the feed", |g| {
+            g.last().and_then(|m| m.id.as_deref()) == Some("20010")
+        })
+        .await;
+    assert!(tail.iter().all(|m| m.event == "driver.status"));
+    poll_async("stream drops counted", || async {
+        let dropped = metric(
+            &base,
+            "hexmatch_events_dropped_total",
+            &["sink=\"redis\"", "reason=\"queue_full\""],
+        )
+        .await?;
+        (dropped > 0.0).then_some(())
     })
     .await;
     server.shutdown().await;

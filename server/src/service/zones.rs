@@ -21,7 +21,7 @@
 //! a bounding-box test per named zone and a point-in-polygon test per box
 //! hit, and the region of the new position. The region is found without
 //! H3 while the driver stays in a disk around the centre of the partition
-//! cell it was last found in, inside that cell ([`Disk`]: one haversine
+//! cell it was last found in, inside that cell (one haversine
 //! distance); only a driver that leaves it costs an H3 cell and the
 //! region map's lookup, which also give the next disk. Memory: one entry
 //! per driver (its id, `ts`, region id, disk, and a list of named zones,
