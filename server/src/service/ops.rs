@@ -220,10 +220,11 @@ impl Service {
         metrics::counter!("hexmatch_match_ends_total", "state" => "expired")
             .increment(expired.len() as u64);
         metrics::counter!("hexmatch_drivers_expired_total").increment(drivers.len() as u64);
-        for e in &expired {
+        for (i, e) in expired.iter().enumerate() {
             self.emit_match_change(&e.m, hexmatch::Status::Reserved);
+            yield_every(i).await;
         }
-        for (d, ended) in &drivers {
+        for (i, (d, ended)) in drivers.iter().enumerate() {
             self.events.publish(|| {
                 crate::wire::EventData::DriverExpired(crate::wire::DriverOut::from(d.clone()))
             });
@@ -231,6 +232,7 @@ impl Service {
             if let Some(e) = ended {
                 self.emit_match(&e.m);
             }
+            yield_every(i).await;
         }
         let ended = expired.iter().map(|e| &e.m.order_id).chain(
             drivers
@@ -244,5 +246,13 @@ impl Service {
                 }
             }
         }
+    }
+}
+
+/// Lets other tasks run every 1024 items of a long loop on an async
+/// worker (a sweep that removed many drivers announces each one).
+async fn yield_every(i: usize) {
+    if i % 1024 == 1023 {
+        tokio::task::yield_now().await;
     }
 }
