@@ -900,3 +900,31 @@ async fn with_redis_down_stream_events_are_dropped_counted_and_updates_go_on() {
     .await;
     server.shutdown().await;
 }
+
+/// The connection timeouts are for requests: a feed open far longer than
+/// the header-read and idle timeouts, with nothing to say meanwhile, still
+/// delivers the next event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_feed_outlives_the_connection_timeouts() {
+    let (server, base) = memory_server(|c| {
+        c.header_read_timeout_ms = 200;
+        c.idle_timeout_ms = 200;
+    })
+    .await;
+    let (s, _) = put(
+        &base,
+        "/v1/drivers/d1",
+        json!({"lat": 41.88, "lon": -87.63}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let mut sse = Sse::open(&base, "", &[]).await;
+    // Five times both timeouts, without an event.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    toggle_status(&base, "d1", 1).await;
+    let got = sse
+        .until("the event after the quiet", |g| !g.is_empty())
+        .await;
+    assert_eq!(got[0].event, "driver.status");
+    server.shutdown().await;
+}
