@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use crate::config::ServeConfig;
 use crate::http::{self, HttpState};
 use crate::persist::{Durability, Fence, Persistence};
-use crate::service::{Service, apply_stream_entries};
+use crate::service::Service;
 use crate::telemetry;
 
 /// Why the server could not start.
@@ -90,6 +90,8 @@ impl Server {
     /// Stops accepting connections, lets in-flight requests finish, then
     /// stops the background tasks.
     pub async fn shutdown(mut self) {
+        // Open event feeds would hold their connections, and the drain.
+        self.state.svc.events.close();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -141,15 +143,10 @@ pub async fn start_with_clock(
         Engine::with_clock(engine_config, clock).map_err(|e| ServerError::Config(e.to_string()))?,
     );
     config.check().map_err(ServerError::Config)?;
-    let regions = match &config.regions {
-        None => None,
-        Some(path) => Some(read_regions(path, config.resolution)?),
-    };
-    let svc = Arc::new(Service::new(Arc::clone(&engine), config.clone(), regions));
-    let state = Arc::new(
-        HttpState::new(Arc::clone(&svc), telemetry::metrics_handle())
-            .map_err(ServerError::Config)?,
-    );
+    // The recorder first: metric handles taken before it would count nowhere.
+    let metrics = telemetry::metrics_handle();
+    let svc = build_service(&engine, &config)?;
+    let state = Arc::new(HttpState::new(Arc::clone(&svc), metrics).map_err(ServerError::Config)?);
     // Read the driver file before binding, so a bad file fails the start.
     let initial = match &config.load_drivers {
         Some(path) => Some((
@@ -171,6 +168,7 @@ pub async fn start_with_clock(
         })?;
     let addr = listener.local_addr().map_err(ServerError::Io)?;
     let mut background = vec![spawn_sweeper(&svc), spawn_upkeep(&state)];
+    background.extend(spawn_webhooks(&svc)?);
     match config.redis_url.clone() {
         None => svc.set_ready(),
         Some(url) if config.cluster => background.push(tokio::spawn(boot_cluster(
@@ -251,6 +249,54 @@ fn read_regions(
     Ok(map)
 }
 
+/// The service: the engine, the region map of `--regions` and the zones
+/// of `--zones`.
+fn build_service(engine: &Arc<Engine>, config: &ServeConfig) -> Result<Arc<Service>, ServerError> {
+    let regions = match &config.regions {
+        None => None,
+        Some(path) => Some(read_regions(path, config.resolution)?),
+    };
+    let zones = match &config.zones {
+        None => None,
+        Some(path) => read_zones(path, regions.as_ref())?,
+    };
+    let svc = Service::new(Arc::clone(engine), config.clone(), regions);
+    Ok(Arc::new(if zones.is_some() {
+        svc.with_zones(zones)
+    } else {
+        svc
+    }))
+}
+
+/// Starts the delivery tasks of `--webhook`.
+fn spawn_webhooks(svc: &Service) -> Result<Vec<JoinHandle<()>>, ServerError> {
+    let c = &svc.config;
+    let Some(secret) = c.webhook_secret.as_ref().filter(|_| !c.webhooks.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let tasks =
+        crate::service::webhooks::spawn(&svc.events, &c.webhooks, secret.expose(), c.webhook_queue)
+            .map_err(ServerError::Config)?;
+    tracing::info!(hooks = c.webhooks.len(), "delivering events to webhooks");
+    Ok(tasks)
+}
+
+/// Reads the named zones of `--zones`; the regions of `regions` are
+/// zones too.
+fn read_zones(
+    path: &std::path::Path,
+    regions: Option<&hexmatch::RegionMap>,
+) -> Result<Option<crate::service::Zones>, ServerError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ServerError::Input(format!("{}: {e}", path.display())))?;
+    let zones = crate::service::Zones::new(regions, Some(&text))
+        .map_err(|e| ServerError::Input(format!("{}: {e}", path.display())))?;
+    if let Some(z) = &zones {
+        tracing::info!(zones = z.named_zones(), file = %path.display(), "loaded zones");
+    }
+    Ok(zones)
+}
+
 fn load_initial(
     engine: &Engine,
     path: &std::path::Path,
@@ -327,6 +373,7 @@ async fn boot_with_redis(
     }
     svc.set_ready();
     let mut tasks = vec![spawn_health(&svc, &p), spawn_snapshots(&svc, &p)];
+    tasks.extend(spawn_event_stream(&svc, &p));
     if c.ingest_stream {
         tasks.push(spawn_ingest(&svc, &p));
     }
@@ -403,6 +450,7 @@ async fn boot_cluster(
     tracing::info!(node = %c.node_id, url = %advertise, serving = ?cluster.held(), "joined the cluster");
     svc.set_ready();
     let mut tasks = vec![spawn_health(&svc, &p), spawn_snapshots(&svc, &p)];
+    tasks.extend(spawn_event_stream(&svc, &p));
     if c.ingest_stream {
         if let Err(e) = p.ensure_group().await {
             tracing::warn!(error = %e, "could not create the stream consumer group");
@@ -506,6 +554,22 @@ fn spawn_snapshots(svc: &Arc<Service>, p: &Arc<Persistence>) -> JoinHandle<()> {
     })
 }
 
+/// Events queued for the Redis stream while Redis is slow or down; past it
+/// they are dropped and counted.
+const EVENT_STREAM_QUEUE: usize = 16_384;
+
+/// Appends this node's events to the Redis stream, when events are on and
+/// the stream is wanted.
+fn spawn_event_stream(svc: &Arc<Service>, p: &Arc<Persistence>) -> Option<JoinHandle<()>> {
+    let maxlen = svc.config.event_stream_maxlen;
+    if !svc.events.is_on() || maxlen == 0 {
+        return None;
+    }
+    let rx = svc.events.add_sink("redis", EVENT_STREAM_QUEUE);
+    tracing::info!(key = %p.events_key(), maxlen, "appending events to the Redis stream");
+    Some(p.spawn_event_stream(rx, maxlen))
+}
+
 fn spawn_ingest(svc: &Arc<Service>, p: &Arc<Persistence>) -> JoinHandle<()> {
     let (svc, p) = (Arc::clone(svc), Arc::clone(p));
     tokio::spawn(async move {
@@ -517,7 +581,7 @@ fn spawn_ingest(svc: &Arc<Service>, p: &Arc<Persistence>) -> JoinHandle<()> {
             if let Err(e) = p
                 .ingest(
                     &svc.engine,
-                    apply_stream_entries,
+                    svc.stream_applier(),
                     None,
                     Duration::from_secs(30),
                 )

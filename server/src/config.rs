@@ -108,6 +108,23 @@ pub struct ServeConfig {
     /// node reaches the node-only operations. For a laptop, never for a
     /// network.
     pub insecure_cluster: bool,
+    /// Events held for SSE resumption (`Last-Event-ID`); 0 turns events
+    /// off (no feed, no Redis stream, no webhooks).
+    pub event_backlog: usize,
+    /// With Redis, events also go to the stream `<redis_prefix>:events`,
+    /// capped near this many entries (`XADD … MAXLEN ~`); 0 = no stream.
+    pub event_stream_maxlen: usize,
+    /// `GeoJSON` `FeatureCollection` of named zones whose entries and exits
+    /// are announced (`driver.entered`, `driver.left`).
+    pub zones: Option<PathBuf>,
+    /// URLs every event is sent to (`POST`, in small batches), signed.
+    pub webhooks: Vec<String>,
+    /// The key of the webhooks' HMAC-SHA256 signature; required with
+    /// webhooks.
+    pub webhook_secret: Option<Secret>,
+    /// Events queued per webhook while it is slow or down; past it they
+    /// are dropped and counted.
+    pub webhook_queue: usize,
 }
 
 /// What a client token may do.
@@ -233,6 +250,12 @@ impl Default for ServeConfig {
             max_connections: 0,
             cluster_secret: None,
             insecure_cluster: false,
+            event_backlog: 10_000,
+            event_stream_maxlen: 100_000,
+            zones: None,
+            webhooks: Vec::new(),
+            webhook_secret: None,
+            webhook_queue: 10_000,
         }
     }
 }
@@ -418,6 +441,35 @@ pub struct ServeArgs {
     /// reaches the node-only operations. For a laptop only.
     #[arg(long, env = "HEXMATCH_INSECURE_CLUSTER")]
     pub insecure_cluster: bool,
+    /// Events held for `GET /v1/events` to resume from (`Last-Event-ID`);
+    /// 0 turns events off: no feed, no Redis stream, no webhooks
+    /// [default: 10000].
+    #[arg(long, env = "HEXMATCH_EVENT_BACKLOG")]
+    pub event_backlog: Option<usize>,
+    /// With --redis-url, events also go to the stream
+    /// `<redis-prefix>:events`, capped near this many entries (`MAXLEN ~`);
+    /// 0 = no stream [default: 100000].
+    #[arg(long, env = "HEXMATCH_EVENT_STREAM_MAXLEN")]
+    pub event_stream_maxlen: Option<usize>,
+    /// `GeoJSON` `FeatureCollection` of named zones (polygons; a point on
+    /// the boundary is inside): `driver.entered` / `driver.left` are
+    /// announced for them, as for the regions of --regions.
+    #[arg(long, env = "HEXMATCH_ZONES")]
+    pub zones: Option<PathBuf>,
+    /// A URL every event is sent to (`POST`), as a JSON array of events (repeat
+    /// the flag for several; comma-separated in the environment). Signed
+    /// with `x-hexmatch-signature: sha256=<hex HMAC-SHA256 of the body>`,
+    /// retried with backoff; needs --webhook-secret.
+    #[arg(long = "webhook", env = "HEXMATCH_WEBHOOKS", value_delimiter = ',')]
+    pub webhooks: Option<Vec<String>>,
+    /// The key of the webhooks' signature.
+    #[arg(long, env = "HEXMATCH_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Events queued per webhook while it is slow or down; past it they
+    /// are dropped and counted in `hexmatch_events_dropped_total`
+    /// [default: 10000].
+    #[arg(long, env = "HEXMATCH_WEBHOOK_QUEUE")]
+    pub webhook_queue: Option<usize>,
 }
 
 impl ServeArgs {
@@ -453,6 +505,7 @@ impl ServeArgs {
         );
         take!(redis_prefix, snapshot_interval_ms, ingest_stream);
         take!(redis_replicas, redis_wait_ms);
+        take!(event_backlog, event_stream_maxlen, webhooks, webhook_queue);
         take!(cluster, own_regions, lease_ttl_ms);
         take!(header_read_timeout_ms, idle_timeout_ms, max_connections);
         take!(
@@ -472,6 +525,12 @@ impl ServeArgs {
         }
         if self.regions.is_some() {
             c.regions = self.regions;
+        }
+        if self.zones.is_some() {
+            c.zones = self.zones;
+        }
+        if let Some(s) = self.webhook_secret {
+            c.webhook_secret = Some(Secret(s));
         }
         macro_rules! take_some {
             ($($field:ident),*) => { $( if self.$field.is_some() { c.$field = self.$field.clone(); } )* };
@@ -545,6 +604,22 @@ impl ServeConfig {
                 "redis_prefix {:?} must be non-empty and hold no braces (they are Redis Cluster hash tags)",
                 self.redis_prefix
             ));
+        }
+        if !self.webhooks.is_empty() {
+            if self.webhook_secret.as_ref().is_none_or(|s| s.0.is_empty()) {
+                return Err(
+                    "--webhook needs --webhook-secret (the key of the signature receivers check)"
+                        .to_owned(),
+                );
+            }
+            if self.event_backlog == 0 {
+                return Err("--webhook needs events on; --event-backlog is 0".to_owned());
+            }
+            if let Some(bad) = self.webhooks.iter().find(|u| !u.starts_with("http://")) {
+                return Err(format!(
+                    "webhook {bad:?} is not an http:// URL (this build has no TLS client; put a TLS proxy in front of an https receiver)"
+                ));
+            }
         }
         if self.cluster && self.lease_ttl_ms < 300 {
             return Err(format!(

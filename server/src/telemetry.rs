@@ -39,6 +39,10 @@ fn describe() {
         ("hexmatch_cells", "Partition cells that have held drivers."),
         ("hexmatch_drivers", "Drivers, by status."),
         (
+            "hexmatch_event_feed_clients",
+            "SSE clients connected to /v1/events.",
+        ),
+        (
             "hexmatch_matches_live",
             "Matches holding a driver (reserved or confirmed).",
         ),
@@ -161,6 +165,34 @@ fn describe_counters() {
         (
             "hexmatch_drivers_expired_total",
             "Drivers removed after sending no update for the driver TTL.",
+        ),
+        (
+            "hexmatch_events_total",
+            "Events published on this node's bus, by type.",
+        ),
+        (
+            "hexmatch_events_dropped_total",
+            "Events a sink lost, by sink (redis, webhook-<n>) and reason (queue_full: its queue was full; undelivered: every try failed).",
+        ),
+        (
+            "hexmatch_event_feed_gaps_total",
+            "Gaps announced on SSE feeds (events a client asked for were no longer held).",
+        ),
+        (
+            "hexmatch_event_stream_appended_total",
+            "Events appended to the Redis event stream.",
+        ),
+        (
+            "hexmatch_event_stream_failures_total",
+            "Appends of a batch of events to the Redis stream that failed.",
+        ),
+        (
+            "hexmatch_webhook_deliveries_total",
+            "Events a webhook receiver accepted (2xx), by hook.",
+        ),
+        (
+            "hexmatch_webhook_failures_total",
+            "Webhook POSTs that failed (no answer, or not 2xx), by hook.",
         ),
         (
             "hexmatch_forwarded_total",

@@ -1235,6 +1235,262 @@ mod opt_caps {
     }
 }
 
+/// The kind of an event: its `type` on every feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub enum EventType {
+    /// A driver was reserved for an order.
+    #[serde(rename = "match.reserved")]
+    MatchReserved,
+    /// A reservation was confirmed: the driver is busy with the order.
+    #[serde(rename = "match.confirmed")]
+    MatchConfirmed,
+    /// A match was released (by the client, or by the driver going
+    /// offline, busy or away).
+    #[serde(rename = "match.released")]
+    MatchReleased,
+    /// A reservation lapsed unconfirmed.
+    #[serde(rename = "match.expired")]
+    MatchExpired,
+    /// A confirmed match was completed.
+    #[serde(rename = "match.completed")]
+    MatchCompleted,
+    /// A driver silent past the TTL was removed.
+    #[serde(rename = "driver.expired")]
+    DriverExpired,
+    /// A driver's status changed.
+    #[serde(rename = "driver.status")]
+    DriverStatus,
+    /// A driver entered a zone.
+    #[serde(rename = "driver.entered")]
+    DriverEntered,
+    /// A driver left a zone.
+    #[serde(rename = "driver.left")]
+    DriverLeft,
+}
+
+impl EventType {
+    /// Every event type.
+    pub const ALL: [Self; 9] = [
+        Self::MatchReserved,
+        Self::MatchConfirmed,
+        Self::MatchReleased,
+        Self::MatchExpired,
+        Self::MatchCompleted,
+        Self::DriverExpired,
+        Self::DriverStatus,
+        Self::DriverEntered,
+        Self::DriverLeft,
+    ];
+
+    /// Its name on the wire (`match.reserved`, …).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::MatchReserved => "match.reserved",
+            Self::MatchConfirmed => "match.confirmed",
+            Self::MatchReleased => "match.released",
+            Self::MatchExpired => "match.expired",
+            Self::MatchCompleted => "match.completed",
+            Self::DriverExpired => "driver.expired",
+            Self::DriverStatus => "driver.status",
+            Self::DriverEntered => "driver.entered",
+            Self::DriverLeft => "driver.left",
+        }
+    }
+
+    /// The event type that announces a match now in `state`.
+    pub const fn of_match(state: MatchState) -> Self {
+        match state {
+            MatchState::Reserved => Self::MatchReserved,
+            MatchState::Confirmed => Self::MatchConfirmed,
+            MatchState::Released => Self::MatchReleased,
+            MatchState::Expired => Self::MatchExpired,
+            MatchState::Completed => Self::MatchCompleted,
+        }
+    }
+}
+
+impl Display for EventType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Payload of `driver.status`: a driver's status changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DriverStatusChange {
+    /// The driver.
+    #[serde(with = "text")]
+    #[schema(value_type = String)]
+    pub driver_id: DriverId,
+    /// The status before the change.
+    #[serde(with = "named")]
+    #[schema(value_type = String)]
+    pub previous: Status,
+    /// The status now: `available`, `reserved`, `busy` or `offline`.
+    #[serde(with = "named")]
+    #[schema(value_type = String)]
+    pub status: Status,
+    /// The order the driver is reserved for or busy with now, if any.
+    #[serde(default, with = "opt_text", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub order_id: Option<OrderId>,
+}
+
+/// What a zone is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ZoneKind {
+    /// A region of the region map (`--regions`).
+    Region,
+    /// A named zone of the zone file (`--zones`).
+    Zone,
+}
+
+/// Payload of `driver.entered` and `driver.left`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ZoneCrossing {
+    /// The driver.
+    #[serde(with = "text")]
+    #[schema(value_type = String)]
+    pub driver_id: DriverId,
+    /// The zone's id: a region id, or the zone file's feature id.
+    pub zone: String,
+    /// The zone's `name` property (empty when it has none).
+    pub name: String,
+    /// A region or a named zone.
+    pub kind: ZoneKind,
+    /// Where the driver is now (for `driver.left` after a removal: where
+    /// it was last).
+    #[serde(deserialize_with = "object")]
+    pub position: LatLon,
+}
+
+/// An event's typed payload, under `data`, named by `type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", content = "data")]
+pub enum EventData {
+    /// A driver was reserved for an order: the match.
+    #[serde(rename = "match.reserved")]
+    MatchReserved(MatchOut),
+    /// A reservation was confirmed: the match.
+    #[serde(rename = "match.confirmed")]
+    MatchConfirmed(MatchOut),
+    /// A match was released: the match, with its `reason`.
+    #[serde(rename = "match.released")]
+    MatchReleased(MatchOut),
+    /// A reservation lapsed unconfirmed: the match.
+    #[serde(rename = "match.expired")]
+    MatchExpired(MatchOut),
+    /// A confirmed match was completed: the match.
+    #[serde(rename = "match.completed")]
+    MatchCompleted(MatchOut),
+    /// A driver silent past the TTL was removed: the driver as it was.
+    #[serde(rename = "driver.expired")]
+    DriverExpired(DriverOut),
+    /// A driver's status changed.
+    #[serde(rename = "driver.status")]
+    DriverStatus(DriverStatusChange),
+    /// A driver entered a zone.
+    #[serde(rename = "driver.entered")]
+    DriverEntered(ZoneCrossing),
+    /// A driver left a zone.
+    #[serde(rename = "driver.left")]
+    DriverLeft(ZoneCrossing),
+}
+
+impl EventData {
+    /// The event of a match as it now is (`match.<state>`).
+    pub fn of_match(m: MatchOut) -> Self {
+        match m.state {
+            MatchState::Reserved => Self::MatchReserved(m),
+            MatchState::Confirmed => Self::MatchConfirmed(m),
+            MatchState::Released => Self::MatchReleased(m),
+            MatchState::Expired => Self::MatchExpired(m),
+            MatchState::Completed => Self::MatchCompleted(m),
+        }
+    }
+
+    /// Its type.
+    pub const fn event_type(&self) -> EventType {
+        match self {
+            Self::MatchReserved(_) => EventType::MatchReserved,
+            Self::MatchConfirmed(_) => EventType::MatchConfirmed,
+            Self::MatchReleased(_) => EventType::MatchReleased,
+            Self::MatchExpired(_) => EventType::MatchExpired,
+            Self::MatchCompleted(_) => EventType::MatchCompleted,
+            Self::DriverExpired(_) => EventType::DriverExpired,
+            Self::DriverStatus(_) => EventType::DriverStatus,
+            Self::DriverEntered(_) => EventType::DriverEntered,
+            Self::DriverLeft(_) => EventType::DriverLeft,
+        }
+    }
+}
+
+/// One event, as every feed carries it (the SSE `data`, a Redis stream
+/// entry's `event` field, an item of a webhook's body):
+/// `{"id", "node", "time", "type", "data"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    /// Orders the events of the node that emitted it: 1, 2, … from the
+    /// node's start, without gaps.
+    pub id: u64,
+    /// The node that emitted it.
+    pub node: String,
+    /// When it happened (RFC 3339, the server's clock).
+    #[serde(with = "ts")]
+    #[schema(value_type = String)]
+    pub time: Timestamp,
+    /// The type (`type`) and its payload (`data`).
+    #[serde(flatten)]
+    pub data: EventData,
+}
+
+/// Sent on the SSE feed (`event: gap`) when events the client asked for
+/// are no longer held: they are lost to it. The feed goes on from
+/// `first_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EventGap {
+    /// The last event id the client had (its `Last-Event-ID`, or the last
+    /// one sent on this connection).
+    pub last_event_id: u64,
+    /// The oldest event still held, from which the feed goes on.
+    pub first_id: u64,
+}
+
+/// An event as the bus holds it: shared by every consumer, its JSON
+/// written once, by the first that needs it.
+#[derive(Debug)]
+pub struct SharedEvent {
+    /// The event.
+    pub event: Event,
+    json: std::sync::OnceLock<Box<str>>,
+}
+
+impl SharedEvent {
+    /// Wraps `event`.
+    pub fn new(event: Event) -> Self {
+        Self {
+            event,
+            json: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The event as JSON (the shape of [`Event`]).
+    pub fn json(&self) -> &str {
+        self.json.get_or_init(|| {
+            // Serialising a struct of strings and numbers cannot fail.
+            serde_json::to_string(&self.event)
+                .unwrap_or_default()
+                .into_boxed_str()
+        })
+    }
+
+    /// The event's type.
+    pub fn event_type(&self) -> EventType {
+        self.event.data.event_type()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;

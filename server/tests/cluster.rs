@@ -12,6 +12,8 @@
 //!   acknowledge a reservation, and Redis refuses its fenced writes.
 //! - A driver that moves into another node's region is handed over, never
 //!   held by two nodes, and a client token opens no node-to-node call.
+//! - Each node emits the events of what it serves, on its own feed and on
+//!   the shared Redis stream.
 //!
 //! - On a Redis Cluster (three masters, one replica each) with
 //!   `--redis-replicas 1`: a killed Redis master loses no acknowledged
@@ -1402,6 +1404,130 @@ fn position_in(
                 && avoid.is_none_or(|a| a.distance_m(*p) >= apart_m)
         })
         .expect("a trip pickup in those regions")
+}
+
+/// The messages of a node's event feed, read on a thread: `(event, data)`.
+fn event_feed(node: &Node) -> std::sync::mpsc::Receiver<(String, Value)> {
+    use std::io::BufRead;
+    let resp = reqwest::blocking::Client::new()
+        .get(format!("{}/v1/events", node.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .expect("the feed answers");
+    assert_eq!(resp.status(), 200);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut event = String::new();
+        for line in std::io::BufReader::new(resp).lines() {
+            let Ok(line) = line else { return };
+            if let Some(e) = line.strip_prefix("event: ") {
+                e.clone_into(&mut event);
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                let data = serde_json::from_str(d).expect("json data");
+                if tx.send((event.clone(), data)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// The next `n` messages of a feed, or panics after 10 s.
+fn next_events(rx: &std::sync::mpsc::Receiver<(String, Value)>, n: usize) -> Vec<(String, Value)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    (0..n)
+        .map(|i| {
+            rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|e| panic!("event {i} of {n}: {e}"))
+        })
+        .collect()
+}
+
+/// A driver created in a's region, moved into b's and claimed there,
+/// every request sent through the other node: a announces the driver
+/// entering and leaving its region, b its arrival, the reservation and
+/// the status change; each on its own feed, both on the Redis stream.
+#[test]
+fn each_node_emits_the_events_of_what_it_serves() {
+    let t = two_nodes("events", LEASE_TTL_MS, &[]);
+    let (a, b) = (&t.a, &t.b);
+    let http = &http();
+    let map = region_map();
+    let here = position_in(&map, &t.own[&0], None, 0.0);
+    let there = position_in(&map, &t.own[&1], Some(here), 3000.0);
+    let (region_a, region_b) = (
+        map.region_of(here).expect("a region").to_string(),
+        map.region_of(there).expect("a region").to_string(),
+    );
+    let on_a = event_feed(a);
+    let on_b = event_feed(b);
+    for (p, via) in [(here, b), (there, a)] {
+        let (status, body, _) = send(
+            http.put(format!("{}/v1/drivers/mover", via.base))
+                .json(&json!({"lat": p.lat(), "lon": p.lon()})),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, m, by) = post(
+        http,
+        &format!("{}/v1/matches", a.base),
+        &json!({"order_id": "o1", "pickup": {"lat": there.lat(), "lon": there.lon()}}),
+    );
+    assert_eq!((status, by.as_str()), (201, "b"), "{m}");
+
+    let kinds = |got: &[(String, Value)]| -> Vec<(String, String, String)> {
+        got.iter()
+            .map(|(event, e)| {
+                assert_eq!(event, &e["type"], "{e}");
+                (
+                    e["node"].as_str().expect("node").to_owned(),
+                    event.clone(),
+                    e["data"]["zone"]
+                        .as_str()
+                        .or(e["data"]["order_id"].as_str())
+                        .unwrap_or_default()
+                        .to_owned(),
+                )
+            })
+            .collect()
+    };
+    let got_a = kinds(&next_events(&on_a, 2));
+    let s = |x: &str| x.to_owned();
+    assert_eq!(
+        got_a,
+        [
+            (s("a"), s("driver.entered"), region_a.clone()),
+            (s("a"), s("driver.left"), region_a.clone()),
+        ]
+    );
+    let got_b = kinds(&next_events(&on_b, 3));
+    assert_eq!(
+        got_b,
+        [
+            (s("b"), s("driver.entered"), region_b.clone()),
+            (s("b"), s("driver.status"), s("o1")),
+            (s("b"), s("match.reserved"), s("o1")),
+        ]
+    );
+    // Both nodes append to the one stream.
+    let key = format!("{}:events", t.prefix);
+    let nodes: Vec<String> = poll(10, "five events on the stream", || {
+        let mut c = RedisServer::conn(&t.url);
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .query(&mut c)
+            .ok()?;
+        let nodes: Vec<String> = entries
+            .iter()
+            .filter_map(|(_, f)| f.iter().find(|(k, _)| k == "node").map(|(_, v)| v.clone()))
+            .collect();
+        (nodes.len() >= 5).then_some(nodes)
+    });
+    assert_eq!(nodes.iter().filter(|n| *n == "a").count(), 2, "{nodes:?}");
+    assert_eq!(nodes.iter().filter(|n| *n == "b").count(), 3, "{nodes:?}");
 }
 
 /// A driver moved into a region another node owns, with client tokens

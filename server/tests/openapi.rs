@@ -30,6 +30,7 @@ fn openapi_is_a_valid_3_1_document_with_resolvable_references() {
         "GET /v1/drivers",
         "GET /v1/drivers/nearest",
         "GET /v1/drivers/{driver_id}",
+        "GET /v1/events",
         "GET /v1/locations/stream",
         "GET /v1/matches/{order_id}",
         "GET /v1/regions",
@@ -68,6 +69,46 @@ fn openapi_is_a_valid_3_1_document_with_resolvable_references() {
             }
         }
     }
+}
+
+/// Every event has its schema: the envelope, each payload, the gap
+/// message; the feed's response is an event stream of `Event`.
+#[test]
+fn every_event_shape_has_a_schema() {
+    let spec: Value = serde_json::from_str(&document()).expect("json");
+    let schemas = &spec["components"]["schemas"];
+    for name in [
+        "Event",
+        "EventData",
+        "EventGap",
+        "EventType",
+        "MatchOut",
+        "DriverOut",
+        "DriverStatusChange",
+        "ZoneCrossing",
+        "ZoneKind",
+    ] {
+        assert!(schemas.get(name).is_some(), "no schema {name}");
+    }
+    let text = schemas["EventData"].to_string();
+    for t in [
+        "match.reserved",
+        "match.confirmed",
+        "match.released",
+        "match.expired",
+        "match.completed",
+        "driver.expired",
+        "driver.status",
+        "driver.entered",
+        "driver.left",
+    ] {
+        assert!(text.contains(t), "EventData does not name {t}: {text}");
+    }
+    let ok = &spec["paths"]["/v1/events"]["get"]["responses"]["200"]["content"];
+    assert_eq!(
+        ok["text/event-stream"]["schema"]["$ref"],
+        "#/components/schemas/Event"
+    );
 }
 
 #[test]

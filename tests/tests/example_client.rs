@@ -34,7 +34,10 @@ async fn the_python_example_reserves_and_confirms_from_the_event_feed() {
         Command::new("python3")
             .arg(script)
             .args(["--url", &base, "--token", TOKEN, "--count", "20"])
-            .args(["--orders", data_path("chicago_trips.csv").to_str().expect("utf-8")])
+            .args([
+                "--orders",
+                data_path("chicago_trips.csv").to_str().expect("utf-8"),
+            ])
             .output()
             .expect("python3 runs")
     })

@@ -602,6 +602,16 @@ async fn openapi_describes_only_implemented_routes() {
         path.push_str(rest);
         for m in HTTP_METHODS.iter().filter(|m| item.get(**m).is_some()) {
             let method: Method = m.to_uppercase().parse().unwrap();
+            // An event stream never ends: a bad filter answers at once,
+            // and still shows the route is there.
+            let streams = item[*m]["responses"]["200"]["content"]
+                .get("text/event-stream")
+                .is_some();
+            let path = if streams {
+                format!("{path}?types=no-such-type")
+            } else {
+                path.clone()
+            };
             let r = srv.raw(method, &path, Some("application/json"), "{}").await;
             let code = r
                 .json_opt()

@@ -371,6 +371,7 @@ mod tests {
             (Method::POST, "/v1/drivers/within", Read),
             (Method::GET, "/v1/regions/r1/stats", Read),
             (Method::GET, "/v1/density", Read),
+            (Method::GET, "/v1/events", Read),
             (Method::PUT, "/v1/drivers/d1", Locations),
             (Method::POST, "/v1/drivers/d1/location", Locations),
             (Method::POST, "/v1/locations", Locations),

@@ -6,7 +6,8 @@
 //! [`app`] builds the router:
 //! - `/v1`: the client API of `docs/API.md`, behind the gate (client
 //!   token or cluster secret, per-client rate limit, readiness, cluster
-//!   routing), load shedding and a timeout;
+//!   routing), load shedding and a timeout; `/v1/events` is the SSE feed
+//!   of the event bus (`events.rs`);
 //! - `/internal/v1`: the node-only operations of the peer channel
 //!   (`internal.rs`), answering only to the cluster secret;
 //! - ops routes (`/livez`, `/readyz`, `/metrics`, `/openapi.json`,
@@ -18,6 +19,7 @@
 mod areas;
 mod conn;
 mod drivers;
+mod events;
 mod extract;
 mod forward;
 mod gate;
@@ -108,10 +110,11 @@ impl HttpState {
         (name = "drivers", description = "Drivers and location updates"),
         (name = "matching", description = "Nearest drivers and matches"),
         (name = "areas", description = "Drivers in a box, a polygon or a region; counts per region and per H3 cell"),
+        (name = "events", description = "The event feed: matches, drivers, zones"),
         (name = "cluster", description = "Regions and nodes"),
         (name = "ops", description = "Health, readiness and metrics"),
     ),
-    components(schemas(ErrorBody, ErrorDetail, ErrorCode)),
+    components(schemas(ErrorBody, ErrorDetail, ErrorCode, crate::wire::EventGap, crate::wire::EventType)),
 )]
 struct ApiDoc;
 
@@ -168,6 +171,7 @@ fn v1_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(matches::release))
         .routes(routes!(matches::complete))
         .routes(routes!(matches::batch))
+        .routes(routes!(events::events))
         .routes(routes!(ops::regions))
         .routes(routes!(ops::cluster))
         .routes(routes!(areas::list_drivers))

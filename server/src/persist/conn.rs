@@ -303,6 +303,7 @@ pub async fn eval_durable(
 /// | `p:{order:O}` | an order | the region (and lease) holding its match (cluster) |
 /// | `p:{cluster}:owners` / `:nodes` / `:version` | the map | the region → node map |
 /// | `p:locations` / `p:locations:dead` | — | the location stream and its dead letters (one key per command) |
+/// | `p:events` | — | every node's events ([`super::events`]) |
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
     prefix: String,
@@ -346,6 +347,11 @@ impl Keys {
     /// The location stream producers append to.
     pub fn stream(&self) -> String {
         format!("{}:locations", self.prefix)
+    }
+
+    /// The stream of this cluster's events.
+    pub fn events(&self) -> String {
+        format!("{}:events", self.prefix)
     }
 }
 

@@ -14,6 +14,7 @@
 //! | `p:{region:r}:snap:…` | a region's snapshot, as above (cluster) |
 //! | `p:{region:r}:locations`, `…:snap:offset` | a region's journal and the entry its snapshot covers ([`journal`]) |
 //! | `p:locations` / `p:locations:dead` | update stream (group `hexmatch`) / dead letters |
+//! | `p:events` | every node's events, capped with `MAXLEN ~` ([`events`]) |
 //!
 //! A single node's first restore after an upgrade reads the layout before
 //! hash tags (`p:n:…`) when the tagged keys are absent.
@@ -53,6 +54,7 @@
 //!   serving from memory, and `/readyz` says `degraded`.
 
 pub mod conn;
+pub mod events;
 pub mod journal;
 pub mod stripes;
 
@@ -338,9 +340,6 @@ pub struct DeadLetter {
 /// acknowledge, the invalid entries to dead-letter, and the orders whose
 /// match a driver's status ended (their records go).
 pub type Ingested = (Vec<String>, Vec<DeadLetter>, Vec<OrderId>);
-
-/// How stream entries are applied (given by the service layer above).
-pub type ApplyEntries = fn(&Engine, Vec<StreamEntry>) -> Ingested;
 
 impl std::fmt::Debug for Persistence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1634,7 +1633,7 @@ impl Persistence {
     pub async fn ingest_once(
         &self,
         engine: &Arc<Engine>,
-        apply: ApplyEntries,
+        apply: impl Fn(&Engine, Vec<StreamEntry>) -> Ingested + Send + 'static,
         count: usize,
         block_ms: u64,
         reclaim_idle: Option<Duration>,
@@ -1670,7 +1669,7 @@ impl Persistence {
     pub async fn ingest(
         self: &Arc<Self>,
         engine: &Arc<Engine>,
-        apply: ApplyEntries,
+        apply: impl Fn(&Engine, Vec<StreamEntry>) -> Ingested + Send + 'static,
         limit: Option<usize>,
         reclaim_every: Duration,
     ) -> RedisResult<usize> {

@@ -15,8 +15,9 @@
 //! two nodes.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use hexmatch::{Applied, DriverId, DriverUpdate, Engine, OrderId};
+use hexmatch::{Applied, Driver, DriverId, DriverUpdate, Engine, OrderId};
 use metrics::counter;
 
 use super::journal::Before;
@@ -26,8 +27,8 @@ use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::persist::journal::Change;
 use crate::persist::{DeadLetter, Persistence, StreamEntry};
 use crate::wire::{
-    BatchTally, DriverOut, DriverPut, DriverPutOut, HandoffAnswer, HandoffRequest, LocationIn,
-    LocationItem, LocationOut, NotApplied, PeerUpdate, PeerUpdates,
+    BatchTally, DriverOut, DriverPut, DriverPutOut, DriverStatusChange, HandoffAnswer,
+    HandoffRequest, LocationIn, LocationItem, LocationOut, NotApplied, PeerUpdate, PeerUpdates,
 };
 
 /// How much earlier than the peer timeout a handoff's deadline falls.
@@ -46,29 +47,72 @@ fn count_update(applied: &Applied) {
     counter!("hexmatch_location_updates_total", "result" => result).increment(1);
 }
 
+/// What applying updates did beyond the drivers themselves: the orders
+/// whose match a driver's status ended (their durable records must go),
+/// and, for events, the status changes and the moves.
+#[derive(Debug, Default)]
+pub(super) struct Effects {
+    /// Orders whose match a status ended.
+    pub(super) ended: Vec<OrderId>,
+    /// Status changes of known drivers (`None`: events are off).
+    pub(super) statuses: Option<Vec<DriverStatusChange>>,
+    /// Drivers as each applied update left them (`None`: no zones).
+    pub(super) moved: Option<Vec<Driver>>,
+}
+
+impl Effects {
+    /// Effects that record what `svc`'s events need.
+    pub(super) fn for_service(svc: &Service) -> Self {
+        Self {
+            ended: Vec::new(),
+            statuses: svc.events.is_on().then(Vec::new),
+            moved: svc.zones.is_some().then(Vec::new),
+        }
+    }
+}
+
 /// Validates and applies one update with its count: the same rules for a
 /// batch, the WebSocket and the Redis stream.
 ///
 /// A status that ends the driver's match (offline or busy while reserved)
-/// adds the order to `ended`: its durable record must go too.
+/// adds the order to `out.ended`: its durable record must go too.
 fn apply_one(
     engine: &Engine,
     update: ApiResult<DriverUpdate>,
-    ended: &mut Vec<OrderId>,
+    out: &mut Effects,
 ) -> ApiResult<Applied> {
-    let held = update
+    // Only a status can end a match or change a status: a plain move
+    // reads nothing first.
+    let was = update
         .as_ref()
         .ok()
         .filter(|u| u.status.is_some())
-        .and_then(|u| engine.driver(&u.id)?.order_id);
+        .and_then(|u| engine.driver(&u.id));
     let outcome = update.and_then(|u| engine.upsert(&u).map_err(ApiError::from));
-    if let Some(order) = held
+    if let Some(order) = was.as_ref().and_then(|d| d.order_id.clone())
         && engine.get_match(&order).is_none_or(|m| !m.state.is_live())
     {
-        ended.push(order);
+        out.ended.push(order);
     }
     match &outcome {
-        Ok(applied) => count_update(applied),
+        Ok(applied) => {
+            count_update(applied);
+            if let Applied::Applied(d) = applied {
+                if let (Some(statuses), Some(was)) = (&mut out.statuses, &was)
+                    && was.status != d.status
+                {
+                    statuses.push(DriverStatusChange {
+                        driver_id: d.id.clone(),
+                        previous: was.status,
+                        status: d.status,
+                        order_id: d.order_id.clone(),
+                    });
+                }
+                if let Some(moved) = &mut out.moved {
+                    moved.push(d.clone());
+                }
+            }
+        }
         Err(_) => counter!("hexmatch_location_updates_total", "result" => "rejected").increment(1),
     }
     outcome
@@ -87,17 +131,27 @@ fn tally_one(tally: &mut BatchTally, index: usize, outcome: ApiResult<Applied>) 
 /// `capabilities` comma-separated) on a single node, with the same
 /// validation as HTTP. Returns every entry id (to acknowledge), the
 /// invalid entries (for the dead-letter stream) and the orders whose
-/// match a driver's status ended (their records go).
+/// match a driver's status ended (their records go). Emits no events:
+/// [`Service::stream_applier`] does.
 pub fn apply_stream_entries(
     engine: &Engine,
     entries: Vec<StreamEntry>,
 ) -> crate::persist::Ingested {
+    let mut out = Effects::default();
+    let (ids, dead) = apply_entries(engine, entries, &mut out);
+    (ids, dead, out.ended)
+}
+
+fn apply_entries(
+    engine: &Engine,
+    entries: Vec<StreamEntry>,
+    out: &mut Effects,
+) -> (Vec<String>, Vec<DeadLetter>) {
     let mut ids = Vec::with_capacity(entries.len());
     let mut dead = Vec::new();
-    let mut ended = Vec::new();
     for (id, fields) in entries {
         let update = LocationItem::from_stream_fields(&fields).and_then(LocationItem::into_update);
-        if let Err(e) = apply_one(engine, update, &mut ended) {
+        if let Err(e) = apply_one(engine, update, out) {
             dead.push(DeadLetter {
                 id: id.clone(),
                 fields,
@@ -107,7 +161,24 @@ pub fn apply_stream_entries(
         }
         ids.push(id);
     }
-    (ids, dead, ended)
+    (ids, dead)
+}
+
+impl Service {
+    /// How a single node applies Redis stream entries: as
+    /// [`apply_stream_entries`], emitting the events of what they did.
+    pub fn stream_applier(
+        self: &Arc<Self>,
+    ) -> impl Fn(&Engine, Vec<StreamEntry>) -> crate::persist::Ingested + Send + Sync + 'static
+    {
+        let svc = Arc::clone(self);
+        move |engine, entries| {
+            let mut out = Effects::for_service(&svc);
+            let (ids, dead) = apply_entries(engine, entries, &mut out);
+            let ended = svc.publish_effects(&mut out);
+            (ids, dead, ended)
+        }
+    }
 }
 
 impl Service {
@@ -136,8 +207,9 @@ impl Service {
         }
         // A status change may end the driver's match: keep Redis in step.
         let before = self.before([&id]);
-        let mut ended = Vec::new();
-        let applied = apply_one(&self.engine, Ok(update), &mut ended)?;
+        let mut out = Effects::for_service(self);
+        let applied = apply_one(&self.engine, Ok(update), &mut out)?;
+        let ended = self.publish_effects(&mut out);
         if let Some(p) = self.persist() {
             p.sync_orders(&self.engine, &ended).await;
         }
@@ -178,6 +250,9 @@ impl Service {
         let before = self.before([&u.id]);
         let applied = self.engine.update_location(&u.id, u.pos, u.ts)?;
         count_update(&applied);
+        if let Applied::Applied(d) = &applied {
+            self.track_zones(d);
+        }
         if matches!(applied, Applied::Applied(_)) {
             self.journal(before).await?;
         }
@@ -218,9 +293,11 @@ impl Service {
     /// `unknown_driver`.
     pub async fn remove_driver(&self, id: &DriverId, scope: Scope) -> ApiResult<()> {
         let before = self.before([id]);
-        if let Some((_, event)) = self.engine.remove(id) {
+        if let Some((gone, event)) = self.engine.remove(id) {
+            self.forget_zones(&gone);
             if let Some(ev) = event {
                 counter!("hexmatch_match_ends_total", "state" => "released").increment(1);
+                self.emit_match(&ev.m);
                 if let Some(p) = self.persist() {
                     p.sync_order(&self.engine, &ev.m.order_id).await;
                 }
@@ -314,23 +391,24 @@ impl Service {
                 .filter_map(|(_, u)| u.as_ref().ok().map(|u| &u.id)),
         );
         let journalled = !before.drivers.is_empty();
+        let mut out = Effects::for_service(self);
         let apply = move |engine: &Engine, mut tally: BatchTally| {
-            let (mut applied, mut ended) = (Vec::new(), Vec::new());
+            let mut applied = Vec::new();
             for (i, update) in local {
                 let id = journalled
                     .then(|| update.as_ref().ok().map(|u| u.id.clone()))
                     .flatten();
-                let outcome = apply_one(engine, update, &mut ended);
+                let outcome = apply_one(engine, update, &mut out);
                 if let (Some(id), Ok(Applied::Applied(_))) = (id, &outcome) {
                     applied.push((i, id));
                 }
                 tally_one(&mut tally, i, outcome);
             }
-            (tally, applied, ended)
+            (tally, applied, out)
         };
         // A few updates take microseconds: no thread hop for them (a
         // WebSocket frame is one update).
-        let (mut tally, applied, ended) = if n_local <= INLINE_UPDATES {
+        let (mut tally, applied, mut out) = if n_local <= INLINE_UPDATES {
             apply(&self.engine, tally)
         } else {
             let engine = self.engine.clone();
@@ -338,6 +416,7 @@ impl Service {
                 .await
                 .map_err(|e| ApiError::internal(format!("batch task failed: {e}")))?
         };
+        let ended = self.publish_effects(&mut out);
         // Matches a driver's status ended: their records go, as after a
         // `PUT /v1/drivers/{id}`.
         if let Some(p) = self.persist() {
@@ -679,7 +758,8 @@ impl Service {
         // journalled: that driver stays with its match (a removal would end
         // an acknowledged match), and the asker is told it is held.
         for id in &leaving {
-            if self.engine.remove_unmatched(id).is_some() {
+            if let Some(gone) = self.engine.remove_unmatched(id) {
+                self.forget_zones(&gone);
                 tracing::debug!(driver_id = %id, "driver handed over to another node");
             } else if let Some(d) = self.engine.driver(id)
                 && let Some(entry) = out.drivers.iter_mut().find(|x| x.driver_id == *id)

@@ -273,6 +273,9 @@ impl Service {
                 return Err(unavailable(&e));
             }
         }
+        if created {
+            self.emit_match_change(&m, hexmatch::Status::Available);
+        }
         Ok(Claimed {
             m: self.match_out(m),
             created,
@@ -387,6 +390,17 @@ impl Service {
         durable_first: impl FnOnce(hexmatch::DurableMatch) -> Option<hexmatch::DurableMatch>,
         act: impl FnOnce(&hexmatch::Engine) -> hexmatch::Result<hexmatch::Match>,
     ) -> ApiResult<MatchOut> {
+        // The match before, for the events of what the change did.
+        let was = if self.events.is_on() {
+            self.engine.get_match(order)
+        } else {
+            None
+        };
+        let act = |engine: &hexmatch::Engine| {
+            let result = act(engine);
+            self.emit_transition(order, was.as_ref(), &result);
+            result
+        };
         let Some(p) = self.durable()? else {
             return Ok(self.match_out(act(&self.engine)?));
         };
@@ -522,6 +536,13 @@ impl Service {
             .map_err(|e| ApiError::internal(format!("batch task failed: {e}")))??;
         if let Some(p) = durable {
             self.write_batch(p, &out.matches, &was_live).await?;
+        }
+        for m in out
+            .matches
+            .iter()
+            .filter(|m| !was_live.contains(&m.order_id))
+        {
+            self.emit_match_change(m, hexmatch::Status::Available);
         }
         counter!("hexmatch_matches_total", "result" => "batch").increment(out.matches.len() as u64);
         Ok(BatchOut {

@@ -16,12 +16,19 @@
 //! - [`areas`](Service::drivers_within): drivers in a box, a polygon or a
 //!   region, region counts, density per H3 cell, and the region that
 //!   narrows a nearest query or a claim.
+//! - [`events`]: the event bus every transition above publishes to
+//!   ([`Service::events`]), read by the SSE feed, the Redis stream and
+//!   the webhooks ([`webhooks`]); [`zones`] finds where drivers enter and
+//!   leave zones.
 
 mod areas;
 mod drivers;
+pub mod events;
 mod journal;
 mod matches;
 mod ops;
+pub mod webhooks;
+pub mod zones;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -30,7 +37,9 @@ use hexmatch::{Engine, RegionMap};
 
 pub use self::areas::DEFAULT_AREA_LIMIT;
 pub use self::drivers::apply_stream_entries;
+pub use self::events::{EventBus, Read, TypeFilter};
 pub use self::matches::{Claimed, Nearest};
+pub use self::zones::Zones;
 use crate::cluster::Cluster;
 use crate::config::ServeConfig;
 use crate::error::{ApiError, ErrorCode};
@@ -55,6 +64,10 @@ pub struct Service {
     pub config: ServeConfig,
     /// Regions from `--regions` (a `GeoJSON` file), if configured.
     pub regions: Option<RegionMap>,
+    /// The events this node emits.
+    pub events: Arc<EventBus>,
+    /// Zones whose crossings are announced (none: no zones, or events off).
+    zones: Option<Zones>,
     ready: AtomicBool,
     startup_problem: parking_lot::Mutex<Option<String>>,
     persist: OnceLock<Arc<Persistence>>,
@@ -63,18 +76,42 @@ pub struct Service {
 }
 
 impl Service {
-    /// A service for `engine` under `config`, not yet ready.
+    /// A service for `engine` under `config`, not yet ready. With events
+    /// on, the regions of `regions` are zones.
     pub fn new(engine: Arc<Engine>, config: ServeConfig, regions: Option<RegionMap>) -> Self {
+        let events = Arc::new(EventBus::new(
+            config.event_backlog,
+            &config.node_id,
+            Arc::clone(engine.clock()),
+        ));
+        let zones = if events.is_on() {
+            // Without a zone file this cannot fail.
+            Zones::new(regions.as_ref(), None).ok().flatten()
+        } else {
+            None
+        };
         Self {
             engine,
             config,
             regions,
+            events,
+            zones,
             ready: AtomicBool::new(false),
             startup_problem: parking_lot::Mutex::new(None),
             persist: OnceLock::new(),
             cluster: OnceLock::new(),
             driver_locks: journal::driver_locks(),
         }
+    }
+
+    /// Sets the zones (the regions and the named zones of `--zones`);
+    /// ignored with events off.
+    #[must_use]
+    pub fn with_zones(mut self, zones: Option<Zones>) -> Self {
+        if self.events.is_on() {
+            self.zones = zones;
+        }
+        self
     }
 
     /// Whether start-up (the snapshot restore) is done.

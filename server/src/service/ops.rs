@@ -205,37 +205,54 @@ impl Service {
         let ttl_on = self.config.driver_ttl_s > 0;
         // The driver scan is O(drivers): keep it off the async workers.
         let swept = tokio::task::spawn_blocking(move || {
-            let mut ended: Vec<hexmatch::OrderId> = engine
-                .expire_matches()
-                .into_iter()
-                .map(|e| e.m.order_id)
-                .collect();
-            let expired = ended.len();
+            let expired = engine.expire_matches();
             let drivers = if ttl_on {
                 engine.expire_drivers()
             } else {
                 Vec::new()
             };
-            ended.extend(
-                drivers
-                    .iter()
-                    .filter_map(|(_, ev)| ev.as_ref().map(|e| e.m.order_id.clone())),
-            );
-            (expired, drivers.len(), ended)
+            (expired, drivers)
         })
         .await;
-        let Ok((expired, drivers, ended)) = swept else {
+        let Ok((expired, drivers)) = swept else {
             return;
         };
         metrics::counter!("hexmatch_match_ends_total", "state" => "expired")
-            .increment(expired as u64);
-        metrics::counter!("hexmatch_drivers_expired_total").increment(drivers as u64);
+            .increment(expired.len() as u64);
+        metrics::counter!("hexmatch_drivers_expired_total").increment(drivers.len() as u64);
+        for (i, e) in expired.iter().enumerate() {
+            self.emit_match_change(&e.m, hexmatch::Status::Reserved);
+            yield_every(i).await;
+        }
+        for (i, (d, ended)) in drivers.iter().enumerate() {
+            self.events.publish(|| {
+                crate::wire::EventData::DriverExpired(crate::wire::DriverOut::from(d.clone()))
+            });
+            self.forget_zones(d);
+            if let Some(e) = ended {
+                self.emit_match(&e.m);
+            }
+            yield_every(i).await;
+        }
+        let ended = expired.iter().map(|e| &e.m.order_id).chain(
+            drivers
+                .iter()
+                .filter_map(|(_, e)| e.as_ref().map(|e| &e.m.order_id)),
+        );
         if let Some(p) = self.persist() {
-            for order in &ended {
+            for order in ended {
                 if p.del_match(order).await.is_err() {
                     p.schedule_resync();
                 }
             }
         }
+    }
+}
+
+/// Lets other tasks run every 1024 items of a long loop on an async
+/// worker (a sweep that removed many drivers announces each one).
+async fn yield_every(i: usize) {
+    if i % 1024 == 1023 {
+        tokio::task::yield_now().await;
     }
 }
