@@ -214,6 +214,12 @@ async fn put(base: &str, path: &str, body: Value) -> (u16, Value) {
     send(reqwest::Method::PUT, base, path, Some(body)).await
 }
 
+/// Creates driver `d1`, available in Chicago's Loop.
+async fn put_driver_d1(base: &str) {
+    let (s, body) = put(base, "/v1/drivers/d1", json!({"lat": 41.88, "lon": -87.63})).await;
+    assert_eq!(s, 200, "{body}");
+}
+
 async fn get(base: &str, path: &str) -> (u16, Value) {
     send(reqwest::Method::GET, base, path, None).await
 }
@@ -585,13 +591,7 @@ fn ids_of(msgs: &[Msg]) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnection_resumes_from_last_event_id_without_losing_any() {
     let (server, base) = memory_server(|_| {}).await;
-    let (s, _) = put(
-        &base,
-        "/v1/drivers/d1",
-        json!({"lat": 41.88, "lon": -87.63}),
-    )
-    .await;
-    assert_eq!(s, 200);
+    put_driver_d1(&base).await;
     let mut sse = Sse::open(&base, "", &[]).await;
     toggle_status(&base, "d1", 10).await;
     let first = sse.until("ten events", |got| got.len() == 10).await;
@@ -618,13 +618,7 @@ async fn a_reconnection_resumes_from_last_event_id_without_losing_any() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_beyond_the_backlog_is_announced() {
     let (server, base) = memory_server(|c| c.event_backlog = 5).await;
-    let (s, _) = put(
-        &base,
-        "/v1/drivers/d1",
-        json!({"lat": 41.88, "lon": -87.63}),
-    )
-    .await;
-    assert_eq!(s, 200);
+    put_driver_d1(&base).await;
     toggle_status(&base, "d1", 20).await;
     // Events 1..=20 were given; 16..=20 are held.
     let mut sse = Sse::open(&base, "", &[("Last-Event-ID", "2")]).await;
@@ -647,13 +641,7 @@ async fn a_gap_beyond_the_backlog_is_announced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_falls_behind_the_backlog_gets_the_gap() {
     let (server, base) = memory_server(|c| c.event_backlog = 100).await;
-    let (s, _) = put(
-        &base,
-        "/v1/drivers/d1",
-        json!({"lat": 41.88, "lon": -87.63}),
-    )
-    .await;
-    assert_eq!(s, 200);
+    put_driver_d1(&base).await;
     let mut sse = Sse::open(&base, "?types=driver.status", &[]).await;
     // Far more than the socket buffers hold, while the client reads nothing.
     toggle_status(&base, "d1", 100_000).await;
@@ -682,13 +670,7 @@ async fn types_filter_the_feed() {
     assert_eq!(s, 400);
     assert_eq!(body["error"]["code"], "invalid_parameter");
     let mut sse = Sse::open(&base, "?types=match.*", &[]).await;
-    let (s, _) = put(
-        &base,
-        "/v1/drivers/d1",
-        json!({"lat": 41.88, "lon": -87.63}),
-    )
-    .await;
-    assert_eq!(s, 200);
+    put_driver_d1(&base).await;
     let pickup = json!({"lat": 41.88, "lon": -87.63});
     assert_eq!(
         post(
@@ -756,13 +738,7 @@ async fn a_dead_webhook_loses_events_counted_and_claims_go_on() {
         c.webhook_queue = 4;
     })
     .await;
-    let (s, _) = put(
-        &base,
-        "/v1/drivers/d1",
-        json!({"lat": 41.88, "lon": -87.63}),
-    )
-    .await;
-    assert_eq!(s, 200);
+    put_driver_d1(&base).await;
     let pickup = json!({"lat": 41.88, "lon": -87.63});
     for i in 0..50 {
         let order = format!("o{i}");
@@ -829,13 +805,7 @@ async fn a_webhook_that_fails_is_retried_until_it_takes_the_events() {
         c.webhook_secret = Some(hexmatch_server::config::Secret::new(SECRET));
     })
     .await;
-    let (s, _) = put(
-        &base,
-        "/v1/drivers/d1",
-        json!({"lat": 41.88, "lon": -87.63}),
-    )
-    .await;
-    assert_eq!(s, 200);
+    put_driver_d1(&base).await;
     toggle_status(&base, "d1", 6).await;
     // Refused three times (100, 200, 400 ms apart), then taken: every
     // event once, in order.
@@ -862,13 +832,7 @@ async fn with_redis_down_stream_events_are_dropped_counted_and_updates_go_on() {
         .expect("starts");
     wait_ready(&server).await;
     let base = format!("http://{}", server.addr());
-    let (s, _) = put(
-        &base,
-        "/v1/drivers/d1",
-        json!({"lat": 41.88, "lon": -87.63}),
-    )
-    .await;
-    assert_eq!(s, 200);
+    put_driver_d1(&base).await;
     // Up: the stream takes them.
     toggle_status(&base, "d1", 10).await;
     let key = format!("{prefix}:events");
@@ -911,13 +875,7 @@ async fn a_quiet_feed_outlives_the_connection_timeouts() {
         c.idle_timeout_ms = 200;
     })
     .await;
-    let (s, _) = put(
-        &base,
-        "/v1/drivers/d1",
-        json!({"lat": 41.88, "lon": -87.63}),
-    )
-    .await;
-    assert_eq!(s, 200);
+    put_driver_d1(&base).await;
     let mut sse = Sse::open(&base, "", &[]).await;
     // Five times both timeouts, without an event.
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -351,14 +351,12 @@ async fn region_narrows_nearest_and_claims() {
     let want_pairs: Vec<(String, f64)> = want.iter().map(|(id, m)| (id.to_string(), *m)).collect();
     assert_eq!(got, want_pairs);
 
-    let m = srv
-        .claim(&json!({
-            "order_id": "loop-1",
-            "pickup": {"lat": pickup.lat(), "lon": pickup.lon()},
-            "region": loop_id,
-        }))
-        .await
-        .expect(201);
+    let order = json!({
+        "order_id": "loop-1",
+        "pickup": {"lat": pickup.lat(), "lon": pickup.lon()},
+        "region": loop_id,
+    });
+    let m = srv.claim(&order).await.expect(201);
     assert_eq!(m["driver_id"].as_str(), Some(want[0].0.as_str()));
     let d = drivers
         .iter()
@@ -367,14 +365,7 @@ async fn region_narrows_nearest_and_claims() {
     assert!(cells.contains(cell_of(d.pos, res)));
     // The same request again is the same match; without the region it is
     // another request.
-    let again = srv
-        .claim(&json!({
-            "order_id": "loop-1",
-            "pickup": {"lat": pickup.lat(), "lon": pickup.lon()},
-            "region": loop_id,
-        }))
-        .await
-        .expect(200);
+    let again = srv.claim(&order).await.expect(200);
     assert_eq!(again["driver_id"], m["driver_id"]);
     srv.claim(&json!({"order_id": "loop-1", "pickup": {"lat": pickup.lat(), "lon": pickup.lon()}}))
         .await
