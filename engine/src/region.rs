@@ -50,6 +50,9 @@ pub struct Region {
 pub struct RegionMap {
     resolution: Resolution,
     regions: Vec<Region>,
+    /// Each region's cells as an area, in `regions`' order: built once,
+    /// handed out as a shared copy.
+    areas: Vec<CellSet>,
     by_cell: HashMap<CellIndex, usize, FixedState>,
     outside: Outside,
 }
@@ -156,9 +159,14 @@ impl RegionMap {
                 .to_owned();
             regions.push(Region { id, name, cells });
         }
+        let areas = regions
+            .iter()
+            .map(|r| CellSet::new(resolution, r.cells.iter().copied()))
+            .collect::<Result<_>>()?;
         Ok(Self {
             resolution,
             regions,
+            areas,
             by_cell,
             outside,
         })
@@ -216,8 +224,8 @@ impl RegionMap {
     /// [`Error::InvalidParameter`] for a default region of more than a
     /// million partition cells (a partition resolution above 8).
     pub fn cells_of(&self, id: &RegionId) -> Result<Option<CellSet>> {
-        if let Some(r) = self.regions.iter().find(|r| r.id == *id) {
-            return CellSet::new(self.resolution, r.cells.iter().copied()).map(Some);
+        if let Some(at) = self.regions.iter().position(|r| r.id == *id) {
+            return Ok(self.areas.get(at).cloned());
         }
         let Some(parent) = id
             .as_str()
