@@ -265,11 +265,7 @@ impl Index {
     pub(crate) fn counts(&self) -> StatusCounts {
         let mut total = StatusCounts::default();
         for shard in self.shards() {
-            let c = shard.data.read().counts;
-            total.available += c.available;
-            total.reserved += c.reserved;
-            total.busy += c.busy;
-            total.offline += c.offline;
+            total.add(&shard.data.read().counts);
         }
         total
     }
